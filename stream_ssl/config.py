@@ -39,6 +39,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     resume: str = "auto"  # auto | never
+    log_keys: bool = False  # write the sample keys each rank trains on to OUT/keys/rank-R.txt
 
     # Fields that define what a run computes; an output folder holding another run differs in one of them.
     IDENTITY = ("data", "unique_samples", "budget_samples", "mix", "method", "method_options", "backbone",

@@ -95,6 +95,10 @@ def train(cfg: TrainConfig) -> dict:
         log = csv.writer(open(metrics_path, "w" if new else "a", newline="", buffering=1))
         if new:
             log.writerow(["step", "loss", "lr", "samples_per_s", "data_wait", "skipped"])
+    keys_log = None
+    if cfg.log_keys:
+        (out / "keys").mkdir(parents=True, exist_ok=True)
+        keys_log = open(out / "keys" / f"rank-{acc.process_index}.txt", "a" if start_step else "w", buffering=1)
     t_start = time.perf_counter()
     t_last, wait, seen, skipped, losses = t_start, 0.0, 0, 0, []
     step = start_step
@@ -120,6 +124,8 @@ def train(cfg: TrainConfig) -> dict:
         acc.unwrap_model(model).on_optimizer_step(step + 1, plan.steps)
         losses.append(loss.item())
         seen += len(batch.keys)
+        if keys_log is not None:
+            keys_log.writelines(f"{step} {key}\n" for key in batch.keys)
         skipped += batch.skipped
         step += 1
         if log is not None and (step % cfg.log_every == 0 or step == plan.steps):
