@@ -1,0 +1,35 @@
+"""Shared fixtures: small generated image sets packed into shard sets, made once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from shard_tools.pack import pack
+from shard_tools.synth import synthesize
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def make_shard_set(tmp_path_factory):
+    """make_shard_set(samples, shard_size=..., domain=..., seed=..., size=...) -> folder of a packed shard set.
+
+    Results are cached per argument tuple, so several tests can share one set."""
+    cache: dict[tuple, Path] = {}
+
+    def make(samples: int, shard_size: int = 100, domain: str = "a", seed: int = 0, size: int = 32,
+             classes: int = 10) -> Path:
+        key = (samples, shard_size, domain, seed, size, classes)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"set{samples}_{domain}{seed}")
+            manifest = synthesize(root / "images", samples, classes=classes, size=size, domain=domain, seed=seed)
+            out = root / "shards"
+            pack(manifest, out, name="set", shard_size=shard_size, seed=seed)
+            cache[key] = out
+        return cache[key]
+
+    return make
