@@ -1,9 +1,19 @@
-"""Pack an image manifest (CSV/TSV with a path column, optional label column) into a shard set.
+"""Pack images listed in a manifest (CSV, TSV, Parquet, YFCC100M metadata or a folder) into a shard set.
 
     python shard_tools/pack.py manifest.csv --out shards/pool --name pool --shard-size 1000 --seed 0
+    python shard_tools/pack.py images/ --labels-from-subfolders --out shards/train
+    python shard_tools/pack.py yfcc100m_dataset.bz2 --format yfcc --root-dir /data/yfcc --out s3://b/yfcc
 
 Rows are shuffled globally (seeded) before writing, so any prefix of shards is a uniform random subset.
-Unusable rows are skipped, never fatal alone, and listed in `OUT/NAME-errors.csv`.
+Images keep their original bytes unless --max-side asks to re-encode the larger ones. Rows that cannot be
+packed (missing or unreadable file, empty file, not an image, corrupt image, over the pixel cap, malformed
+row, missing label) are skipped, never fatal alone, and listed in `OUT/NAME-errors.csv` (row, path,
+reason); the run fails with a one-line reason when they pass --max-error-rate.
+
+Crash safety: each shard is written under a temporary name and published whole, with a small progress
+record in `OUT/.NAME-pack/`; `index.json` is written last. Running the same command again after a crash
+keeps the complete shards whose checksums still match and continues after them; the result is byte for
+byte what an uninterrupted run writes. The output does not depend on --workers or --threads.
 """
 
 from __future__ import annotations
@@ -18,20 +28,45 @@ import argparse
 import csv
 import hashlib
 import io
+import itertools
 import json
+import multiprocessing
+import os
+import re
+import signal
 import sys
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import PIL
+from tqdm import tqdm
 
-from shard_tools.writer import ShardWriter
+from shard_tools.images import MAX_PIXELS, ImageError, check_image
+from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest
+from shard_tools.shardset import ShardInfo, idx_name, shard_name
+from shard_tools.storage import Output, is_url, open_output, read_location
+from shard_tools.writer import ShardWriter, make_index, write_index
 
-PATH_COLUMNS = ("path", "image_path", "filepath", "file", "url")
-MAX_PIXELS = 16384 * 16384  # larger images are refused as possible decompression bombs
-_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+__all__ = ["PATH_COLUMNS", "MAX_PIXELS", "PackError", "PackResult", "inspect_image", "label_ids", "pack", "main"]
+
+SOURCES = ("real", "yfcc", "crawled", "generated", "downstream")
+PACK_VERSION = 2  # bump when the bytes written for the same inputs change
+KILL_ENV = "SHARD_TOOLS_TEST_KILL_AFTER_SHARDS"  # tests: SIGKILL ourselves mid-way through the next shard
+NOT_ERRORS = ("duplicate",)  # skipped on purpose: listed, but not counted against --max-error-rate
+
+
+class PackError(SystemExit):
+    """Packing failed as a whole. A SystemExit: the CLI exits 1 with this one-line message."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+        self.message = message
 
 
 @dataclass
@@ -41,178 +76,564 @@ class PackResult:
     skipped: dict[str, int] = field(default_factory=dict)
     errors: list[tuple[int, str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    rows: int = 0
+    duplicates: int = 0
+    filtered: dict[str, int] = field(default_factory=dict)
+    resumed_shards: int = 0
+    already_complete: bool = False
+
+    @property
+    def shards(self) -> int:
+        return len(self.index.get("shards", []))
+
+    @property
+    def bytes(self) -> int:
+        return sum(s["bytes"] for s in self.index.get("shards", []))
+
+    def summary(self, out: str = "") -> str:
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        line = (f"packed {self.packed} of {self.rows} rows into {self.shards} shards ({self.bytes / 1e6:.1f} MB)"
+                f"{' at ' + out if out else ''} in {self.seconds:.1f}s "
+                f"({self.packed / max(self.seconds, 1e-9):.0f} images/s); skipped {sum(self.skipped.values())}: "
+                f"{skipped}")
+        if self.filtered:
+            line += "; left out: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.filtered.items()))
+        if self.resumed_shards:
+            line += f"; resumed after {self.resumed_shards} complete shards"
+        if self.already_complete:
+            line += " (already complete: nothing rewritten)"
+        return line
 
 
-def read_manifest(path: Path, path_column: str | None, label_column: str | None) -> tuple[list[dict], str]:
-    """Rows of the manifest as dicts, plus the path column that was chosen."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
-        raise SystemExit(f"error: cannot read manifest {path}: {e.strerror}") from None
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    columns = reader.fieldnames or []
-    if not columns:
-        raise SystemExit(f"error: manifest {path} is empty (no header row)")
-    if path_column is None:
-        path_column = next((c for c in PATH_COLUMNS if c in columns), None)
-        if path_column is None:
-            raise SystemExit(
-                f"error: {path}: no path column found; columns are {columns}. Name one with --path-column"
-            )
-    for option, col in (("--path-column", path_column), ("--label-column", label_column)):
-        if col is not None and col not in columns:
-            raise SystemExit(f"error: {path}: {option} {col!r} not found; columns are {columns}")
-    rows = list(reader)
-    if not rows:
-        raise SystemExit(f"error: manifest {path} has a header but no rows")
-    return rows, path_column
-
-
-def label_ids(values: list[str]) -> tuple[dict[str, int], list[str]]:
-    """Integer labels stay as they are; class names map to ids in sorted order (stable across runs)."""
-    present = sorted({v for v in values if v != ""})
-    if all(v.lstrip("-").isdigit() for v in present):
-        return {v: int(v) for v in present}, []
-    names = present
-    return {v: i for i, v in enumerate(names)}, names
-
-
-def inspect_image(data: bytes) -> tuple[str, int, int]:
+def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[str, int, int]:
     """(extension, width, height) of an encoded image; raises ValueError with a reason."""
-    if not data:
-        raise ValueError("empty file")
+    c = check_image(data, max_pixels)
+    return c.ext, c.width, c.height
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-image work: runs in the main process, in threads, or in worker processes. Pure function of the
+# location and the options, so the output never depends on how the work is spread.
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    max_pixels: int = MAX_PIXELS
+    decode: bool = False
+    max_side: int | None = None
+    quality: int = 90
+    dedup: bool = False
+    storage_options: dict | None = None
+
+
+# An outcome is ("", ext, data, width, height, original_width, original_height, digest) for a packable
+# image, or (reason kind, detail) for a row to skip. Tuples pickle cheaply between processes.
+Outcome = tuple
+
+
+def process_location(location: str, opts: ImageOptions) -> Outcome:
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, (w, h) = im.format, im.size
-            if w * h > MAX_PIXELS:
-                raise ValueError(f"image too large ({w}x{h} pixels)")
-            im.verify()
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
-    if fmt not in _FORMATS:
-        raise ValueError(f"unsupported image format {fmt}")
-    return _FORMATS[fmt], w, h
+        data = read_location(location, opts.storage_options)
+    except FileNotFoundError:
+        return ("missing file", "")
+    except IsADirectoryError:
+        return ("unreadable file", "is a folder")
+    except PermissionError:
+        return ("unreadable file", "permission denied")
+    except Exception as e:  # local OSError, or anything a remote backend raises
+        kind = "fetch failed" if is_url(location) else "unreadable file"
+        return (kind, f"{type(e).__name__}: {getattr(e, 'strerror', None) or e}")
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest() if opts.dedup else ""
+    try:
+        c = check_image(data, opts.max_pixels, opts.decode, opts.max_side, opts.quality)
+    except ImageError as e:
+        return (e.kind, e.detail)
+    return ("", c.ext, c.data, c.width, c.height, c.original_width, c.original_height, digest)
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(opts: ImageOptions, threads: int, parent: int) -> None:
+    if sys.platform.startswith("linux"):  # die with the parent, even when it is SIGKILLed
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+        if os.getppid() != parent:  # it died before we asked
+            os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _WORKER["opts"] = opts
+    _WORKER["pool"] = ThreadPoolExecutor(threads) if threads > 1 else None
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def _process_chunk(locations: list[str]) -> list[Outcome]:
+    opts, pool = _WORKER["opts"], _WORKER["pool"]
+    if pool is None:
+        return [process_location(loc, opts) for loc in locations]
+    return list(pool.map(lambda loc: process_location(loc, opts), locations))
+
+
+def _ordered(executor: Executor, fn: Callable, items: Iterable, window: int) -> Iterator:
+    """fn(item) for every item, in order, with at most `window` submitted ahead (bounded memory)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(executor.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def outcomes(locations: Iterable[str], opts: ImageOptions, workers: int = 1, threads: int = 1,
+             chunk: int = 32) -> Iterator[Outcome]:
+    """The outcome of every location, in order."""
+    if workers <= 1 and threads <= 1:
+        for loc in locations:
+            yield process_location(loc, opts)
+        return
+    if workers <= 1:
+        with ThreadPoolExecutor(threads) as ex:
+            try:
+                yield from _ordered(ex, lambda loc: process_location(loc, opts), locations, 4 * threads)
+            finally:
+                ex.shutdown(wait=True, cancel_futures=True)
+        return
+    ctx = multiprocessing.get_context("spawn")  # clean workers; with PDEATHSIG they die with us
+    chunks = _batches(locations, chunk)
+    ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(opts, threads, os.getpid()))
+    try:
+        for results in _ordered(ex, _process_chunk, chunks, 3 * workers):
+            yield from results
+    except BrokenProcessPool:
+        raise PackError("a worker process died (killed, out of memory, or: a script calling pack(workers > 1) "
+                        "must do so under `if __name__ == '__main__':`)") from None
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume records.
+
+
+def _state_dir(name: str) -> str:
+    return f".{name}-pack"
+
+
+def _state_file(name: str, k: int) -> str:
+    return f"{_state_dir(name)}/{k:06d}.json"
+
+
+@dataclass
+class Resume:
+    shards: list[ShardInfo] = field(default_factory=list)
+    next: int = 0  # position in the shuffled row order where packing continues
+    packed: int = 0
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+    hashes: dict[str, int] = field(default_factory=dict)
+
+
+def _load_resume(output: Output, name: str, config: str) -> Resume:
+    """The complete shards of an interrupted run with the same configuration whose checksums still match."""
+    r = Resume()
+    present = set(output.list(_state_dir(name)))
+    k = 0
+    while f"{k:06d}.json" in present:
+        try:
+            st = json.loads(output.read_bytes(_state_file(name, k)) or b"")
+            info = ShardInfo(**st["shard"])
+        except (ValueError, TypeError, KeyError):
+            break
+        if st.get("config") != config or info.path != shard_name(name, k):
+            break
+        idx = output.read_bytes(idx_name(info.path))
+        if idx is None or hashlib.sha256(idx).hexdigest() != st.get("idx_sha256"):
+            break
+        if output.sha256(info.path) != (info.sha256, info.bytes):
+            break
+        r.shards.append(info)
+        r.next, r.packed = int(st["next"]), int(st["packed"])
+        r.errors.extend((int(a), str(b), str(c)) for a, b, c in st.get("errors", []))
+        r.hashes.update((h, int(row)) for h, row in st.get("hashes", []))
+        k += 1
+    for stale in present - {f"{i:06d}.json" for i in range(k)}:
+        output.remove(f"{_state_dir(name)}/{stale}")
+    return r
+
+
+def _clean_stale(output: Output, name: str, keep: int) -> None:
+    """Remove leftovers: temporary files, and shards numbered `keep` or more from an earlier run."""
+    pattern = re.compile(rf"^{re.escape(name)}-(\d{{6}})\.(tar|idx)(\.tmp)?$")
+    for entry in output.list():
+        m = pattern.match(entry)
+        if m and (m.group(3) or int(m.group(1)) >= keep):
+            output.remove(entry)
+        elif entry in ("index.json.tmp", f"{name}-errors.csv.tmp"):
+            output.remove(entry)
+
+
+def _write_errors(output: Output, name: str, errors: list[tuple[int, str, str]]) -> None:
+    target = f"{name}-errors.csv"
+    if not errors:
+        output.remove(target)
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["row", "path", "reason"])
+    w.writerows(sorted(errors))
+    output.write_bytes(target, buf.getvalue().encode())
+
+
+def _read_errors(output: Output, name: str) -> list[tuple[int, str, str]]:
+    data = output.read_bytes(f"{name}-errors.csv")
+    if not data:
+        return []
+    rows = list(csv.reader(io.StringIO(data.decode())))[1:]
+    return [(int(a), b, c) for a, b, c in rows]
+
+
+def _kind(reason: str) -> str:
+    return reason.split(" (")[0]
+
+
+def _count(errors: list[tuple[int, str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, _, reason in errors:
+        counts[_kind(reason)] = counts.get(_kind(reason), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _failures(errors: list[tuple[int, str, str]]) -> int:
+    return sum(1 for _, _, reason in errors if _kind(reason) not in NOT_ERRORS)
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def pack(
-    manifest: Path,
-    out: Path,
+    manifest: str | Path,
+    out: str | Path,
     name: str | None = None,
     shard_size: int = 1000,
     seed: int = 0,
     path_column: str | None = None,
     label_column: str | None = None,
-    root_dir: Path | None = None,
-    source: str = "real",
+    root_dir: str | Path | None = None,
+    source: str | None = None,
     max_error_rate: float = 0.05,
+    *,
+    format: str | None = None,
+    caption_column: str | None = None,
+    key_column: str | None = None,
+    path_template: str | None = None,
+    labels_from_subfolders: bool = False,
+    shard_bytes: int | None = None,
+    max_side: int | None = None,
+    quality: int = 90,
+    max_pixels: int = MAX_PIXELS,
+    decode: bool = False,
+    dedup: bool = False,
+    workers: int = 1,
+    threads: int | None = None,
+    storage_options: dict | None = None,
+    tmp_dir: str | Path | None = None,
+    progress: bool | None = False,
 ) -> PackResult:
+    """Pack `manifest` into the shard set `out` (a folder or an fsspec URL such as s3://bucket/prefix).
+
+    `source` defaults to 'yfcc' for --format yfcc, else 'real'. `progress` None shows the bar on a terminal.
+    Raises ManifestError / PackError (both SystemExit with a one-line message) when the run fails as a whole.
+    """
     start = time.perf_counter()
-    manifest = Path(manifest)
-    out = Path(out)
-    name = name or out.name
-    root = Path(root_dir) if root_dir else manifest.parent
-    rows, path_column = read_manifest(manifest, path_column, label_column)
-    if label_column is None and "label" in rows[0]:
-        label_column = "label"
-    labels, names = label_ids([r.get(label_column, "") for r in rows]) if label_column else ({}, [])
-
+    if shard_size < 1:
+        raise PackError("--shard-size must be >= 1")
+    if max_side is not None and max_side < 1:
+        raise PackError("--max-side must be >= 1")
+    if not 1 <= quality <= 100:
+        raise PackError("--quality must be in 1..100")
+    if not 0 <= max_error_rate <= 1:
+        raise PackError("--max-error-rate must be in 0..1")
+    out = str(out)
+    name = name or out.rstrip("/").rsplit("/", 1)[-1]
+    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+        raise PackError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    m: Manifest = read_manifest(manifest, format, path_column, label_column, caption_column, key_column, root_dir,
+                                path_template, labels_from_subfolders, storage_options)
+    source = source or ("yfcc" if m.format == "yfcc" else "real")
+    rows = m.rows
+    total = m.total
     order = np.random.default_rng(seed).permutation(len(rows))
-    (out / "index.json").unlink(missing_ok=True)  # the folder stops being a shard set until we finish
-    writer = ShardWriter(out, name, shard_size)
-    width = max(9, len(str(len(rows) - 1)))
-    result = PackResult(index={}, packed=0)
+    width = max(9, len(str(total - 1)))
+    limit = max_error_rate * total
 
-    def skip(row_number: int, path: str, reason: str) -> None:
-        result.errors.append((row_number, path, reason))
-        kind = reason.split(" (")[0]
-        result.skipped[kind] = result.skipped.get(kind, 0) + 1
+    config = {
+        "pack_version": PACK_VERSION,
+        "manifest_sha256": m.sha256,
+        "format": m.format,
+        "name": name,
+        "seed": seed,
+        "shard_size": shard_size,
+        "shard_bytes": shard_bytes,
+        "source": source,
+        "path_column": m.path_column,
+        "label_column": m.label_column,
+        "caption_column": m.caption_column,
+        "key_column": m.key_column,
+        "root": str(root_dir) if root_dir is not None else None,
+        "max_side": max_side,
+        "quality": quality if max_side else None,
+        "encoder": PIL.__version__ if max_side else None,
+        "max_pixels": max_pixels,
+        "decode": decode,
+        "dedup": dedup,
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    opts = ImageOptions(max_pixels, decode, max_side, quality, dedup, storage_options)
+    if threads is None:
+        threads = 8 if rows and is_url(m.location(rows[0])) else 1
 
-    for i in order:
-        row, row_number = rows[i], int(i) + 2  # +2: header line, 1-based
-        rel = (row.get(path_column) or "").strip()
-        if not rel:
-            skip(row_number, rel, f"empty {path_column}")
-            continue
-        path = Path(rel) if Path(rel).is_absolute() else root / rel
+    output = open_output(out, storage_options, tmp_dir)
+    try:
+        done = _already_complete(output, name, digest)
+        if done is not None:
+            output.remove(_state_dir(name))  # left behind if a run was killed right after writing index.json
+            errors = _read_errors(output, name)
+            return PackResult(done, done["num_samples"], _count(errors), errors, time.perf_counter() - start,
+                              total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True)
+        output.remove("index.json")  # the folder stops being a shard set until we finish
+        resume = _load_resume(output, name, digest)
+        _clean_stale(output, name, keep=len(resume.shards))
+        result = PackResult({}, resume.packed, rows=total, filtered=m.filtered, resumed_shards=len(resume.shards))
+        errors = list(m.errors) + resume.errors
+        hashes = dict(resume.hashes)
+        span: dict = {"errors": [], "hashes": []}  # what happened since the last published shard
+        position = resume.next
+
+        def save_state(info: ShardInfo, idx_text: str) -> None:
+            state = {
+                "config": digest,
+                "shard": vars(info),
+                "idx_sha256": hashlib.sha256(idx_text.encode()).hexdigest(),
+                "next": position,
+                "packed": result.packed,
+                "errors": span["errors"],
+                "hashes": span["hashes"],
+            }
+            output.write_bytes(_state_file(name, len(writer.shards) - 1), json.dumps(state).encode())
+            span["errors"], span["hashes"] = [], []
+
+        writer = ShardWriter(output, name, shard_size, shard_bytes, shards=resume.shards, on_shard=save_state)
+        kill_after = int(os.environ.get(KILL_ENV, "-1"))
+
+        def fail(message: str) -> PackError:
+            _write_errors(output, name, errors)
+            return PackError(f"{message}; see {output.location(f'{name}-errors.csv')}. No index.json was written")
+
+        failures = _failures(errors)  # kept up to date below: errors can number millions
+        if failures > limit:
+            raise fail(f"{failures} of {total} rows are malformed ({failures / total:.1%} > "
+                       f"--max-error-rate {max_error_rate:.1%})")
+
+        todo = (m.location(rows[i]) for i in order[position:])
+        bar = tqdm(total=len(rows), initial=position, unit="img", file=sys.stderr, mininterval=0.5,
+                   disable=None if progress is None else not progress, desc=f"packing {name}")
+        stream = outcomes(todo, opts, workers, threads)
         try:
-            data = path.read_bytes()
-        except OSError as e:
-            skip(row_number, rel, f"cannot read file ({e.strerror})")
-            continue
-        try:
-            ext, w, h = inspect_image(data)
-        except ValueError as e:
-            skip(row_number, rel, str(e))
-            continue
-        meta = {"source": source, "path": rel, "width": w, "height": h, "row": row_number}
-        fields = {ext: data}
-        if label_column:
-            raw = (row.get(label_column) or "").strip()
-            if raw not in labels:
-                skip(row_number, rel, f"missing {label_column}")
-                continue
-            meta["label"] = labels[raw]
-            if names:
-                meta["label_name"] = raw
-            fields["cls"] = str(labels[raw]).encode()
-        fields["json"] = json.dumps(meta, sort_keys=True).encode()
-        writer.add(f"{result.packed:0{width}d}", fields)
-        result.packed += 1
+            for outcome in stream:
+                row = rows[order[position]]
+                if outcome[0]:
+                    kind, detail = outcome
+                    reason = f"{kind} ({detail})" if detail else kind
+                    errors.append((row.row, row.path, reason))
+                    span["errors"].append((row.row, row.path, reason))
+                    failures += 1
+                    if failures > limit:
+                        raise fail(f"more than {max_error_rate:.1%} of {total} rows failed (--max-error-rate): "
+                                   f"{failures} failures after {position + 1} of {len(rows)} rows, stopped")
+                    position += 1
+                    bar.update(1)
+                    continue
+                _, ext, data, w, h, ow, oh, content_hash = outcome
+                if dedup:
+                    first = hashes.get(content_hash)
+                    if first is not None:
+                        reason = f"duplicate (of row {first})"
+                        errors.append((row.row, row.path, reason))
+                        span["errors"].append((row.row, row.path, reason))
+                        position += 1
+                        bar.update(1)
+                        continue
+                    hashes[content_hash] = row.row
+                    span["hashes"].append((content_hash, row.row))
+                key = f"{result.packed:0{width}d}" + (f"_{row.key}" if row.key else "")
+                meta = {"source": source, "path": row.path, "row": row.row, "width": w, "height": h}
+                if (w, h) != (ow, oh):
+                    meta["original_width"], meta["original_height"] = ow, oh
+                if row.meta:
+                    meta.update(m.extra(row))
+                fields = {ext: data}
+                if row.label is not None:
+                    meta["label"] = row.label
+                    if m.label_names:
+                        meta["label_name"] = m.label_names[row.label]
+                    fields["cls"] = str(row.label).encode()
+                fields["json"] = json.dumps(meta, sort_keys=True).encode()
+                if not writer.fits(key, fields):
+                    writer.flush()  # `position` (this row) is where a resume continues
+                writer.add(key, fields, flush=False)
+                result.packed += 1
+                position += 1
+                bar.update(1)
+                if writer.full:
+                    writer.flush()
+                if kill_after >= 0 and len(writer.shards) >= kill_after and writer.pending == -(-shard_size // 2):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            writer.flush()
+        finally:
+            stream.close()  # stops worker processes and threads, also on errors
+            bar.close()
+            writer.abort()
 
-    _write_errors(out / f"{name}-errors.csv", result.errors)
-    error_rate = len(result.errors) / len(rows)
-    if error_rate > max_error_rate:
-        raise SystemExit(
-            f"error: {len(result.errors)} of {len(rows)} rows failed ({error_rate:.1%} > --max-error-rate "
-            f"{max_error_rate:.1%}); see {out / f'{name}-errors.csv'}. No index.json was written."
+        _write_errors(output, name, errors)
+        if failures > limit:
+            raise PackError(f"{failures} of {total} rows failed ({failures / total:.1%} > --max-error-rate "
+                            f"{max_error_rate:.1%}); see {output.location(f'{name}-errors.csv')}. "
+                            "No index.json was written")
+        if result.packed == 0:
+            raise PackError(f"no usable rows in {manifest}; see {output.location(f'{name}-errors.csv')}")
+        result.errors = sorted(errors)
+        result.skipped = _count(errors)
+        result.duplicates = result.skipped.get("duplicate", 0)
+        _clean_stale(output, name, keep=len(writer.shards))
+        result.index = make_index(
+            name,
+            writer.shards,
+            source=source,
+            seed=seed,
+            manifest=str(manifest),
+            manifest_format=m.format,
+            manifest_sha256=m.sha256,
+            fields=["image", "json", *(["cls"] if m.label_column else [])],
+            labels={"column": m.label_column, "names": m.label_names},
+            rows=total,
+            skipped=result.skipped,
+            duplicates=result.duplicates,
+            filtered=m.filtered,
+            packing={**{k: config[k] for k in ("shard_size", "shard_bytes", "max_side", "quality", "max_pixels",
+                                               "decode", "dedup", "path_column", "caption_column", "key_column")},
+                     "config_sha256": digest},
         )
-    if result.packed == 0:
-        raise SystemExit(f"error: no usable rows in {manifest}")
-    result.index = writer.finish(
-        source=source,
-        seed=seed,
-        manifest=str(manifest),
-        manifest_sha256=hashlib.sha256(manifest.read_bytes()).hexdigest(),
-        fields=["image", "json", *(["cls"] if label_column else [])],
-        labels={"column": label_column, "names": names},
-        skipped=result.skipped,
-    )
-    result.seconds = time.perf_counter() - start
-    return result
+        write_index(output, result.index)
+        output.remove(_state_dir(name))
+        result.seconds = time.perf_counter() - start
+        return result
+    finally:
+        output.close()
 
 
-def _write_errors(path: Path, errors: list[tuple[int, str, str]]) -> None:
-    if not errors:
-        path.unlink(missing_ok=True)
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "path", "reason"])
-        w.writerows(sorted(errors))
+def _already_complete(output: Output, name: str, digest: str) -> dict | None:
+    """The index of a finished run with the same configuration whose shards all verify, else None."""
+    data = output.read_bytes("index.json")
+    if not data:
+        return None
+    try:
+        index = json.loads(data)
+        if index.get("packing", {}).get("config_sha256") != digest or index.get("name") != name:
+            return None
+        for s in index["shards"]:
+            if output.sha256(s["path"]) != (s["sha256"], s["bytes"]):
+                return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def parse_bytes(text: str) -> int:
+    """'500MB', '1G', '2.5GiB', '1048576' -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 500MB or 1G, got {text!r}")
+    base = 1024 if m.group(3) else 1000
+    power = " kmgt".index(m.group(2).lower() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pack.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifest", help="CSV/TSV (header row), Parquet, YFCC100M metadata file, or a folder of images; "
+                                    "local or an fsspec URL, optionally .gz/.bz2/.xz compressed")
+    p.add_argument("--out", required=True, help="output folder of the shard set, or an fsspec URL (s3://bucket/prefix)")
+    p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
+    p.add_argument("--format", choices=FORMATS, help="manifest format (default: from the name; folder for a folder)")
+    p.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-bytes", type=parse_bytes, help="also start a new shard before passing this size (500MB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
+    p.add_argument("--path-column", help=f"column with image paths or URLs (default: first of {', '.join(PATH_COLUMNS)}"
+                                         ")")
+    p.add_argument("--label-column", help="column with integer labels or class names (default: 'label' if present)")
+    p.add_argument("--caption-column", help="column with a caption, kept in each sample's json")
+    p.add_argument("--key-column", help="column with an id appended to each sample key (KEY_ID)")
+    p.add_argument("--root-dir", help="folder (or URL) relative paths start from (default: the manifest's); for "
+                                      "yfcc, the local mirror holding the images")
+    p.add_argument("--path-template", help="yfcc: mirror file name from the YFCC columns (default {id}.jpg; "
+                                           "e.g. {hash3}/{hash6}/{hash}.jpg)")
+    p.add_argument("--labels-from-subfolders", action="store_true", help="folder input: label = top-level subfolder")
+    p.add_argument("--source", choices=SOURCES, help="recorded in index.json and each sample's json "
+                                                     "(default: yfcc for --format yfcc, else real)")
+    p.add_argument("--max-side", type=_positive, help="re-encode images whose longer side is larger, down to this "
+                                                      "(JPEG, aspect kept); others keep their original bytes")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS,
+                   help=f"refuse larger images as possible decompression bombs (default {MAX_PIXELS})")
+    p.add_argument("--decode", action="store_true", help="fully decode every image to catch damaged data (slower)")
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicate images (content hash); listed in "
+                                                        "the errors file, not counted as errors")
+    p.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows (0.05)")
+    p.add_argument("--workers", type=_positive, default=1, help="processes checking/encoding images (default 1)")
+    p.add_argument("--threads", type=_positive, help="I/O threads per worker (default 8 for URLs, else 1)")
+    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol: "
+                                                              '\'{"s3": {"endpoint_url": "http://..."}}\'')
+    p.add_argument("--tmp-dir", help="local folder for staging shards of a remote --out (default: system temp)")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("manifest", type=Path, help="CSV (or .tsv) with a header row")
-    p.add_argument("--out", type=Path, required=True, help="output folder of the shard set")
-    p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
-    p.add_argument("--path-column", help=f"column with image paths (default: first of {', '.join(PATH_COLUMNS)})")
-    p.add_argument("--label-column", help="column with integer labels or class names (default: 'label' if present)")
-    p.add_argument("--root-dir", type=Path, help="folder relative paths start from (default: the manifest's)")
-    p.add_argument("--source", default="real", help="real|yfcc|crawled|generated|downstream")
-    p.add_argument("--max-error-rate", type=float, default=0.05)
+    p = _parser()
     a = p.parse_args(argv)
-    if a.shard_size < 1:
-        p.error("--shard-size must be >= 1")
-    r = pack(a.manifest, a.out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir,
-             a.source, a.max_error_rate)
-    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(r.skipped.items())) or "none"
-    mb = sum(s["bytes"] for s in r.index["shards"]) / 1e6
-    print(f"packed {r.packed} samples into {len(r.index['shards'])} shards ({mb:.1f} MB) at {a.out} "
-          f"in {r.seconds:.1f}s ({r.packed / max(r.seconds, 1e-9):.0f} images/s); skipped: {skipped}")
+    r = pack(a.manifest, a.out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir, a.source,
+             a.max_error_rate, format=a.format, caption_column=a.caption_column, key_column=a.key_column,
+             path_template=a.path_template, labels_from_subfolders=a.labels_from_subfolders,
+             shard_bytes=a.shard_bytes, max_side=a.max_side, quality=a.quality, max_pixels=a.max_pixels,
+             decode=a.decode, dedup=a.dedup, workers=a.workers, threads=a.threads,
+             storage_options=a.storage_options, tmp_dir=a.tmp_dir, progress=a.progress)
+    print(r.summary(a.out))
     return 0
 
 

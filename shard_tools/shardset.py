@@ -131,3 +131,71 @@ def sample_boundaries(samples: list[list[tuple[str, int, int, str]]]) -> np.ndar
         end = max(offset + size for _, offset, size, _ in members)
         bounds[i + 1] = -(-end // TAR_BLOCK) * TAR_BLOCK
     return bounds
+
+
+def shard_name(name: str, i: int) -> str:
+    """File name of shard `i` of a packed set: `NAME-000000.tar`."""
+    return f"{name}-{i:06d}.tar"
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """(key, ext) of a tar member the way readers group samples: the key is the folder plus the file name up
+    to its first dot, the extension everything after it. None for members without an extension."""
+    base = name.rsplit("/", 1)[-1]
+    stem, dot, ext = base.partition(".")
+    if not dot:
+        return None
+    return name[: len(name) - len(base)] + stem, ext
+
+
+def group_members(members: list[tuple[str, int, int]], where: str = "tar") -> list[list[tuple[str, int, int, str]]]:
+    """Group regular-file members `(name, data_offset, size)`, in archive order, into `.idx` samples.
+
+    Consecutive members sharing a key form one sample, as the reader and DALI group them. Members without an
+    extension are left out (the reader skips them too). Names with whitespace cannot be written to a `.idx`.
+    """
+    samples: list[list[tuple[str, int, int, str]]] = []
+    last_key = None
+    for name, offset, size in members:
+        parts = split_member(name)
+        if parts is None:
+            continue
+        key, ext = parts
+        if not ext or any(c.isspace() for c in name):
+            raise ValueError(f"{where}: member name {name!r} has whitespace or an empty extension; "
+                             "a .idx cannot describe it")
+        if key != last_key:
+            samples.append([])
+            last_key = key
+        samples[-1].append((ext, offset, size, name))
+    return samples
+
+
+def scan_tar(fileobj, size: int | None = None, where: str = "tar") -> list[list[tuple[str, int, int, str]]]:
+    """Read the headers of a tar archive (seeking over member data when the file allows) and return its
+    samples in `.idx` form. Raises ValueError when the archive is unreadable or truncated."""
+    import tarfile
+
+    members = []
+    end = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for m in tar:
+                end = m.offset_data + (-(-m.size // TAR_BLOCK) * TAR_BLOCK if m.isreg() else 0)
+                if m.isreg():
+                    members.append((m.name, m.offset_data, m.size))
+    except tarfile.TarError as e:
+        raise ValueError(f"{where}: not a readable tar archive ({e})") from None
+    if size is not None:
+        check_tar_end(members, end, size, where)
+    return group_members(members, where)
+
+
+def check_tar_end(members: list[tuple[str, int, int]], end: int, size: int, where: str) -> None:
+    """Raise ValueError when the archive is cut short: a member's data, or the end-of-archive blocks
+    (two zero blocks after the last member), lie beyond `size` bytes."""
+    for name, offset, length in members:
+        if offset + length > size:
+            raise ValueError(f"{where}: truncated: member {name} ends at byte {offset + length}, file has {size}")
+    if size < end + 2 * TAR_BLOCK:
+        raise ValueError(f"{where}: truncated: no end-of-archive blocks after byte {end} (file has {size})")

@@ -1,0 +1,178 @@
+"""Turn existing WebDataset tars (img2dataset output, LAION-style shards, any tar set) into a shard set.
+
+    python shard_tools/index.py DIR [--name NAME] [--source S] [--workers 8] [--no-checksum] [--skip-bad]
+
+Nothing is repacked: for every `*.tar` directly in DIR (local or an fsspec URL) this writes a DALI-style
+`.idx` next to it and, last, `index.json` listing the shards with their sample counts, sizes and sha256,
+so the set streams as-is. img2dataset's per-shard `*_stats.json` is used where present: when it exists
+together with a `.idx` whose sample count equals the stats' `successes`, that `.idx` is reused without
+reading the tar's headers (failed downloads leave gaps in the keys, so only the successes count); in
+every other case the tar's headers are scanned. A stats count that disagrees with the scan marks the
+shard bad. Shards that hold no sample are left out and reported.
+
+The samples' own json is left untouched: `--source` is recorded in `index.json` only.
+Bad shards (unreadable, truncated, member names a `.idx` cannot hold) are named on stderr; without
+--skip-bad no `index.json` is written and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: import the project, not this folder
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import json
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from shard_tools.scan import scan_shard
+from shard_tools.shardset import ShardInfo, format_idx, idx_name, parse_idx
+from shard_tools.storage import Output, open_output, sha256_stream
+from shard_tools.writer import make_index, write_index
+
+SOURCES = ("real", "yfcc", "crawled", "generated", "downstream")
+
+
+@dataclass
+class Indexed:
+    info: ShardInfo | None
+    exts: set[str]
+    how: str  # "stats+idx" or "scanned"
+    problem: str = ""
+
+
+def natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _successes(output: Output, stem: str) -> int | None:
+    data = output.read_bytes(f"{stem}_stats.json")
+    if data is None:
+        return None
+    try:
+        value = json.loads(data).get("successes")
+        return int(value) if value is not None else None
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def index_shard(output: Output, tar: str, checksum: bool = True) -> Indexed:
+    stem = tar[: -len(".tar")]
+    where = output.location(tar)
+    successes = _successes(output, stem)
+    old = output.read_bytes(idx_name(tar))
+    samples = None
+    how = "scanned"
+    try:
+        if successes is not None and old is not None:
+            try:
+                reused = parse_idx(old.decode(), output.location(idx_name(tar)))
+            except (ValueError, UnicodeDecodeError):
+                reused = None
+            if reused is not None and len(reused) == successes:
+                samples, how = reused, "stats+idx"
+        if samples is not None and checksum:  # .idx reused: only the checksum (and size) are needed
+            with output.open_read(tar) as f:
+                sha, size = sha256_stream(f)
+        elif samples is not None:
+            sha, size = None, output.size(tar)
+            if size is None:
+                raise FileNotFoundError(f"{where}: no such file")
+        else:
+            with output.open_read(tar) as f:
+                scan = scan_shard(f, where, checksum=checksum)
+            sha, size, samples = scan.sha256, scan.size, scan.samples
+    except (OSError, ValueError) as e:
+        return Indexed(None, set(), how, str(e))
+    if how == "stats+idx":
+        end = max((o + n for members in samples for _, o, n, _ in members), default=0)
+        if end > size:
+            return Indexed(None, set(), how, f"{where}: its .idx reaches byte {end}, the tar has {size}")
+    elif successes is not None and successes != len(samples):
+        return Indexed(None, set(), how, f"{where}: {stem}_stats.json says {successes} successes, the tar holds "
+                                         f"{len(samples)} samples")
+    text = format_idx(samples)
+    if old is None or old.decode(errors="replace") != text:
+        output.write_bytes(idx_name(tar), text.encode())
+    exts = {ext.lower() for members in samples for ext, _, _, _ in members}
+    return Indexed(ShardInfo(tar, len(samples), size, sha or ""), exts, how)
+
+
+def index_folder(folder: str, name: str | None = None, source: str = "real", workers: int = 8,
+                 checksum: bool = True, skip_bad: bool = False, storage_options: dict | None = None) -> dict:
+    """Write `.idx` files and `index.json` for the tars in `folder`; return the index. Raises SystemExit."""
+    try:
+        output = open_output(folder, storage_options, create=False)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    try:
+        tars = sorted((n for n in output.list() if n.endswith(".tar")), key=natural_key)
+        if not tars:
+            raise SystemExit(f"error: no .tar files in {folder}")
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            results = list(ex.map(lambda t: index_shard(output, t, checksum), tars))
+        bad = [r.problem for r in results if r.problem]
+        empty = [t for t, r in zip(tars, results) if r.info is not None and r.info.samples == 0]
+        for t in empty:
+            print(f"note: {output.location(t)} holds no samples; left out", file=sys.stderr)
+        if bad:
+            for problem in bad:
+                print(f"BAD {problem}", file=sys.stderr)
+            if not skip_bad:
+                raise SystemExit(f"error: {len(bad)} of {len(tars)} shards are bad (listed above); no index.json "
+                                 "was written. Fix or remove them, or pass --skip-bad to leave them out")
+        shards = [r.info for r in results if r.info is not None and r.info.samples > 0]
+        if not shards:
+            raise SystemExit(f"error: no usable shards in {folder}")
+        exts = set().union(*(r.exts for r in results if r.info is not None))
+        index = make_index(
+            name or folder.rstrip("/").rsplit("/", 1)[-1],
+            shards,
+            source=source,
+            seed=None,
+            fields=sorted(exts),
+            labels={"column": None, "names": []},
+            indexed={
+                "from": "existing tars",
+                "reused_idx": sum(r.how == "stats+idx" for r in results if r.info is not None),
+                "scanned": sum(r.how == "scanned" for r in results if r.info is not None),
+                "left_out": sorted([t for t, r in zip(tars, results) if r.info is None] + empty, key=natural_key),
+                "checksums": checksum,
+            },
+        )
+        write_index(output, index)
+        return index
+    finally:
+        output.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="index.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="folder (or URL) holding the .tar shards")
+    p.add_argument("--name", help="shard set name (default: the folder's name)")
+    p.add_argument("--source", default="real", choices=SOURCES, help="recorded in index.json (default real)")
+    p.add_argument("--workers", type=int, default=8, help="shards indexed at once (threads; default 8)")
+    p.add_argument("--no-checksum", dest="checksum", action="store_false",
+                   help="skip sha256 (no full read of each tar; verify.py then checks sizes only)")
+    p.add_argument("--skip-bad", action="store_true", help="leave bad shards out instead of failing")
+    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON (flat or per protocol)")
+    a = p.parse_args(argv)
+    start = time.perf_counter()
+    index = index_folder(a.folder, a.name, a.source, a.workers, a.checksum, a.skip_bad, a.storage_options)
+    info = index["indexed"]
+    print(f"indexed {index['num_samples']} samples in {len(index['shards'])} shards at {a.folder} "
+          f"({info['reused_idx']} .idx reused from stats, {info['scanned']} scanned"
+          f"{', ' + str(len(info['left_out'])) + ' left out' if info['left_out'] else ''}) "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Check a shard set against its index.
+
+    python shard_tools/verify.py DIR [--decode] [--workers 4]
+
+For every shard listed in `index.json` (DIR local or an fsspec URL): the file exists, its size and sha256
+match the index, its `.idx` parses, holds the indexed number of samples and describes exactly the members
+the tar holds (names, data offsets, sizes), and sample keys are unique across the set. With --decode,
+every image is fully decoded, every json parsed and every .cls read as an integer.
+
+Prints one line per bad shard (`BAD NAME-000003.tar: reason; reason`) and a summary; exits 1 when anything
+is wrong, 0 when the set is sound.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: import the project, not this folder
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from shard_tools.scan import scan_shard
+from shard_tools.shardset import ShardInfo, idx_name, load_shard_set, parse_idx, sample_boundaries, split_member
+from shard_tools.storage import Output, open_output, options_for, protocol_of
+
+
+@dataclass
+class ShardReport:
+    path: str
+    problems: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    samples: int = 0
+    bytes: int = 0
+
+
+def _first_difference(a: list, b: list) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def verify_shard(output: Output, info: ShardInfo, decode: bool = False) -> ShardReport:
+    r = ShardReport(info.path)
+    size = output.size(info.path)
+    if size is None:
+        r.problems.append("missing")
+        return r
+    r.bytes = size
+    if size != info.bytes:
+        r.problems.append(f"size {size} bytes, index.json says {info.bytes}")
+    idx = None
+    raw = output.read_bytes(idx_name(info.path))
+    if raw is None:
+        r.problems.append(f"no {idx_name(info.path)}")
+    else:
+        try:
+            idx = parse_idx(raw.decode(), idx_name(info.path))
+        except (ValueError, UnicodeDecodeError) as e:
+            r.problems.append(f"unreadable .idx ({e})")
+    if idx is not None:
+        if len(idx) != info.samples:
+            r.problems.append(f".idx holds {len(idx)} samples, index.json says {info.samples}")
+        end = int(sample_boundaries(idx)[-1]) if idx else 0
+        if end > size:
+            r.problems.append(f".idx reaches byte {end}, the file has {size}")
+    try:
+        with output.open_read(info.path) as f:
+            scan = scan_shard(f, info.path, checksum=bool(info.sha256), decode=decode)
+    except (OSError, ValueError) as e:
+        r.problems.append(str(e).removeprefix(f"{info.path}: "))
+        return r
+    if info.sha256 and scan.sha256 != info.sha256:
+        r.problems.append(f"sha256 {scan.sha256[:12]}..., index.json says {info.sha256[:12]}...")
+    if idx is not None and scan.samples != idx:
+        i = _first_difference(scan.samples, idx)
+        r.problems.append(f".idx disagrees with the tar's members from sample {i} "
+                          f"(tar has {len(scan.samples)} samples, .idx {len(idx)})")
+    if len(scan.samples) != info.samples and (idx is None or len(idx) == info.samples):
+        r.problems.append(f"tar holds {len(scan.samples)} samples, index.json says {info.samples}")
+    for bad in scan.bad_members[:5]:
+        r.problems.append(bad)
+    if len(scan.bad_members) > 5:
+        r.problems.append(f"... {len(scan.bad_members) - 5} more bad members")
+    r.samples = len(scan.samples)
+    r.keys = [split_member(members[0][3])[0] for members in scan.samples]
+    return r
+
+
+def verify(url: str, decode: bool = False, workers: int = 4, storage_options: dict | None = None,
+           out=sys.stdout) -> bool:
+    """Print a report on the shard set at `url`; True when it is sound."""
+    start = time.perf_counter()
+    try:
+        shard_set = load_shard_set(url, options_for(storage_options, protocol_of(url)))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"BAD {url}: {e}", file=out)
+        return False
+    output = open_output(url, storage_options, create=False)
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            reports = list(ex.map(lambda s: verify_shard(output, s, decode), shard_set.shards))
+        listed = {s.path for s in shard_set.shards}
+        extra = [n for n in output.list() if n.endswith(".tar") and n not in listed]
+    finally:
+        output.close()
+    seen: dict[str, str] = {}
+    for r in reports:
+        dups = [k for k in r.keys if k in seen]
+        if dups:
+            r.problems.append(f"{len(dups)} sample keys also in {seen[dups[0]]} (e.g. {dups[0]})")
+        for k in r.keys:
+            seen.setdefault(k, r.path)
+        if len(set(r.keys)) != len(r.keys):
+            r.problems.append("repeated sample keys within the shard")
+    bad = [r for r in reports if r.problems]
+    for r in bad:
+        print(f"BAD {r.path}: {'; '.join(r.problems)}", file=out)
+    for n in extra:
+        print(f"note: {n} is in the folder but not in index.json", file=out)
+    total = sum(r.samples for r in reports)
+    mb = sum(r.bytes for r in reports) / 1e6
+    verdict = f"{len(bad)} bad" if bad else "all good"
+    print(f"verified {len(reports)} shards, {total} samples, {mb:.1f} MB{' (decoded)' if decode else ''} at {url} "
+          f"in {time.perf_counter() - start:.1f}s: {verdict}", file=out)
+    return not bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="verify.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="shard set folder or URL")
+    p.add_argument("--decode", action="store_true", help="also decode every image, parse every json and .cls")
+    p.add_argument("--workers", type=int, default=4, help="shards checked at once (threads; default 4)")
+    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON (flat or per protocol)")
+    a = p.parse_args(argv)
+    ok = verify(a.folder, a.decode, a.workers, a.storage_options)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
