@@ -1,4 +1,14 @@
-"""Print the plan of a run: `python -m stream_ssl.plan --data DIR[,DIR...] --unique-samples N --budget-samples C`."""
+"""Print the plan of a run, or the samples one rank will read.
+
+    python -m stream_ssl.plan --data DIR[,DIR...] --unique-samples N --budget-samples C [--json]
+    python -m stream_ssl.plan ... --world-size W --batch-size B --keys --rank R [--start-step S] [--end-step E]
+
+`--keys` prints, one per line, the sample keys rank R reads from step S on, in the order the loader yields
+them. They come from the shards' `.idx` files (the member names wds2idx took from the tar headers); with
+`--check-headers` every member's tar header is also fetched with a ranged read and compared. Nothing is
+decoded. Shard sets can be local folders, `s3://` (AWS environment variables or `--storage-options`) or
+`http(s)://` URLs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,9 @@ import json
 import sys
 
 from shard_tools.shardset import load_shard_set
-from stream_ssl.data.plan import make_plan
+from stream_ssl.data.plan import DEFAULT_SHUFFLE_BLOCK, DEFAULT_SHUFFLE_WINDOW, Plan, make_plan
+from stream_ssl.data.reader import ShardReader
+from stream_ssl.data.storage import options_for, parse_storage_options, redact
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,24 +28,84 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-samples", required=True, help="C: total samples seen in pretraining")
     p.add_argument("--mix", help="per-source weights of the pool, e.g. real=0.7,generated=0.3")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shuffle-window", type=int, default=DEFAULT_SHUFFLE_WINDOW,
+                   help="steps whose samples are mixed together")
+    p.add_argument("--shuffle-block", type=int, default=DEFAULT_SHUFFLE_BLOCK,
+                   help="samples per contiguous block in the mixing (default: global batch / 16, at most 64; "
+                        "0: no mixing)")
+    p.add_argument("--storage-options", help="fsspec options as JSON (or a JSON file), flat or per protocol")
+
+
+def load_sets(data: str, storage_options: dict | None = None) -> list:
+    return [load_shard_set(u, options_for(u, storage_options)) for u in data.split(",") if u]
+
+
+def print_keys(plan: Plan, rank: int, start_step: int = 0, end_step: int | None = None,
+               storage_options: dict | None = None, check_headers: bool = False, long: bool = False,
+               out=None, micro_batches: int = 1) -> int:
+    """Write the keys `rank` reads in steps [start_step, end_step), in yield order (micro-batch by micro-batch
+    with `micro_batches` > 1, as the loader yields them). Returns how many."""
+    if not 0 <= rank < plan.world_size:
+        raise ValueError(f"--rank {rank} outside [0, {plan.world_size})")
+    end_step = plan.steps if end_step is None else min(end_step, plan.steps)
+    if not 0 <= start_step <= end_step:
+        raise ValueError(f"--start-step {start_step} outside [0, {plan.steps}]")
+    out = out or sys.stdout
+    reader = ShardReader(plan.sets, storage_options)
+    count = 0
+    for step in range(start_step, end_step):
+        for part in range(micro_batches):
+            rows = []
+            for piece in plan.rank_slices(step, rank, part, micro_batches):
+                if check_headers:
+                    reader.verify_headers(piece)
+                name = plan.sets[piece.source].name
+                rows += [(name, piece.shard, key) for key in reader.keys(piece)]
+            order = plan.rank_order(step, rank, part, micro_batches)
+            if order is not None:
+                rows = [rows[int(k)] for k in order]
+            if long:
+                out.write("".join(f"{step}\t{name}\t{shard}\t{key}\n" for name, shard, key in rows))
+            else:
+                out.write("".join(f"{key}\n" for _, _, key in rows))
+            count += len(rows)
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stream_ssl.plan", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m stream_ssl.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_arguments(p)
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
     p.add_argument("--batch-size", type=int, default=256, help="per-rank batch size")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--keys", action="store_true", help="print the sample keys --rank reads, one per line")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--start-step", type=int, default=0, help="first step (resume point) for --keys")
+    p.add_argument("--end-step", type=int, help="stop --keys before this step")
+    p.add_argument("--long", action="store_true", help="--keys prints step, set name, shard and key")
+    p.add_argument("--check-headers", action="store_true", help="--keys also checks each member's tar header")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="--keys in the order of a loader that splits each batch into this many micro-batches")
     a = p.parse_args(argv)
     try:
-        sets = [load_shard_set(u) for u in a.data.split(",") if u]
+        options = parse_storage_options(a.storage_options)
+        sets = load_sets(a.data, options)
         plan = make_plan(sets, a.unique_samples, a.budget_samples, a.mix, a.world_size, a.num_workers,
-                         a.batch_size, a.seed)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+                         a.batch_size, a.seed, shuffle_window=a.shuffle_window, shuffle_block=a.shuffle_block)
+        if a.keys:
+            print_keys(plan, a.rank, a.start_step, a.end_step, options, a.check_headers, a.long,
+                       micro_batches=a.micro_batches)
+            sys.stdout.flush()
+        else:
+            print(json.dumps(plan.summary(), indent=1) if a.json else plan.describe())
+    except BrokenPipeError:  # `... --keys | head`
+        sys.stderr.close()
+        return 0
+    except (ValueError, OSError) as e:
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
-    print(json.dumps(plan.summary(), indent=1) if a.json else plan.describe())
     return 0
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.s3_servers import MotoServer
+
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / "shard_tools"
 PYTHON = sys.executable
@@ -143,33 +145,20 @@ def moto_server():
     """A moto S3 server on 127.0.0.1 (random port), with dummy credentials in the environment for it.
 
     Yields the endpoint URL. AWS_ENDPOINT_URL points s3fs (and subprocesses) at it."""
-    port = free_port()
-    binary = Path(PYTHON).parent / "moto_server"
-    proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    server = MotoServer()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": server.endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
-        for line in proc.stderr:  # blocks until the server says it is up (or dies: the loop ends)
-            if "Running on" in line:
-                break
-        else:
-            raise RuntimeError(f"moto_server did not start (exit {proc.wait()})")
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
-        endpoint = f"http://127.0.0.1:{port}"
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_ENDPOINT_URL": endpoint}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield endpoint
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        yield server.endpoint
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.close()
 
 
 def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]], fmt=tarfile.GNU_FORMAT,

@@ -1,22 +1,34 @@
 """Assemble the streaming loader: plan -> reader -> decode + geometric views -> uint8 batches.
 
 The dataset yields whole per-rank batches (DataLoader with batch_size=None); worker k of K produces steps
-k, k+K, ... which is the order the DataLoader collects them in. Keep this loader out of
-`accelerator.prepare()`: the plan already splits the data by rank.
+k, k+K, ... which is the order the DataLoader collects them in. Each worker reads ahead (background
+threads) and, with `cache_dir`, keeps what later passes will read again on local disk. Keep this loader
+out of `accelerator.prepare()`: the plan already splits the data by rank.
+
+Undecodable samples are replaced by another view of a decodable sample of the same batch (every rank's
+batch stays full) and counted; a worker fails loudly once it has skipped more than
+`skip_grace + skip_fraction x samples read`.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shard_tools.shardset import IMAGE_EXTS
-from stream_ssl.data.augment import ViewSpec, crop_view, decode_rgb, to_chw
+from stream_ssl.data.augment import ViewSpec, decode_views, to_chw
+from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.plan import Plan
-from stream_ssl.data.reader import ShardReader
+from stream_ssl.data.reader import ReadAhead, ShardReader
+
+
+class TooManySkipped(RuntimeError):
+    """More undecodable samples than the skip threshold allows."""
 
 
 @dataclass
@@ -26,7 +38,13 @@ class Batch:
     labels: torch.Tensor  # int64 (B,), -1 where the sample has no label
     keys: list[str]
     skipped: int  # undecodable samples in this batch (replaced by repeats of decodable ones)
-    bytes_read: int
+    bytes_read: int  # bytes this batch's reads took from storage (cache hits not counted)
+    cache_hits: int = 0  # byte ranges served from the local cache
+    cache_bytes: int = 0
+    retries: int = 0  # transient read failures retried
+    read_wait: float = 0.0  # seconds the worker waited on reads for this batch
+    worker: int = 0
+    micro: int = 0  # micro-batch index within the step (gradient accumulation), 0 without
 
 
 def image_bytes(sample: dict) -> bytes:
@@ -41,52 +59,106 @@ def sample_label(sample: dict) -> int:
     return int(raw) if raw is not None else -1
 
 
-def augment_rng(seed: int, step: int, rank: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step, rank, 0xA06])
+def augment_rng(seed: int, step: int, rank: int, micro: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, step, rank, 0xA06] + ([micro] if micro else []))
+
+
+def default_cache_size(plan: Plan, cache_dir: str | Path) -> int:
+    """Enough for the repeated part of the pool (+20%), at most 80% of the free space where the cache lives."""
+    need = int(plan.summary()["cache_needed_bytes"] * 1.2) + (64 << 20)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return max(64 << 20, min(need, int(shutil.disk_usage(cache_dir).free * 0.8)))
 
 
 class PlanDataset(IterableDataset):
     """The batches of one rank, from `start_step` to the end of the plan."""
 
     def __init__(self, plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 0,
-                 storage_options: dict | None = None, seed: int = 0):
+                 storage_options: dict | None = None, seed: int = 0, cache_dir: str | Path | None = None,
+                 cache_size: int | None = None, readahead: int = 2, read_threads: int = 4,
+                 skip_fraction: float = 0.01, skip_grace: int = 32, retries: int = 8, backoff: float = 0.2,
+                 micro_batches: int = 1, cache_local: bool = False):
+        if not 0 <= start_step <= plan.steps:
+            raise ValueError(f"start_step {start_step} outside [0, {plan.steps}]")
+        if micro_batches < 1 or plan.batch_size % micro_batches:
+            raise ValueError(f"the per-rank batch {plan.batch_size} does not split into {micro_batches} "
+                             "micro-batches")
+        self.micro_batches, self.cache_local = micro_batches, cache_local
         self.plan, self.rank, self.views, self.start_step = plan, rank, views, start_step
         self.storage_options, self.seed = storage_options, seed
-        self.min_side = max(v.size for v in views)
+        self.cache_dir = str(cache_dir) if cache_dir else None
+        self.cache_size = cache_size
+        if self.cache_dir and not self.cache_size:
+            self.cache_size = default_cache_size(plan, self.cache_dir)
+        self.readahead, self.read_threads = readahead, read_threads
+        self.skip_fraction, self.skip_grace = skip_fraction, skip_grace
+        self.retries, self.backoff = retries, backoff
 
     def __len__(self) -> int:
-        return max(0, self.plan.steps - self.start_step)
+        return max(0, self.plan.steps - self.start_step) * self.micro_batches
+
+    def make_reader(self) -> ShardReader:
+        cache = DiskCache(self.cache_dir, self.cache_size) if self.cache_dir else None
+        return ShardReader(self.plan.sets, self.storage_options, retries=self.retries, backoff=self.backoff,
+                           cache=cache, plan=self.plan, cache_local=self.cache_local)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        reader = ShardReader(self.plan.sets, self.storage_options)
-        for step in self.plan.worker_steps(worker, workers, self.start_step):
-            before = reader.stats.bytes_read
-            samples = reader.read_all(self.plan.rank_slices(step, self.rank))
-            yield self.make_batch(step, samples, reader.stats.bytes_read - before)
+        reader = self.make_reader()
+        items = self.plan.worker_items(worker, workers, self.start_step, self.micro_batches)
+        stream = ReadAhead(reader, self.plan, self.rank, items, depth=self.readahead, threads=self.read_threads,
+                           parts=self.micro_batches)
+        seen = skipped = 0
+        before = reader.stats.snapshot()
+        for (step, micro), samples in stream:
+            now = reader.stats.snapshot()
+            batch = self.make_batch(step, samples, now["bytes_read"] - before["bytes_read"], micro)
+            batch.cache_hits = now["cache_hits"] - before["cache_hits"]
+            batch.cache_bytes = now["cache_bytes"] - before["cache_bytes"]
+            batch.retries = now["retries"] - before["retries"]
+            batch.read_wait = now["wait_seconds"] - before["wait_seconds"]
+            batch.worker = worker
+            before = now
+            seen += len(samples)
+            skipped += batch.skipped
+            if skipped > self.skip_grace + self.skip_fraction * seen:
+                stream.close()
+                raise TooManySkipped(
+                    f"rank {self.rank} worker {worker}: {skipped} of {seen} samples could not be decoded "
+                    f"(threshold {self.skip_grace} + {self.skip_fraction:.1%}); last: {self._last_error}. "
+                    "Check the shard set (shard_tools verify) or raise the threshold."
+                )
+            yield batch
 
-    def make_batch(self, step: int, samples: list[dict], bytes_read: int) -> Batch:
-        rng = augment_rng(self.seed, step, self.rank)
-        images, labels, keys, bad = [], [], [], []
+    _last_error = ""
+
+    def make_batch(self, step: int, samples: list[dict], bytes_read: int, micro: int = 0) -> Batch:
+        rng = augment_rng(self.seed, step, self.rank, micro)
+        crops, datas, labels, keys, bad = [], [], [], [], []
         for i, s in enumerate(samples):
             try:
-                images.append(decode_rgb(image_bytes(s), self.min_side))
+                if "__error__" in s:
+                    raise ValueError(s["__error__"])
+                data = image_bytes(s)
+                crops.append(decode_views(data, self.views, rng))
+                datas.append(data)
                 labels.append(sample_label(s))
                 keys.append(s["__key__"])
-            except (OSError, ValueError, SyntaxError):
+            except (OSError, ValueError, SyntaxError) as e:
+                self._last_error = f"{s.get('__url__', '?')} {s.get('__key__', '?')}: {e}"
                 bad.append(i)
-        if not images:
+        if not crops:
             raise RuntimeError(f"step {step}: no decodable image among {len(samples)} samples")
         # Keep every rank's batch full (cross-rank gathers need equal sizes): an undecodable sample is
-        # replaced by another view of a decodable one from the same batch, and counted.
+        # replaced by other views of a decodable one from the same batch, and counted.
         for j in range(len(bad)):
             k = j % len(keys)
-            images.append(images[k])
+            crops.append(decode_views(datas[k], self.views, rng))
             labels.append(labels[k])
             keys.append(keys[k])
-        views = [to_chw([crop_view(im, spec, rng) for im in images]) for spec in self.views]
-        return Batch(step, views, torch.tensor(labels, dtype=torch.int64), keys, len(bad), bytes_read)
+        views = [to_chw([c[v] for c in crops]) for v in range(len(self.views))]
+        return Batch(step, views, torch.tensor(labels, dtype=torch.int64), keys, len(bad), bytes_read, micro=micro)
 
 
 def _identity(batch):
@@ -94,7 +166,20 @@ def _identity(batch):
 
 
 def make_loader(plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 0, num_workers: int = 0,
-                storage_options: dict | None = None, seed: int = 0, prefetch: int = 2) -> DataLoader:
-    ds = PlanDataset(plan, rank, views, start_step, storage_options, seed)
+                storage_options: dict | None = None, seed: int = 0, prefetch: int = 2,
+                cache_dir: str | Path | None = None, cache_size: int | None = None, readahead: int = 2,
+                read_threads: int = 4, skip_fraction: float = 0.01, skip_grace: int = 32,
+                micro_batches: int = 1, cache_local: bool = False) -> DataLoader:
+    """The loader of one rank, from plan step `start_step` on.
+
+    `cache_dir`/`cache_size`: the repeat-aware local cache (default size: what the plan's repeats need);
+    `readahead`: items each worker keeps in flight on `read_threads` threads; `micro_batches`: split every
+    step's batch into that many micro-batches (gradient accumulation with a plan whose batch_size is the
+    per-rank batch of one optimizer step), yielded in order with `Batch.micro` = 0, 1, ...; `cache_local`: use
+    the cache for local paths too (shard sets on a network file system)."""
+    ds = PlanDataset(plan, rank, views, start_step, storage_options, seed, cache_dir=cache_dir,
+                     cache_size=cache_size, readahead=readahead, read_threads=read_threads,
+                     skip_fraction=skip_fraction, skip_grace=skip_grace, micro_batches=micro_batches,
+                     cache_local=cache_local)
     kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
     return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity, **kwargs)

@@ -1,0 +1,302 @@
+"""Loopback servers for storage tests: a moto S3 server (subprocess), a fault-injecting TCP proxy and a small
+HTTP server with range requests. Everything binds 127.0.0.1; nothing reaches the network."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import random
+import re
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import s3fs
+
+KEY, SECRET, REGION = "testing-key", "testing-secret-DO-NOT-LOG", "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+    """Poll until something accepts connections on the port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class MotoServer:
+    def __init__(self):
+        binary = Path(sys.executable).with_name("moto_server")
+        if not binary.exists():
+            raise RuntimeError(f"{binary} not found: install the test extras (pip install -e '.[test]')")
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        # The server logs every request on stderr: a file, never an unread pipe (a full pipe stalls the server).
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(self.port)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        try:
+            wait_for_port(self.port, self.proc)
+        except Exception:
+            self.close()
+            raise
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def options(self, endpoint: str | None = None, **extra) -> dict:
+        """Per-protocol storage options that point s3fs at this server (or at `endpoint`, e.g. a proxy)."""
+        return {"s3": {"key": KEY, "secret": SECRET,
+                       "client_kwargs": {"endpoint_url": endpoint or self.endpoint, "region_name": REGION},
+                       **extra}}
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        # fsspec caches filesystems by their options; one made from environment variables alone would keep
+        # pointing at this (now dead) server in later tests.
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def upload_folder(fs, local: Path, url: str) -> None:
+    """Copy a shard-set folder to `url` with `index.json` last, as the contract asks."""
+    files = sorted(p for p in Path(local).iterdir() if p.is_file())
+    for p in sorted(files, key=lambda p: p.name == "index.json"):
+        fs.pipe_file(url.rstrip("/") + "/" + p.name, p.read_bytes())
+
+
+class FaultProxy:
+    """A TCP proxy in front of a server that misbehaves on chosen connections.
+
+    `schedule(i)` gives the action for the i-th accepted connection:
+      None          forward everything;
+      ("cut", n)    forward, but reset both sides once n response bytes have passed (mid-transfer);
+      ("reset",)    reset the connection as soon as the client sends a request;
+      ("503",)      answer the first request with `503 SlowDown` and close.
+    Counts connections, response bytes and faults. Threads only; `close()` stops it.
+    """
+
+    def __init__(self, upstream_port: int, schedule=lambda i: None):
+        self.upstream_port, self.schedule = upstream_port, schedule
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.connections = self.bytes_down = self.faults = 0
+        self.kinds: dict[str, int] = {}
+        self.closed = False
+        self.sockets: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                index = self.connections
+                self.connections += 1
+                self.sockets.append(client)
+            threading.Thread(target=self._serve, args=(client, self.schedule(index)), daemon=True).start()
+
+    @staticmethod
+    def _reset(*socks: socket.socket) -> None:
+        """Abort with a TCP reset. shutdown(SHUT_RD) first wakes a thread blocked reading the socket: closing
+        a socket another thread still reads would not release it (and send nothing)."""
+        for s in socks:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _fault(self, kind: str) -> None:
+        with self.lock:
+            self.faults += 1
+            self.kinds[kind] = self.kinds.get(kind, 0) + 1
+
+    def _serve(self, client: socket.socket, action) -> None:
+        if action and action[0] in ("reset", "503"):
+            try:
+                request = client.recv(65536)
+                if action[0] == "503":
+                    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                            b"<Message>Please reduce your request rate.</Message></Error>")
+                    client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                                   b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                                   + (b"" if request.startswith(b"HEAD") else body))
+                    client.close()
+                else:
+                    self._reset(client)
+            except OSError:
+                pass
+            self._fault(action[0])
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        except OSError:
+            self._reset(client)
+            return
+        budget = action[1] if action else None
+        done = threading.Event()
+
+        def up() -> None:
+            try:
+                while not done.is_set():
+                    data = client.recv(65536)
+                    if not data:
+                        break
+                    upstream.sendall(data)
+            except OSError:
+                pass
+            finally:
+                try:
+                    upstream.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+        t = threading.Thread(target=up, daemon=True)
+        t.start()
+        passed, faulted = 0, False
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    break
+                if budget is not None and passed + len(data) >= budget:
+                    client.sendall(data[: max(0, budget - passed)])
+                    self._fault("cut")
+                    faulted = True
+                    break
+                client.sendall(data)
+                passed += len(data)
+                with self.lock:
+                    self.bytes_down += len(data)
+        except OSError:
+            pass
+        done.set()
+        if faulted:
+            self._reset(client, upstream)
+        else:  # the server closed: pass that on cleanly, after everything was delivered
+            for sock in (client, upstream):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        with self.lock:
+            for s in self.sockets:
+                self._reset(s)
+
+
+def fault_schedule(seed: int, every: int = 2, max_faults: int = 40, cut_range=(64, 6000)):
+    """Every `every`-th connection misbehaves (mostly cuts mid-transfer, some resets and 503s), up to
+    `max_faults`; the rest pass."""
+    rng = random.Random(seed)
+    plan = []
+    for i in range(max_faults * every):
+        if i % every:
+            plan.append(None)
+            continue
+        kind = rng.random()
+        if kind < 0.8:
+            plan.append(("cut", rng.randint(*cut_range)))
+        elif kind < 0.9:
+            plan.append(("reset",))
+        else:
+            plan.append(("503",))
+    return lambda i: plan[i] if i < len(plan) else None
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with single `Range: bytes=a-b` support (the stdlib handler has none)."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_head(self):
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "") or "")
+        path = self.translate_path(self.path)
+        if not m or not os.path.isfile(path):
+            return super().send_head()
+        size = os.path.getsize(path)
+        start = int(m.group(1))
+        end = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
+        if start >= size:
+            self.send_error(416)
+            return None
+        f = open(path, "rb")
+        f.seek(start)
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        self._remaining = end - start + 1
+        return _Limited(f, end - start + 1)
+
+
+class _Limited:
+    def __init__(self, f, n: int):
+        self.f, self.n = f, n
+
+    def read(self, size: int = -1) -> bytes:
+        if self.n <= 0:
+            return b""
+        data = self.f.read(self.n if size < 0 else min(size, self.n))
+        self.n -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class HttpServer:
+    def __init__(self, root: Path):
+        handler = lambda *a, **k: RangeHandler(*a, directory=str(root), **k)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,317 @@
+"""The streaming reader on local and HTTP shard sets: exact samples, resume without reading the past,
+retries that resume at sample boundaries, corrupt samples counted, the disk cache, the loader."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from collections import Counter
+
+import pytest
+
+from shard_tools.shardset import load_shard_set
+from stream_ssl.data.cache import DiskCache
+from stream_ssl.data.loader import PlanDataset, TooManySkipped, make_loader
+from stream_ssl.data.plan import Slice, make_plan
+from stream_ssl.data.reader import ReadAhead, ReadError, ShardReader, coalesce
+from stream_ssl.data.storage import is_transient, options_for, redact
+from stream_ssl.plan import main as plan_main
+from stream_ssl.plan import print_keys
+from tests.s3_servers import HttpServer
+
+
+@pytest.fixture(scope="module")
+def folder(make_shard_set):
+    return make_shard_set(300, shard_size=40)
+
+
+@pytest.fixture(scope="module")
+def shards(folder):
+    return load_shard_set(str(folder))
+
+
+@pytest.fixture(scope="module")
+def truth(shards):
+    """Every sample of every shard, parsed with tarfile: {(shard, index): {'__key__', ext: bytes}}."""
+    out = {}
+    for i, info in enumerate(shards.shards):
+        with tarfile.open(shards.shard_url(i)) as tar:
+            samples: list[dict] = []
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                if not samples or samples[-1]["__key__"] != key:
+                    samples.append({"__key__": key})
+                samples[-1][ext] = tar.extractfile(m).read()
+        assert len(samples) == info.samples
+        out.update({(i, j): s for j, s in enumerate(samples)})
+    return out
+
+
+def _stream(plan, rank, reader, start=0, depth=2, threads=3):
+    return list(ReadAhead(reader, plan, rank, range(start, plan.steps), depth=depth, threads=threads))
+
+
+def _check(samples, truth):
+    for s in samples:
+        want = truth[(s["__shard__"], s["__index__"])]
+        assert s["__key__"] == want["__key__"]
+        assert {k: v for k, v in s.items() if not k.startswith("__")} == {k: v for k, v in want.items()
+                                                                          if k != "__key__"}
+
+
+def test_stream_yields_the_planned_samples_with_their_bytes(shards, truth):
+    plan = make_plan([shards], 250, 600, world_size=2, batch_size=8, seed=3)
+    for rank in range(2):
+        reader = ShardReader(plan.sets)
+        got = _stream(plan, rank, reader)
+        assert [step for step, _ in got] == list(range(plan.steps))
+        for step, samples in got:
+            assert [(s["__source__"], s["__shard__"], s["__index__"]) for s in samples] == plan.rank_samples(step, rank)
+            _check(samples, truth)
+        assert reader.stats.retries == 0 and reader.stats.corrupt == 0
+
+
+def test_resume_reads_only_what_the_remaining_steps_need(shards):
+    plan = make_plan([shards], 300, 900, world_size=1, batch_size=12, seed=1)
+    full = _stream(plan, 0, ShardReader(plan.sets))
+    start = plan.steps * 2 // 3
+    reader = ShardReader(plan.sets)
+    rest = _stream(plan, 0, reader, start=start)
+    assert [(step, [s["__key__"] for s in samples]) for step, samples in rest] == \
+        [(step, [s["__key__"] for s in samples]) for step, samples in full[start:]]
+    need = 0
+    for step in range(start, plan.steps):
+        for r in coalesce(plan.rank_slices(step, 0))[0]:
+            b = reader.boundaries(r.source, r.shard)
+            need += int(b[r.stop] - b[r.start])
+    assert reader.stats.bytes_read == need  # nothing before the resume point was read
+
+
+def test_coalesce_merges_touching_slices_and_keeps_batch_order():
+    pieces = [Slice(0, 1, 10, 20), Slice(0, 0, 5, 9), Slice(0, 1, 0, 10), Slice(0, 1, 25, 30)]
+    reads, where = coalesce(pieces)
+    assert reads == [Slice(0, 0, 5, 9), Slice(0, 1, 0, 20), Slice(0, 1, 25, 30)]
+    assert where == [(1, 10), (0, 0), (1, 0), (2, 0)]
+
+
+class Flaky:
+    """Wraps a filesystem: fails some cat_file calls (an exception, or a body cut short) and records ranges."""
+
+    def __init__(self, fs, pattern):
+        self.fs, self.pattern, self.calls, self.requests = fs, pattern, 0, []
+
+    def _strip_protocol(self, url):
+        return self.fs._strip_protocol(url)
+
+    def cat_file(self, path, start=None, end=None):
+        self.calls += 1
+        action = self.pattern(self.calls)
+        if path.endswith(".idx") or action is None:
+            data = self.fs.cat_file(path, start=start, end=end)
+            if not path.endswith(".idx"):
+                self.requests.append((path, start, end, len(data)))
+            return data
+        if action == "reset":
+            raise ConnectionResetError("connection reset by peer")
+        if action == "timeout":
+            raise TimeoutError("read timed out")
+        if action == "missing":
+            raise FileNotFoundError(path)
+        data = self.fs.cat_file(path, start=start, end=end)
+        cut = int(len(data) * action)  # a truncated body: some samples complete, one partial
+        self.requests.append((path, start, end, cut))
+        return data[:cut]
+
+
+def _flaky_reader(plan, pattern, **kw):
+    reader = ShardReader(plan.sets, backoff=0.0, **kw)
+    fs, _ = reader._filesystem(plan.sets[0].shard_url(0))
+    flaky = Flaky(fs, pattern)
+    reader._fs["file"] = (flaky,)
+    return reader, flaky
+
+
+def test_transient_failures_resume_at_the_last_complete_sample(shards, truth):
+    plan = make_plan([shards], 300, 600, world_size=2, batch_size=10, seed=5)
+    expected = _stream(plan, 1, ShardReader(plan.sets), threads=1)
+    faults = {2: "reset", 3: 0.5, 5: "timeout", 7: 0.3, 8: 0.9, 11: "reset", 13: 0.05, 17: 0.6}
+    reader, flaky = _flaky_reader(plan, lambda i: faults.get(i % 20), chunk_bytes=8 * 1024)
+    got = _stream(plan, 1, reader, threads=1)
+    assert [(st, [s["__key__"] for s in ss]) for st, ss in got] == \
+        [(st, [s["__key__"] for s in ss]) for st, ss in expected]
+    for _, samples in got:
+        _check(samples, truth)
+    assert reader.stats.retries >= 8
+    # Every re-issued request starts at a sample boundary, and no byte is delivered twice: the whole samples
+    # kept from all requests add up to exactly the bytes an undisturbed read takes.
+    reference = ShardReader(plan.sets)
+    _stream(plan, 1, reference, threads=1)
+    kept = 0
+    for path, start, end, n in flaky.requests:
+        shard = next(i for i, info in enumerate(shards.shards) if path.endswith("/" + info.path))
+        b = [int(x) for x in reader.boundaries(0, shard)]
+        assert start in b and end in b
+        kept += max(x for x in b if x <= start + n) - start
+    assert kept == reference.stats.bytes_read
+
+
+def test_permanent_errors_fail_at_once_and_retries_run_out(shards):
+    plan = make_plan([shards], 100, 100, batch_size=10)
+    reader, flaky = _flaky_reader(plan, lambda i: "missing")
+    with pytest.raises(FileNotFoundError):
+        reader.read(plan.rank_slices(0, 0)[0])
+    assert reader.stats.retries == 0
+    reader, flaky = _flaky_reader(plan, lambda i: "reset", retries=3)
+    with pytest.raises(ReadError, match="failed after 3 retries"):
+        reader.read(plan.rank_slices(0, 0)[0])
+    assert reader.stats.retries == 3
+
+
+def test_transient_classification():
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError()) and is_transient(OSError(5, "EIO"))
+    assert not is_transient(FileNotFoundError()) and not is_transient(PermissionError())
+    assert not is_transient(ValueError("bad data"))
+
+    class Status(Exception):
+        def __init__(self, status):
+            self.status = status
+
+    assert is_transient(Status(503)) and is_transient(Status(429)) and not is_transient(Status(403))
+
+
+def test_storage_options_and_redaction(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    assert options_for("s3://b/k")["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9"
+    per = {"s3": {"anon": True}, "https": {"headers": {"a": "b"}}}
+    assert options_for("s3://b/k", per)["anon"] is True
+    assert options_for("http://h/x", per) == {"headers": {"a": "b"}}
+    assert options_for("/local/x", per) == {}
+    assert options_for("s3://b/k", {"client_kwargs": {"endpoint_url": "http://x"}})["client_kwargs"] == \
+        {"endpoint_url": "http://x"}
+    assert redact("failed: https://user:pw@host/a.tar?X-Amz-Signature=s3cr3t") == "failed: https://host/a.tar"
+
+
+def _corrupt_copy(folder, tmp_path, shard: int, sample: int, how: str):
+    out = tmp_path / f"corrupt-{how}"
+    shutil.copytree(folder, out)
+    s = load_shard_set(str(out))
+    reader = ShardReader((s,))
+    ext, offset, size, name = reader.index(0, shard).members[sample][0]
+    path = out / s.shards[shard].path
+    data = bytearray(path.read_bytes())
+    if how == "header":
+        data[offset - 512 + 124: offset - 512 + 136] = b"00000000001\0"  # wrong size in the tar header
+    else:
+        data[offset + 20: offset + size] = bytes(size - 20)  # zeroed JPEG body: undecodable
+    path.write_bytes(bytes(data))
+    return load_shard_set(str(out))
+
+
+@pytest.mark.parametrize("how", ["header", "image"])
+def test_undecodable_samples_are_skipped_counted_and_fail_past_the_threshold(folder, tmp_path, how):
+    from stream_ssl.data.augment import ViewSpec
+
+    s = _corrupt_copy(folder, tmp_path, shard=0, sample=3, how=how)
+    plan = make_plan([s], 300, 300, batch_size=30, shuffle_block=0)
+    views = [ViewSpec(16)]
+    batches = list(PlanDataset(plan, 0, views, skip_grace=1))
+    assert sum(b.skipped for b in batches) == 1
+    assert all(len(b.keys) == 30 and b.views[0].shape[0] == 30 for b in batches)
+    with pytest.raises(TooManySkipped, match="could not be decoded"):
+        list(PlanDataset(plan, 0, views, skip_grace=0, skip_fraction=0.0))
+
+
+def test_loader_matches_keys_cli_and_reports_counters(folder, shards, capsys):
+    from stream_ssl.data.augment import ViewSpec
+
+    plan = make_plan([shards], 200, 480, world_size=2, batch_size=8, num_workers=2, seed=2)
+    loader = make_loader(plan, 1, [ViewSpec(16)], start_step=5, num_workers=2, seed=2)
+    batches = list(loader)
+    assert [b.step for b in batches] == list(range(5, plan.steps))
+    assert {b.worker for b in batches} == {0, 1}
+    assert sum(b.bytes_read for b in batches) > 0 and all(b.skipped == 0 for b in batches)
+    keys = [k for b in batches for k in b.keys]
+    buf = io.StringIO()
+    assert print_keys(plan, 1, 5, out=buf) == len(keys)
+    assert buf.getvalue().split() == keys
+    rc = plan_main(["--data", str(folder), "--unique-samples", "200", "--budget-samples", "480", "--world-size", "2",
+                    "--batch-size", "8", "--seed", "2", "--keys", "--rank", "1", "--start-step", "5",
+                    "--check-headers"])
+    assert rc == 0 and capsys.readouterr().out.split() == keys
+
+
+def test_loader_micro_batches_come_in_order(shards):
+    from stream_ssl.data.augment import ViewSpec
+
+    plan = make_plan([shards], 200, 480, world_size=2, batch_size=12, seed=2)
+    batches = list(make_loader(plan, 0, [ViewSpec(16)], start_step=3, num_workers=2, micro_batches=3))
+    assert [(b.step, b.micro) for b in batches] == [(s, m) for s in range(3, plan.steps) for m in range(3)]
+    by_step: dict = {}
+    for b in batches:
+        assert len(b.keys) == 4
+        by_step.setdefault(b.step, []).extend(b.keys)
+    reader = ShardReader(plan.sets)
+    for step, keys in by_step.items():
+        assert sorted(keys) == sorted(k for p in plan.rank_slices(step, 0) for k in reader.keys(p))
+    buf = io.StringIO()
+    print_keys(plan, 0, 3, out=buf, micro_batches=3)
+    assert buf.getvalue().split() == [k for b in batches for k in b.keys]
+
+
+def test_plan_cli_errors_and_json(folder, capsys):
+    rc = plan_main(["--data", str(folder), "--unique-samples", "301", "--budget-samples", "1K"])
+    assert rc == 2 and "300 samples available" in capsys.readouterr().err
+    rc = plan_main(["--data", str(folder), "--unique-samples", "0.5", "--budget-samples", "1.2K", "--batch-size", "16",
+                    "--world-size", "3", "--json"])
+    import json
+
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 0 and s["unique_samples"] == 150 and s["steps"] == 1200 // 48
+    assert s["sources"][0]["unique"] == 150 and s["dropped"] == 1200 - 25 * 48 and s["samples_per_rank"] == 25 * 16
+    assert s["bytes_to_read"] > s["cache_needed_bytes"] > 0 and s["passes"] == 8.0
+
+
+def test_disk_cache_serves_ranges_and_stays_bounded(shards, tmp_path):
+    plan = make_plan([shards], 300, 900, batch_size=15, seed=4)
+    cache = DiskCache(tmp_path / "cache", 64 << 20)
+    reader = ShardReader(plan.sets, cache=cache, plan=plan, cache_local=True)
+    first, read_by_step = [], []
+    for item in ReadAhead(reader, plan, 0, range(plan.steps), depth=0, threads=1):
+        first.append(item)
+        read_by_step.append(reader.stats.bytes_read)
+    assert reader.stats.cache_hits > 0 and reader.stats.cache_stores > 0
+    # Steps that lie wholly in later passes take nothing from storage: the first pass stored it all.
+    later = [i for i in range(plan.steps) if i * plan.global_batch >= plan.unique_samples]
+    assert later and all(read_by_step[i] == read_by_step[i - 1] for i in later)
+    assert Counter(s["__index__"] for _, ss in first for s in ss)  # sanity: something was read
+    # A second run over the warm cache reads nothing from storage at all.
+    again = ShardReader(plan.sets, cache=DiskCache(tmp_path / "cache", 64 << 20), plan=plan, cache_local=True)
+    second = _stream(plan, 0, again)
+    assert again.stats.bytes_read == 0 and again.stats.cache_hits > 0
+    assert [[s["jpg"] for s in ss] for _, ss in second] == [[s["jpg"] for s in ss] for _, ss in first]
+
+    small = DiskCache(tmp_path / "small", 40_000)
+    for k in range(20):
+        small.put("k" * 40, k * 10, k * 10 + 10, bytes(3000))
+    assert small.size() <= 40_000 and small.evicted > 0
+    held = small.entries("k" * 40)
+    assert held and held[-1][0] == 190  # the newest stay
+    assert small.read(held[-1][2], 0, 3000, 2999) is None  # damaged (wrong size): a miss, and removed
+    assert len(small.entries("k" * 40)) == len(held) - 1
+
+
+def test_http_shard_set_reads_like_local(folder, shards, truth):
+    server = HttpServer(folder)
+    try:
+        remote = load_shard_set(server.url)
+        plan = make_plan([remote], 120, 240, world_size=2, batch_size=6, seed=7)
+        local = make_plan([shards], 120, 240, world_size=2, batch_size=6, seed=7)
+        for rank in range(2):
+            a = _stream(plan, rank, ShardReader(plan.sets))
+            b = _stream(local, rank, ShardReader(local.sets))
+            assert [[(s["__key__"], s["jpg"]) for s in ss] for _, ss in a] == \
+                [[(s["__key__"], s["jpg"]) for s in ss] for _, ss in b]
+    finally:
+        server.close()

@@ -1,0 +1,168 @@
+"""S3: a moto server on loopback holds a packed shard set; the reader, the loader's cache and `--keys` see the
+same keys and bytes as from local disk, also through a proxy that cuts connections mid-transfer."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+
+import pytest
+
+from shard_tools.shardset import load_shard_set
+from stream_ssl.data.cache import DiskCache
+from stream_ssl.data.plan import make_plan
+from stream_ssl.data.reader import ReadAhead, ReadError, ShardReader
+from stream_ssl.data.storage import filesystem
+from stream_ssl.plan import main as plan_main
+from stream_ssl.plan import print_keys
+from tests.s3_servers import KEY, REGION, SECRET, FaultProxy, MotoServer, fault_schedule, upload_folder
+
+BUCKET = "shards"
+
+
+@pytest.fixture(scope="module")
+def moto():
+    server = MotoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def local_folder(make_shard_set):
+    return make_shard_set(240, shard_size=30, seed=11)
+
+
+@pytest.fixture(scope="module")
+def s3_url(moto, local_folder):
+    fs, _ = filesystem("s3://x", moto.options(), fresh=True)
+    fs.call_s3("create_bucket", Bucket=BUCKET)
+    url = f"s3://{BUCKET}/sets/pool"
+    upload_folder(fs, local_folder, url)
+    return url
+
+
+def _samples(plan, rank, reader, **kw):
+    return [(step, [(s["__key__"], s["jpg"], s.get("cls")) for s in samples])
+            for step, samples in ReadAhead(reader, plan, rank, range(plan.steps), **kw)]
+
+
+def _plans(local_folder, s3_url, options, **kw):
+    local = make_plan([load_shard_set(str(local_folder))], **kw)
+    remote = make_plan([load_shard_set(s3_url, options["s3"])], **kw)
+    return local, remote
+
+
+def test_s3_reads_the_same_keys_and_bytes_as_local_disk(moto, local_folder, s3_url):
+    options = moto.options()
+    local, remote = _plans(local_folder, s3_url, options, unique_samples=200, budget_samples=400, world_size=2,
+                           batch_size=8, seed=1)
+    for rank in range(2):
+        reader = ShardReader(remote.sets, options)
+        assert _samples(remote, rank, reader) == _samples(local, rank, ShardReader(local.sets))
+        assert reader.stats.bytes_read > 0
+
+
+def test_keys_cli_over_s3_with_aws_environment_variables(moto, local_folder, s3_url, monkeypatch, capsys):
+    for name, value in {"AWS_ENDPOINT_URL": moto.endpoint, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET,
+                        "AWS_DEFAULT_REGION": REGION}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    args = ["--unique-samples", "0.75", "--budget-samples", "500", "--world-size", "3", "--batch-size", "5",
+            "--keys", "--rank", "2", "--start-step", "7"]
+    assert plan_main(["--data", s3_url, *args]) == 0
+    from_s3 = capsys.readouterr().out.split()
+    assert plan_main(["--data", str(local_folder), *args]) == 0
+    from_disk = capsys.readouterr().out.split()
+    assert from_s3 == from_disk and len(from_s3) == (500 // 15 - 7) * 5
+    plan = make_plan([load_shard_set(s3_url)], "0.75", 500, world_size=3, batch_size=5)
+    buf = io.StringIO()
+    print_keys(plan, 2, 7, check_headers=True, out=buf)  # ranged reads of the tar headers agree with the .idx
+    assert buf.getvalue().split() == from_s3
+
+
+def test_cut_connections_still_yield_every_planned_sample_exactly_once(moto, local_folder, s3_url):
+    local, remote = _plans(local_folder, s3_url, moto.options(), unique_samples=240, budget_samples=480,
+                           world_size=2, batch_size=12, seed=4)
+    for rank in range(2):
+        proxy = FaultProxy(moto.port, fault_schedule(seed=3 + rank, every=2, max_faults=25))
+        try:
+            # botocore and s3fs retry on their own; turn that down so that our retries (which resume at sample
+            # boundaries) do the work.
+            options = moto.options(proxy.endpoint, config_kwargs={"retries": {"max_attempts": 0},
+                                                                  "connect_timeout": 5, "read_timeout": 5})
+            reader = ShardReader(remote.sets, options, backoff=0.01, retries=10, chunk_bytes=16 * 1024)
+            reader._filesystem(s3_url)[0].retries = 1
+            got = _samples(remote, rank, reader, depth=2, threads=3)
+            assert got == _samples(local, rank, ShardReader(local.sets))
+            assert reader.stats.retries > 0 and proxy.faults >= 8 and proxy.kinds.get("cut", 0) >= 3, proxy.kinds
+        finally:
+            proxy.close()
+
+
+def test_cache_keeps_later_passes_off_the_object_store(moto, local_folder, s3_url, tmp_path):
+    proxy = FaultProxy(moto.port)  # a clean pass-through that counts the bytes the object store sends
+    try:
+        options = moto.options(proxy.endpoint)
+        local, remote = _plans(local_folder, s3_url, moto.options(), unique_samples=120, budget_samples=480,
+                               world_size=1, batch_size=16, seed=6)
+        assert remote.last_pass == 3
+        reader = ShardReader(remote.sets, options, cache=DiskCache(tmp_path / "c", 64 << 20), plan=remote)
+        by_step, sent = [], []
+        for step, samples in ReadAhead(reader, remote, 0, range(remote.steps), depth=0, threads=1):
+            by_step.append((step, [(s["__key__"], s["jpg"], s.get("cls")) for s in samples]))
+            sent.append(proxy.bytes_down)
+        assert by_step == _samples(local, 0, ShardReader(local.sets))
+        later = [i for i in range(remote.steps) if i * remote.global_batch >= remote.unique_samples]
+        assert later and all(sent[i] == sent[i - 1] for i in later), "a later pass went to the object store"
+        assert reader.stats.cache_hits > 0
+        first_pass_bytes = proxy.bytes_down
+        # A second run (e.g. resumed, or the next job of a sweep) over the warm cache: no object store reads.
+        again = ShardReader(remote.sets, options, cache=DiskCache(tmp_path / "c", 64 << 20), plan=remote)
+        assert _samples(remote, 0, again) == by_step
+        assert proxy.bytes_down == first_pass_bytes and again.stats.bytes_read == 0
+    finally:
+        proxy.close()
+
+
+def test_credentials_never_appear_in_messages_or_logs(moto, s3_url, caplog):
+    caplog.set_level(logging.DEBUG, logger="stream_ssl")
+    remote = load_shard_set(s3_url, moto.options()["s3"])
+    plan = make_plan([remote], 30, 30, batch_size=10)
+    texts = []
+    # A missing object (permanent) and a server that resets every connection (retries run out).
+    missing = make_plan([dataclasses.replace(remote, url="s3://no-such-bucket/pool")], 30, 30, batch_size=10)
+    with pytest.raises(FileNotFoundError) as info:
+        ShardReader(missing.sets, moto.options(), retries=1, backoff=0.0).read(missing.rank_slices(0, 0)[0])
+    texts += [str(info.value), str(info.value.__cause__)]
+    proxy = FaultProxy(moto.port, lambda i: ("reset",))
+    try:
+        options = moto.options(proxy.endpoint, config_kwargs={"retries": {"max_attempts": 0}})
+        reader = ShardReader(plan.sets, options, retries=2, backoff=0.0)
+        reader._filesystem(s3_url)[0].retries = 1
+        with pytest.raises(ReadError) as info:
+            reader.read(plan.rank_slices(0, 0)[0])
+        texts += [str(info.value), str(info.value.__cause__), repr(reader.stats)]
+    finally:
+        proxy.close()
+    texts += [caplog.text, repr(plan), plan.describe(), str(plan.summary())]
+    assert all(SECRET not in t and KEY not in t for t in texts)
+
+
+def test_loader_workers_stream_from_s3_and_share_the_cache(moto, local_folder, s3_url, tmp_path):
+    from stream_ssl.data.augment import ViewSpec
+    from stream_ssl.data.loader import make_loader
+
+    local, remote = _plans(local_folder, s3_url, moto.options(), unique_samples=120, budget_samples=640,
+                           world_size=1, batch_size=16, num_workers=2, seed=8)
+    views = [ViewSpec(16)]
+    batches = list(make_loader(remote, 0, views, num_workers=2, storage_options=moto.options(),
+                               cache_dir=tmp_path / "cache", readahead=1))
+    want = list(make_loader(local, 0, views, num_workers=0))
+    assert [(b.step, b.keys) for b in batches] == [(b.step, b.keys) for b in want]
+    assert all((a.views[0] == b.views[0]).all() for a, b in zip(batches, want))
+    assert {b.worker for b in batches} == {0, 1} and sum(b.cache_hits for b in batches) > 0
+    # Both workers share one cache folder: past the first pass (and a margin for read-ahead) no batch
+    # needs the object store, whichever worker stored the samples.
+    margin = remote.unique_samples // remote.global_batch + 6
+    assert sum(b.bytes_read for b in batches[margin:]) == 0
