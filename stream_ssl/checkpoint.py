@@ -1,4 +1,6 @@
-"""Atomic checkpoints: written under a temporary name, then renamed; loaded with weights_only=True."""
+"""Atomic checkpoints: written under a temporary name, fsynced, then renamed; `latest` is a pointer file
+replaced the same way. A process killed at any moment leaves either the previous checkpoint or the new one,
+never a torn file. Loaded with weights_only=True (no arbitrary unpickling)."""
 
 from __future__ import annotations
 
@@ -7,20 +9,45 @@ from pathlib import Path
 
 import torch
 
+PATTERN = "step-*.pt"
 
-def save_checkpoint(run: Path, step: int, state: dict) -> Path:
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run: Path, step: int, state: dict, keep: int = 0) -> Path:
+    """Write `state` as RUN/checkpoints/step-STEP.pt and point `latest` at it. With `keep` > 0, only the
+    newest `keep` checkpoints stay."""
     folder = Path(run) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:08d}.pt"
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    latest = folder / "latest"
     latest_tmp = folder / "latest.tmp"
-    latest_tmp.write_text(path.name + "\n")
-    os.replace(latest_tmp, latest)
+    with open(latest_tmp, "w") as f:
+        f.write(path.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, folder / "latest")
+    _fsync_dir(folder)
+    if keep > 0:
+        for old in sorted(folder.glob(PATTERN))[:-keep]:
+            if old != path:
+                old.unlink(missing_ok=True)
     return path
 
 

@@ -37,7 +37,15 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+OPTIMIZERS = ("lars", "sgd", "adamw")
+
+
 def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float, momentum: float):
+    """LARS, SGD (momentum) or AdamW over the method's parameter groups. Groups that set their own
+    `weight_decay` (0 for biases and norm parameters) keep it; `lars_exclude` only matters to LARS."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    groups = [dict(g) for g in groups]
     for g in groups:
         g.setdefault("weight_decay", weight_decay)
     if name == "lars":
@@ -48,11 +56,19 @@ def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: floa
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose lars, sgd or adamw")
+    raise AssertionError("unreachable")
 
 
 def warmup_cosine(step: int, total: int, peak: float, warmup: int) -> float:
+    """Learning rate of optimizer step `step` (0-based) of `total`: linear warm-up over `warmup` steps to
+    `peak`, then cosine to zero at `total`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cosine_value(step: int, total: int, start: float, end: float) -> float:
+    """Cosine from `start` at step 0 to `end` at `total` (weight-decay schedules)."""
+    progress = min(1.0, max(0.0, step / max(1, total)))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))

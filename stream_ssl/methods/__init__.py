@@ -2,5 +2,5 @@
 
 from __future__ import annotations
 
-from stream_ssl.methods import simclr  # noqa: F401  (registers)
+from stream_ssl.methods import barlow, byol, dino, mocov3, simclr, swav, vicreg  # noqa: F401  (registers)
 from stream_ssl.methods.base import METHODS, SSLMethod, build_method, register  # noqa: F401

@@ -1,12 +1,22 @@
-"""What every SSL method provides, and the registry that finds one by name.
+"""What every SSL method provides, the registry that finds one by name, and the parts methods share.
 
 A method is an nn.Module that owns its heads, its loss, its momentum/teacher parts and its parameter
-groups. The trainer only calls: `views()`, `forward(views)`, `on_optimizer_step(step, total)` and
-`param_groups()`. Nothing in the trainer is method-specific.
+groups. The trainer only calls, per optimizer step k (0-based) of K:
+
+    method.set_step(k, K)                  # before the forward pass(es) of step k: step-dependent settings
+    out = method(views)                    # {'loss': scalar, ...extra scalars to log}, per micro-batch
+    method.before_optimizer_step(k, K)     # after backward (gradients synced): e.g. cancel frozen gradients
+    method.on_optimizer_step(k + 1, K)     # after the optimizer step: momentum encoders, normalizations
+
+plus `views(image_size)` once and `param_groups()` once. Nothing in the trainer is method-specific. All
+schedules are functions of the optimizer step, so a resumed run needs no schedule state.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import math
 from typing import ClassVar
 
 import torch
@@ -25,7 +35,115 @@ def register(cls: type[SSLMethod]) -> type[SSLMethod]:
 def build_method(name: str, backbone: nn.Module, feature_dim: int, **options) -> SSLMethod:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name](backbone, feature_dim, **options)
+    try:
+        return METHODS[name](backbone, feature_dim, **options)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise ValueError(f"method {name!r}: {e} (check method_options)") from None
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedules (pure functions of the optimizer step).
+
+
+def cosine_schedule(step: float, total: int, start: float, end: float) -> float:
+    """Cosine from `start` at step 0 to `end` at step `total` (held after)."""
+    progress = min(max(step / max(total, 1), 0.0), 1.0)
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def momentum_at(step: float, total: int, base: float = 0.996, final: float = 1.0) -> float:
+    """EMA momentum tau_k = 1 - (1 - base)(cos(pi k / K) + 1) / 2 (BYOL): base at 0, (1 + base)/2 at K/2,
+    1 at K."""
+    return cosine_schedule(step, total, base, final)
+
+
+def linear_warmup(step: float, warmup_steps: float, start: float, end: float) -> float:
+    """Linear from `start` at step 0 to `end` at `warmup_steps`, then `end`."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Momentum encoders.
+
+
+def make_target(module: nn.Module) -> nn.Module:
+    """A frozen copy of `module` (momentum encoder / teacher): no parameter requires gradient."""
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online, parameter by parameter (buffers such as BN
+    running statistics are the target's own, as in BYOL/MoCo/DINO)."""
+    t = [p for p in target.parameters()]
+    o = [p.detach() for p in online.parameters()]
+    if len(t) != len(o):
+        raise ValueError("target and online networks differ in structure")
+    if momentum >= 1.0:
+        return
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, o, alpha=1.0 - momentum)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Numerics and forward helpers.
+
+
+def fp32_loss(fn):
+    """Run a loss in float32 with autocast off: softmax/log/exp/Sinkhorn in bf16/fp16 lose the signal."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        device = next((a.device.type for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def encode_views(net: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Apply `net` to every view, batching consecutive views of the same resolution into one forward pass
+    (multi-crop: the global crops together, the local crops together). Returns one output per view."""
+    outs: list[torch.Tensor] = []
+    i = 0
+    while i < len(views):
+        j = i + 1
+        while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
+            j += 1
+        y = net(torch.cat(views[i:j]) if j - i > 1 else views[i])
+        outs.extend(y.chunk(j - i) if j - i > 1 else [y])
+        i = j
+    return outs
+
+
+def local_crop_size(image_size: int, backbone: nn.Module | None = None) -> int:
+    """Local crop side for multi-crop: 96 at 224 px, in proportion below (32 -> 14, 64 -> 28, 96 -> 42).
+    For a patch-based backbone, rounded to a whole number of patches (at least one)."""
+    size = max(8, 2 * round(image_size * 96 / 224 / 2))
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if patch:
+        p = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        size = max(p, p * round(size / p))
+    return size
+
+
+def byol_views(image_size: int, blur: bool | None = None, min_scale: float = 0.08) -> list[ViewSpec]:
+    """The BYOL augmentation pair (also MoCo v3, Barlow Twins, VICReg): jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
+    gray 0.2; view 1 always blurred, never solarized; view 2 blurred 10%, solarized 20%. Blur is dropped
+    below 96 px unless asked (CIFAR-style recipes)."""
+    blur = image_size >= 96 if blur is None else blur
+    common = dict(size=image_size, scale=(min_scale, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    return [ViewSpec(**common, blur_p=1.0 if blur else 0.0, solarize_p=0.0),
+            ViewSpec(**common, blur_p=0.1 if blur else 0.0, solarize_p=0.2)]
 
 
 class SSLMethod(nn.Module):
@@ -44,8 +162,16 @@ class SSLMethod(nn.Module):
         """Normalized float views in, {'loss': scalar, ...extra scalars to log} out."""
         raise NotImplementedError
 
+    def set_step(self, step: int, total_steps: int) -> dict[str, float]:
+        """Called before the forward pass(es) of optimizer step `step` (0-based). Returns values to log."""
+        return {}
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after the gradients of step `step` (0-based) are complete, before the optimizer uses them."""
+
     def on_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        """Called after every optimizer step (momentum encoders, schedules). Returns values to log."""
+        """Called after every optimizer step with `step` = optimizer steps done so far (1..K): momentum
+        encoders, normalizations. Returns values to log."""
         return {}
 
     def param_groups(self) -> list[dict]:
@@ -55,4 +181,5 @@ class SSLMethod(nn.Module):
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+        return [{"params": decay, "name": "decay"},
+                {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "name": "no_decay"}]

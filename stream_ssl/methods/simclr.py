@@ -1,4 +1,9 @@
-"""SimCLR (Chen et al. 2020): NT-Xent over two views, negatives from every rank."""
+"""SimCLR (Chen et al. 2020): NT-Xent over two views, negatives from every rank (gathered with gradient).
+
+Defaults (paper): projector 2048-2048-128 with BN, temperature 0.1 (0.2 for small batches/images is common),
+LARS lr 0.3 x B/256, wd 1e-6; color jitter strength 1.0 (0.8, 0.8, 0.8, 0.2) p=0.8, gray 0.2, blur 0.5 at
+ImageNet resolution; strength 0.5 and no blur below 96 px (the CIFAR recipe).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +13,18 @@ from torch import nn
 
 from stream_ssl.data.augment import ViewSpec
 from stream_ssl.distributed import gather_with_grad, world
-from stream_ssl.methods.base import SSLMethod, register
+from stream_ssl.methods.base import SSLMethod, encode_views, fp32_loss, register
+from stream_ssl.models.heads import mlp
 
 
+@fp32_loss
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
     """Normalized-temperature cross entropy. Row i of z1 and row i of z2 are positives; every other row of
     both views (on all ranks when `gather`) is a negative. Mean over this rank's 2B anchors."""
     b = z1.shape[0]
     local = F.normalize(torch.cat([z1, z2]), dim=1)  # (2B, D): view 1 rows, then view 2 rows
     rank, size = world() if gather else (0, 1)
-    if size > 1:
-        everyone = gather_with_grad(local)  # (size * 2B, D), rank-major
-    else:
-        everyone = local
+    everyone = gather_with_grad(local) if size > 1 else local  # (size * 2B, D), rank-major
     logits = local @ everyone.T / temperature
     offset = rank * 2 * b
     rows = torch.arange(2 * b, device=z1.device)
@@ -30,15 +34,8 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, g
 
 
 def projection_mlp(in_dim: int, hidden: int, out: int, layers: int = 2, last_bn: bool = False) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    dim = in_dim
-    for _ in range(layers - 1):
-        mods += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
-        dim = hidden
-    mods.append(nn.Linear(dim, out, bias=not last_bn))
-    if last_bn:
-        mods.append(nn.BatchNorm1d(out, affine=False))
-    return nn.Sequential(*mods)
+    """Kept for callers of the first version; see stream_ssl.models.heads.mlp."""
+    return mlp(in_dim, hidden, out, layers=layers, last_bn=last_bn)
 
 
 @register
@@ -46,18 +43,23 @@ class SimCLR(SSLMethod):
     name = "simclr"
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 2048, proj_dim: int = 128,
-                 temperature: float = 0.1, blur: bool | None = None):
+                 proj_layers: int = 2, temperature: float = 0.1, blur: bool | None = None,
+                 color_strength: float | None = None):
         super().__init__(backbone, feature_dim)
-        self.projector = projection_mlp(feature_dim, proj_hidden, proj_dim)
+        self.projector = mlp(feature_dim, proj_hidden, proj_dim, layers=proj_layers)
         self.temperature = temperature
         self.blur = blur
+        self.color_strength = color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
         # SimCLR blurs at ImageNet resolution only; on small images blur destroys the signal (CIFAR recipe).
-        blur = self.blur if self.blur is not None else image_size >= 96
-        spec = ViewSpec(size=image_size, blur_p=0.5 if blur else 0.0)
+        large = image_size >= 96
+        blur = self.blur if self.blur is not None else large
+        s = self.color_strength if self.color_strength is not None else (1.0 if large else 0.5)
+        spec = ViewSpec(size=image_size, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
+                        blur_p=0.5 if blur else 0.0)
         return [spec, spec]
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])
+        z1, z2 = encode_views(lambda x: self.projector(self.backbone(x)), views[:2])
         return {"loss": nt_xent_loss(z1, z2, self.temperature)}

@@ -1,0 +1,62 @@
+"""BYOL (Grill et al. 2020): online network + predictor regress the target network's projection of the
+other view; the target is an EMA of the online network and receives no gradient.
+
+Defaults (paper): projector and predictor 4096-256 with BN, tau 0.996 -> 1 (cosine over optimizer steps),
+LARS lr 0.2 x B/256, wd 1.5e-6; augmentation: the asymmetric BYOL pair (blur 1.0 / 0.1, solarize 0 / 0.2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stream_ssl.data.augment import ViewSpec
+from stream_ssl.methods.base import (
+    SSLMethod,
+    byol_views,
+    ema_update,
+    encode_views,
+    fp32_loss,
+    make_target,
+    momentum_at,
+    register,
+)
+from stream_ssl.models.heads import mlp
+
+
+@fp32_loss
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(p, sg(z)), mean over the batch: 0 when aligned, 2 orthogonal, 4 opposite."""
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
+
+
+@register
+class BYOL(SSLMethod):
+    name = "byol"
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 4096, proj_dim: int = 256,
+                 pred_hidden: int = 4096, base_momentum: float = 0.996, final_momentum: float = 1.0,
+                 blur: bool | None = None, min_scale: float = 0.08):
+        super().__init__(backbone, feature_dim)
+        self.projector = mlp(feature_dim, proj_hidden, proj_dim, layers=2)
+        self.predictor = mlp(proj_dim, pred_hidden, proj_dim, layers=2)
+        self.target_backbone = make_target(backbone)
+        self.target_projector = make_target(self.projector)
+        self.base_momentum, self.final_momentum = base_momentum, final_momentum
+        self.blur, self.min_scale = blur, min_scale
+
+    def views(self, image_size: int) -> list[ViewSpec]:
+        return byol_views(image_size, self.blur, self.min_scale)
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        p1, p2 = encode_views(lambda x: self.predictor(self.projector(self.backbone(x))), views[:2])
+        with torch.no_grad():
+            z1, z2 = encode_views(lambda x: self.target_projector(self.target_backbone(x)), views[:2])
+        return {"loss": byol_loss(p1, z2) + byol_loss(p2, z1)}
+
+    def on_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        tau = momentum_at(step - 1, total_steps, self.base_momentum, self.final_momentum)
+        ema_update(self.target_backbone, self.backbone, tau)
+        ema_update(self.target_projector, self.projector, tau)
+        return {"momentum": tau}

@@ -1,0 +1,136 @@
+"""SwAV (Caron et al. 2020): swapped prediction of online cluster assignments computed with Sinkhorn-Knopp
+over the global batch.
+
+Defaults (paper): projector 2048-128 (BN), 3000 prototypes (L2-normalized after every step), temperature
+0.1, Sinkhorn eps 0.05 with 3 iterations, prototypes frozen for the first iterations (~1 epoch), multi-crop
+2 x 224 (0.14, 1) + 6 x 96 (0.05, 0.14), jitter strength 1.0, blur 0.5; LARS lr 0.3 x B/256 (4.8 at 4096),
+wd 1e-6. A feature queue (per rank, per assignment crop) stabilizes small batches; it is off by default.
+
+Cross-rank: the Sinkhorn normalizers are summed with no-grad all_reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stream_ssl.data.augment import ViewSpec
+from stream_ssl.distributed import all_reduce_sum, world
+from stream_ssl.methods.base import SSLMethod, encode_views, fp32_loss, local_crop_size, register
+from stream_ssl.models.heads import mlp
+
+
+@torch.no_grad()
+@fp32_loss
+def sinkhorn_knopp(scores: torch.Tensor, eps: float = 0.05, iterations: int = 3, gather: bool = True) -> torch.Tensor:
+    """Soft assignments Q (B x K) of B samples to K prototypes with equipartition over the batch of all ranks:
+    every row sums to 1, every prototype gets ~B_total / K of the mass."""
+    _, size = world() if gather else (0, 1)
+    q = torch.exp(scores / eps).T  # K x B
+    k, b = q.shape
+    total_b = b * size
+    q /= all_reduce_sum(q.sum()) if size > 1 else q.sum()
+    for _ in range(iterations):
+        rows = q.sum(dim=1, keepdim=True)
+        q /= (all_reduce_sum(rows) if size > 1 else rows)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= total_b
+    q *= total_b
+    return q.T
+
+
+@fp32_loss
+def swav_loss(scores: list[torch.Tensor], assignments: list[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:
+    """Swapped prediction: `assignments[i]` (codes of view i) are predicted from every other view's scores.
+    Averaged over the other views, then over the assignment views."""
+    total = scores[0].new_zeros(())
+    for i, q in enumerate(assignments):
+        sub = scores[0].new_zeros(())
+        for v, s in enumerate(scores):
+            if v != i:
+                sub = sub - (q * F.log_softmax(s / temperature, dim=1)).sum(dim=1).mean()
+        total = total + sub / (len(scores) - 1)
+    return total / len(assignments)
+
+
+@register
+class SwAV(SSLMethod):
+    name = "swav"
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 2048, proj_dim: int = 128,
+                 prototypes: int = 3000, temperature: float = 0.1, sinkhorn_eps: float = 0.05,
+                 sinkhorn_iterations: int = 3, local_crops: int = 6, global_scale: tuple = (0.14, 1.0),
+                 local_scale: tuple = (0.05, 0.14), local_size: int | None = None, blur: bool | None = None,
+                 freeze_prototypes_fraction: float = 0.01, queue_length: int = 0, queue_start_fraction: float = 0.15):
+        super().__init__(backbone, feature_dim)
+        self.projector = mlp(feature_dim, proj_hidden, proj_dim, layers=2)
+        self.prototypes = nn.Linear(proj_dim, prototypes, bias=False)
+        self.normalize_prototypes()
+        self.temperature, self.eps, self.iterations = temperature, sinkhorn_eps, sinkhorn_iterations
+        self.local_crops, self.local_size = local_crops, local_size
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.blur = blur
+        self.freeze_prototypes_fraction = freeze_prototypes_fraction
+        self.queue_length, self.queue_start_fraction = queue_length, queue_start_fraction
+        # Per-rank state, saved through rank_state(): a queue of past embeddings of the 2 assignment views.
+        self.queue: torch.Tensor | None = None
+        self.queue_filled = 0
+        self.step = 0
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def views(self, image_size: int) -> list[ViewSpec]:
+        blur = image_size >= 96 if self.blur is None else self.blur
+        common = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.5 if blur else 0.0)
+        local = self.local_size or local_crop_size(image_size, self.backbone)
+        return ([ViewSpec(size=image_size, scale=self.global_scale, **common)] * 2
+                + [ViewSpec(size=local, scale=self.local_scale, **common)] * self.local_crops)
+
+    def set_step(self, step: int, total_steps: int) -> dict[str, float]:
+        self.step, self.total_steps = step, total_steps
+        return {}
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        z = encode_views(lambda x: F.normalize(self.projector(self.backbone(x)), dim=1), views)
+        scores = [self.prototypes(e) for e in z]
+        b = z[0].shape[0]
+        assignments = []
+        use_queue = self.queue_length > 0 and self.step >= self.queue_start_fraction * getattr(self, "total_steps", 0)
+        if use_queue and (self.queue is None or self.queue.shape[1:] != (self.queue_length, z[0].shape[1])):
+            self.queue, self.queue_filled = z[0].new_zeros(2, self.queue_length, z[0].shape[1]), 0
+        with torch.no_grad():
+            for i in range(2):
+                s = scores[i].detach()
+                if use_queue and self.queue_filled >= self.queue_length:
+                    s = torch.cat([self.queue[i] @ self.prototypes.weight.T, s])
+                assignments.append(sinkhorn_knopp(s, self.eps, self.iterations)[-b:])
+            if use_queue:
+                keep = self.queue_length - b
+                for i in range(2):
+                    if keep > 0:
+                        self.queue[i, b:] = self.queue[i, :keep].clone()
+                    self.queue[i, :min(b, self.queue_length)] = z[i].detach()[:self.queue_length]
+                self.queue_filled = min(self.queue_length, self.queue_filled + b)
+        return {"loss": swav_loss(scores, assignments, self.temperature)}
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        if step < self.freeze_prototypes_fraction * total_steps:
+            for p in self.prototypes.parameters():
+                p.grad = None
+
+    def on_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        self.normalize_prototypes()
+        return {}
+
+    def rank_state(self) -> dict:
+        return {"queue": self.queue.cpu() if self.queue is not None else None, "queue_filled": self.queue_filled}
+
+    def load_rank_state(self, state: dict) -> None:
+        q = state.get("queue")
+        device = self.prototypes.weight.device
+        self.queue = q.to(device) if q is not None else None
+        self.queue_filled = int(state.get("queue_filled", 0))

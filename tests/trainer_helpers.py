@@ -1,0 +1,66 @@
+"""Shared helpers for the trainer/method tests: tiny method settings and subprocess runners."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+TRAIN = REPO / "stream_ssl" / "train.py"
+
+# Small heads so that a CPU step takes milliseconds, and settings that make a 16-step loss trend readable:
+# LARS lr per method, DINO with center momentum 0 and no teacher-temperature warm-up (the paper's center starts
+# at zero and the warm-up moves the targets, both long-run stabilizers that dominate a 16-step curve).
+TINY = {
+    "simclr": ({"proj_hidden": 128, "proj_dim": 64, "temperature": 0.2}, "lars", 2.0),
+    "mocov3": ({"proj_hidden": 128, "proj_dim": 64, "pred_hidden": 128, "temperature": 0.2}, "lars", 5.0),
+    "byol": ({"proj_hidden": 128, "proj_dim": 64, "pred_hidden": 128}, "lars", 2.0),
+    "barlow": ({"proj_hidden": 128, "proj_dim": 128}, "lars", 2.0),
+    "vicreg": ({"proj_hidden": 128, "proj_dim": 128}, "lars", 2.0),
+    "swav": ({"proj_hidden": 128, "proj_dim": 64, "prototypes": 32, "local_crops": 2,
+              "freeze_prototypes_fraction": 0.0}, "lars", 2.0),
+    "dino": ({"head_hidden": 128, "bottleneck": 64, "out_dim": 256, "local_crops": 2, "center_momentum": 0.0,
+              "teacher_temp_warmup_fraction": 0.0}, "lars", 2.0),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=child_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def accelerate_cmd(script: Path, num_processes: int = 2) -> list[str]:
+    """`accelerate launch` of two CPU processes over gloo (`--multi_gpu`: `--cpu --num_processes 2` starts one)."""
+    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script)]
+
+
+def train_args(data: Path, out: Path, method: str = "simclr", **flags) -> list[str]:
+    options, optimizer, lr = TINY[method]
+    args = {"data": data, "out": out, "method": method, "backbone": "test_resnet", "image_size": 32,
+            "batch_size": 16, "optimizer": optimizer, "lr": lr, "num_workers": 0, "progress": "false",
+            "method_options": __import__("json").dumps(options)}
+    args.update(flags)
+    cmd: list[str] = []
+    for k, v in args.items():
+        cmd += ["--" + k.replace("_", "-"), str(v)]
+    return cmd
