@@ -17,6 +17,7 @@ $(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps img2dataset==1.47.0
 	touch $@
 
 install: $(VENV)/.installed

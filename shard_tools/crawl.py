@@ -1,0 +1,771 @@
+"""Download the images of a URL manifest with img2dataset into a shard set (source=crawled).
+
+    python shard_tools/crawl.py urls.parquet --out shards/crawled --url-column url --caption-column caption
+    python shard_tools/crawl.py urls.csv --out shards/web --label-column label --image-size 256 --processes 8
+    python shard_tools/crawl.py yfcc100m_dataset.bz2 --format yfcc --out s3://bucket/yfcc --threads 128
+
+The manifest is read like pack.py reads it (CSV, TSV, Parquet with a URL column, or YFCC100M metadata, whose
+download URLs are used), its rows are shuffled (seeded, so any prefix of shards is a uniform random subset)
+and handed to img2dataset, which downloads, checks and resizes them in its own processes and writes
+WebDataset tars (`00000.tar`, ...) with a per-shard `_stats.json` and `.parquet` (the status of every row).
+Each sample holds `KEY.jpg` (or the --encode-format), `KEY.json` (img2dataset's metadata: url, caption, sizes,
+sha256, exif; plus source, row and label), `KEY.txt` when there is a caption column and `KEY.cls` when there
+is a label column. The finished shards are then indexed (`.idx` + `index.json`, successes only) without
+repacking, so the folder streams like any packed set. Rows that did not become samples are listed in
+`OUT/NAME-errors.csv` (row, url, reason), and the summary counts them by reason.
+
+Resuming: img2dataset's incremental mode skips every shard whose `_stats.json` exists, so running the same
+command again after a crash or an interrupted run downloads only the unfinished shards. The settings that
+shape the output (manifest, seed, shard size, resize and encode options) are recorded in `OUT/.NAME-crawl/`;
+a re-run with other settings stops with a message instead of mixing two crawls (--overwrite starts over).
+Shards that img2dataset could not finish (after its retries) leave the run without `index.json` and exit 1:
+run again to retry them, or pass --allow-incomplete to index the finished ones.
+
+img2dataset is an optional dependency (`pip install img2dataset`, see the README for the webdataset pin).
+It runs in a child process; its own log goes to `OUT/.NAME-crawl/img2dataset.log` (--verbose: to stderr).
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: import the project, not this folder
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from shard_tools.index import index_shard, natural_key
+from shard_tools.manifest import FORMATS, read_manifest
+from shard_tools.shardset import format_idx
+from shard_tools.storage import Output, is_url, open_output
+from shard_tools.writer import TarStream, make_index, write_index
+
+__all__ = ["CrawlError", "CrawlResult", "CrawlSampleWriter", "crawl", "failure_kind", "main"]
+
+SOURCE = "crawled"
+CRAWL_VERSION = 1  # bump when the bytes written for the same inputs and options change
+URL_SCHEMES = ("http://", "https://", "ftp://")
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+INTERPOLATIONS = ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4")
+EXTRA = "crawl_extra"  # input column carrying the manifest's extra json fields (yfcc title, tags, ...)
+# Options of img2dataset.download() that the command line sets itself (--img2dataset-option may set others).
+MANAGED = {"url_list", "output_folder", "output_format", "input_format", "url_col", "caption_col",
+           "save_additional_columns", "number_sample_per_shard", "oom_shard_count", "incremental_mode",
+           "enable_wandb", "processes_count", "thread_count", "distributor"}
+
+
+class CrawlError(SystemExit):
+    """The crawl failed as a whole. A SystemExit: the CLI exits 1 with this one-line message."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+        self.message = message
+
+
+@dataclass
+class CrawlResult:
+    index: dict
+    rows: int = 0  # manifest rows, malformed ones included
+    downloaded: int = 0  # samples in the shard set
+    failed: dict[str, int] = field(default_factory=dict)  # rows that did not become samples, by reason
+    errors: list[tuple[int, str, str]] = field(default_factory=list)  # (row, url, reason)
+    seconds: float = 0.0
+    resumed_shards: int = 0  # shards finished by an earlier run
+    incomplete: list[str] = field(default_factory=list)  # shards img2dataset did not finish
+    already_complete: bool = False
+
+    @property
+    def shards(self) -> int:
+        return len(self.index.get("shards", []))
+
+    @property
+    def bytes(self) -> int:
+        return sum(s["bytes"] for s in self.index.get("shards", []))
+
+    def summary(self, out: str = "") -> str:
+        failed = ", ".join(f"{k}: {v}" for k, v in sorted(self.failed.items(), key=lambda kv: (-kv[1], kv[0])))
+        line = (f"downloaded {self.downloaded} of {self.rows} rows into {self.shards} shards "
+                f"({self.bytes / 1e6:.1f} MB){' at ' + out if out else ''} in {self.seconds:.1f}s; "
+                f"failed {sum(self.failed.values())}{': ' + failed if failed else ''}")
+        if self.resumed_shards:
+            line += f"; {self.resumed_shards} shards were already done"
+        if self.incomplete:
+            line += f"; {len(self.incomplete)} shards incomplete (left out)"
+        if self.already_complete:
+            line += " (already complete: nothing downloaded)"
+        return line
+
+
+# ---------------------------------------------------------------------------------------------------
+# Failure reasons: img2dataset reports free text (urllib and OpenCV messages); the summary groups them.
+
+_HTTP = re.compile(r"HTTP Error (\d{3})")
+
+
+def failure_kind(status: str, message: str | None) -> str:
+    """A short, stable reason name for an img2dataset row status and error message."""
+    msg = (message or "").strip()
+    low = msg.lower()
+    if status == "failed_to_download":
+        m = _HTTP.search(msg)
+        if m:
+            return f"http {m.group(1)}"
+        if "timed out" in low or "timeout" in low:
+            return "timeout"
+        if "refused" in low:
+            return "connection refused"
+        if "x-robots-tag" in low:
+            return "disallowed by X-Robots-Tag"
+        if "hash mismatch" in low:
+            return "hash mismatch"
+        if "name or service not known" in low or "nodename nor servname" in low or "getaddrinfo" in low:
+            return "unknown host"
+        if "urlopen error" in low or "connection" in low or "remote end closed" in low:
+            return "connection error"
+        return "download failed"
+    if status == "failed_to_resize":
+        if "decoding error" in low:
+            return "corrupt image"
+        if low in ("image too small", "image area too large", "aspect ratio too large"):
+            return low
+        return "decode or resize failed"
+    return status or "failed"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sample writer img2dataset runs in its worker processes (in place of its WebDatasetSampleWriter).
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+class CrawlSampleWriter:
+    """Writes one img2dataset shard as our tar layout: deterministic USTAR headers, `KEY.<image>`, `KEY.cls`
+    (when rows carry a label), `KEY.json` (img2dataset's metadata plus `source`, `row` and the manifest's extra
+    fields) and `KEY.txt` (with a caption column). The per-shard `.parquet` with every row's status is kept,
+    as img2dataset writes it. The tar is written under a temporary name and renamed when the shard is done;
+    img2dataset writes the shard's `_stats.json` after that, which is what marks the shard finished."""
+
+    def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
+        import fsspec
+        from img2dataset.writer import BufferedParquetWriter
+
+        stem = f"{shard_id:0{oom_shard_count}d}"
+        self.fs, path = fsspec.core.url_to_fs(output_folder)
+        self.tar_path = f"{path}/{stem}.tar"
+        self.tmp_path = self.tar_path + ".tmp"
+        self.idx_path = f"{path}/{stem}.idx"
+        self.file = self.fs.open(self.tmp_path, "wb")
+        self.tar = TarStream(self.file)
+        self.parquet = BufferedParquetWriter(f"{output_folder}/{stem}.parquet", schema, 100)
+        self.save_caption = save_caption
+        self.ext = encode_format
+
+    def write(self, img_str, key, caption, meta):
+        if img_str is not None:
+            info = {k: v for k, v in meta.items() if k != EXTRA and v is not None}
+            extra = meta.get(EXTRA)
+            if extra:
+                for k, v in json.loads(extra).items():
+                    info.setdefault(k, v)
+            info["source"] = SOURCE
+            fields = {self.ext: img_str}
+            if meta.get("label") is not None:
+                fields["cls"] = str(int(meta["label"])).encode()
+            fields["json"] = json.dumps(info, sort_keys=True, default=_jsonable).encode()
+            if self.save_caption:
+                fields["txt"] = ("" if caption is None else str(caption)).encode()
+            self.tar.add(key, fields)
+        self.parquet.write(meta)
+
+    def close(self):
+        self.parquet.close()
+        self.tar.close()
+        self.file.close()
+        with self.fs.open(self.idx_path, "w") as f:  # index.py reuses it: its count matches the stats' successes
+            f.write(format_idx(self.tar.index))
+        self.fs.mv(self.tmp_path, self.tar_path)
+
+
+def _run_job(job_path: str) -> None:
+    """Entry point of the child process: run img2dataset.download() with our sample writer."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import otherwise
+    job = json.loads(Path(job_path).read_text())
+    import importlib
+
+    i2d = importlib.import_module("img2dataset.main")  # the package re-exports a function named `main`
+    if not hasattr(i2d, "WebDatasetSampleWriter") or not hasattr(i2d, "download"):
+        raise SystemExit("error: this img2dataset version has no main.WebDatasetSampleWriter/download; "
+                         "crawl.py is tested with img2dataset 1.47")
+    i2d.WebDatasetSampleWriter = CrawlSampleWriter  # output_format='webdataset' now writes our layout
+    i2d.download(**job)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files in the output folder.
+
+
+def _state_dir(name: str) -> str:
+    return f".{name}-crawl"
+
+
+_SHARD_FILE = re.compile(r"^(\d+)(\.tar|\.tar\.tmp|\.idx|\.parquet|_stats\.json)$")
+
+
+def _stats(output: Output, stem: str) -> dict | None:
+    data = output.read_bytes(f"{stem}_stats.json")
+    if data is None:
+        return None
+    try:
+        stats = json.loads(data)
+        int(stats["successes"])
+        return stats
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _remove_crawl(output: Output, name: str) -> None:
+    for entry in output.list():
+        if _SHARD_FILE.match(entry) or entry in ("index.json", f"{name}-errors.csv"):
+            output.remove(entry)
+    output.remove(_state_dir(name))
+    output.remove("_tmp")
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Names of the settings that differ (nested ones as options.image_size)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(prefix + k)
+    return out
+
+
+def _status_rows(output: Output, stem: str) -> list[tuple[int, str, str]]:
+    """(row, url, reason) of the rows of one finished shard that did not become samples."""
+    import pyarrow.parquet as pq
+
+    data = output.read_bytes(f"{stem}.parquet")
+    if data is None:
+        return []
+    table = pq.read_table(io.BytesIO(data), columns=["row", "url", "status", "error_message"])
+    out = []
+    for row, url, status, message in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+        if status != "success":
+            kind = failure_kind(status, message)
+            detail = (message or "").strip().replace("\n", " ")
+            out.append((int(row), url or "", f"{kind} ({detail})" if detail and detail.lower() != kind else kind))
+    return out
+
+
+def _write_errors(output: Output, name: str, errors: list[tuple[int, str, str]]) -> None:
+    target = f"{name}-errors.csv"
+    if not errors:
+        output.remove(target)
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["row", "url", "reason"])
+    w.writerows(sorted(errors))
+    output.write_bytes(target, buf.getvalue().encode())
+
+
+def _kind(reason: str) -> str:
+    return reason.split(" (")[0]
+
+
+def _count(errors: list[tuple[int, str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, _, reason in errors:
+        counts[_kind(reason)] = counts.get(_kind(reason), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _foreign_index(output: Output) -> bool:
+    """Whether the folder holds the index.json of a shard set that crawl.py did not make."""
+    data = output.read_bytes("index.json")
+    if data is None:
+        return False
+    try:
+        return "crawl" not in json.loads(data)
+    except ValueError:
+        return True
+
+
+def _already_complete(output: Output, digest: str) -> dict | None:
+    data = output.read_bytes("index.json")
+    if not data:
+        return None
+    try:
+        index = json.loads(data)
+        if index.get("crawl", {}).get("config_sha256") != digest:
+            return None
+        for s in index["shards"]:
+            if output.sha256(s["path"]) != (s["sha256"], s["bytes"]):
+                return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return index
+
+
+def _img2dataset_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("img2dataset")
+    except PackageNotFoundError:
+        raise CrawlError("crawling needs img2dataset: pip install img2dataset (see the README: "
+                         "'Crawled and generated sources')") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def crawl(
+    manifest: str | Path,
+    out: str | Path,
+    name: str | None = None,
+    *,
+    format: str | None = None,
+    url_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+    key_column: str | None = None,
+    seed: int = 0,
+    shard_size: int = 1000,
+    image_size: int = 256,
+    resize_mode: str = "keep_ratio",
+    resize_only_if_bigger: bool = True,
+    upscale_interpolation: str = "lanczos",
+    downscale_interpolation: str = "area",
+    encode_format: str = "jpg",
+    encode_quality: int = 95,
+    skip_reencode: bool = False,
+    disable_all_reencoding: bool = False,
+    min_image_size: int = 0,
+    max_image_area: float | None = None,
+    max_aspect_ratio: float | None = None,
+    extract_exif: bool = True,
+    processes: int = 1,
+    threads: int = 64,
+    timeout: float = 10,
+    retries: int = 0,
+    max_shard_retry: int = 1,
+    user_agent_token: str | None = None,
+    img2dataset_options: dict | None = None,
+    allow_incomplete: bool = False,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+    progress: bool | None = False,
+    verbose: bool = False,
+) -> CrawlResult:
+    """Crawl the URLs of `manifest` into the shard set `out` (a folder or an fsspec URL); see the module doc.
+
+    `progress` None shows the bar on a terminal. Raises ManifestError / CrawlError (SystemExit with a
+    one-line message) when the crawl fails as a whole."""
+    start = time.perf_counter()
+    if shard_size < 1:
+        raise CrawlError("--shard-size must be >= 1")
+    if processes < 1 or threads < 1:
+        raise CrawlError("--processes and --threads must be >= 1")
+    if resize_mode not in RESIZE_MODES:
+        raise CrawlError(f"--resize-mode {resize_mode!r}: use one of {', '.join(RESIZE_MODES)}")
+    for option, value in (("--upscale-interpolation", upscale_interpolation),
+                          ("--downscale-interpolation", downscale_interpolation)):
+        if value not in INTERPOLATIONS:
+            raise CrawlError(f"{option} {value!r}: use one of {', '.join(INTERPOLATIONS)}")
+    if encode_format not in ("jpg", "png", "webp"):
+        raise CrawlError("--encode-format: jpg, png or webp")
+    extra_options = dict(img2dataset_options or {})
+    managed = sorted(set(extra_options) & MANAGED)
+    if managed:
+        raise CrawlError(f"--img2dataset-option cannot set {managed}: crawl.py manages them")
+    out = str(out).rstrip("/")
+    name = name or out.rsplit("/", 1)[-1]
+    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+        raise CrawlError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    version = _img2dataset_version()
+
+    m = read_manifest(manifest, format, url_column, label_column, caption_column, key_column, None, None, False,
+                      storage_options)
+    if m.format == "folder":
+        raise CrawlError(f"{manifest} is a folder of images: pack it with shard_tools/pack.py")
+    errors: list[tuple[int, str, str]] = list(m.errors)
+    usable = []
+    for r in m.rows:
+        url = m.location(r)
+        if url.lower().startswith(URL_SCHEMES):
+            usable.append((r, url))
+        else:
+            errors.append((r.row, r.path, "not a URL (local files are packed with shard_tools/pack.py)"))
+    if not usable:
+        raise CrawlError(f"no URLs in {manifest} (column {m.path_column}); see the rows in its errors")
+    order = np.random.default_rng(seed).permutation(len(usable))
+    shards_total = math.ceil(len(usable) / shard_size)
+    oom_shard_count = max(5, len(str(shards_total - 1)))
+    stems = [f"{i:0{oom_shard_count}d}" for i in range(shards_total)]
+
+    options = {
+        "image_size": image_size, "resize_mode": resize_mode, "resize_only_if_bigger": resize_only_if_bigger,
+        "upscale_interpolation": upscale_interpolation, "downscale_interpolation": downscale_interpolation,
+        "encode_format": encode_format, "encode_quality": encode_quality, "skip_reencode": skip_reencode,
+        "disable_all_reencoding": disable_all_reencoding, "min_image_size": min_image_size,
+        "max_image_area": max_image_area if max_image_area is not None else float("inf"),
+        "max_aspect_ratio": max_aspect_ratio if max_aspect_ratio is not None else float("inf"),
+        "extract_exif": extract_exif, "user_agent_token": user_agent_token, **extra_options,
+    }
+    config = {
+        "crawl_version": CRAWL_VERSION,
+        "img2dataset": version.split(".")[0],
+        "manifest_sha256": m.sha256,
+        "format": m.format,
+        "name": name,
+        "seed": seed,
+        "shard_size": shard_size,
+        "url_column": m.path_column,
+        "caption_column": m.caption_column,
+        "label_column": m.label_column,
+        "key_column": m.key_column,
+        "options": {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in options.items()},
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    total = m.total
+
+    output = open_output(out, storage_options)
+    try:
+        if overwrite:
+            _remove_crawl(output, name)
+        done = _already_complete(output, digest)
+        if done is not None:
+            errors = _read_errors(output, name)
+            return CrawlResult(done, total, done["num_samples"], _count(errors), errors, time.perf_counter() - start,
+                               len(done["shards"]), already_complete=True)
+        state = _state_dir(name)
+        old = output.read_bytes(f"{state}/config.json")
+        if old is not None:
+            previous = json.loads(old)
+            if previous.get("config_sha256") != digest:
+                changed = _changed(previous.get("config", {}), config)
+                raise CrawlError(f"{out} holds a crawl made with other settings (changed: {', '.join(changed)}); "
+                                 "use another --out, or --overwrite to start over")
+        elif any(_SHARD_FILE.match(e) for e in output.list()) or _foreign_index(output):
+            raise CrawlError(f"{out} already holds shards that crawl.py did not start; use an empty folder, or "
+                             "--overwrite to delete them")
+        output.remove("index.json")  # the folder stops being a shard set until the crawl is indexed again
+        output.write_bytes(f"{state}/config.json", json.dumps({"config_sha256": digest, "config": config},
+                                                               indent=1).encode())
+
+        finished = {s for s in stems if _stats(output, s) is not None}
+        resumed = len(finished)
+        for s in stems:
+            if s not in finished:  # img2dataset makes these again: no stale file may outlive it
+                for suffix in (".tar", ".tar.tmp", ".idx", ".parquet"):
+                    output.remove(s + suffix)
+        if len(finished) < len(stems):
+            _download(output, state, usable, order, m, stems, finished, oom_shard_count, shard_size, options,
+                      processes, threads, timeout, retries, max_shard_retry, progress, verbose)
+        finished = {s for s in stems if _stats(output, s) is not None}
+        incomplete = [f"{s}.tar" for s in stems if s not in finished]
+        if incomplete and not allow_incomplete:
+            for s in finished:
+                errors.extend(_status_rows(output, s))
+            _write_errors(output, name, errors)
+            log = output.location(f"{state}/img2dataset.log") if not is_url(out) else "the img2dataset log"
+            raise CrawlError(f"{len(incomplete)} of {len(stems)} shards did not finish ({', '.join(incomplete[:3])}"
+                             f"{', ...' if len(incomplete) > 3 else ''}); see {log}. Run the same command again "
+                             "to retry them, or pass --allow-incomplete to index the finished shards")
+
+        shards, exts, left_out = [], set(), []
+        for s in sorted(finished, key=natural_key):
+            errors.extend(_status_rows(output, s))
+            if int(_stats(output, s)["successes"]) == 0:
+                left_out.append(f"{s}.tar")
+                continue
+            r = index_shard(output, f"{s}.tar")
+            if r.problem:
+                raise CrawlError(f"shard {r.problem}; delete {s}_stats.json and run again to download it anew")
+            shards.append(r.info)
+            exts |= r.exts
+        for k, s in enumerate(stems):
+            if s not in finished:
+                for i in order[k * shard_size:(k + 1) * shard_size]:
+                    errors.append((usable[i][0].row, usable[i][1], "incomplete shard (img2dataset did not finish it)"))
+        _write_errors(output, name, errors)
+        if not shards:
+            raise CrawlError(f"no URL of {manifest} could be downloaded; see {output.location(f'{name}-errors.csv')}")
+        failed = _count(errors)
+        fields = ["image", "json", *(["cls"] if m.label_column else []), *(["txt"] if m.caption_column else [])]
+        index = make_index(
+            name,
+            shards,
+            source=SOURCE,
+            seed=seed,
+            manifest=str(manifest),
+            manifest_format=m.format,
+            manifest_sha256=m.sha256,
+            fields=fields,
+            labels={"column": m.label_column, "names": m.label_names},
+            rows=total,
+            skipped=failed,
+            filtered=m.filtered,
+            crawl={"img2dataset": version, "shard_size": shard_size, "url_column": m.path_column,
+                   "caption_column": m.caption_column, "options": config["options"], "left_out": left_out + incomplete,
+                   "config_sha256": digest},
+        )
+        write_index(output, index)
+        output.remove(f"{state}/input.parquet")  # written again by a later run that has shards to fetch
+        result = CrawlResult(index, total, index["num_samples"], failed, sorted(errors), 0.0, resumed, incomplete)
+        result.seconds = time.perf_counter() - start
+        return result
+    finally:
+        output.close()
+
+
+def _read_errors(output: Output, name: str) -> list[tuple[int, str, str]]:
+    data = output.read_bytes(f"{name}-errors.csv")
+    if not data:
+        return []
+    rows = list(csv.reader(io.StringIO(data.decode())))[1:]
+    return [(int(a), b, c) for a, b, c in rows]
+
+
+def _download(output: Output, state: str, usable: list, order: np.ndarray, m, stems: list[str], finished: set[str],
+              oom_shard_count: int, shard_size: int, options: dict, processes: int, threads: int, timeout: float,
+              retries: int, max_shard_retry: int, progress: bool | None, verbose: bool) -> None:
+    """Write img2dataset's input (the shuffled rows) and run it in a child process, showing a bar over shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [usable[i] for i in order]
+    columns = {"url": pa.array([url for _, url in rows], pa.string()),
+               "row": pa.array([r.row for r, _ in rows], pa.int64())}
+    extra_cols = ["row"]
+    if m.caption_column:
+        columns["caption"] = pa.array([m.extra(r).get("caption", "") for r, _ in rows], pa.string())
+    if m.label_column:
+        columns["label"] = pa.array([r.label for r, _ in rows], pa.int64())
+        extra_cols.append("label")
+        if m.label_names:
+            columns["label_name"] = pa.array([m.label_names[r.label] for r, _ in rows], pa.string())
+            extra_cols.append("label_name")
+    extras = []
+    for r, _ in rows:
+        meta = {k: v for k, v in m.extra(r).items() if k != "caption"}
+        if r.key and "id" not in meta:
+            meta["id"] = r.key
+        extras.append(json.dumps(meta, sort_keys=True) if meta else None)
+    if any(extras):
+        columns[EXTRA] = pa.array(extras, pa.string())
+        extra_cols.append(EXTRA)
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf)
+    output.write_bytes(f"{state}/input.parquet", buf.getvalue())
+
+    job = {
+        "url_list": output.location(f"{state}/input.parquet"),
+        "output_folder": output.url,
+        "input_format": "parquet",
+        "output_format": "webdataset",
+        "url_col": "url",
+        "caption_col": "caption" if m.caption_column else None,
+        "save_additional_columns": extra_cols,
+        "number_sample_per_shard": shard_size,
+        "oom_shard_count": oom_shard_count,
+        "incremental_mode": "incremental",
+        "enable_wandb": False,
+        "processes_count": processes,
+        "thread_count": threads,
+        "timeout": timeout,
+        "retries": retries,
+        "max_shard_retry": max_shard_retry,
+        "distributor": "multiprocessing",
+        **options,
+    }
+    for key in ("max_image_area", "max_aspect_ratio"):
+        if isinstance(job[key], float) and math.isinf(job[key]):
+            del job[key]  # img2dataset's default is infinity; JSON cannot carry it
+    with tempfile.TemporaryDirectory(prefix="crawl-job-") as tmp:
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps(job))
+        if is_url(output.url):
+            log_path = Path(tmp) / "img2dataset.log"
+        else:
+            log_path = Path(output.url) / state / "img2dataset.log"
+        env = dict(os.environ)
+        env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+        repo = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        cmd = [sys.executable, "-c", "import sys; from shard_tools.crawl import _run_job; _run_job(sys.argv[1])",
+               str(job_path)]
+        todo = [s for s in stems if s not in finished]
+        bar = tqdm(total=len(todo), unit="shard", file=sys.stderr, disable=None if progress is None else not progress,
+                   desc=f"crawling {output.url.rsplit('/', 1)[-1]}")
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=None if verbose else log,
+                                    stderr=None if verbose else subprocess.STDOUT)
+            seen: set[str] = set()
+            counts = {"ok": 0, "failed": 0}
+            try:
+                while True:
+                    try:
+                        proc.wait(timeout=2.0 if is_url(output.url) else 0.5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        pass
+                    if not bar.disable:
+                        _update_bar(output, todo, seen, counts, bar)
+            except BaseException:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+            finally:
+                if not bar.disable:
+                    _update_bar(output, todo, seen, counts, bar)
+                bar.close()
+        if proc.returncode != 0:
+            tail = ""
+            if not verbose:
+                tail = "; last lines:\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+            raise CrawlError(f"img2dataset exited with status {proc.returncode}{tail}")
+
+
+def _update_bar(output: Output, todo: list[str], seen: set[str], counts: dict, bar) -> None:
+    present = set(output.list())
+    for s in todo:
+        if s not in seen and f"{s}_stats.json" in present:
+            stats = _stats(output, s)
+            if stats is None:
+                continue
+            seen.add(s)
+            counts["ok"] += int(stats["successes"])
+            counts["failed"] += int(stats.get("count", 0)) - int(stats["successes"])
+            bar.update(1)
+            bar.set_postfix(downloaded=counts["ok"], failed=counts["failed"], refresh=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crawl.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("manifest", help="CSV/TSV (header row) or Parquet with a URL column, or YFCC100M metadata; "
+                                    "local or an fsspec URL, optionally compressed")
+    p.add_argument("--out", required=True, help="output folder of the shard set, or an fsspec URL (s3://bucket/prefix)")
+    p.add_argument("--name", help="shard set name (default: the output folder's name)")
+    p.add_argument("--format", choices=[f for f in FORMATS if f != "folder"], help="manifest format (default: from "
+                                                                                    "the name)")
+    p.add_argument("--url-column", help="column with the image URLs (default: url, image_url, path, ...; yfcc: "
+                                        "download_url)")
+    p.add_argument("--caption-column", help="column with a caption: KEY.txt and the json's caption")
+    p.add_argument("--label-column", help="column with integer labels or class names: KEY.cls (default: 'label' "
+                                          "if present)")
+    p.add_argument("--key-column", help="column with an id kept in each sample's json as 'id'")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle of the rows (default 0)")
+    p.add_argument("--shard-size", type=_positive, default=1000, help="rows per shard (default 1000)")
+    g = p.add_argument_group("resizing and encoding (passed to img2dataset)")
+    g.add_argument("--image-size", type=_positive, default=256, help="target size in pixels (default 256)")
+    g.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
+                   help="keep_ratio: shorter side to --image-size (default); border: fit and pad to a square; "
+                        "center_crop; keep_ratio_largest: longer side; no: keep the size")
+    g.add_argument("--resize-only-if-bigger", action=argparse.BooleanOptionalAction, default=True,
+                   help="never upscale (default: on)")
+    g.add_argument("--upscale-interpolation", choices=INTERPOLATIONS, default="lanczos")
+    g.add_argument("--downscale-interpolation", choices=INTERPOLATIONS, default="area")
+    g.add_argument("--encode-format", choices=("jpg", "png", "webp"), default="jpg")
+    g.add_argument("--encode-quality", type=int, default=95, help="JPEG/WebP quality, PNG compression 0-9 "
+                                                                  "(default 95)")
+    g.add_argument("--skip-reencode", action="store_true", help="keep the original bytes of images that need no "
+                                                                "resize and already have --encode-format")
+    g.add_argument("--disable-all-reencoding", action="store_true",
+                   help="store downloaded bytes as they are (no decode check: run verify.py --decode)")
+    g.add_argument("--min-image-size", type=int, default=0, help="drop images whose shorter side is smaller")
+    g.add_argument("--max-image-area", type=float, help="drop images with more pixels")
+    g.add_argument("--max-aspect-ratio", type=float, help="drop images whose side ratio is larger")
+    g.add_argument("--no-exif", dest="extract_exif", action="store_false", help="do not keep EXIF in the json")
+    d = p.add_argument_group("downloading")
+    d.add_argument("--processes", type=_positive, default=1, help="img2dataset processes (default 1)")
+    d.add_argument("--threads", type=_positive, default=64, help="download threads per process (default 64)")
+    d.add_argument("--timeout", type=float, default=10, help="seconds per request (default 10)")
+    d.add_argument("--retries", type=int, default=0, help="retries per URL (default 0)")
+    d.add_argument("--max-shard-retry", type=int, default=1, help="img2dataset retries of a failed shard (default 1)")
+    d.add_argument("--user-agent-token", help="token added to the user agent (and matched in X-Robots-Tag)")
+    d.add_argument("--img2dataset-option", dest="img2dataset_options", type=_option, action="append", default=[],
+                   metavar="KEY=VALUE", help="any other img2dataset.download() option (value parsed as YAML), e.g. "
+                                             "compute_hash=md5; repeatable")
+    p.add_argument("--allow-incomplete", action="store_true", help="index the finished shards even when some did not "
+                                                                   "finish")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier crawl in --out and start over")
+    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol")
+    p.add_argument("--verbose", action="store_true", help="show img2dataset's own output instead of logging it")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    r = crawl(a.manifest, a.out, a.name, format=a.format, url_column=a.url_column,
+              caption_column=a.caption_column, label_column=a.label_column, key_column=a.key_column,
+              seed=a.seed, shard_size=a.shard_size, image_size=a.image_size, resize_mode=a.resize_mode,
+              resize_only_if_bigger=a.resize_only_if_bigger, upscale_interpolation=a.upscale_interpolation,
+              downscale_interpolation=a.downscale_interpolation, encode_format=a.encode_format,
+              encode_quality=a.encode_quality, skip_reencode=a.skip_reencode,
+              disable_all_reencoding=a.disable_all_reencoding, min_image_size=a.min_image_size,
+              max_image_area=a.max_image_area, max_aspect_ratio=a.max_aspect_ratio, extract_exif=a.extract_exif,
+              processes=a.processes, threads=a.threads, timeout=a.timeout, retries=a.retries,
+              max_shard_retry=a.max_shard_retry, user_agent_token=a.user_agent_token,
+              img2dataset_options=dict(a.img2dataset_options), allow_incomplete=a.allow_incomplete,
+              overwrite=a.overwrite, storage_options=a.storage_options, progress=a.progress, verbose=a.verbose)
+    print(r.summary(a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,838 @@
+"""Diffusion-generated images as a shard set (source=generated): made here from a local model, or ingested.
+
+    python shard_tools/generate.py --model models/sd15 --classes-file classes.txt --template "a photo of a {name}" \\
+        --per-prompt 100 --out shards/generated --size 512 --steps 25 --batch-size 16
+    python shard_tools/generate.py --model models/sd15 --prompts prompts.csv --per-prompt 10 --out shards/gen
+    python shard_tools/generate.py --from-folder made_elsewhere/ --prompts prompts.csv --out shards/gen
+
+Prompts come from class names and templates (every template for every class; `{name}` is the class name,
+label k is line k of --classes-file or the k-th name of --classes), or from a prompts file: `.txt` (one prompt
+a line), `.csv`/`.tsv` (header row), `.jsonl` or `.parquet` with a `prompt` column and optionally a `class`
+column (class names, mapped to ids in sorted order, or integer labels). Every prompt gets --per-prompt
+images. Image j of prompt p is drawn from its own seed, a pure function of (--seed, p, j), recorded in the
+sample's json; the latent noise comes from a CPU generator, so an image does not depend on the batch it
+was made in nor on the device (up to floating-point differences between devices and batch sizes).
+
+The model is a diffusers pipeline folder on this machine (what `save_pretrained` writes: model_index.json
+plus component folders), loaded with `local_files_only=True`: this tool never downloads anything. Images
+are made in batches on the GPU when there is one (fp16 there, fp32 on CPU) and written to shards as they
+come. Each sample holds `KEY.jpg` (or --format), `KEY.json` (source, prompt, class, label, seed, prompt
+and image index, model, steps, guidance, size) and `KEY.cls` when prompts carry classes. The work is
+shuffled (seeded) before it starts, so any prefix of shards is a uniform random subset of all prompts.
+
+--from-folder DIR --prompts FILE ingests images generated elsewhere: FILE (CSV/TSV/JSONL/Parquet) has a
+`file` column (image path relative to DIR), a `prompt` column, and optionally `class` and `seed`; other
+columns are kept in the json. Images keep their bytes; unreadable, missing or damaged files are skipped and
+listed in `OUT/NAME-errors.csv` (the run fails past --max-error-rate).
+
+Resuming: complete shards are recorded in `OUT/.NAME-gen/`; running the same command again continues
+after the last complete shard, and a finished set is left as it is. A re-run with settings that change
+the images (model, prompts, seed, steps, size, ...) stops with a message; --overwrite starts over.
+`diffusers` (and `transformers` for text encoders) are optional dependencies: pip install diffusers
+transformers. Ingestion needs neither.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: import the project, not this folder
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import csv
+import hashlib
+import inspect
+import io
+import json
+import os
+import re
+import string
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from shard_tools.images import MAX_PIXELS, ImageError, check_image
+from shard_tools.manifest import label_ids
+from shard_tools.shardset import ShardInfo, idx_name, shard_name
+from shard_tools.storage import Output, open_output
+from shard_tools.writer import ShardWriter, make_index, write_index
+
+__all__ = ["DEFAULT_TEMPLATE", "GenerateError", "GenerateResult", "Prompt", "generate", "image_seed", "ingest",
+           "load_pipeline", "main", "model_folder", "prompts_from_classes", "read_class_names", "read_prompts"]
+
+SOURCE = "generated"
+GEN_VERSION = 1  # bump when the bytes written for the same inputs change
+DEFAULT_TEMPLATE = "a photo of a {name}"
+PROMPT_COLUMNS = ("prompt", "text", "caption")
+CLASS_COLUMNS = ("class", "label", "class_name", "name")
+FILE_COLUMNS = ("file", "path", "image", "file_name", "filename")
+IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+class GenerateError(SystemExit):
+    """Generation or ingestion failed as a whole. A SystemExit: the CLI exits 1 with this one-line message."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    label: int | None = None
+    name: str | None = None  # class name
+    row: int | None = None  # line (or row) in the prompts file
+    file: str | None = None  # ingestion: the image, relative to the folder
+    seed: int | None = None  # ingestion: the seed it was made with, when known
+    meta: str | None = None  # extra json fields (compact JSON object)
+
+    def extra(self) -> dict:
+        return json.loads(self.meta) if self.meta else {}
+
+
+@dataclass
+class GenerateResult:
+    index: dict
+    jobs: int = 0  # images asked for (generation) or rows (ingestion)
+    written: int = 0  # samples in the shard set
+    made: int = 0  # images generated or ingested by this run
+    skipped: dict[str, int] = field(default_factory=dict)
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_shards: int = 0
+    already_complete: bool = False
+
+    @property
+    def shards(self) -> int:
+        return len(self.index.get("shards", []))
+
+    @property
+    def bytes(self) -> int:
+        return sum(s["bytes"] for s in self.index.get("shards", []))
+
+    def summary(self, out: str = "") -> str:
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        line = (f"wrote {self.written} of {self.jobs} images into {self.shards} shards ({self.bytes / 1e6:.1f} MB)"
+                f"{' at ' + out if out else ''} in {self.seconds:.1f}s ({self.made} made by this run); skipped "
+                f"{sum(self.skipped.values())}: {skipped}")
+        if self.resumed_shards:
+            line += f"; resumed after {self.resumed_shards} complete shards"
+        if self.already_complete:
+            line += " (already complete: nothing rewritten)"
+        return line
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts.
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names, one a line (blank lines and lines starting with '#' skipped); line k names label k."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenerateError(f"cannot read class names from {path}: {e}") from None
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not names:
+        raise GenerateError(f"{path} holds no class names")
+    return names
+
+
+def prompts_from_classes(names: list[str], templates: list[str] | None = None) -> list[Prompt]:
+    """Every template for every class, class by class; `{name}` is the class name, label k the k-th name."""
+    templates = templates or [DEFAULT_TEMPLATE]
+    for t in templates:
+        fields = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
+        if fields != {"name"}:
+            raise GenerateError(f"--template {t!r}: use the field {{name}} (and no other), got {sorted(fields)}")
+    if len(set(names)) != len(names):
+        raise GenerateError("class names must be distinct")
+    return [Prompt(t.format(name=n), label, n, meta=json.dumps({"template": t}))
+            for label, n in enumerate(names) for t in templates]
+
+
+def _records(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line or row number, record) of a CSV/TSV/JSONL/Parquet/TXT prompts file, and its columns."""
+    low = path.name.lower()
+    try:
+        if low.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            return [(i + 1, r) for i, r in enumerate(table.to_pylist())], list(table.column_names)
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenerateError(f"cannot read prompts file {path}: {e}") from None
+    except Exception as e:  # pyarrow's errors
+        raise GenerateError(f"cannot read prompts file {path}: {e}") from None
+    if low.endswith((".jsonl", ".json")):
+        out, columns = [], []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise GenerateError(f"{path}:{n}: not a JSON object ({e})") from None
+            if not isinstance(rec, dict):
+                raise GenerateError(f"{path}:{n}: expected a JSON object")
+            columns += [k for k in rec if k not in columns]
+            out.append((n, rec))
+        return out, columns
+    if low.endswith((".csv", ".tsv", ".tab")):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if not low.endswith(".csv") else ",")
+        rows = [(reader.line_num, dict(r)) for r in reader]
+        return rows, [c.strip() for c in reader.fieldnames or []]
+    return [(n, {"prompt": ln}) for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()], ["prompt"]
+
+
+def _pick(columns: list[str], names: tuple[str, ...]) -> str | None:
+    lower = {c.lower().strip(): c for c in columns}
+    return next((lower[n] for n in names if n in lower), None)
+
+
+def read_prompts(path: str | Path, need_file: bool = False) -> tuple[list[Prompt], list[str]]:
+    """The prompts of a prompts file and the class names (sorted; empty when labels are integers or absent).
+
+    Columns: prompt (or text, caption); optional class (or label, class_name, name); for ingestion
+    (`need_file`) file (or path, image, file_name) and optionally seed. Other columns go to the json."""
+    path = Path(path)
+    records, columns = _records(path)
+    if not records:
+        raise GenerateError(f"prompts file {path} holds no prompts")
+    pcol, ccol, fcol = _pick(columns, PROMPT_COLUMNS), _pick(columns, CLASS_COLUMNS), _pick(columns, FILE_COLUMNS)
+    scol = _pick(columns, ("seed",))
+    if pcol is None:
+        raise GenerateError(f"{path}: no prompt column (one of {', '.join(PROMPT_COLUMNS)}); columns are {columns}")
+    if need_file and fcol is None:
+        raise GenerateError(f"{path}: --from-folder needs a column naming each image ({', '.join(FILE_COLUMNS)}); "
+                            f"columns are {columns}")
+    used = {pcol, ccol, fcol, scol} - {None}
+    classes = [str(r.get(ccol, "") if r.get(ccol) is not None else "").strip() for _, r in records] if ccol else []
+    ids, names = label_ids(classes) if ccol else ({}, [])
+    prompts = []
+    for i, (n, r) in enumerate(records):
+        text = str(r.get(pcol) or "").strip()
+        if not text:
+            raise GenerateError(f"{path}:{n}: empty prompt")
+        label = name = None
+        if ccol:
+            if not classes[i]:
+                raise GenerateError(f"{path}:{n}: empty {ccol}")
+            label = ids[classes[i]]
+            name = classes[i] if names else None
+        file = seed = None
+        if need_file:
+            file = str(r.get(fcol) or "").strip()
+            if not file:
+                raise GenerateError(f"{path}:{n}: empty {fcol}")
+        if scol and str(r.get(scol) if r.get(scol) is not None else "").strip():
+            try:
+                seed = int(str(r[scol]).strip())
+            except ValueError:
+                raise GenerateError(f"{path}:{n}: seed {r[scol]!r} is not an integer") from None
+        extra = {k: v for k, v in r.items() if k not in used and v not in (None, "")}
+        prompts.append(Prompt(text, label, name, n, file, seed, json.dumps(extra, sort_keys=True) if extra else None))
+    return prompts, names
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """The seed of image `image_index` of prompt `prompt_index`: 63 bits from numpy's SeedSequence."""
+    state = np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(1, np.uint64)[0]
+    return int(state) >> 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shards, resume records and the index.
+
+
+def _state_dir(name: str) -> str:
+    return f".{name}-gen"
+
+
+@dataclass
+class _Resume:
+    shards: list[ShardInfo] = field(default_factory=list)
+    next: int = 0
+    written: int = 0
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def _load_resume(output: Output, name: str) -> _Resume:
+    """The complete shards of an interrupted run (whose checksums still match). The config was checked before."""
+    r = _Resume()
+    state = _state_dir(name)
+    present = set(output.list(state))
+    k = 0
+    while f"{k:06d}.json" in present:
+        try:
+            st = json.loads(output.read_bytes(f"{state}/{k:06d}.json") or b"")
+            info = ShardInfo(**st["shard"])
+        except (ValueError, TypeError, KeyError):
+            break
+        idx = output.read_bytes(idx_name(info.path))
+        if info.path != shard_name(name, k) or idx is None or hashlib.sha256(idx).hexdigest() != st.get("idx_sha256"):
+            break
+        if output.sha256(info.path) != (info.sha256, info.bytes):
+            break
+        r.shards.append(info)
+        r.next, r.written = int(st["next"]), int(st["written"])
+        r.errors.extend((int(a), str(b), str(c)) for a, b, c in st.get("errors", []))
+        k += 1
+    for stale in present - {f"{i:06d}.json" for i in range(k)} - {"config.json"}:
+        output.remove(f"{state}/{stale}")
+    return r
+
+
+def _clean(output: Output, name: str, keep: int) -> None:
+    """Remove temporary files and shards numbered `keep` or more."""
+    pattern = re.compile(rf"^{re.escape(name)}-(\d{{6}})\.(tar|idx)(\.tmp)?$")
+    for entry in output.list():
+        m = pattern.match(entry)
+        if m and (m.group(3) or int(m.group(1)) >= keep):
+            output.remove(entry)
+        elif entry in ("index.json.tmp", f"{name}-errors.csv.tmp"):
+            output.remove(entry)
+
+
+def _wipe(output: Output, name: str) -> None:
+    _clean(output, name, keep=0)
+    for entry in ("index.json", f"{name}-errors.csv"):
+        output.remove(entry)
+    output.remove(_state_dir(name))
+
+
+def _write_errors(output: Output, name: str, errors: list[tuple[int, str, str]]) -> None:
+    target = f"{name}-errors.csv"
+    if not errors:
+        output.remove(target)
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["row", "file", "reason"])
+    w.writerows(sorted(errors))
+    output.write_bytes(target, buf.getvalue().encode())
+
+
+def _count(errors: list[tuple[int, str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, _, reason in errors:
+        kind = reason.split(" (")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _index_config(index: dict) -> str | None:
+    return (index.get("generation") or {}).get("config_sha256")
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+# An outcome of one job: (row, where, fields) for a sample, or (row, where, None, reason) to skip it.
+Outcome = tuple
+
+
+def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[int], Iterator[Outcome]],
+               shard_size: int, index_meta: Callable[[], dict], overwrite: bool, progress: bool | None, desc: str,
+               max_error_rate: float | None = None, storage_options: dict | None = None) -> GenerateResult:
+    """Run `produce(position)` (the outcomes of jobs position, position + 1, ... in order) into shards, resumably."""
+    start = time.perf_counter()
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    output = open_output(out, storage_options)
+    state = _state_dir(name)
+    try:
+        if overwrite:
+            _wipe(output, name)
+        old_index = output.read_bytes("index.json")
+        saved = output.read_bytes(f"{state}/config.json")
+        previous = json.loads(saved) if saved else None
+        if old_index and previous is None:
+            try:
+                index = json.loads(old_index)
+            except ValueError:
+                index = {}
+            if _index_config(index) == digest:
+                if all(output.sha256(s["path"]) == (s["sha256"], s["bytes"]) for s in index.get("shards", [])):
+                    errors = _read_errors(output, name)
+                    return GenerateResult(index, jobs, index["num_samples"], 0, _count(errors), errors,
+                                          time.perf_counter() - start, len(index["shards"]), True)
+                _wipe(output, name)  # same settings, damaged shards: make it again
+            elif isinstance(index.get("generation"), dict):
+                changed = _changed({k: v for k, v in index["generation"].items() if k != "config_sha256"}, config)
+                raise GenerateError(f"{out} holds a set made with other settings (changed: {', '.join(changed)}); "
+                                    "use another --out, or --overwrite to start over")
+            else:
+                raise GenerateError(f"{out} holds a shard set that generate.py did not make; use another --out, or "
+                                    "--overwrite to replace it")
+        if previous is not None and previous.get("config_sha256") != digest:
+            changed = _changed(previous.get("config", {}), config)
+            raise GenerateError(f"{out} holds an unfinished run with other settings (changed: {', '.join(changed)}); "
+                                "use the same settings to continue it, another --out, or --overwrite to start over")
+        output.remove("index.json")
+        if previous is None:
+            output.write_bytes(f"{state}/config.json", json.dumps({"config_sha256": digest, "config": config},
+                                                                  indent=1).encode())
+        resume = _load_resume(output, name)
+        _clean(output, name, keep=len(resume.shards))
+        errors = list(resume.errors)
+        span: list[tuple[int, str, str]] = []
+        position, written = resume.next, resume.written
+        limit = None if max_error_rate is None else max_error_rate * jobs
+        width = max(9, len(str(jobs - 1)))
+
+        def save_state(info: ShardInfo, idx_text: str) -> None:
+            record = {"shard": vars(info), "idx_sha256": hashlib.sha256(idx_text.encode()).hexdigest(),
+                      "next": position, "written": written, "errors": span}
+            output.write_bytes(f"{state}/{len(writer.shards) - 1:06d}.json", json.dumps(record).encode())
+            span.clear()
+
+        writer = ShardWriter(output, name, shard_size, shards=resume.shards, on_shard=save_state)
+        made = 0
+        bar = tqdm(total=jobs, initial=position, unit="img", file=sys.stderr, mininterval=0.5,
+                   disable=None if progress is None else not progress, desc=desc)
+        stream = produce(position)
+        try:
+            for outcome in stream:
+                row, where, fields = outcome[:3]
+                position += 1
+                bar.update(1)
+                if fields is None:
+                    errors.append((row, where, outcome[3]))
+                    span.append((row, where, outcome[3]))
+                    if limit is not None and len(errors) > limit:
+                        _write_errors(output, name, errors)
+                        raise GenerateError(f"more than {max_error_rate:.1%} of {jobs} rows failed "
+                                            f"(--max-error-rate); see {output.location(f'{name}-errors.csv')}")
+                    continue
+                key = f"{written:0{width}d}"
+                written += 1
+                made += 1
+                writer.add(key, fields)  # publishes the shard when it is full (save_state records it)
+            writer.flush()
+        finally:
+            if hasattr(stream, "close"):
+                stream.close()
+            bar.close()
+            writer.abort()
+        _write_errors(output, name, errors)
+        if written == 0:
+            raise GenerateError(f"no images were written; see {output.location(f'{name}-errors.csv')}")
+        _clean(output, name, keep=len(writer.shards))
+        index = make_index(name, writer.shards, **index_meta(), skipped=_count(errors),
+                           generation={**config, "config_sha256": digest})
+        write_index(output, index)
+        output.remove(state)
+        return GenerateResult(index, jobs, written, made, _count(errors), sorted(errors), time.perf_counter() - start,
+                              len(resume.shards))
+    finally:
+        output.close()
+
+
+def _read_errors(output: Output, name: str) -> list[tuple[int, str, str]]:
+    data = output.read_bytes(f"{name}-errors.csv")
+    if not data:
+        return []
+    return [(int(a), b, c) for a, b, c in list(csv.reader(io.StringIO(data.decode())))[1:]]
+
+
+def _check_name(out: str, name: str | None) -> str:
+    name = name or str(out).rstrip("/").rsplit("/", 1)[-1]
+    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+        raise GenerateError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    return name
+
+
+def _label_fields(p: Prompt, label_names: list[str] | None) -> dict:
+    if p.label is None:
+        return {}
+    name = p.name if p.name is not None else (label_names[p.label] if label_names and p.label < len(label_names)
+                                              else None)
+    meta = {"label": p.label}
+    if name is not None:
+        meta["class"] = name
+        meta["label_name"] = name
+    return meta
+
+
+def _prompts_digest(prompts: list[Prompt], label_names: list[str] | None) -> str:
+    text = json.dumps([[p.text, p.label, p.name, p.file, p.seed, p.meta] for p in prompts] + [label_names or []])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation.
+
+
+def _model_digest(folder: Path) -> str:
+    """The model's identity: its config/tokenizer files' contents and its weight files' names and sizes."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        rel = p.relative_to(folder).as_posix()
+        if p.suffix in (".json", ".txt", ".model", ".yaml"):
+            h.update(f"{rel}\0".encode() + p.read_bytes() + b"\0")
+        else:
+            h.update(f"{rel}\0{p.stat().st_size}\0".encode())
+    return h.hexdigest()
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def model_folder(model: str | Path) -> Path:
+    folder = Path(model)
+    if not folder.is_dir() or not (folder / "model_index.json").is_file():
+        raise GenerateError(f"--model {model}: not a local diffusers pipeline folder (model_index.json missing); "
+                            "generate.py never downloads: save the pipeline with save_pretrained() first")
+    return folder
+
+
+def load_pipeline(model: str | Path, device: str = "auto", dtype: str = "auto"):
+    """A diffusers pipeline from the local folder `model` (never downloads), on `device`, progress bars off."""
+    folder = model_folder(model)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import torch
+        from diffusers import DiffusionPipeline
+    except ImportError as e:
+        raise GenerateError(f"generating needs diffusers (and transformers for text encoders): pip install diffusers "
+                            f"transformers ({e})") from None
+    device = pick_device(device)
+    if dtype == "auto":
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    try:
+        from diffusers.utils import deprecation_utils
+
+        dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"  # renamed in 0.3x
+    except ImportError:
+        dtype_key = "torch_dtype"
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **{dtype_key: torch_dtype})
+    except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, ... for a bad folder
+        raise GenerateError(f"cannot load a diffusers pipeline from {folder}: {type(e).__name__}: {e}") from None
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _encode(image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpg" and image.mode != "RGB":
+        image = image.convert("RGB")
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format=IMAGE_FORMATS[fmt], quality=quality)
+    return buf.getvalue()
+
+
+def generate(
+    out: str | Path,
+    prompts: list[Prompt],
+    model: str | Path | None = None,
+    per_prompt: int = 1,
+    *,
+    name: str | None = None,
+    label_names: list[str] | None = None,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float | None = 7.5,
+    width: int | None = None,
+    height: int | None = None,
+    negative_prompt: str | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    dtype: str = "auto",
+    pipeline=None,
+    shard_size: int = 1000,
+    image_format: str = "jpg",
+    quality: int = 95,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+    progress: bool | None = False,
+) -> GenerateResult:
+    """Generate `per_prompt` images for every prompt with the diffusers pipeline in the folder `model` (or an
+    already loaded `pipeline`, with `model` still naming it) into the shard set `out`. See the module doc."""
+    if model is None:
+        raise GenerateError("--model: give the folder of a diffusers pipeline")
+    if not prompts:
+        raise GenerateError("no prompts")
+    if per_prompt < 1 or batch_size < 1 or shard_size < 1 or steps < 1:
+        raise GenerateError("--per-prompt, --batch-size, --shard-size and --steps must be >= 1")
+    if image_format not in IMAGE_FORMATS:
+        raise GenerateError(f"--format: one of {', '.join(IMAGE_FORMATS)}")
+    name = _check_name(str(out), name)
+    folder = model_folder(model) if pipeline is None else Path(model)
+    jobs = len(prompts) * per_prompt
+    config = {
+        "generate_version": GEN_VERSION,
+        "mode": "diffusers",
+        "model": folder.name,
+        "model_sha256": _model_digest(folder) if folder.is_dir() else str(model),
+        "prompts_sha256": _prompts_digest(prompts, label_names),
+        "prompts": len(prompts),
+        "per_prompt": per_prompt,
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "width": width,
+        "height": height,
+        "negative_prompt": negative_prompt,
+        "shard_size": shard_size,
+        "format": image_format,
+        "quality": quality if image_format != "png" else None,
+    }
+    order = np.random.default_rng(seed).permutation(jobs)
+    labeled = any(p.label is not None for p in prompts)
+
+    def produce(position: int) -> Iterator[Outcome]:
+        import torch
+
+        if position >= jobs:
+            return
+        pipe = pipeline if pipeline is not None else load_pipeline(folder, device, dtype)
+        params = inspect.signature(pipe.__call__).parameters
+        if "prompt" not in params:
+            raise GenerateError(f"the pipeline in {folder} ({type(pipe).__name__}) takes no text prompt")
+        fixed = {"num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
+                 "output_type": "pil"}
+        kwargs = {k: v for k, v in fixed.items() if k in params and v is not None}
+        for q in range(position, jobs, batch_size):
+            batch = [divmod(int(j), per_prompt) for j in order[q:q + batch_size]]
+            seeds = [image_seed(seed, p, k) for p, k in batch]
+            call = dict(kwargs, prompt=[prompts[p].text for p, _ in batch],
+                        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
+            if negative_prompt is not None and "negative_prompt" in params:
+                call["negative_prompt"] = [negative_prompt] * len(batch)
+            try:
+                with torch.inference_mode():
+                    result = pipe(**call)
+            except torch.cuda.OutOfMemoryError:
+                raise GenerateError(f"out of GPU memory with --batch-size {batch_size}: lower it (finished shards "
+                                    "are kept; run again to continue)") from None
+            images = result.images if hasattr(result, "images") else result[0]
+            flags = getattr(result, "nsfw_content_detected", None) or [False] * len(images)
+            for (p, k), s, image, flagged in zip(batch, seeds, images, flags):
+                pr = prompts[p]
+                where = f"prompt {p} image {k}"
+                if flagged:
+                    yield (p, where, None, "nsfw (flagged by the pipeline's safety checker)")
+                    continue
+                data = _encode(image, image_format, quality)
+                meta = {"source": SOURCE, "prompt": pr.text, "seed": s, "prompt_index": p, "image_index": k,
+                        "model": folder.name, "steps": steps, "width": image.width, "height": image.height,
+                        **_label_fields(pr, label_names)}
+                if guidance is not None and "guidance_scale" in kwargs:
+                    meta["guidance"] = guidance
+                if negative_prompt is not None:
+                    meta["negative_prompt"] = negative_prompt
+                for key, value in pr.extra().items():
+                    meta.setdefault(key, value)
+                fields = {image_format: data}
+                if pr.label is not None:
+                    fields["cls"] = str(pr.label).encode()
+                fields["json"] = json.dumps(meta, sort_keys=True).encode()
+                yield (p, where, fields)
+
+    def index_meta() -> dict:
+        return {"source": SOURCE, "seed": seed, "fields": ["image", "json", *(["cls"] if labeled else [])],
+                "labels": {"column": "class" if labeled else None, "names": list(label_names or [])},
+                "rows": jobs}
+
+    return _write_set(str(out), name, config, jobs, produce, shard_size, index_meta, overwrite, progress,
+                      f"generating {name}", storage_options=storage_options)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ingestion of images generated elsewhere.
+
+
+def ingest(
+    folder: str | Path,
+    prompts_file: str | Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    seed: int = 0,
+    shard_size: int = 1000,
+    max_pixels: int = MAX_PIXELS,
+    max_error_rate: float = 0.05,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+    progress: bool | None = False,
+) -> GenerateResult:
+    """Pack the images under `folder` listed in `prompts_file` (file, prompt, class, seed) as a generated set."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GenerateError(f"--from-folder {folder}: not a folder")
+    if shard_size < 1:
+        raise GenerateError("--shard-size must be >= 1")
+    if not 0 <= max_error_rate <= 1:
+        raise GenerateError("--max-error-rate must be in 0..1")
+    name = _check_name(str(out), name)
+    prompts, label_names = read_prompts(prompts_file, need_file=True)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    config = {
+        "generate_version": GEN_VERSION,
+        "mode": "ingest",
+        "prompts_sha256": _prompts_digest(prompts, label_names),
+        "files_sha256": hashlib.sha256("\0".join(f"{f}:{(folder / f).stat().st_size}" for f in files).encode())
+        .hexdigest(),
+        "seed": seed,
+        "shard_size": shard_size,
+        "max_pixels": max_pixels,
+    }
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    labeled = any(p.label is not None for p in prompts)
+
+    def produce(position: int) -> Iterator[Outcome]:
+        for q in range(position, len(prompts)):
+            pr = prompts[int(order[q])]
+            path = Path(pr.file) if os.path.isabs(pr.file) else folder / pr.file
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                yield (pr.row, pr.file, None, "missing file")
+                continue
+            except OSError as e:
+                yield (pr.row, pr.file, None, f"unreadable file ({e.strerror or e})")
+                continue
+            try:
+                c = check_image(data, max_pixels)
+            except ImageError as e:
+                yield (pr.row, pr.file, None, str(e))
+                continue
+            meta = {"source": SOURCE, "prompt": pr.text, "file": pr.file, "row": pr.row, "width": c.width,
+                    "height": c.height, **_label_fields(pr, label_names)}
+            if pr.seed is not None:
+                meta["seed"] = pr.seed
+            for key, value in pr.extra().items():
+                meta.setdefault(key, value)
+            fields = {c.ext: c.data}
+            if pr.label is not None:
+                fields["cls"] = str(pr.label).encode()
+            fields["json"] = json.dumps(meta, sort_keys=True).encode()
+            yield (pr.row, pr.file, fields)
+
+    def index_meta() -> dict:
+        return {"source": SOURCE, "seed": seed, "fields": ["image", "json", *(["cls"] if labeled else [])],
+                "labels": {"column": "class" if labeled else None, "names": label_names},
+                "rows": len(prompts), "from_folder": str(folder), "prompts_file": str(prompts_file)}
+
+    return _write_set(str(out), name, config, len(prompts), produce, shard_size, index_meta, overwrite, progress,
+                      f"ingesting {name}", max_error_rate, storage_options)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder of the shard set, or an fsspec URL")
+    p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
+    src = p.add_argument_group("prompts")
+    src.add_argument("--classes", help="comma-separated class names (label k = the k-th name)")
+    src.add_argument("--classes-file", help="class names, one a line (label k = line k)")
+    src.add_argument("--template", action="append", help=f"prompt template with {{name}}, repeatable (default "
+                                                         f"{DEFAULT_TEMPLATE!r})")
+    src.add_argument("--prompts", help="prompts file (.txt, .csv, .tsv, .jsonl, .parquet): prompt[, class][, file, "
+                                       "seed]")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--model", help="local folder of a diffusers pipeline (never downloaded)")
+    gen.add_argument("--per-prompt", type=_positive, default=1, help="images per prompt (default 1)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the per-image seeds and of the shuffle (default 0)")
+    gen.add_argument("--steps", type=_positive, default=30, help="inference steps (default 30)")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("--size", type=_positive, help="image width and height (default: the model's)")
+    gen.add_argument("--width", type=_positive)
+    gen.add_argument("--height", type=_positive)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--batch-size", type=_positive, default=4, help="images per pipeline call (default 4)")
+    gen.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    gen.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                     help="auto: fp16 on GPU, fp32 on CPU")
+    gen.add_argument("--format", choices=tuple(IMAGE_FORMATS), default="jpg", help="image encoding (default jpg)")
+    gen.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    ing = p.add_argument_group("ingestion")
+    ing.add_argument("--from-folder", help="ingest the images in this folder listed in --prompts (file column)")
+    ing.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows")
+    p.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier set in --out and start over")
+    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.from_folder:
+        if not a.prompts:
+            p.error("--from-folder needs --prompts FILE (file, prompt[, class, seed])")
+        if a.model or a.classes or a.classes_file or a.template:
+            p.error("--from-folder takes --prompts only (no --model, --classes, --classes-file or --template)")
+        r = ingest(a.from_folder, a.prompts, a.out, name=a.name, seed=a.seed, shard_size=a.shard_size,
+                   max_error_rate=a.max_error_rate, overwrite=a.overwrite, storage_options=a.storage_options,
+                   progress=a.progress)
+        print(r.summary(a.out))
+        return 0
+    if not a.model:
+        p.error("give --model PATH (a local diffusers pipeline folder), or --from-folder DIR to ingest images")
+    sources = [bool(a.prompts), bool(a.classes or a.classes_file)]
+    if sum(sources) != 1 or (a.classes and a.classes_file):
+        p.error("give one of --prompts FILE, --classes NAMES or --classes-file FILE")
+    if a.template and a.prompts:
+        p.error("--template goes with --classes/--classes-file, not --prompts")
+    if a.prompts:
+        prompts, names = read_prompts(a.prompts)
+    else:
+        names = read_class_names(a.classes_file) if a.classes_file else [n.strip() for n in a.classes.split(",")
+                                                                          if n.strip()]
+        prompts = prompts_from_classes(names, a.template)
+    width = a.width or a.size
+    height = a.height or a.size
+    r = generate(a.out, prompts, a.model, a.per_prompt, name=a.name, label_names=names, seed=a.seed, steps=a.steps,
+                 guidance=a.guidance, width=width, height=height, negative_prompt=a.negative_prompt,
+                 batch_size=a.batch_size, device=a.device, dtype=a.dtype, shard_size=a.shard_size,
+                 image_format=a.format, quality=a.quality, overwrite=a.overwrite, storage_options=a.storage_options,
+                 progress=a.progress)
+    print(r.summary(a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
