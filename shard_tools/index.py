@@ -62,6 +62,30 @@ def _successes(output: Output, stem: str) -> int | None:
         return None
 
 
+def _headers_agree(output: Output, tar: str, samples: list) -> bool:
+    """Whether an existing `.idx` still describes `tar`: the tar headers in front of the first and last
+    samples' first members carry the sizes the `.idx` gives. A shard rewritten with the same number of
+    samples (a re-run of img2dataset) fails this, and is scanned again instead of trusted."""
+    if not samples:
+        return False
+    try:
+        with output.open_read(tar) as f:
+            for members in (samples[0], samples[-1]):
+                _, offset, size, name = members[0]
+                f.seek(offset - 512)
+                header = f.read(512)
+                if len(header) != 512 or header[257:262] != b"ustar":
+                    return False
+                if int(header[124:136].rstrip(b"\0 ").decode() or "0", 8) != size:
+                    return False
+                short = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+                if len(name) <= 100 and short != name:
+                    return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def index_shard(output: Output, tar: str, checksum: bool = True) -> Indexed:
     stem = tar[: -len(".tar")]
     where = output.location(tar)
@@ -75,7 +99,7 @@ def index_shard(output: Output, tar: str, checksum: bool = True) -> Indexed:
                 reused = parse_idx(old.decode(), output.location(idx_name(tar)))
             except (ValueError, UnicodeDecodeError):
                 reused = None
-            if reused is not None and len(reused) == successes:
+            if reused is not None and len(reused) == successes and _headers_agree(output, tar, reused):
                 samples, how = reused, "stats+idx"
         if samples is not None and checksum:  # .idx reused: only the checksum (and size) are needed
             with output.open_read(tar) as f:

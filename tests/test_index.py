@@ -93,3 +93,16 @@ def test_truncated_and_empty_tars(tmp_path, capsys):
         index_folder(str(tmp_path))
     with pytest.raises(SystemExit, match="no such folder"):
         index_folder(str(tmp_path / "nope"))
+
+
+def test_a_stale_idx_with_the_right_count_is_not_trusted(laion):
+    """img2dataset re-run: same number of successes, different bytes. The old .idx must not be reused."""
+    folder, _ = laion
+    index_folder(str(folder))
+    stale = (folder / "00000.idx").read_text()
+    rewritten = img2dataset_shard(folder, "00000", ["000000010", "000000011", "000000012", "000000013"], seed=9)
+    assert (folder / "00000.idx").read_text() == stale  # still the old one, with the same sample count
+    index = index_folder(str(folder))
+    assert index["indexed"]["scanned"] == 2 and index["indexed"]["reused_idx"] == 1
+    got = ShardReader((load_shard_set(str(folder)),)).read(Slice(0, 0, 0, 4))
+    assert [(g["__key__"], g["jpg"]) for g in got] == [(k, f["jpg"]) for k, f in rewritten]
