@@ -52,6 +52,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from shard_tools.errors import ShardSetTotals, ToolError
 from shard_tools.index import index_shard, natural_key
 from shard_tools.manifest import FORMATS, read_manifest
 from shard_tools.shardset import format_idx
@@ -72,16 +73,12 @@ MANAGED = {"url_list", "output_folder", "output_format", "input_format", "url_co
            "enable_wandb", "processes_count", "thread_count", "distributor"}
 
 
-class CrawlError(SystemExit):
-    """The crawl failed as a whole. A SystemExit: the CLI exits 1 with this one-line message."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-        self.message = message
+class CrawlError(ToolError):
+    """The crawl failed as a whole."""
 
 
 @dataclass
-class CrawlResult:
+class CrawlResult(ShardSetTotals):
     index: dict
     rows: int = 0  # manifest rows, malformed ones included
     downloaded: int = 0  # samples in the shard set
@@ -91,14 +88,6 @@ class CrawlResult:
     resumed_shards: int = 0  # shards finished by an earlier run
     incomplete: list[str] = field(default_factory=list)  # shards img2dataset did not finish
     already_complete: bool = False
-
-    @property
-    def shards(self) -> int:
-        return len(self.index.get("shards", []))
-
-    @property
-    def bytes(self) -> int:
-        return sum(s["bytes"] for s in self.index.get("shards", []))
 
     def summary(self, out: str = "") -> str:
         failed = ", ".join(f"{k}: {v}" for k, v in sorted(self.failed.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from shard_tools.errors import ShardSetTotals, ToolError
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import label_ids
 from shard_tools.shardset import ShardInfo, idx_name, shard_name
@@ -76,12 +77,8 @@ FILE_COLUMNS = ("file", "path", "image", "file_name", "filename")
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
-class GenerateError(SystemExit):
-    """Generation or ingestion failed as a whole. A SystemExit: the CLI exits 1 with this one-line message."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-        self.message = message
+class GenerateError(ToolError):
+    """Generation or ingestion failed as a whole."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ class Prompt:
 
 
 @dataclass
-class GenerateResult:
+class GenerateResult(ShardSetTotals):
     index: dict
     jobs: int = 0  # images asked for (generation) or rows (ingestion)
     written: int = 0  # samples in the shard set
@@ -109,14 +106,6 @@ class GenerateResult:
     seconds: float = 0.0
     resumed_shards: int = 0
     already_complete: bool = False
-
-    @property
-    def shards(self) -> int:
-        return len(self.index.get("shards", []))
-
-    @property
-    def bytes(self) -> int:
-        return sum(s["bytes"] for s in self.index.get("shards", []))
 
     def summary(self, out: str = "") -> str:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"

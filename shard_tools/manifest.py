@@ -38,6 +38,7 @@ from urllib.parse import unquote_plus
 
 import fsspec
 
+from shard_tools.errors import ToolError
 from shard_tools.storage import is_url, options_for, parent, protocol_of, resolve
 
 PATH_COLUMNS = ("path", "image_path", "filepath", "file", "url", "image", "image_url", "filename", "file_name")
@@ -58,12 +59,8 @@ YFCC_DEFAULT_TEMPLATE = "{id}.jpg"
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
 
 
-class ManifestError(SystemExit):
-    """The manifest cannot be used at all. A SystemExit: the CLI exits 1 with this one-line message."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-        self.message = message
+class ManifestError(ToolError):
+    """The manifest cannot be used at all."""
 
 
 class Row(NamedTuple):

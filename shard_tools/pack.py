@@ -47,6 +47,7 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
+from shard_tools.errors import ShardSetTotals, ToolError
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest
 from shard_tools.shardset import ShardInfo, idx_name, shard_name
@@ -61,16 +62,12 @@ KILL_ENV = "SHARD_TOOLS_TEST_KILL_AFTER_SHARDS"  # tests: SIGKILL ourselves mid-
 NOT_ERRORS = ("duplicate",)  # skipped on purpose: listed, but not counted against --max-error-rate
 
 
-class PackError(SystemExit):
-    """Packing failed as a whole. A SystemExit: the CLI exits 1 with this one-line message."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
-        self.message = message
+class PackError(ToolError):
+    """Packing failed as a whole."""
 
 
 @dataclass
-class PackResult:
+class PackResult(ShardSetTotals):
     index: dict
     packed: int
     skipped: dict[str, int] = field(default_factory=dict)
@@ -81,14 +78,6 @@ class PackResult:
     filtered: dict[str, int] = field(default_factory=dict)
     resumed_shards: int = 0
     already_complete: bool = False
-
-    @property
-    def shards(self) -> int:
-        return len(self.index.get("shards", []))
-
-    @property
-    def bytes(self) -> int:
-        return sum(s["bytes"] for s in self.index.get("shards", []))
 
     def summary(self, out: str = "") -> str:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.augment import ViewSpec, byol_views
 from stream_ssl.distributed import all_reduce_sum, sum_with_local_grad, world
-from stream_ssl.methods.base import SSLMethod, byol_views, encode_views, fp32_loss, register
+from stream_ssl.methods.base import SSLMethod, encode_views, fp32_loss, register
 from stream_ssl.models.heads import mlp
 
 

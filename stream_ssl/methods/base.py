@@ -136,16 +136,6 @@ def local_crop_size(image_size: int, backbone: nn.Module | None = None) -> int:
     return size
 
 
-def byol_views(image_size: int, blur: bool | None = None, min_scale: float = 0.08) -> list[ViewSpec]:
-    """The BYOL augmentation pair (also MoCo v3, Barlow Twins, VICReg): jitter (0.4, 0.4, 0.2, 0.1) p=0.8,
-    gray 0.2; view 1 always blurred, never solarized; view 2 blurred 10%, solarized 20%. Blur is dropped
-    below 96 px unless asked (CIFAR-style recipes)."""
-    blur = image_size >= 96 if blur is None else blur
-    common = dict(size=image_size, scale=(min_scale, 1.0), brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-    return [ViewSpec(**common, blur_p=1.0 if blur else 0.0, solarize_p=0.0),
-            ViewSpec(**common, blur_p=0.1 if blur else 0.0, solarize_p=0.2)]
-
-
 class SSLMethod(nn.Module):
     name: ClassVar[str] = ""
     needs_batch_stats: ClassVar[bool] = True  # the loss uses statistics over the batch: a batch of 1 is an error

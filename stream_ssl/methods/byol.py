@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.augment import ViewSpec, byol_views
 from stream_ssl.methods.base import (
     SSLMethod,
-    byol_views,
     ema_update,
     encode_views,
     fp32_loss,

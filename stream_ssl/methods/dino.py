@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.augment import ViewSpec, dino_views
 from stream_ssl.distributed import all_reduce_sum, world
 from stream_ssl.methods.base import (
     SSLMethod,
@@ -88,13 +88,8 @@ class DINO(SSLMethod):
         self.blur = blur
 
     def views(self, image_size: int) -> list[ViewSpec]:
-        blur = image_size >= 96 if self.blur is None else self.blur
-        common = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
         local = self.local_size or local_crop_size(image_size, self.backbone)
-        return [ViewSpec(size=image_size, scale=self.global_scale, blur_p=1.0 if blur else 0.0, **common),
-                ViewSpec(size=image_size, scale=self.global_scale, blur_p=0.1 if blur else 0.0, solarize_p=0.2,
-                         **common)] + \
-            [ViewSpec(size=local, scale=self.local_scale, blur_p=0.5 if blur else 0.0, **common)] * self.local_crops
+        return dino_views(image_size, local, self.local_crops, self.global_scale, self.local_scale, self.blur)
 
     def teacher_temp_at(self, step: int, total_steps: int) -> float:
         start, end, fraction = self.teacher_temps

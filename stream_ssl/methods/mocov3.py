@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.augment import ViewSpec, byol_views
 from stream_ssl.distributed import all_gather_nograd, world
 from stream_ssl.methods.base import (
     SSLMethod,
-    byol_views,
     ema_update,
     encode_views,
     fp32_loss,

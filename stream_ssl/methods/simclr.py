@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.augment import ViewSpec, simclr_views
 from stream_ssl.distributed import gather_with_grad, world
 from stream_ssl.methods.base import SSLMethod, encode_views, fp32_loss, register
 from stream_ssl.models.heads import mlp
@@ -52,13 +52,8 @@ class SimCLR(SSLMethod):
         self.color_strength = color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
-        # SimCLR blurs at ImageNet resolution only; on small images blur destroys the signal (CIFAR recipe).
-        large = image_size >= 96
-        blur = self.blur if self.blur is not None else large
-        s = self.color_strength if self.color_strength is not None else (1.0 if large else 0.5)
-        spec = ViewSpec(size=image_size, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s,
-                        blur_p=0.5 if blur else 0.0)
-        return [spec, spec]
+        # Blur and full colour strength from 96 px up only: on small images they destroy the signal (CIFAR recipe).
+        return simclr_views(image_size, self.blur, self.color_strength)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z1, z2 = encode_views(lambda x: self.projector(self.backbone(x)), views[:2])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.augment import ViewSpec, swav_views
 from stream_ssl.distributed import all_reduce_sum, world
 from stream_ssl.methods.base import SSLMethod, encode_views, fp32_loss, local_crop_size, register
 from stream_ssl.models.heads import mlp
@@ -84,11 +84,8 @@ class SwAV(SSLMethod):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def views(self, image_size: int) -> list[ViewSpec]:
-        blur = image_size >= 96 if self.blur is None else self.blur
-        common = dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.5 if blur else 0.0)
         local = self.local_size or local_crop_size(image_size, self.backbone)
-        return ([ViewSpec(size=image_size, scale=self.global_scale, **common)] * 2
-                + [ViewSpec(size=local, scale=self.local_scale, **common)] * self.local_crops)
+        return swav_views(image_size, local, self.local_crops, self.global_scale, self.local_scale, self.blur)
 
     def set_step(self, step: int, total_steps: int) -> dict[str, float]:
         self.step, self.total_steps = step, total_steps

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.augment import ViewSpec, byol_views
 from stream_ssl.distributed import gather_with_grad, world
-from stream_ssl.methods.base import SSLMethod, byol_views, encode_views, fp32_loss, register
+from stream_ssl.methods.base import SSLMethod, encode_views, fp32_loss, register
 from stream_ssl.models.heads import mlp
 
 
