@@ -32,4 +32,4 @@ test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf demo_out .pytest_cache .ruff_cache
+	rm -rf demo_out sweeps bench_out .pytest_cache .ruff_cache

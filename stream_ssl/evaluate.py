@@ -1,13 +1,43 @@
-"""Evaluate a pretrained backbone on labeled shard sets.
+"""Evaluate a pretrained backbone on labeled shard sets: kNN, linear probe, and distribution distance.
 
-    python -m stream_ssl.evaluate --checkpoint runs/simclr --train shards/down_train --test shards/down_test --knn
+    python -m stream_ssl.evaluate --checkpoint runs/simclr --train shards/down_train --test shards/down_test \
+        --knn --linear --distance --out runs/simclr/eval_down.json
+
+Features are the frozen backbone's pooled outputs on one center view per image (resize the shorter side,
+center crop to the run's image size), read straight from the shard sets (local, s3://, http(s)://).
+
+- kNN (`--knn`, also the default when nothing else is asked): L2-normalized features, cosine similarity, the k
+  nearest training samples vote for their class with weight exp(sim / T); reported at k=20, T=0.07 (DINO) and
+  k=200, T=0.1 (the CIFAR-style setting).
+- Linear probe (`--linear`): multinomial logistic regression (L-BFGS) on standardized features (mean and
+  scale from the training set). The inverse regularization C is chosen from a grid on a stratified 20%
+  held-out split of `--train`, then the probe is refitted on all of `--train` and scored on `--test`: top-1,
+  and top-5 when there are at least 10 classes.
+- Distribution distance (`--distance [POOL ...]`): Frechet distance |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)
+  between the features (same encoder) of the pretraining pool and of the downstream set, the study's proxy for
+  how far the downstream data is from what the model was trained on. Without arguments the pool is the run's
+  own pool of N unique samples, rebuilt from its config.json by the plan (same data, N, mix and seed), or with
+  `--distance-of source` the whole data that pool is drawn from (the largest pool its data and mix allow; the
+  sweep uses this, so runs with different N are compared on the same samples); with shard sets as arguments,
+  the pool is those sets. The downstream set is `--train`. Both sides use the same
+  number of samples m = min(--distance-samples, pool size, downstream size), because the estimate depends on
+  the sample count (it is biased upwards for small m): compare distances computed with the same m. The m pool
+  samples are spread over the pool's shard slices in proportion to their sizes (a prefix of each slice, which
+  is a uniform random subset because packing shuffles), the m downstream samples are a seeded random subset.
+
+Output: JSON on stdout (`--markdown` prints the table instead); `--out FILE.json` writes the JSON and a
+markdown table next to it (`FILE.md`). A progress bar on stderr follows feature extraction.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,90 +52,434 @@ from stream_ssl.data.plan import Slice
 from stream_ssl.data.reader import ShardReader
 from stream_ssl.models.backbone import create_backbone
 
+KNN_SETTINGS = ((20, 0.07), (200, 0.1))  # (k, temperature)
+LINEAR_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, chosen on the held-out split
+DISTANCE_SAMPLES = 5000
+
 
 def load_backbone(run: Path) -> tuple[torch.nn.Module, dict]:
-    cfg = json.loads((Path(run) / "config.json").read_text())
-    model, _ = create_backbone(cfg["backbone"], cfg["image_size"])
-    model.load_state_dict(load_file(str(Path(run) / "backbone.safetensors")))
+    """The exported backbone of a run folder (config.json + backbone.safetensors, as train.py writes them)."""
+    run = Path(run)
+    cfg_path, weights = run / "config.json", run / "backbone.safetensors"
+    for p in (cfg_path, weights):
+        if not p.exists():
+            raise FileNotFoundError(f"{run}: not a finished run ({p.name} is missing)")
+    cfg = json.loads(cfg_path.read_text())
+    model, _ = create_backbone(cfg["backbone"], cfg["image_size"], **(cfg.get("backbone_options") or {}))
+    model.load_state_dict(load_file(str(weights)))
     return model.eval(), cfg
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Features.
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+
+
+def _decode_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 1) - 1))
+
+
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, shard_set: ShardSet, image_size: int, batch_size: int = 256,
-                     device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of every sample of a shard set (center view, no augmentation)."""
-    reader = ShardReader((shard_set,))
-    feats, labels = [], []
-    pending_x, pending_y = [], []
+def features_of_slices(model: torch.nn.Module, sets: Sequence[ShardSet], pieces: Sequence[Slice], image_size: int,
+                       batch_size: int = 256, device: str = "cpu", progress: bool | str = False,
+                       require_labels: bool = True, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (float32, CPU) and labels (-1 where a sample has none) of the samples in `pieces`, in order.
+
+    Images are decoded by `workers` threads (default: the CPU count - 1, at most 8; PIL releases the GIL)."""
+    reader = ShardReader(tuple(sets))
+    total = sum(len(p) for p in pieces)
+    bar = _progress(total, progress if isinstance(progress, str) else "features", bool(progress))
+    workers = _decode_workers() if workers is None else max(1, workers)
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    feats, labels, pending = [], [], []
+
+    def view(data: bytes) -> np.ndarray:
+        return center_view(decode_rgb(data, image_size), image_size)
 
     def flush():
-        x = normalize(to_chw(pending_x).to(device).float() / 255.0)
+        images = list(pool.map(view, [d for d, _ in pending]) if pool else map(view, [d for d, _ in pending]))
+        x = normalize(to_chw(images).to(device).float() / 255.0)
         feats.append(model(x).float().cpu())
-        labels.extend(pending_y)
-        pending_x.clear()
-        pending_y.clear()
+        labels.extend(y for _, y in pending)
+        if bar is not None:
+            bar.update(len(pending))
+        pending.clear()
 
-    for shard, info in enumerate(shard_set.shards):
-        for s in reader.read(Slice(0, shard, 0, info.samples)):
-            pending_x.append(center_view(decode_rgb(image_bytes(s), image_size), image_size))
-            pending_y.append(sample_label(s))
-            if len(pending_x) == batch_size:
-                flush()
-    if pending_x:
-        flush()
+    try:
+        for piece in pieces:
+            if len(piece) == 0:
+                continue
+            for s in reader.read(piece):
+                pending.append((image_bytes(s), sample_label(s)))
+                if len(pending) == batch_size:
+                    flush()
+        if pending:
+            flush()
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.shutdown()
     y = torch.tensor(labels, dtype=torch.int64)
-    if (y < 0).any():
-        raise ValueError(f"{shard_set.url}: {(y < 0).sum().item()} samples have no label (.cls)")
+    if require_labels and (y < 0).any():
+        names = ", ".join(sorted({sets[p.source].url for p in pieces}))
+        raise ValueError(f"{names}: {(y < 0).sum().item()} samples have no label (.cls)")
+    if not feats:
+        return torch.zeros(0, 0), y
     return torch.cat(feats), y
+
+
+def extract_features(model: torch.nn.Module, shard_set: ShardSet, image_size: int, batch_size: int = 256,
+                     device: str = "cpu", progress: bool | str = False, limit: int | None = None,
+                     require_labels: bool = True, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of every sample of a shard set (or its first `limit` samples), center view."""
+    pieces, left = [], shard_set.num_samples if limit is None else min(limit, shard_set.num_samples)
+    for i, info in enumerate(shard_set.shards):
+        if left <= 0:
+            break
+        take = min(info.samples, left)
+        pieces.append(Slice(0, i, 0, take))
+        left -= take
+    return features_of_slices(model, (shard_set,), pieces, image_size, batch_size, device, progress, require_labels,
+                              workers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kNN and linear probe.
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
     """Weighted kNN on cosine similarity: each of the k nearest votes exp(sim / T) for its class."""
-    train_x = F.normalize(train_x, dim=1)
-    test_x = F.normalize(test_x, dim=1)
+    dev = train_x.device  # runs where the features are (the evaluation moves them to the GPU when it has one)
+    train_x = F.normalize(train_x.float(), dim=1)
+    test_x = F.normalize(test_x.float().to(dev), dim=1)
+    train_y, test_y = train_y.to(dev), test_y.to(dev)
     classes = int(max(train_y.max(), test_y.max())) + 1
     k = min(k, len(train_x))
+    chunk = max(1, min(chunk, (1 << 28) // max(1, len(train_x))))  # similarity blocks of at most 1 GiB
     correct = 0
     for i in range(0, len(test_x), chunk):
         sim = test_x[i:i + chunk] @ train_x.T
         top, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(top), classes)
+        votes = torch.zeros(len(top), classes, device=dev)
         votes.scatter_add_(1, train_y[idx], (top / temperature).exp())
         correct += (votes.argmax(1) == test_y[i:i + chunk]).sum().item()
     return correct / len(test_x)
 
 
-def evaluate(run: Path, train: str, test: str, knn: bool = True) -> dict:
+def _standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    mean = train.mean(0)
+    scale = train.std(0)
+    scale[scale < 1e-8] = 1.0
+    return [(a - mean) / scale for a in (train, *others)]
+
+
+def _topk(proba: np.ndarray, classes: np.ndarray, y: np.ndarray, k: int) -> float:
+    top = classes[np.argsort(-proba, axis=1)[:, :k]]
+    return float((top == y[:, None]).any(1).mean())
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=c, max_iter=max_iter, tol=1e-4)  # lbfgs: multinomial for > 2 classes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(x, y)
+    return clf
+
+
+def linear_probe(train_x: torch.Tensor | np.ndarray, train_y: torch.Tensor | np.ndarray,
+                 test_x: torch.Tensor | np.ndarray, test_y: torch.Tensor | np.ndarray,
+                 c_grid: Sequence[float] = LINEAR_C_GRID, val_fraction: float = 0.2, seed: int = 0,
+                 max_iter: int = 500) -> dict:
+    """Multinomial logistic regression on standardized frozen features.
+
+    C (inverse L2 strength) is picked from `c_grid` by top-1 on a stratified `val_fraction` split of the
+    training set (standardized with the fitting part's statistics); the probe is then refitted with that C on
+    the whole training set. Returns top-1 (and top-5 with >= 10 classes) on the test set, the chosen C and the
+    held-out accuracy of every C."""
+    from sklearn.model_selection import train_test_split
+
+    xtr, ytr = np.asarray(train_x, dtype=np.float64), np.asarray(train_y)
+    xte, yte = np.asarray(test_x, dtype=np.float64), np.asarray(test_y)
+    classes = np.unique(ytr)
+    if len(classes) < 2:
+        raise ValueError("the linear probe needs at least 2 classes in the training set")
+    counts = np.bincount(np.searchsorted(classes, ytr))
+    stratify = ytr if counts.min() >= 2 else None
+    n_val = max(len(classes), int(round(val_fraction * len(ytr))))
+    fit_i, val_i = train_test_split(np.arange(len(ytr)), test_size=n_val, random_state=seed, stratify=stratify)
+    a, b = _standardize(xtr[fit_i], xtr[val_i])
+    scores = {}
+    for c in c_grid:
+        clf = _fit_logistic(a, ytr[fit_i], c, max_iter)
+        scores[c] = float((clf.predict(b) == ytr[val_i]).mean())
+    best = max(c_grid, key=lambda c: (scores[c], -c))  # ties: the stronger regularization
+    a, b = _standardize(xtr, xte)
+    clf = _fit_logistic(a, ytr, best, max_iter)
+    proba = clf.predict_proba(b)
+    out = {"top1": _topk(proba, clf.classes_, yte, 1), "C": best, "val_top1": scores[best],
+           "val_top1_by_C": {f"{c:g}": s for c, s in scores.items()}}
+    if len(classes) >= 10:
+        out["top5"] = _topk(proba, clf.classes_, yte, 5)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frechet distance.
+
+
+def feature_stats(x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of the rows of `x`, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError("need a 2-D array with at least 2 rows")
+    return x.mean(0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) for covariance matrices S1, S2 (symmetric PSD).
+
+    Tr((S1 S2)^1/2) is the sum of the square roots of the eigenvalues of S1 S2, which are those of the symmetric
+    PSD matrix S1^1/2 S2 S1^1/2: computed with symmetric eigendecompositions only (no complex sqrtm residue)."""
+    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(s1, dtype=np.float64)), np.atleast_2d(np.asarray(s2, dtype=np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: means {mu1.shape}, {mu2.shape}; covariances {s1.shape}, {s2.shape}")
+    r = _psd_sqrt(s1)
+    m = r @ s2 @ r
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+    return max(d, 0.0)
+
+
+def frechet_distance(x1: torch.Tensor | np.ndarray, x2: torch.Tensor | np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (rows are samples)."""
+    return frechet_from_stats(*feature_stats(x1), *feature_stats(x2))
+
+
+def spread(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split `total` over parts of the given sizes in proportion to them (largest remainder), capped at sizes."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = int(min(total, sizes.sum()))
+    if total <= 0 or len(sizes) == 0:
+        return [0] * len(sizes)
+    exact = sizes * (total / sizes.sum())
+    take = np.minimum(np.floor(exact).astype(np.int64), sizes)
+    order = np.argsort(-(exact - take), kind="stable")
+    for i in order:
+        if take.sum() >= total:
+            break
+        if take[i] < sizes[i]:
+            take[i] += 1
+    return [int(t) for t in take]
+
+
+def run_pool(cfg: dict, whole_source: bool = False) -> tuple[tuple[ShardSet, ...], list[Slice], str]:
+    """The pool of unique samples a run trained on (its shard slices), rebuilt from the run's config by the plan.
+
+    `whole_source`: instead, the largest pool the run's data and mix allow (every sample when there is no mix),
+    i.e. the distribution the run's N samples were drawn from; pools are nested, so it contains the run's pool."""
+    from stream_ssl.data.plan import make_plan
+
+    sets = tuple(load_shard_set(u) for u in str(cfg["data"]).split(",") if u)
+    seed, mix = int(cfg.get("seed", 0)), cfg.get("mix")
+
+    def plan_for(n):
+        return make_plan(sets, n, 1, mix, world_size=1, num_workers=0, batch_size=1, seed=seed)
+
+    if whole_source:
+        lo, hi = 1, sum(s.num_samples for s in sets)  # the largest N the mix can fill: plan_for(N) succeeds
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            try:
+                plan_for(mid)
+                lo = mid
+            except ValueError:
+                hi = mid - 1
+        plan = plan_for(lo)
+        desc = f"run source: {plan.unique_samples} samples of {', '.join(s.url for s in sets)}"
+    else:
+        plan = plan_for(cfg.get("unique_samples", "1.0"))
+        desc = f"run pool: {plan.unique_samples} unique samples of {', '.join(s.url for s in sets)}"
+    pieces = [Slice(int(s), int(h), 0, int(e)) for s, h, e in zip(plan.unit_source, plan.unit_shard, plan.unit_stop)]
+    return sets, pieces, desc
+
+
+def sets_pool(urls: Sequence[str]) -> tuple[tuple[ShardSet, ...], list[Slice], str]:
+    """Every sample of the given shard sets, as a pool."""
+    sets = tuple(load_shard_set(u) for u in urls)
+    pieces = [Slice(i, j, 0, info.samples) for i, s in enumerate(sets) for j, info in enumerate(s.shards)]
+    return sets, pieces, f"shard sets: {', '.join(s.url for s in sets)}"
+
+
+def sample_pieces(pieces: Sequence[Slice], m: int) -> list[Slice]:
+    """m samples of a pool, spread over its slices in proportion to their sizes (a prefix of each slice)."""
+    take = spread(m, [len(p) for p in pieces])
+    return [Slice(p.source, p.shard, p.start, p.start + t) for p, t in zip(pieces, take) if t > 0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The evaluation of one run.
+
+
+def _resolve_device(device: str | None) -> str:
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_sets(run: Path, downstream: Sequence[tuple[str, str]], knn: bool = True, linear: bool = False,
+                  distance: bool | str | Sequence[str] = False, distance_samples: int = DISTANCE_SAMPLES,
+                  batch_size: int = 256, device: str | None = None, progress: bool = False,
+                  seed: int = 0) -> list[dict]:
+    """Evaluate one run on several (train, test) downstream pairs; the model and pool features load once.
+
+    `distance`: False (none), True or "pool" (the run's own pool of N samples), "source" (the whole data the
+    run's pool is drawn from, see `run_pool`), or a list of shard-set URLs (those sets)."""
+    t0 = time.perf_counter()
+    device = _resolve_device(device)
     model, cfg = load_backbone(run)
-    size = cfg["image_size"]
-    train_x, train_y = extract_features(model, load_shard_set(train), size)
-    test_x, test_y = extract_features(model, load_shard_set(test), size)
-    result = {"checkpoint": str(run), "train": train, "test": test, "train_samples": len(train_y),
-              "test_samples": len(test_y), "classes": int(np.unique(train_y.numpy()).size)}
-    if knn:
-        result["knn_top1"] = knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=0.07)
-    return result
+    model.to(device)
+    size = int(cfg["image_size"])
+    pool = None
+    if distance:
+        if distance is True or distance in ("pool", "source"):
+            sets, pieces, desc = run_pool(cfg, whole_source=distance == "source")
+        elif isinstance(distance, str):
+            raise ValueError(f"distance: expected pool, source or shard sets, got {distance!r}")
+        else:
+            sets, pieces, desc = sets_pool(list(distance))
+        pool = {"sets": sets, "pieces": pieces, "desc": desc, "size": sum(len(p) for p in pieces), "feats": None}
+
+    results = []
+    for train, test in downstream:
+        t1 = time.perf_counter()
+        train_set, test_set = load_shard_set(train), load_shard_set(test)
+        train_x, train_y = extract_features(model, train_set, size, batch_size, device,
+                                            progress=f"features {train_set.name or 'train'}" if progress else False)
+        test_x, test_y = extract_features(model, test_set, size, batch_size, device,
+                                          progress=f"features {test_set.name or 'test'}" if progress else False)
+        result = {"checkpoint": str(run), "backbone": cfg["backbone"], "image_size": size,
+                  "feature_dim": int(train_x.shape[1]), "train": train, "test": test,
+                  "train_samples": len(train_y), "test_samples": len(test_y),
+                  "classes": int(np.unique(train_y.numpy()).size)}
+        if knn:
+            result["knn"] = {}
+            bank = (train_x.to(device), train_y.to(device))
+            for k, t in KNN_SETTINGS:
+                result["knn"][f"k{k}_t{t:g}"] = knn_accuracy(*bank, test_x, test_y, k=k, temperature=t)
+            result["knn_top1"] = result["knn"][f"k{KNN_SETTINGS[0][0]}_t{KNN_SETTINGS[0][1]:g}"]
+        if linear:
+            result["linear"] = linear_probe(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(),
+                                            seed=seed)
+        if pool is not None:
+            m = min(distance_samples, pool["size"], len(train_y))
+            if m < 2:
+                raise ValueError("the distance needs at least 2 samples on each side")
+            if pool["feats"] is None or len(pool["feats"]) < m:
+                want = min(distance_samples, pool["size"])
+                pool["feats"], _ = features_of_slices(
+                    model, pool["sets"], sample_pieces(pool["pieces"], want), size, batch_size, device,
+                    progress="features pool" if progress else False, require_labels=False)
+                pool["feats"] = pool["feats"][torch.from_numpy(np.random.default_rng(seed).permutation(want))]
+            down = train_x[torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(train_x))[:m])]
+            result["distance"] = {"frechet": frechet_distance(pool["feats"][:m].numpy(), down.numpy()),
+                                  "samples": m, "pool": pool["desc"], "pool_samples": pool["size"],
+                                  "downstream": train}
+        result["seconds"] = time.perf_counter() - t1
+        results.append(result)
+    for r in results:
+        r["total_seconds"] = time.perf_counter() - t0
+    return results
+
+
+def evaluate(run: Path, train: str, test: str, knn: bool = True, linear: bool = False,
+             distance: bool | str | Sequence[str] = False, distance_samples: int = DISTANCE_SAMPLES,
+             batch_size: int = 256, device: str | None = None, progress: bool = False, seed: int = 0) -> dict:
+    """Evaluate one run on one downstream (train, test) pair; see the module docstring."""
+    return evaluate_sets(run, [(train, test)], knn=knn, linear=linear, distance=distance,
+                         distance_samples=distance_samples, batch_size=batch_size, device=device, progress=progress,
+                         seed=seed)[0]
+
+
+def markdown_table(result: dict) -> str:
+    """One evaluation as a two-column markdown table."""
+    rows = [("checkpoint", result["checkpoint"]), ("backbone", f"{result['backbone']} @ {result['image_size']} px"),
+            ("train / test", f"{result['train']} ({result['train_samples']}) / {result['test']} "
+                             f"({result['test_samples']})"),
+            ("classes", str(result["classes"]))]
+    for name, acc in result.get("knn", {}).items():
+        k, t = name[1:].split("_t")
+        rows.append((f"kNN top-1 (k={k}, T={t})", f"{acc:.4f}"))
+    if "linear" in result:
+        lin = result["linear"]
+        rows.append((f"linear top-1 (C={lin['C']:g})", f"{lin['top1']:.4f}"))
+        if "top5" in lin:
+            rows.append(("linear top-5", f"{lin['top5']:.4f}"))
+    if "distance" in result:
+        d = result["distance"]
+        rows.append((f"Frechet distance ({d['samples']} samples each)", f"{d['frechet']:.4f}"))
+        rows.append(("pool", d["pool"]))
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stream_ssl.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder written by train.py")
-    p.add_argument("--train", required=True, help="labeled shard set to fit the probe on")
+    p.add_argument("--train", required=True, help="labeled shard set to fit the probes on (the downstream set)")
     p.add_argument("--test", required=True, help="labeled shard set to score")
-    p.add_argument("--knn", action="store_true", help="kNN accuracy (k=20, T=0.07, cosine)")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--knn", action="store_true", help="kNN top-1 at k=20, T=0.07 and k=200, T=0.1 (default)")
+    p.add_argument("--linear", action="store_true", help="linear probe (logistic regression, C chosen on a split)")
+    p.add_argument("--distance", nargs="*", metavar="POOL",
+                   help="Frechet distance between pool and --train features; no value: the run's own pool")
+    p.add_argument("--distance-of", choices=("pool", "source"), default="pool",
+                   help="without POOL sets: the run's N-sample pool (default) or the whole source it was drawn from")
+    p.add_argument("--distance-samples", type=int, default=DISTANCE_SAMPLES,
+                   help=f"samples per side for the distance (default {DISTANCE_SAMPLES}, capped by both sizes)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the distance subsets")
+    p.add_argument("--markdown", action="store_true", help="print the markdown table instead of JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", type=Path, help="also write the JSON here, and the markdown table next to it (.md)")
     a = p.parse_args(argv)
+    distance: bool | str | list[str] = False if a.distance is None else (a.distance or a.distance_of)
+    knn = a.knn or not (a.linear or a.distance is not None)
     try:
-        result = evaluate(a.checkpoint, a.train, a.test, knn=a.knn or True)
+        result = evaluate(a.checkpoint, a.train, a.test, knn=knn, linear=a.linear, distance=distance,
+                          distance_samples=a.distance_samples, batch_size=a.batch_size, device=a.device,
+                          progress=not a.no_progress, seed=a.seed)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=1)
-    print(text)
+    table = markdown_table(result)
+    print(table if a.markdown else text)
     if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(text + "\n")
+        a.out.with_suffix(".md").write_text(table + "\n")
     return 0
 
 

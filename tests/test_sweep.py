@@ -1,0 +1,165 @@
+"""The diversity sweep on a tiny grid: cells train + evaluate, results.csv/md/png, re-runs skip, SLURM script."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+
+import pytest
+import yaml
+
+from launch.sweep import SweepError, compress_indices, load_sweep, main, slug, slurm_script
+from tests.conftest import PYTHON, REPO
+from tests.eval_helpers import TINY_BACKBONE, read_json
+
+TINY_TRAIN = {"backbone": TINY_BACKBONE, "image_size": 32, "batch_size": 16, "num_workers": 0, "optimizer": "sgd",
+              "lr": 0.5, "method_options": {"proj_hidden": 64, "proj_dim": 32}, "progress": False,
+              "tensorboard": False, "log_every": 1}
+
+
+@pytest.fixture(scope="module")
+def sweep_file(make_shard_set, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    pool = make_shard_set(200, shard_size=100, seed=21)
+    spec = {
+        "name": "tiny",
+        "out": str(root / "out"),
+        "budget": 64,
+        "unique": [16, "100%"],
+        "methods": ["simclr"],
+        "sources": {"gen_a": str(pool)},
+        "downstream": {"a": {"train": str(make_shard_set(200, shard_size=100, seed=22)),
+                             "test": str(make_shard_set(100, shard_size=100, seed=23))},
+                       "b": {"train": str(make_shard_set(200, shard_size=100, seed=24, domain="b")),
+                             "test": str(make_shard_set(100, shard_size=100, seed=25, domain="b"))}},
+        "seeds": [0],
+        "random_init": True,
+        "train": TINY_TRAIN,
+        "evaluate": {"distance_samples": 100},
+        "launch": {"env": {"OMP_NUM_THREADS": "1"}},
+        "slurm": {"partition": "gpu", "time": "01:00:00", "gpus": 1, "cpus": 8, "max_parallel": 4,
+                  "setup": ["source .venv/bin/activate"]},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path, root / "out"
+
+
+def _sweep(args, timeout=600):
+    return subprocess.run([PYTHON, str(REPO / "launch" / "sweep.py"), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cells_are_the_grid_and_settings_merge(sweep_file):
+    path, out = sweep_file
+    sweep = load_sweep(path)
+    assert [c.name for c in sweep.cells] == ["simclr-gen_a-N16-s0", "simclr-gen_a-N100pct-s0"]
+    cell = sweep.cells[1]
+    assert cell.settings["unique_samples"] == "100%" and cell.settings["budget_samples"] == "64"
+    assert cell.settings["backbone"] == TINY_BACKBONE and cell.run == out / "runs" / cell.name
+    assert slug("real+gen 10%") == "real_plus_gen_10pct"
+    assert compress_indices([7, 0, 1, 2, 5, 8]) == "0-2,5,7-8" and compress_indices([3]) == "3"
+
+
+def test_bad_sweeps_are_refused(sweep_file, tmp_path):
+    path, _ = sweep_file
+    spec = yaml.safe_load(path.read_text())
+    with pytest.raises(SweepError, match="unknown train.py settings"):
+        load_sweep({**spec, "train": {"batchsize": 3}})
+    with pytest.raises(SweepError, match="set by the sweep"):
+        load_sweep({**spec, "train": {"unique_samples": 3}})
+    with pytest.raises(SweepError, match="budget"):
+        load_sweep({k: v for k, v in spec.items() if k != "budget"})
+
+
+def test_dry_run_lists_cells_and_commands(sweep_file):
+    path, out = sweep_file
+    proc = _sweep([path, "--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("cell ")]
+    assert len(lines) == 2
+    assert "stream_ssl/train.py --config" in lines[0] and "simclr-gen_a-N16-s0.yaml" in lines[0]
+    assert not (out / "runs").exists()  # nothing started
+
+
+def test_sweep_runs_collects_and_skips_finished_cells(sweep_file, capsys):
+    path, out = sweep_file
+    proc = _sweep([path])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6  # 2 cells x 2 downstream sets, and the untrained backbone on both
+    base = [r for r in rows if r["method"] == "simclr: random init"]
+    assert len(base) == 2 and all(r["N"] == "0" and r["frechet"] == "" for r in base)
+    by = {(r["unique"], r["downstream"]): r for r in rows}
+    small, full = by[("16", "a")], by[("100%", "a")]
+    assert int(small["N"]) == 16 and int(full["N"]) == 200 and int(small["C"]) == 64
+    assert float(small["D"]) == pytest.approx(16 / 64) and float(small["passes"]) == pytest.approx(4.0)
+    assert float(full["D"]) == pytest.approx(200 / 64)
+    assert int(small["steps"]) == 64 // 16
+    for r in rows:
+        for key in ("knn_k20", "knn_k200", "linear_top1", "linear_top5"):
+            assert 0.0 <= float(r[key]) <= 1.0
+    cells = [r for r in rows if r not in base]
+    assert all(float(r["frechet"]) > 0 and float(r["train_seconds"]) > 0 for r in cells)
+    assert all(int(r["distance_samples"]) == 100 for r in cells)  # samples of the whole source, for every N
+    png = (out / "diversity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    table = (out / "results.md").read_text()
+    assert "| downstream | method | source | N | D |" in table and table.count("| simclr |") == 4
+    assert table.count("| simclr: random init |") == 2
+    assert table.split("\n\n", 1)[1].strip() in proc.stdout  # the table is printed too
+
+    stamps = {c: (out / "runs" / c / "summary.json").stat().st_mtime_ns
+              for c in ("simclr-gen_a-N16-s0", "simclr-gen_a-N100pct-s0")}
+    capsys.readouterr()
+    assert main([str(path)]) == 0  # in this process from here on: nothing is trained any more
+    again = capsys.readouterr().out
+    assert again.count("finished, skipped") == 2 and "training" not in again
+    assert stamps == {c: (out / "runs" / c / "summary.json").stat().st_mtime_ns for c in stamps}
+
+    # a changed evaluation setting re-evaluates without retraining (here through the one-cell-per-GPU path)
+    spec = yaml.safe_load(path.read_text())
+    spec["evaluate"]["linear"] = False
+    path2 = path.with_name("tiny2.yaml")
+    path2.write_text(yaml.safe_dump(spec))
+    import launch.sweep as sweep_module
+
+    with pytest.MonkeyPatch.context() as mp:  # as if 2 GPUs were visible: one cell process per "GPU"
+        mp.setattr(sweep_module, "gpu_count", lambda: 2)
+        assert main([str(path2)]) == 0
+    third = capsys.readouterr().out
+    assert "on GPU 0" in third and "on GPU 1" in third
+    for name in stamps:
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert ": evaluating" in log and ": training" not in log
+    assert all("linear" not in r for r in read_json(out / "runs" / "simclr-gen_a-N16-s0" / "eval.json")["results"]
+               .values())
+
+    # SLURM: every cell is finished, nothing to submit
+    assert main([str(path2), "--slurm"]) == 2
+    assert "nothing to submit" in capsys.readouterr().err
+
+
+def test_slurm_array_script(sweep_file, tmp_path, capsys):
+    path, _ = sweep_file
+    spec = yaml.safe_load(path.read_text())
+    spec["out"] = str(tmp_path / "fresh")
+    sweep = load_sweep(spec)
+    script = slurm_script(sweep, str(path))
+    assert script.startswith("#!/bin/bash\n")
+    assert "#SBATCH --array=0-1%4" in script
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --gpus-per-node=1" in script
+    assert "#SBATCH --time=01:00:00" in script and "source .venv/bin/activate" in script
+    assert '--cell "$SLURM_ARRAY_TASK_ID"' in script and "export OMP_NUM_THREADS=1" in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
+
+    p2 = tmp_path / "s.yaml"
+    p2.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    assert main([str(p2), "--slurm"]) == 0
+    assert (tmp_path / "fresh" / "sweep.sbatch").read_text() == slurm_script(load_sweep(p2), str(p2))
+    collect = (tmp_path / "fresh" / "collect.sbatch").read_text()
+    assert "--collect" in collect and "sbatch --dependency=afterany" in capsys.readouterr().out
+    assert main([str(p2), "--slurm", "--dry-run"]) == 0
+    assert "#SBATCH --array=0-1%4" in capsys.readouterr().out
