@@ -52,7 +52,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from shard_tools.errors import ShardSetTotals, ToolError
+from shard_tools.errors import ShardSetTotals, ToolError, count_by_kind, write_errors
 from shard_tools.index import index_shard, natural_key
 from shard_tools.manifest import FORMATS, read_manifest
 from shard_tools.shardset import format_idx
@@ -271,29 +271,6 @@ def _status_rows(output: Output, stem: str) -> list[tuple[int, str, str]]:
     return out
 
 
-def _write_errors(output: Output, name: str, errors: list[tuple[int, str, str]]) -> None:
-    target = f"{name}-errors.csv"
-    if not errors:
-        output.remove(target)
-        return
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row", "url", "reason"])
-    w.writerows(sorted(errors))
-    output.write_bytes(target, buf.getvalue().encode())
-
-
-def _kind(reason: str) -> str:
-    return reason.split(" (")[0]
-
-
-def _count(errors: list[tuple[int, str, str]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for _, _, reason in errors:
-        counts[_kind(reason)] = counts.get(_kind(reason), 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def _foreign_index(output: Output) -> bool:
     """Whether the folder holds the index.json of a shard set that crawl.py did not make."""
     data = output.read_bytes("index.json")
@@ -451,8 +428,8 @@ def crawl(
         done = _already_complete(output, digest)
         if done is not None:
             errors = _read_errors(output, name)
-            return CrawlResult(done, total, done["num_samples"], _count(errors), errors, time.perf_counter() - start,
-                               len(done["shards"]), already_complete=True)
+            return CrawlResult(done, total, done["num_samples"], count_by_kind(errors), errors,
+                               time.perf_counter() - start, len(done["shards"]), already_complete=True)
         state = _state_dir(name)
         old = output.read_bytes(f"{state}/config.json")
         if old is not None:
@@ -482,7 +459,7 @@ def crawl(
         if incomplete and not allow_incomplete:
             for s in finished:
                 errors.extend(_status_rows(output, s))
-            _write_errors(output, name, errors)
+            write_errors(output, name, errors, column="url")
             log = output.location(f"{state}/img2dataset.log") if not is_url(out) else "the img2dataset log"
             raise CrawlError(f"{len(incomplete)} of {len(stems)} shards did not finish ({', '.join(incomplete[:3])}"
                              f"{', ...' if len(incomplete) > 3 else ''}); see {log}. Run the same command again "
@@ -503,10 +480,10 @@ def crawl(
             if s not in finished:
                 for i in order[k * shard_size:(k + 1) * shard_size]:
                     errors.append((usable[i][0].row, usable[i][1], "incomplete shard (img2dataset did not finish it)"))
-        _write_errors(output, name, errors)
+        write_errors(output, name, errors, column="url")
         if not shards:
             raise CrawlError(f"no URL of {manifest} could be downloaded; see {output.location(f'{name}-errors.csv')}")
-        failed = _count(errors)
+        failed = count_by_kind(errors)
         fields = ["image", "json", *(["cls"] if m.label_column else []), *(["txt"] if m.caption_column else [])]
         index = make_index(
             name,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import re
+
 
 class ToolError(SystemExit):
     """A tool failed as a whole. A SystemExit: the CLI exits 1 with this one-line message."""
@@ -23,3 +27,42 @@ class ShardSetTotals:
     @property
     def bytes(self) -> int:
         return sum(s["bytes"] for s in self.index.get("shards", []))
+
+
+Error = tuple[int, str, str]  # (manifest row, path or url, reason): "kind" or "kind (detail)"
+
+
+def error_kind(reason: str) -> str:
+    return reason.split(" (")[0]
+
+
+def count_by_kind(errors: list[Error]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, _, reason in errors:
+        counts[error_kind(reason)] = counts.get(error_kind(reason), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_errors(output, name: str, errors: list[Error], column: str = "path") -> None:
+    """`NAME-errors.csv` (row, `column`, reason), sorted by row; removed when there are no errors.
+    `output` is a shard_tools.storage.Output."""
+    target = f"{name}-errors.csv"
+    if not errors:
+        output.remove(target)
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["row", column, "reason"])
+    w.writerows(sorted(errors))
+    output.write_bytes(target, buf.getvalue().encode())
+
+
+def remove_partial_shards(output, name: str, keep: int) -> None:
+    """Remove leftovers of an interrupted run: temporary files, and shards numbered `keep` or more."""
+    pattern = re.compile(rf"^{re.escape(name)}-(\d{{6}})\.(tar|idx)(\.tmp)?$")
+    for entry in output.list():
+        m = pattern.match(entry)
+        if m and (m.group(3) or int(m.group(1)) >= keep):
+            output.remove(entry)
+        elif entry in ("index.json.tmp", f"{name}-errors.csv.tmp"):
+            output.remove(entry)

@@ -58,7 +58,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shard_tools.errors import ShardSetTotals, ToolError
+from shard_tools.errors import (
+    ShardSetTotals,
+    ToolError,
+    count_by_kind,
+    remove_partial_shards,
+    write_errors,
+)
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import label_ids
 from shard_tools.shardset import ShardInfo, idx_name, shard_name
@@ -281,42 +287,11 @@ def _load_resume(output: Output, name: str) -> _Resume:
     return r
 
 
-def _clean(output: Output, name: str, keep: int) -> None:
-    """Remove temporary files and shards numbered `keep` or more."""
-    pattern = re.compile(rf"^{re.escape(name)}-(\d{{6}})\.(tar|idx)(\.tmp)?$")
-    for entry in output.list():
-        m = pattern.match(entry)
-        if m and (m.group(3) or int(m.group(1)) >= keep):
-            output.remove(entry)
-        elif entry in ("index.json.tmp", f"{name}-errors.csv.tmp"):
-            output.remove(entry)
-
-
 def _wipe(output: Output, name: str) -> None:
-    _clean(output, name, keep=0)
+    remove_partial_shards(output, name, keep=0)
     for entry in ("index.json", f"{name}-errors.csv"):
         output.remove(entry)
     output.remove(_state_dir(name))
-
-
-def _write_errors(output: Output, name: str, errors: list[tuple[int, str, str]]) -> None:
-    target = f"{name}-errors.csv"
-    if not errors:
-        output.remove(target)
-        return
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row", "file", "reason"])
-    w.writerows(sorted(errors))
-    output.write_bytes(target, buf.getvalue().encode())
-
-
-def _count(errors: list[tuple[int, str, str]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for _, _, reason in errors:
-        kind = reason.split(" (")[0]
-        counts[kind] = counts.get(kind, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _index_config(index: dict) -> str | None:
@@ -353,7 +328,7 @@ def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[
             if _index_config(index) == digest:
                 if all(output.sha256(s["path"]) == (s["sha256"], s["bytes"]) for s in index.get("shards", [])):
                     errors = _read_errors(output, name)
-                    return GenerateResult(index, jobs, index["num_samples"], 0, _count(errors), errors,
+                    return GenerateResult(index, jobs, index["num_samples"], 0, count_by_kind(errors), errors,
                                           time.perf_counter() - start, len(index["shards"]), True)
                 _wipe(output, name)  # same settings, damaged shards: make it again
             elif isinstance(index.get("generation"), dict):
@@ -372,7 +347,7 @@ def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[
             output.write_bytes(f"{state}/config.json", json.dumps({"config_sha256": digest, "config": config},
                                                                   indent=1).encode())
         resume = _load_resume(output, name)
-        _clean(output, name, keep=len(resume.shards))
+        remove_partial_shards(output, name, keep=len(resume.shards))
         errors = list(resume.errors)
         span: list[tuple[int, str, str]] = []
         position, written = resume.next, resume.written
@@ -399,7 +374,7 @@ def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[
                     errors.append((row, where, outcome[3]))
                     span.append((row, where, outcome[3]))
                     if limit is not None and len(errors) > limit:
-                        _write_errors(output, name, errors)
+                        write_errors(output, name, errors, column="file")
                         raise GenerateError(f"more than {max_error_rate:.1%} of {jobs} rows failed "
                                             f"(--max-error-rate); see {output.location(f'{name}-errors.csv')}")
                     continue
@@ -413,16 +388,16 @@ def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[
                 stream.close()
             bar.close()
             writer.abort()
-        _write_errors(output, name, errors)
+        write_errors(output, name, errors, column="file")
         if written == 0:
             raise GenerateError(f"no images were written; see {output.location(f'{name}-errors.csv')}")
-        _clean(output, name, keep=len(writer.shards))
-        index = make_index(name, writer.shards, **index_meta(), skipped=_count(errors),
+        remove_partial_shards(output, name, keep=len(writer.shards))
+        index = make_index(name, writer.shards, **index_meta(), skipped=count_by_kind(errors),
                            generation={**config, "config_sha256": digest})
         write_index(output, index)
         output.remove(state)
-        return GenerateResult(index, jobs, written, made, _count(errors), sorted(errors), time.perf_counter() - start,
-                              len(resume.shards))
+        return GenerateResult(index, jobs, written, made, count_by_kind(errors), sorted(errors),
+                              time.perf_counter() - start, len(resume.shards))
     finally:
         output.close()
 

@@ -47,7 +47,14 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
-from shard_tools.errors import ShardSetTotals, ToolError
+from shard_tools.errors import (
+    ShardSetTotals,
+    ToolError,
+    count_by_kind,
+    error_kind,
+    remove_partial_shards,
+    write_errors,
+)
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest
 from shard_tools.shardset import ShardInfo, idx_name, shard_name
@@ -259,29 +266,6 @@ def _load_resume(output: Output, name: str, config: str) -> Resume:
     return r
 
 
-def _clean_stale(output: Output, name: str, keep: int) -> None:
-    """Remove leftovers: temporary files, and shards numbered `keep` or more from an earlier run."""
-    pattern = re.compile(rf"^{re.escape(name)}-(\d{{6}})\.(tar|idx)(\.tmp)?$")
-    for entry in output.list():
-        m = pattern.match(entry)
-        if m and (m.group(3) or int(m.group(1)) >= keep):
-            output.remove(entry)
-        elif entry in ("index.json.tmp", f"{name}-errors.csv.tmp"):
-            output.remove(entry)
-
-
-def _write_errors(output: Output, name: str, errors: list[tuple[int, str, str]]) -> None:
-    target = f"{name}-errors.csv"
-    if not errors:
-        output.remove(target)
-        return
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row", "path", "reason"])
-    w.writerows(sorted(errors))
-    output.write_bytes(target, buf.getvalue().encode())
-
-
 def _read_errors(output: Output, name: str) -> list[tuple[int, str, str]]:
     data = output.read_bytes(f"{name}-errors.csv")
     if not data:
@@ -290,19 +274,8 @@ def _read_errors(output: Output, name: str) -> list[tuple[int, str, str]]:
     return [(int(a), b, c) for a, b, c in rows]
 
 
-def _kind(reason: str) -> str:
-    return reason.split(" (")[0]
-
-
-def _count(errors: list[tuple[int, str, str]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for _, _, reason in errors:
-        counts[_kind(reason)] = counts.get(_kind(reason), 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def _failures(errors: list[tuple[int, str, str]]) -> int:
-    return sum(1 for _, _, reason in errors if _kind(reason) not in NOT_ERRORS)
+    return sum(1 for _, _, reason in errors if error_kind(reason) not in NOT_ERRORS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -396,11 +369,11 @@ def pack(
         if done is not None:
             output.remove(_state_dir(name))  # left behind if a run was killed right after writing index.json
             errors = _read_errors(output, name)
-            return PackResult(done, done["num_samples"], _count(errors), errors, time.perf_counter() - start,
+            return PackResult(done, done["num_samples"], count_by_kind(errors), errors, time.perf_counter() - start,
                               total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True)
         output.remove("index.json")  # the folder stops being a shard set until we finish
         resume = _load_resume(output, name, digest)
-        _clean_stale(output, name, keep=len(resume.shards))
+        remove_partial_shards(output, name, keep=len(resume.shards))
         result = PackResult({}, resume.packed, rows=total, filtered=m.filtered, resumed_shards=len(resume.shards))
         errors = list(m.errors) + resume.errors
         hashes = dict(resume.hashes)
@@ -424,7 +397,7 @@ def pack(
         kill_after = int(os.environ.get(KILL_ENV, "-1"))
 
         def fail(message: str) -> PackError:
-            _write_errors(output, name, errors)
+            write_errors(output, name, errors)
             return PackError(f"{message}; see {output.location(f'{name}-errors.csv')}. No index.json was written")
 
         failures = _failures(errors)  # kept up to date below: errors can number millions
@@ -492,7 +465,7 @@ def pack(
             bar.close()
             writer.abort()
 
-        _write_errors(output, name, errors)
+        write_errors(output, name, errors)
         if failures > limit:
             raise PackError(f"{failures} of {total} rows failed ({failures / total:.1%} > --max-error-rate "
                             f"{max_error_rate:.1%}); see {output.location(f'{name}-errors.csv')}. "
@@ -500,9 +473,9 @@ def pack(
         if result.packed == 0:
             raise PackError(f"no usable rows in {manifest}; see {output.location(f'{name}-errors.csv')}")
         result.errors = sorted(errors)
-        result.skipped = _count(errors)
+        result.skipped = count_by_kind(errors)
         result.duplicates = result.skipped.get("duplicate", 0)
-        _clean_stale(output, name, keep=len(writer.shards))
+        remove_partial_shards(output, name, keep=len(writer.shards))
         result.index = make_index(
             name,
             writer.shards,
