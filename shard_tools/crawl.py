@@ -34,7 +34,6 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
-import csv
 import hashlib
 import io
 import json
@@ -52,7 +51,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from shard_tools.errors import ShardSetTotals, ToolError, count_by_kind, write_errors
+from shard_tools.errors import ShardSetTotals, ToolError, count_by_kind, positive_int, read_errors, write_errors
 from shard_tools.index import index_shard, natural_key
 from shard_tools.manifest import FORMATS, read_manifest
 from shard_tools.shardset import format_idx
@@ -427,7 +426,7 @@ def crawl(
             _remove_crawl(output, name)
         done = _already_complete(output, digest)
         if done is not None:
-            errors = _read_errors(output, name)
+            errors = read_errors(output, name)
             return CrawlResult(done, total, done["num_samples"], count_by_kind(errors), errors,
                                time.perf_counter() - start, len(done["shards"]), already_complete=True)
         state = _state_dir(name)
@@ -509,14 +508,6 @@ def crawl(
         return result
     finally:
         output.close()
-
-
-def _read_errors(output: Output, name: str) -> list[tuple[int, str, str]]:
-    data = output.read_bytes(f"{name}-errors.csv")
-    if not data:
-        return []
-    rows = list(csv.reader(io.StringIO(data.decode())))[1:]
-    return [(int(a), b, c) for a, b, c in rows]
 
 
 def _download(output: Output, state: str, usable: list, order: np.ndarray, m, stems: list[str], finished: set[str],
@@ -640,16 +631,6 @@ def _update_bar(output: Output, todo: list[str], seen: set[str], counts: dict, b
 # Command line.
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def _option(text: str) -> tuple[str, object]:
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
@@ -673,9 +654,9 @@ def _parser() -> argparse.ArgumentParser:
                                           "if present)")
     p.add_argument("--key-column", help="column with an id kept in each sample's json as 'id'")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle of the rows (default 0)")
-    p.add_argument("--shard-size", type=_positive, default=1000, help="rows per shard (default 1000)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="rows per shard (default 1000)")
     g = p.add_argument_group("resizing and encoding (passed to img2dataset)")
-    g.add_argument("--image-size", type=_positive, default=256, help="target size in pixels (default 256)")
+    g.add_argument("--image-size", type=positive_int, default=256, help="target size in pixels (default 256)")
     g.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
                    help="keep_ratio: shorter side to --image-size (default); border: fit and pad to a square; "
                         "center_crop; keep_ratio_largest: longer side; no: keep the size")
@@ -695,8 +676,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-aspect-ratio", type=float, help="drop images whose side ratio is larger")
     g.add_argument("--no-exif", dest="extract_exif", action="store_false", help="do not keep EXIF in the json")
     d = p.add_argument_group("downloading")
-    d.add_argument("--processes", type=_positive, default=1, help="img2dataset processes (default 1)")
-    d.add_argument("--threads", type=_positive, default=64, help="download threads per process (default 64)")
+    d.add_argument("--processes", type=positive_int, default=1, help="img2dataset processes (default 1)")
+    d.add_argument("--threads", type=positive_int, default=64, help="download threads per process (default 64)")
     d.add_argument("--timeout", type=float, default=10, help="seconds per request (default 10)")
     d.add_argument("--retries", type=int, default=0, help="retries per URL (default 0)")
     d.add_argument("--max-shard-retry", type=int, default=1, help="img2dataset retries of a failed shard (default 1)")

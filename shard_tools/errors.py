@@ -1,7 +1,8 @@
-"""What the shard tools share in reporting: whole-run failures and the shard-set part of a run's result."""
+"""What the shard tools share: whole-run failures, the errors CSV, result totals and CLI argument types."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import re
@@ -66,3 +67,22 @@ def remove_partial_shards(output, name: str, keep: int) -> None:
             output.remove(entry)
         elif entry in ("index.json.tmp", f"{name}-errors.csv.tmp"):
             output.remove(entry)
+
+
+def read_errors(output, name: str) -> list[Error]:
+    """The rows of `NAME-errors.csv` written by `write_errors` (empty when there is none)."""
+    data = output.read_bytes(f"{name}-errors.csv")
+    if not data:
+        return []
+    return [(int(a), b, c) for a, b, c in list(csv.reader(io.StringIO(data.decode())))[1:]]
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v

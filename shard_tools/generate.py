@@ -62,6 +62,8 @@ from shard_tools.errors import (
     ShardSetTotals,
     ToolError,
     count_by_kind,
+    positive_int,
+    read_errors,
     remove_partial_shards,
     write_errors,
 )
@@ -327,7 +329,7 @@ def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[
                 index = {}
             if _index_config(index) == digest:
                 if all(output.sha256(s["path"]) == (s["sha256"], s["bytes"]) for s in index.get("shards", [])):
-                    errors = _read_errors(output, name)
+                    errors = read_errors(output, name)
                     return GenerateResult(index, jobs, index["num_samples"], 0, count_by_kind(errors), errors,
                                           time.perf_counter() - start, len(index["shards"]), True)
                 _wipe(output, name)  # same settings, damaged shards: make it again
@@ -400,13 +402,6 @@ def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[
                               time.perf_counter() - start, len(resume.shards))
     finally:
         output.close()
-
-
-def _read_errors(output: Output, name: str) -> list[tuple[int, str, str]]:
-    data = output.read_bytes(f"{name}-errors.csv")
-    if not data:
-        return []
-    return [(int(a), b, c) for a, b, c in list(csv.reader(io.StringIO(data.decode())))[1:]]
 
 
 def _check_name(out: str, name: str | None) -> str:
@@ -711,16 +706,6 @@ def ingest(
 # Command line.
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -735,15 +720,15 @@ def _parser() -> argparse.ArgumentParser:
                                        "seed]")
     gen = p.add_argument_group("generation")
     gen.add_argument("--model", help="local folder of a diffusers pipeline (never downloaded)")
-    gen.add_argument("--per-prompt", type=_positive, default=1, help="images per prompt (default 1)")
+    gen.add_argument("--per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the per-image seeds and of the shuffle (default 0)")
-    gen.add_argument("--steps", type=_positive, default=30, help="inference steps (default 30)")
+    gen.add_argument("--steps", type=positive_int, default=30, help="inference steps (default 30)")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    gen.add_argument("--size", type=_positive, help="image width and height (default: the model's)")
-    gen.add_argument("--width", type=_positive)
-    gen.add_argument("--height", type=_positive)
+    gen.add_argument("--size", type=positive_int, help="image width and height (default: the model's)")
+    gen.add_argument("--width", type=positive_int)
+    gen.add_argument("--height", type=positive_int)
     gen.add_argument("--negative-prompt")
-    gen.add_argument("--batch-size", type=_positive, default=4, help="images per pipeline call (default 4)")
+    gen.add_argument("--batch-size", type=positive_int, default=4, help="images per pipeline call (default 4)")
     gen.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     gen.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                      help="auto: fp16 on GPU, fp32 on CPU")
@@ -752,7 +737,7 @@ def _parser() -> argparse.ArgumentParser:
     ing = p.add_argument_group("ingestion")
     ing.add_argument("--from-folder", help="ingest the images in this folder listed in --prompts (file column)")
     ing.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows")
-    p.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier set in --out and start over")
     p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol")
     bar = p.add_mutually_exclusive_group()

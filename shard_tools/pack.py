@@ -25,9 +25,7 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
-import csv
 import hashlib
-import io
 import itertools
 import json
 import multiprocessing
@@ -52,6 +50,8 @@ from shard_tools.errors import (
     ToolError,
     count_by_kind,
     error_kind,
+    positive_int,
+    read_errors,
     remove_partial_shards,
     write_errors,
 )
@@ -266,14 +266,6 @@ def _load_resume(output: Output, name: str, config: str) -> Resume:
     return r
 
 
-def _read_errors(output: Output, name: str) -> list[tuple[int, str, str]]:
-    data = output.read_bytes(f"{name}-errors.csv")
-    if not data:
-        return []
-    rows = list(csv.reader(io.StringIO(data.decode())))[1:]
-    return [(int(a), b, c) for a, b, c in rows]
-
-
 def _failures(errors: list[tuple[int, str, str]]) -> int:
     return sum(1 for _, _, reason in errors if error_kind(reason) not in NOT_ERRORS)
 
@@ -368,7 +360,7 @@ def pack(
         done = _already_complete(output, name, digest)
         if done is not None:
             output.remove(_state_dir(name))  # left behind if a run was killed right after writing index.json
-            errors = _read_errors(output, name)
+            errors = read_errors(output, name)
             return PackResult(done, done["num_samples"], count_by_kind(errors), errors, time.perf_counter() - start,
                               total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True)
         output.remove("index.json")  # the folder stops being a shard set until we finish
@@ -533,16 +525,6 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pack.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -551,7 +533,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder of the shard set, or an fsspec URL (s3://bucket/prefix)")
     p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
     p.add_argument("--format", choices=FORMATS, help="manifest format (default: from the name; folder for a folder)")
-    p.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--shard-bytes", type=parse_bytes, help="also start a new shard before passing this size (500MB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     p.add_argument("--path-column", help=f"column with image paths or URLs (default: first of {', '.join(PATH_COLUMNS)}"
@@ -566,17 +548,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-from-subfolders", action="store_true", help="folder input: label = top-level subfolder")
     p.add_argument("--source", choices=SOURCES, help="recorded in index.json and each sample's json "
                                                      "(default: yfcc for --format yfcc, else real)")
-    p.add_argument("--max-side", type=_positive, help="re-encode images whose longer side is larger, down to this "
+    p.add_argument("--max-side", type=positive_int, help="re-encode images whose longer side is larger, down to this "
                                                       "(JPEG, aspect kept); others keep their original bytes")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
-    p.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS,
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
                    help=f"refuse larger images as possible decompression bombs (default {MAX_PIXELS})")
     p.add_argument("--decode", action="store_true", help="fully decode every image to catch damaged data (slower)")
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate images (content hash); listed in "
                                                         "the errors file, not counted as errors")
     p.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows (0.05)")
-    p.add_argument("--workers", type=_positive, default=1, help="processes checking/encoding images (default 1)")
-    p.add_argument("--threads", type=_positive, help="I/O threads per worker (default 8 for URLs, else 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes checking/encoding images (default 1)")
+    p.add_argument("--threads", type=positive_int, help="I/O threads per worker (default 8 for URLs, else 1)")
     p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol: "
                                                               '\'{"s3": {"endpoint_url": "http://..."}}\'')
     p.add_argument("--tmp-dir", help="local folder for staging shards of a remote --out (default: system temp)")
