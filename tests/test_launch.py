@@ -99,7 +99,9 @@ def test_slurm_batch_script_dry_run_prints_the_command_of_each_node(tmp_path):
     """The batch script under a fake srun (one task per node) and scontrol: every node prints its command."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'gpu07\\ngpu08\\n'\n")
+    # A long host list: reading only its first line through `| head` under pipefail dies of SIGPIPE (exit 141).
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'gpu07\\ngpu08\\n'\n"
+                                      "for i in $(seq 10 5000); do echo gpu$i; done\n")
     (bin_dir / "srun").write_text("#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\n"
                                   "for i in 0 1; do SLURM_NODEID=$i \"$@\" || exit 1; done\n")
     for f in bin_dir.iterdir():
