@@ -16,6 +16,7 @@ from scipy import stats
 from torchvision.transforms import v2
 
 from stream_ssl.data.augment import (
+    BLUR_TAIL,
     BRIGHTNESS,
     CONTRAST,
     HUE,
@@ -24,9 +25,11 @@ from stream_ssl.data.augment import (
     ViewSpec,
     adjust_hue,
     apply_photometric,
+    blur_radii,
     byol_views,
     device_views,
     gaussian_blur,
+    gaussian_kernels,
     grayscale,
     normalize,
     photometric,
@@ -142,6 +145,19 @@ def test_grayscale_solarize_blur_match_torchvision(x):
     ref = torch.stack([TF.solarize(TF.gaussian_blur(TF.rgb_to_grayscale(v, 3), [9, 9], [float(s)] * 2), 0.5)
                        for v, s in zip(x, sigma)])
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+def test_blur_skips_only_taps_that_weigh_less_than_the_tail_bound():
+    # sigma 1: offsets beyond 5 weigh ~1e-8 in all, offset 5 alone ~1.5e-6; sigma 2 needs 10 of 11
+    sigma = torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0])
+    kern = gaussian_kernels(sigma, 23)
+    radii = blur_radii(kern)
+    assert radii.tolist() == [0, 2, 5, 10, 11]
+    for row, r in zip(kern, radii.tolist()):
+        dropped = row.sum() - row[11 - r: 12 + r].sum()
+        assert dropped < BLUR_TAIL
+        if r:
+            assert row[11 - r] + row[11 + r] + dropped >= BLUR_TAIL  # one tap fewer would drop too much
 
 
 def _tv_jitter(v, p: PhotometricParams, i: int):

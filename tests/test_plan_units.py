@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -83,12 +82,11 @@ def _repeated_mates(plan) -> float:
     return sum(overlaps) / len(overlaps)
 
 
-def test_resume_lookup_is_cheap_at_the_last_step():
+def test_resume_lookup_at_the_last_step_of_a_large_plan():
+    # How long the lookup takes is measured by benchmarks/plan_scale.py, not asserted here.
     sets = [fake_set([1000] * 20000)]  # 20M samples
     plan = make_plan(sets, "1.0", 60_000_000, world_size=64, batch_size=256)
-    t = time.perf_counter()
     slices = plan.rank_slices(plan.steps - 1, 63)
-    assert time.perf_counter() - t < 2.0
     assert sum(len(s) for s in slices) == 256
     assert set(x[:2] for x in plan.rank_samples(plan.steps - 1, 63)) <= {(0, int(u)) for u in plan.unit_shard}
 
