@@ -139,6 +139,7 @@ def test_grayscale_solarize_blur_match_torchvision(x):
     for k in (5, 23):
         ref = torch.stack([TF.gaussian_blur(v, [k, k], [float(s), float(s)]) for v, s in zip(x, sigma)])
         torch.testing.assert_close(gaussian_blur(x, sigma, k), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gaussian_blur(x, sigma, k, by_radius=False), ref, atol=1e-5, rtol=0)
     spec = ViewSpec(40, blur_kernel=9)
     on = torch.ones(N, dtype=torch.bool)
     got = apply_photometric(x.clone(), params(jitter=~on, gray=on, blur=on, sigma=sigma, solarize=on), spec)

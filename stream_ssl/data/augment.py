@@ -464,13 +464,15 @@ def gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
     return kern / kern.sum(1, keepdim=True)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int | None = None) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int | None = None,
+                  by_radius: bool | None = None) -> torch.Tensor:
     """Blur each image with its own sigma: separable, reflect padding (torchvision's gaussian_blur).
     Kernel side `kernel` (odd), default ~10% of the image side; at most 2 x side - 1 (reflect padding).
 
     Outer taps that together weigh less than BLUR_TAIL are skipped (`blur_radii`), so the cost follows sigma:
     at k = 23 a sigma of 1 needs 11 taps, not 23, and the output moves by at most ~BLUR_TAIL x the largest
-    |pixel| per pass. Images are blurred in groups of equal radius."""
+    |pixel| per pass. `by_radius` (default: on the CPU) blurs images in groups of equal radius; otherwise
+    the whole batch is blurred at the largest radius in one go (fewer, larger kernel launches on a GPU)."""
     n, c, hgt, wid = x.shape
     k = kernel or blur_kernel_size(min(hgt, wid))
     k = min(k, 2 * min(hgt, wid) - 1)
@@ -479,7 +481,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int | None = Non
     kern = gaussian_kernels(sigma, k).to(x.dtype)  # (n, k)
     radii = blur_radii(kern)
     r = k // 2
-    groups = radii.unique().tolist()
+    by_radius = x.device.type == "cpu" if by_radius is None else by_radius
+    groups = radii.unique().tolist() if by_radius else [int(radii.max())]
     if len(groups) == 1:
         return _separable_blur(x, kern[:, r - groups[0]: r + groups[0] + 1])
     out = torch.empty_like(x)
