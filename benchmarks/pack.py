@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     images = work / f"images-{a.images}-{a.size}"
     manifest = images / "manifest.csv"
     if not manifest.exists():
-        t = timed(lambda: synthesize(images, a.images, classes=10, size=a.size, seed=0))
+        t, _ = timed(lambda: synthesize(images, a.images, classes=10, size=a.size, seed=0))
         print(f"rendered {a.images} images of {a.size}px in {t:.1f}s", file=sys.stderr)
     lines = (images / "manifest.csv").read_text().splitlines()
     manifest = work / f"manifest-x{a.copies}.csv"
