@@ -64,7 +64,7 @@ def demo_sweep(a: argparse.Namespace, pool: Path, down: dict[str, tuple[Path, Pa
         "budget": a.budget,
         "unique": [u.strip() for u in a.unique.split(",") if u.strip()],
         "methods": [a.method],
-        "sources": {"generated (a)": str(pool)},
+        "sources": {"procedural (a)": str(pool)},
         "downstream": {name: {"train": str(tr), "test": str(te)} for name, (tr, te) in down.items()},
         "seeds": [int(s) for s in a.seeds.split(",")],
         "train": train,
