@@ -422,6 +422,7 @@ def crawl(
 
     output = open_output(out, storage_options)
     try:
+        output.lock(f"crawl.py --name {name}")
         if overwrite:
             _remove_crawl(output, name)
         done = _already_complete(output, digest)

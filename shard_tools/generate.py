@@ -317,6 +317,7 @@ def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[
     output = open_output(out, storage_options)
     state = _state_dir(name)
     try:
+        output.lock(f"generate.py --name {name}")
         if overwrite:
             _wipe(output, name)
         old_index = output.read_bytes("index.json")

@@ -136,6 +136,7 @@ def index_folder(folder: str, name: str | None = None, source: str = "real", wor
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     try:
+        output.lock("index.py")
         tars = sorted((n for n in output.list() if n.endswith(".tar")), key=natural_key)
         if not tars:
             raise SystemExit(f"error: no .tar files in {folder}")

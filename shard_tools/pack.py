@@ -357,6 +357,7 @@ def pack(
 
     output = open_output(out, storage_options, tmp_dir)
     try:
+        output.lock(f"pack.py --name {name}")
         done = _already_complete(output, name, digest)
         if done is not None:
             output.remove(_state_dir(name))  # left behind if a run was killed right after writing index.json

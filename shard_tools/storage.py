@@ -7,15 +7,20 @@ appears whole or not at all), so a reader never sees half a shard in either case
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 import fsspec
 
+from shard_tools.errors import ToolError
+
+LOCK_NAME = ".writer.lock"  # in a local output folder: held (flock) by the tool writing it
 PROTOCOL_KEYS = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https", "hf", "ftp", "sftp", "memory")
 TRANSIENT = (ConnectionError, TimeoutError, OSError)
 
@@ -165,6 +170,10 @@ class Output:
     def location(self, name: str) -> str:
         return join(self.url, name)
 
+    def lock(self, holder: str) -> None:
+        """Be the only writer of this folder until `close`. Object stores have no locks: two writers of one
+        remote prefix are not detected (local folders: see LocalOutput.lock)."""
+
     def close(self) -> None:
         pass
 
@@ -228,7 +237,40 @@ class LocalOutput(Output):
         folder = self.root / prefix if prefix else self.root
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_file())
+        return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != LOCK_NAME)
+
+    _lock_fd: int | None = None
+
+    def lock(self, holder: str) -> None:
+        """An exclusive flock on FOLDER/.writer.lock until `close`, which removes the file; a second writer
+        fails at once, naming the first. The kernel drops a flock when its process dies, so a killed run
+        leaves no stale lock (only the file, which the next run takes over)."""
+        path = self.root / LOCK_NAME
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise ToolError(f"{self.root} is being written by {who}; wait for it to finish, or use another "
+                                "output folder") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file its holder removed on release: take the one at the path now
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            (self.root / LOCK_NAME).unlink(missing_ok=True)  # while still holding it
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 class RemoteOutput(Output):
