@@ -90,3 +90,12 @@ def sum_with_local_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     total = all_reduce_sum(x)
     return x * size + (total - x.detach() * size)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable; our own state only, never data from shards), in rank order."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]

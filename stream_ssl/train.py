@@ -28,17 +28,14 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import contextlib
-import csv
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -47,13 +44,15 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import save_file
 
 from shard_tools.shardset import load_shard_set
-from stream_ssl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from stream_ssl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from stream_ssl.config import TrainConfig, config_json, parse_config
 from stream_ssl.data.augment import device_views
 from stream_ssl.data.loader import make_loader
 from stream_ssl.data.plan import make_plan
 from stream_ssl.data.storage import options_for, parse_storage_options
+from stream_ssl.distributed import all_gather_objects
 from stream_ssl.methods import build_method
+from stream_ssl.metrics import MetricsLog
 from stream_ssl.models.backbone import create_backbone
 from stream_ssl.numbers import parse_bytes, parse_count
 from stream_ssl.optim import OPTIMIZERS, build_optimizer, cosine_value, warmup_cosine
@@ -132,106 +131,6 @@ def photometric_generator(seed: int, step: int, rank: int, device: torch.device,
     g = torch.Generator(device=device)
     g.manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 131 + micro)
     return g
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_tuples(state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def all_gather_objects(obj) -> list:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics.
-
-
-class MetricsLog:
-    """metrics.csv (+ TensorBoard events) on the main process. On resume, rows after the resume step (written
-    by a run that died before its next checkpoint) are dropped, so the file reads as one clean run."""
-
-    FIXED = ("step", "samples", "loss", "lr", "weight_decay", "samples_per_s", "data_wait", "skipped")
-
-    def __init__(self, out: Path, start_step: int, tensorboard: bool):
-        self.path = out / "metrics.csv"
-        self.header: list[str] | None = None
-        rows: list[list[str]] = []
-        if start_step > 0 and self.path.exists():
-            with open(self.path, newline="") as f:
-                lines = list(csv.reader(f))
-            if lines:
-                self.header = lines[0]
-                rows = [r for r in lines[1:] if r and int(r[0]) <= start_step]
-        tmp = self.path.with_name("metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            if self.header:
-                w.writerow(self.header)
-                w.writerows(rows)
-        os.replace(tmp, self.path)
-        self.file = open(self.path, "a", newline="", buffering=1)
-        self.writer = csv.writer(self.file)
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
-            except ImportError:  # tensorboard not installed: CSV only
-                self.tb = None
-
-    def write(self, step: int, values: dict[str, float]) -> None:
-        if self.header is None:
-            extra = sorted(k for k in values if k not in self.FIXED)
-            self.header = list(self.FIXED) + extra
-            self.writer.writerow(self.header)
-        row = [step] + [_fmt(values.get(k, "")) for k in self.header[1:]]
-        self.writer.writerow(row)
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, step)
-
-    def scalar(self, name: str, value: float, step: int) -> None:
-        if self.tb is not None:
-            self.tb.add_scalar(name, value, step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import threading
 import numpy as np
 import torch
 
-_KEEP = 8  # arrays remembered; more in use at once are allocated normally (and then forgotten)
+_KEEP = 16  # arrays remembered (DINO: 2 global + 8 local views a step); beyond, the oldest are forgotten
 _FREE_REFS = 3  # references of an array nobody uses: the list, the loop variable, getrefcount's argument
 
 _lock = threading.Lock()
