@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from crawl_server import NAMES, image_server
-from pack_util import REPO, read_csv, run_tool, write_csv
+from pack_util import REPO, moto_server, read_csv, run_tool, write_csv
 from PIL import Image
 
 from shard_tools.crawl import CrawlError, crawl, failure_kind
@@ -129,6 +129,25 @@ def test_rerun_downloads_only_unfinished_shards(crawled, tmp_path):
 
     with pytest.raises(CrawlError, match="other settings .*image_size"):
         crawl(manifest, out, caption_column="caption", **{**SETTINGS, "image_size": 20})
+
+
+def test_crawl_to_s3_streams_verifies_and_reruns_without_downloading(crawled):
+    """--out s3://: img2dataset writes to the bucket through fsspec, our index and .idx files go next to it."""
+    pytest.importorskip("s3fs")
+    server, manifest = crawled["server"], crawled["manifest"]
+    local = {s["__key__"]: s["jpg"] for s in _samples(crawled["out"])}
+    with moto_server() as endpoint:
+        import s3fs
+
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("bucket")
+        server.reset()
+        result = crawl(manifest, "s3://bucket/crawled", caption_column="caption", **SETTINGS)
+        assert result.downloaded == len(GOOD) and result.failed == crawled["result"].failed
+        assert verify("s3://bucket/crawled", decode=True, out=io.StringIO())
+        assert {s["__key__"]: s["jpg"] for s in _samples("s3://bucket/crawled")} == local  # same bytes, streamed
+        server.reset()
+        again = crawl(manifest, "s3://bucket/crawled", caption_column="caption", **SETTINGS)
+        assert again.already_complete and not server.requests
 
 
 def test_cli_summary_and_refusals(crawled, tmp_path):
