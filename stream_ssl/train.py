@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -388,7 +389,10 @@ def _train(acc: Accelerator, cfg: TrainConfig) -> dict:
         "samples_per_s": trained * global_batch / wall if wall > 0 else None,
         "data_wait": wait_total / wall if wall > 0 else None,
         "knn": knn_history,
+        "decoder": cfg.decoder,
     }
+    if cfg.decoder == "dali":  # this process's DALI counters (batches, decode-error retries, PIL fallbacks)
+        summary["dali"] = dataclasses.asdict(loader.stats)
     if acc.is_main_process:
         state = {k: v.detach().cpu().contiguous().clone() for k, v in method.backbone.state_dict().items()}
         save_file(state, str(out / "backbone.safetensors"),

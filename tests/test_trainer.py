@@ -172,3 +172,16 @@ def test_method_configs_load_and_name_real_options():
         unknown = set(cfg.method_options) - set(accepted)
         assert not unknown, (path, unknown)
         assert cfg.optimizer in ("lars", "sgd", "adamw") and cfg.lr > 0, path
+
+
+@pytest.mark.parametrize("method", sorted(TINY))
+def test_every_method_trains_on_the_dali_path(make_shard_set, tmp_path, method):
+    """`--decoder dali` (the CPU-only DALI graph here) feeds every method's views, multi-crop included."""
+    pytest.importorskip("nvidia.dali")
+    data = make_shard_set(64, shard_size=32)
+    summary = train(tiny_config(data, tmp_path / method, method, decoder="dali", dali_threads=1,
+                                unique_samples="32", budget_samples="48", batch_size=8, tensorboard=False))
+    assert summary["steps"] == 6 and summary["decoder"] == "dali"
+    assert summary["dali"]["batches"] == 6 and summary["dali"]["pil_batches"] == 0  # DALI augmented every batch
+    losses = [float(r["loss"]) for r in read_metrics(tmp_path / method)]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
