@@ -54,7 +54,7 @@ from tqdm import tqdm
 from shard_tools.errors import ShardSetTotals, ToolError, count_by_kind, positive_int, read_errors, write_errors
 from shard_tools.index import index_shard, natural_key
 from shard_tools.manifest import FORMATS, read_manifest
-from shard_tools.shardset import format_idx
+from shard_tools.shardset import finished_index, format_idx
 from shard_tools.storage import Output, is_url, open_output
 from shard_tools.writer import TarStream, make_index, write_index
 
@@ -281,22 +281,6 @@ def _foreign_index(output: Output) -> bool:
         return True
 
 
-def _already_complete(output: Output, digest: str) -> dict | None:
-    data = output.read_bytes("index.json")
-    if not data:
-        return None
-    try:
-        index = json.loads(data)
-        if index.get("crawl", {}).get("config_sha256") != digest:
-            return None
-        for s in index["shards"]:
-            if output.sha256(s["path"]) != (s["sha256"], s["bytes"]):
-                return None
-    except (ValueError, KeyError, TypeError):
-        return None
-    return index
-
-
 def _img2dataset_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -425,7 +409,7 @@ def crawl(
         output.lock(f"crawl.py --name {name}")
         if overwrite:
             _remove_crawl(output, name)
-        done = _already_complete(output, digest)
+        done = finished_index(output, "crawl", digest)
         if done is not None:
             errors = read_errors(output, name)
             return CrawlResult(done, total, done["num_samples"], count_by_kind(errors), errors,

@@ -57,7 +57,7 @@ from shard_tools.errors import (
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest
-from shard_tools.shardset import ShardInfo, idx_name, shard_name
+from shard_tools.shardset import ShardInfo, finished_index, idx_name, shard_name
 from shard_tools.storage import Output, is_url, open_output, read_location
 from shard_tools.writer import ShardWriter, make_index, write_index
 
@@ -358,7 +358,7 @@ def pack(
     output = open_output(out, storage_options, tmp_dir)
     try:
         output.lock(f"pack.py --name {name}")
-        done = _already_complete(output, name, digest)
+        done = finished_index(output, "packing", digest, name)
         if done is not None:
             output.remove(_state_dir(name))  # left behind if a run was killed right after writing index.json
             errors = read_errors(output, name)
@@ -493,23 +493,6 @@ def pack(
         return result
     finally:
         output.close()
-
-
-def _already_complete(output: Output, name: str, digest: str) -> dict | None:
-    """The index of a finished run with the same configuration whose shards all verify, else None."""
-    data = output.read_bytes("index.json")
-    if not data:
-        return None
-    try:
-        index = json.loads(data)
-        if index.get("packing", {}).get("config_sha256") != digest or index.get("name") != name:
-            return None
-        for s in index["shards"]:
-            if output.sha256(s["path"]) != (s["sha256"], s["bytes"]):
-                return None
-    except (ValueError, KeyError, TypeError):
-        return None
-    return index
 
 
 # ---------------------------------------------------------------------------------------------------

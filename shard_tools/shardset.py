@@ -199,3 +199,23 @@ def check_tar_end(members: list[tuple[str, int, int]], end: int, size: int, wher
             raise ValueError(f"{where}: truncated: member {name} ends at byte {offset + length}, file has {size}")
     if size < end + 2 * TAR_BLOCK:
         raise ValueError(f"{where}: truncated: no end-of-archive blocks after byte {end} (file has {size})")
+
+
+def finished_index(output, section: str, digest: str, name: str | None = None) -> dict | None:
+    """The index.json of `output` (a shard_tools.storage.Output) when the run that wrote it had the settings
+    hashing to `digest` (recorded as index[section]["config_sha256"]), the same `name` if given, and every
+    shard still has its recorded sha256 and size; else None. Lets a re-run of a finished job do nothing."""
+    data = output.read_bytes("index.json")
+    if not data:
+        return None
+    try:
+        index = json.loads(data)
+        if (index.get(section) or {}).get("config_sha256") != digest or name not in (None, index.get("name")):
+            return None
+        for s in index["shards"]:
+            if output.sha256(s["path"]) != (s["sha256"], s["bytes"]):
+                return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return index
+

@@ -48,13 +48,18 @@ def options_for(storage_options: dict | None, protocol: str) -> dict:
 _FS: dict[tuple, fsspec.AbstractFileSystem] = {}
 
 
+# Environment that decides where an object store client connects and as whom: part of the cache key, so that
+# a process whose endpoint or credentials change (a test server restarted, another profile) gets a new client.
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID")
+
+
 def filesystem(url: str, storage_options: dict | None = None) -> fsspec.AbstractFileSystem:
     protocol = protocol_of(url)
     opts = options_for(storage_options, protocol)
-    key = (os.getpid(), protocol, repr(sorted(opts.items())))
+    key = (os.getpid(), protocol, repr(sorted(opts.items())), tuple(os.environ.get(k) for k in _CLIENT_ENV))
     fs = _FS.get(key)
-    if fs is None:
-        fs = _FS[key] = fsspec.filesystem(protocol, **opts)
+    if fs is None:  # our own cache: fsspec's would hand back a client made for another endpoint
+        fs = _FS[key] = fsspec.filesystem(protocol, skip_instance_cache=True, **opts)
     return fs
 
 
