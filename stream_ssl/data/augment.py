@@ -577,7 +577,8 @@ def photometric_with(x: torch.Tensor, p: PhotometricParams, spec: ViewSpec, chun
     solarize use per-channel constants (blur commutes with the per-channel affine normalization).
 
     `chunk`: samples processed together (default: 8 on the CPU, where small temporaries stay in cache and
-    are reused by the allocator; the whole batch on an accelerator)."""
+    are reused by the allocator; the whole batch on an accelerator). On the CPU the output lives in memory
+    reused from an earlier batch that nothing refers to any more (`batch_memory`)."""
     n, dev = x.shape[0], x.device
     if spec.jitter == "exact" or n == 0:
         return normalize(apply_photometric(x / 255.0, p, spec), inplace=True)
