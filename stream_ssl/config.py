@@ -164,7 +164,8 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> Train
             try:
                 values[f.name] = float(value)
             except (TypeError, ValueError):
-                p.error(f"{f.name} must be a number, got {value!r}")
+                where = f"{args.config}: " if args.config and getattr(args, f.name) is None else ""
+                p.error(f"{where}{f.name} must be a number, got {value!r}")
     cfg = TrainConfig(**values)
     try:
         _check_types(cfg, str(args.config) if args.config else "settings")

@@ -155,6 +155,13 @@ def test_clear_errors(make_shard_set, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(["--config", str(bad), "--data", data])
     assert e.value.code == 2 and "learning_rate" in capsys.readouterr().err
+    bad.write_text("lr: fast\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(bad), "--data", data])
+    assert f"{bad}: lr must be a number, got 'fast'" in capsys.readouterr().err  # names the file
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(bad), "--data", data, "--lr", "slow"])
+    assert "--lr: could not convert" in capsys.readouterr().err  # the flag, not the file
 
 
 CONFIGS = sorted((REPO / "configs" / "methods").glob("*.yaml"))
