@@ -5,8 +5,7 @@
 
 Renders photo-like 500x375 JPEGs (smooth multi-scale noise, flat shapes, grain; q90, ~50 KB), then times,
 per recipe (simclr: two views at --size px; dino: two at --size + eight local views at 3/7 of it), best of
---repeats, alternating the variants so that they share the
-machine's load:
+--repeats, alternating the variants so that they share the machine's load:
 
   (a) torchvision  PIL decode + the full torchvision.transforms.v2 pipeline per sample and view (RRC, flip,
                    ColorJitter p=0.8, RandomGrayscale, GaussianBlur p=0.5 for simclr), one process
