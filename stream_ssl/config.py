@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from stream_ssl.data.storage import redact_options
+
 
 @dataclass
 class TrainConfig:
@@ -77,7 +79,10 @@ class TrainConfig:
                 "shuffle_window", "shuffle_block")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as written to config.json and checkpoints: credentials in storage_options redacted."""
+        d = dataclasses.asdict(self)
+        d["storage_options"] = redact_options(d["storage_options"])
+        return d
 
 
 def _parse_value(text: str, default, annotation: str = ""):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 
 import pytest
@@ -166,3 +167,47 @@ def test_loader_workers_stream_from_s3_and_share_the_cache(moto, local_folder, s
     # needs the object store, whichever worker stored the samples.
     margin = remote.unique_samples // remote.global_batch + 6
     assert sum(b.bytes_read for b in batches[margin:]) == 0
+
+
+def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(moto, s3_url, tmp_path):
+    """train.py on s3:// with credentials in --storage-options: 4 passes, the later ones from the cache, and
+    neither the key nor the secret in its output or anywhere in the run folder (config.json, checkpoints)."""
+    import csv
+
+    from tests.trainer_helpers import PYTHON, TRAIN, run, train_args
+
+    flags = dict(unique_samples="60", budget_samples="240", batch_size=16, num_workers=1, save_every=5,
+                 tensorboard="false", storage_options=json.dumps(moto.options()))
+    runs = {}
+    for name, extra in (("cached", {"cache_dir": tmp_path / "cache", "cache_size": "64M"}), ("direct", {})):
+        out = tmp_path / name
+        r = run([PYTHON, TRAIN, *train_args(s3_url, out, **flags, **extra)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert SECRET not in r.stdout + r.stderr and KEY not in r.stdout + r.stderr
+        for f in out.rglob("*"):
+            if f.is_file():
+                data = f.read_bytes()
+                assert SECRET.encode() not in data and KEY.encode() not in data, f
+        with open(out / "metrics.csv", newline="") as fh:
+            runs[name] = list(csv.DictReader(fh))
+    assert "<redacted>" in json.loads((tmp_path / "cached" / "config.json").read_text())["storage_options"]
+    cached, direct = runs["cached"][-1], runs["direct"][-1]
+    assert cached["step"] == direct["step"] == "15"  # 240 // 16 steps
+    assert int(cached["cache_hits"]) > 0 and int(direct["cache_hits"]) == 0
+    # 4 passes over the pool: with the cache, about one pass (plus read-ahead) comes from the object store
+    assert int(cached["bytes_read"]) < 0.5 * int(direct["bytes_read"])
+
+
+def test_redact_options_hides_secret_values_only(tmp_path):
+    from stream_ssl.data.storage import redact_options
+
+    text = json.dumps({"s3": {"key": "AK", "secret": "S", "anon": False, "client_kwargs": {
+        "endpoint_url": "http://127.0.0.1:9000", "aws_session_token": "T"}}, "https": {"headers": [{"token": "x"}]}})
+    got = json.loads(redact_options(text))
+    assert got["s3"]["key"] == got["s3"]["secret"] == got["s3"]["client_kwargs"]["aws_session_token"] == "<redacted>"
+    assert got["s3"]["anon"] is False and got["s3"]["client_kwargs"]["endpoint_url"] == "http://127.0.0.1:9000"
+    assert got["https"]["headers"] == [{"token": "<redacted>"}]
+    path = tmp_path / "opts.json"
+    path.write_text(text)
+    assert redact_options(str(path)) == str(path)  # a file's contents are never copied
+    assert redact_options("{not json, secret: S}") == "<redacted: not valid JSON>" and redact_options("") == ""

@@ -39,6 +39,29 @@ def redact(text: str) -> str:
     return re.sub(r"([a-zA-Z][\w+.-]*://[^\s?]*)\?[^\s'\"]*", r"\1", text)
 
 
+_SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|session|signature", re.IGNORECASE)
+
+
+def redact_options(text: str) -> str:
+    """`--storage-options` as a run may write it down (config.json, checkpoints): JSON text with the value of
+    every secret-looking name (key, secret, token, password, ...) replaced by "<redacted>". A path to a JSON
+    file is kept as it is: the file's contents are never copied."""
+    if not text or os.path.exists(text):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return "<redacted: not valid JSON>"
+
+    def scrub(v):
+        if isinstance(v, dict):
+            return {k: "<redacted>" if _SECRET_NAME.search(str(k)) and not isinstance(x, (dict, list)) else scrub(x)
+                    for k, x in v.items()}
+        return [scrub(x) for x in v] if isinstance(v, list) else v
+
+    return json.dumps(scrub(value), sort_keys=True)
+
+
 def parse_storage_options(text: str | dict | None) -> dict:
     """`--storage-options` as JSON text (or a path to a JSON file, or an already-parsed dict)."""
     if not text:
