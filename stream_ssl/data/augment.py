@@ -47,6 +47,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
 JITTER_MODES = ("fused", "exact")
+CPU_CHUNK_PIXELS = 8 * 224 * 224  # pixels per view processed together by `photometric_with` on the CPU
 BLUR_TAIL = 1e-6  # weight of the outer Gaussian taps a blur may skip (see gaussian_blur)
 # jitter operations, in the index order used by `PhotometricParams.order`
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -576,13 +577,14 @@ def photometric_with(x: torch.Tensor, p: PhotometricParams, spec: ViewSpec, chun
     are folded into the per-sample color matrix, the clamp uses per-channel bounds, and grayscale and
     solarize use per-channel constants (blur commutes with the per-channel affine normalization).
 
-    `chunk`: samples processed together (default: 8 on the CPU, where small temporaries stay in cache and
-    are reused by the allocator; the whole batch on an accelerator). On the CPU the output lives in memory
+    `chunk`: samples processed together (default on the CPU: as many as hold CPU_CHUNK_PIXELS, 8 views at
+    224 px or 43 at 96 px, so temporaries stay in cache and per-call overhead stays small; the whole batch
+    on an accelerator). On the CPU the output lives in memory
     reused from an earlier batch that nothing refers to any more (`batch_memory`)."""
     n, dev = x.shape[0], x.device
     if spec.jitter == "exact" or n == 0:
         return normalize(apply_photometric(x / 255.0, p, spec), inplace=True)
-    chunk = chunk or (8 if dev.type == "cpu" else n)
+    chunk = chunk or (max(1, CPU_CHUNK_PIXELS // (x.shape[2] * x.shape[3])) if dev.type == "cpu" else n)
     mean = torch.tensor(IMAGENET_MEAN, device=dev)
     std = torch.tensor(IMAGENET_STD, device=dev)
     a, pm = jitter_affine(p)  # the identity where not jittered
