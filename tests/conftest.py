@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from shard_tools.pack import pack
 from shard_tools.synth import synthesize
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests draw the same examples on every run, so CI cannot pass once and fail the next time on the
+# same code; HYPOTHESIS_PROFILE=explore searches with fresh random examples (PLAN_EXAMPLES=1000 for more).
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 PYTHON = sys.executable
 
 
