@@ -7,7 +7,6 @@ import functools
 import http.server
 import io
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -113,12 +112,6 @@ def run_tool(script: str, *args: str, env: dict | None = None, cwd: Path | None 
     full_env.update(env or {})
     return subprocess.run([PYTHON, str(TOOLS / script), *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

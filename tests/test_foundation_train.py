@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 import subprocess
 from collections import defaultdict
 
@@ -13,15 +12,10 @@ from safetensors.torch import load_file
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.plan import make_plan
 from tests.conftest import PYTHON, REPO
+from tests.s3_servers import free_port
 
 TINY = ["--backbone", "resnet10t", "--image-size", "32", "--method-options", '{"proj_hidden": 128}',
         "--optimizer", "sgd", "--lr", "0.5"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(run):
@@ -60,7 +54,7 @@ def test_two_processes_take_equal_steps_on_disjoint_samples(make_shard_set, tmp_
     run = tmp_path / "ddp"
     cmd = [str(REPO / ".venv/bin/accelerate") if (REPO / ".venv/bin/accelerate").exists() else "accelerate",
            "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(REPO / "stream_ssl/train.py"), "--data", str(pool), "--unique-samples", "300",
            "--budget-samples", "700", "--batch-size", "16", "--num-workers", "2", "--log-keys", "true",
            "--out", str(run), *TINY]

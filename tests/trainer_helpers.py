@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.s3_servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -27,12 +28,6 @@ TINY = {
     "dino": ({"head_hidden": 128, "bottleneck": 64, "out_dim": 256, "local_crops": 2, "center_momentum": 0.0,
               "teacher_temp_warmup_fraction": 0.0}, "lars", 2.0),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict:
