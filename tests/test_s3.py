@@ -211,3 +211,29 @@ def test_redact_options_hides_secret_values_only(tmp_path):
     path.write_text(text)
     assert redact_options(str(path)) == str(path)  # a file's contents are never copied
     assert redact_options("{not json, secret: S}") == "<redacted: not valid JSON>" and redact_options("") == ""
+
+
+def test_evaluate_reads_downstream_sets_from_s3_like_local_ones(moto, make_shard_set, tmp_path, monkeypatch):
+    """`python -m stream_ssl.evaluate` on s3:// sets (endpoint and credentials from the AWS environment) gives
+    the same features, hence the same kNN and linear numbers, as on the local copies."""
+    from tests.eval_helpers import make_run
+    from tests.trainer_helpers import PYTHON, run
+
+    train_set, test_set = make_shard_set(60, shard_size=30, seed=21), make_shard_set(40, shard_size=20, seed=22)
+    fs, _ = filesystem("s3://x", moto.options(), fresh=True)
+    fs.call_s3("create_bucket", Bucket="downstream")
+    for name, folder in (("train", train_set), ("test", test_set)):
+        upload_folder(fs, folder, f"s3://downstream/{name}")
+    ckpt = make_run(tmp_path / "run")
+    env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": REGION,
+           "AWS_ENDPOINT_URL": moto.endpoint}
+    results = []
+    for train, test in ((train_set, test_set), ("s3://downstream/train", "s3://downstream/test")):
+        r = run([PYTHON, "-m", "stream_ssl.evaluate", "--checkpoint", ckpt, "--train", train, "--test", test,
+                 "--knn", "--linear", "--no-progress", "--device", "cpu", "--batch-size", "32"], **env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert SECRET not in r.stdout + r.stderr
+        results.append(json.loads(r.stdout))
+    local, remote = results
+    assert remote["train_samples"] == 60 and remote["test_samples"] == 40
+    assert remote["knn"] == local["knn"] and remote["linear"] == local["linear"]
