@@ -549,9 +549,12 @@ def slurm_script(sweep: Sweep, config_arg: str, cells: list[Cell] | None = None)
            str(sweep.out.resolve()), "--cell", '"$SLURM_ARRAY_TASK_ID"']
     lines += ["", "# One cell of the sweep per array task: train (resuming if a previous task was cut short), then",
               "# evaluate. A finished cell exits at once, so resubmitting the whole array is safe.",
-              "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}", f"mkdir -p {logs}"]
+              "set -eo pipefail", f"cd {shlex.quote(os.getcwd())}", f"mkdir -p {logs}"]
+    # setup lines (module load, conda activate, source venv) run before nounset: activation scripts often
+    # read unset variables
     for setup in _as_list(s.get("setup") or [], "slurm.setup"):
         lines.append(str(setup))
+    lines.append("set -u")
     procs = int(sweep.launch.get("processes", 1))
     if procs > 1 and int(s.get("gpus") or 0) != procs:
         lines.append(f"# note: launch.processes is {procs}; ask SLURM for as many GPUs (slurm.gpus)")
@@ -568,9 +571,9 @@ def collect_script(sweep: Sweep, config_arg: str) -> str:
         "#SBATCH --nodes=1", "#SBATCH --ntasks=1", "#SBATCH --cpus-per-task=2", "#SBATCH --time=00:30:00",
         *([f"#SBATCH --partition={sweep.slurm['partition']}"] if sweep.slurm.get("partition") else []),
         *([f"#SBATCH --account={sweep.slurm['account']}"] if sweep.slurm.get("account") else []),
-        "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}",
+        "set -eo pipefail", f"cd {shlex.quote(os.getcwd())}",
         *[str(x) for x in _as_list(sweep.slurm.get("setup") or [], "slurm.setup")],
-        f"PYTHON=${{PYTHON:-{shlex.quote(sys.executable)}}}",
+        "set -u", f"PYTHON=${{PYTHON:-{shlex.quote(sys.executable)}}}",
         f"$PYTHON {Path(__file__).resolve()} {Path(config_arg).resolve()} --out {sweep.out.resolve()} --collect", ""])
 
 

@@ -153,6 +153,12 @@ def test_slurm_array_script(sweep_file, tmp_path, capsys):
     assert "#SBATCH --time=01:00:00" in script and "source .venv/bin/activate" in script
     assert '--cell "$SLURM_ARRAY_TASK_ID"' in script and "export OMP_NUM_THREADS=1" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
+    # Setup lines (conda activate, module load) may read unset variables: they run before `set -u`.
+    spec_u = {**spec, "slurm": {**spec["slurm"], "setup": ['echo "setup sees ${NOT_SET_ANYWHERE_X}"']}}
+    head = slurm_script(load_sweep(spec_u), str(path)).split("\nPYTHON=")[0]
+    assert head.index("setup sees") < head.index("\nset -u\n")
+    ran = subprocess.run(["bash"], input=head, text=True, capture_output=True)
+    assert ran.returncode == 0 and "setup sees" in ran.stdout, ran.stderr
 
     p2 = tmp_path / "s.yaml"
     p2.write_text(yaml.safe_dump(spec))
