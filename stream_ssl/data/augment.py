@@ -579,8 +579,8 @@ def photometric_with(x: torch.Tensor, p: PhotometricParams, spec: ViewSpec, chun
 
     `chunk`: samples processed together (default on the CPU: as many as hold CPU_CHUNK_PIXELS, 8 views at
     224 px or 43 at 96 px, so temporaries stay in cache and per-call overhead stays small; the whole batch
-    on an accelerator). On the CPU the output lives in memory
-    reused from an earlier batch that nothing refers to any more (`batch_memory`)."""
+    on an accelerator). On the CPU the output lives in memory reused from an earlier batch that nothing
+    refers to any more (`batch_memory`)."""
     n, dev = x.shape[0], x.device
     if spec.jitter == "exact" or n == 0:
         return normalize(apply_photometric(x / 255.0, p, spec), inplace=True)
