@@ -18,22 +18,36 @@ import numpy as np
 import torch
 
 _KEEP = 16  # arrays remembered (DINO: 2 global + 8 local views a step); beyond, the oldest are forgotten
-_FREE_REFS = 3  # references of an array nobody uses: the list, the loop variable, getrefcount's argument
 
 _lock = threading.Lock()
 _arrays: list[np.ndarray] = []
+
+
+def _refcounts(arrays: list[np.ndarray]) -> list[int]:
+    return [sys.getrefcount(a) for a in arrays]
+
+
+# What `_refcounts` says of an array that only its list refers to. Measured, not assumed: reference counts
+# differ between Python versions (3.14 borrows some references).
+_FREE_REFS = _refcounts([np.empty(1)])[0]
+
+
+def _free(arrays: list[np.ndarray]) -> list[int]:
+    """Positions of the arrays that nothing but the list refers to."""
+    return [i for i, c in enumerate(_refcounts(arrays)) if c == _FREE_REFS]
 
 
 def empty(shape: tuple[int, ...], dtype=np.float32) -> torch.Tensor:
     """An uninitialized CPU tensor of `shape`, in memory reused from an earlier batch of the same size."""
     n = math.prod(shape)
     with _lock:
-        for a in _arrays:
-            if a.size == n and a.dtype == dtype and sys.getrefcount(a) == _FREE_REFS:
+        for i in _free(_arrays):
+            a = _arrays[i]
+            if a.size == n and a.dtype == dtype:
                 return torch.from_numpy(a).view(shape)
         out = np.empty(n, dtype)
         _arrays.append(out)
         if len(_arrays) > _KEEP:
-            free = [i for i, a in enumerate(_arrays) if sys.getrefcount(a) == _FREE_REFS]
+            free = _free(_arrays)
             del _arrays[free[0] if free else 0]
         return torch.from_numpy(out).view(shape)
