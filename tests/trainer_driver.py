@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]  # tests, repo
 from trainer_helpers import TINY  # noqa: E402
 
 from stream_ssl.config import TrainConfig  # noqa: E402
