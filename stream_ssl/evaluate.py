@@ -50,6 +50,7 @@ from stream_ssl.data.augment import center_view, decode_rgb, normalize, to_chw
 from stream_ssl.data.loader import image_bytes, sample_label
 from stream_ssl.data.plan import Slice
 from stream_ssl.data.reader import ShardReader
+from stream_ssl.data.storage import options_for, parse_storage_options
 from stream_ssl.models.backbone import create_backbone
 
 KNN_SETTINGS = ((20, 0.07), (200, 0.1))  # (k, temperature)
@@ -89,11 +90,12 @@ def _decode_workers() -> int:
 @torch.no_grad()
 def features_of_slices(model: torch.nn.Module, sets: Sequence[ShardSet], pieces: Sequence[Slice], image_size: int,
                        batch_size: int = 256, device: str = "cpu", progress: bool | str = False,
-                       require_labels: bool = True, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       require_labels: bool = True, workers: int | None = None,
+                       storage_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (float32, CPU) and labels (-1 where a sample has none) of the samples in `pieces`, in order.
 
     Images are decoded by `workers` threads (default: the CPU count - 1, at most 8; PIL releases the GIL)."""
-    reader = ShardReader(tuple(sets))
+    reader = ShardReader(tuple(sets), storage_options)
     total = sum(len(p) for p in pieces)
     bar = _progress(total, progress if isinstance(progress, str) else "features", bool(progress))
     workers = _decode_workers() if workers is None else max(1, workers)
@@ -138,7 +140,8 @@ def features_of_slices(model: torch.nn.Module, sets: Sequence[ShardSet], pieces:
 
 def extract_features(model: torch.nn.Module, shard_set: ShardSet, image_size: int, batch_size: int = 256,
                      device: str = "cpu", progress: bool | str = False, limit: int | None = None,
-                     require_labels: bool = True, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     require_labels: bool = True, workers: int | None = None,
+                     storage_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every sample of a shard set (or its first `limit` samples), center view."""
     pieces, left = [], shard_set.num_samples if limit is None else min(limit, shard_set.num_samples)
     for i, info in enumerate(shard_set.shards):
@@ -148,7 +151,7 @@ def extract_features(model: torch.nn.Module, shard_set: ShardSet, image_size: in
         pieces.append(Slice(0, i, 0, take))
         left -= take
     return features_of_slices(model, (shard_set,), pieces, image_size, batch_size, device, progress, require_labels,
-                              workers)
+                              workers, storage_options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,14 +295,19 @@ def spread(total: int, sizes: Sequence[int]) -> list[int]:
     return [int(t) for t in take]
 
 
-def run_pool(cfg: dict, whole_source: bool = False) -> tuple[tuple[ShardSet, ...], list[Slice], str]:
+def open_set(url: str, storage_options: dict | None = None) -> ShardSet:
+    return load_shard_set(url, options_for(url, storage_options))
+
+
+def run_pool(cfg: dict, whole_source: bool = False,
+             storage_options: dict | None = None) -> tuple[tuple[ShardSet, ...], list[Slice], str]:
     """The pool of unique samples a run trained on (its shard slices), rebuilt from the run's config by the plan.
 
     `whole_source`: instead, the largest pool the run's data and mix allow (every sample when there is no mix),
     i.e. the distribution the run's N samples were drawn from; pools are nested, so it contains the run's pool."""
     from stream_ssl.data.plan import make_plan
 
-    sets = tuple(load_shard_set(u) for u in str(cfg["data"]).split(",") if u)
+    sets = tuple(open_set(u, storage_options) for u in str(cfg["data"]).split(",") if u)
     seed, mix = int(cfg.get("seed", 0)), cfg.get("mix")
 
     def plan_for(n):
@@ -323,9 +331,10 @@ def run_pool(cfg: dict, whole_source: bool = False) -> tuple[tuple[ShardSet, ...
     return sets, pieces, desc
 
 
-def sets_pool(urls: Sequence[str]) -> tuple[tuple[ShardSet, ...], list[Slice], str]:
+def sets_pool(urls: Sequence[str],
+              storage_options: dict | None = None) -> tuple[tuple[ShardSet, ...], list[Slice], str]:
     """Every sample of the given shard sets, as a pool."""
-    sets = tuple(load_shard_set(u) for u in urls)
+    sets = tuple(open_set(u, storage_options) for u in urls)
     pieces = [Slice(i, j, 0, info.samples) for i, s in enumerate(sets) for j, info in enumerate(s.shards)]
     return sets, pieces, f"shard sets: {', '.join(s.url for s in sets)}"
 
@@ -349,11 +358,13 @@ def _resolve_device(device: str | None) -> str:
 def evaluate_sets(run: Path, downstream: Sequence[tuple[str, str]], knn: bool = True, linear: bool = False,
                   distance: bool | str | Sequence[str] = False, distance_samples: int = DISTANCE_SAMPLES,
                   batch_size: int = 256, device: str | None = None, progress: bool = False,
-                  seed: int = 0) -> list[dict]:
+                  seed: int = 0, storage_options: dict | None = None) -> list[dict]:
     """Evaluate one run on several (train, test) downstream pairs; the model and pool features load once.
 
     `distance`: False (none), True or "pool" (the run's own pool of N samples), "source" (the whole data the
-    run's pool is drawn from, see `run_pool`), or a list of shard-set URLs (those sets)."""
+    run's pool is drawn from, see `run_pool`), or a list of shard-set URLs (those sets). `storage_options`:
+    fsspec options for every URL (as train.py's --storage-options; default: the environment's)."""
+    so = storage_options
     t0 = time.perf_counter()
     device = _resolve_device(device)
     model, cfg = load_backbone(run)
@@ -362,21 +373,23 @@ def evaluate_sets(run: Path, downstream: Sequence[tuple[str, str]], knn: bool = 
     pool = None
     if distance:
         if distance is True or distance in ("pool", "source"):
-            sets, pieces, desc = run_pool(cfg, whole_source=distance == "source")
+            sets, pieces, desc = run_pool(cfg, whole_source=distance == "source", storage_options=so)
         elif isinstance(distance, str):
             raise ValueError(f"distance: expected pool, source or shard sets, got {distance!r}")
         else:
-            sets, pieces, desc = sets_pool(list(distance))
+            sets, pieces, desc = sets_pool(list(distance), so)
         pool = {"sets": sets, "pieces": pieces, "desc": desc, "size": sum(len(p) for p in pieces), "feats": None}
 
     results = []
     for train, test in downstream:
         t1 = time.perf_counter()
-        train_set, test_set = load_shard_set(train), load_shard_set(test)
+        train_set, test_set = open_set(train, so), open_set(test, so)
         train_x, train_y = extract_features(model, train_set, size, batch_size, device,
-                                            progress=f"features {train_set.name or 'train'}" if progress else False)
+                                            progress=f"features {train_set.name or 'train'}" if progress else False,
+                                            storage_options=so)
         test_x, test_y = extract_features(model, test_set, size, batch_size, device,
-                                          progress=f"features {test_set.name or 'test'}" if progress else False)
+                                          progress=f"features {test_set.name or 'test'}" if progress else False,
+                                          storage_options=so)
         result = {"checkpoint": str(run), "backbone": cfg["backbone"], "image_size": size,
                   "feature_dim": int(train_x.shape[1]), "train": train, "test": test,
                   "train_samples": len(train_y), "test_samples": len(test_y),
@@ -398,7 +411,7 @@ def evaluate_sets(run: Path, downstream: Sequence[tuple[str, str]], knn: bool = 
                 want = min(distance_samples, pool["size"])
                 pool["feats"], _ = features_of_slices(
                     model, pool["sets"], sample_pieces(pool["pieces"], want), size, batch_size, device,
-                    progress="features pool" if progress else False, require_labels=False)
+                    progress="features pool" if progress else False, require_labels=False, storage_options=so)
                 pool["feats"] = pool["feats"][torch.from_numpy(np.random.default_rng(seed).permutation(want))]
             down = train_x[torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(train_x))[:m])]
             result["distance"] = {"frechet": frechet_distance(pool["feats"][:m].numpy(), down.numpy()),
@@ -413,11 +426,12 @@ def evaluate_sets(run: Path, downstream: Sequence[tuple[str, str]], knn: bool = 
 
 def evaluate(run: Path, train: str, test: str, knn: bool = True, linear: bool = False,
              distance: bool | str | Sequence[str] = False, distance_samples: int = DISTANCE_SAMPLES,
-             batch_size: int = 256, device: str | None = None, progress: bool = False, seed: int = 0) -> dict:
+             batch_size: int = 256, device: str | None = None, progress: bool = False, seed: int = 0,
+             storage_options: dict | None = None) -> dict:
     """Evaluate one run on one downstream (train, test) pair; see the module docstring."""
     return evaluate_sets(run, [(train, test)], knn=knn, linear=linear, distance=distance,
                          distance_samples=distance_samples, batch_size=batch_size, device=device, progress=progress,
-                         seed=seed)[0]
+                         seed=seed, storage_options=storage_options)[0]
 
 
 def markdown_table(result: dict) -> str:
@@ -460,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the distance subsets")
+    p.add_argument("--storage-options", default="",
+                   help="fsspec options for s3:// etc. as JSON or a JSON file, as train.py's (default: the AWS "
+                        "environment); a run's config.json holds them redacted, so give them again here")
     p.add_argument("--markdown", action="store_true", help="print the markdown table instead of JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", type=Path, help="also write the JSON here, and the markdown table next to it (.md)")
@@ -469,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(a.checkpoint, a.train, a.test, knn=knn, linear=a.linear, distance=distance,
                           distance_samples=a.distance_samples, batch_size=a.batch_size, device=a.device,
-                          progress=not a.no_progress, seed=a.seed)
+                          progress=not a.no_progress, seed=a.seed,
+                          storage_options=parse_storage_options(a.storage_options))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -269,7 +269,7 @@ def _train(acc: Accelerator, cfg: TrainConfig) -> dict:
 
     knn_sets, knn_history = None, []
     if cfg.knn_train:
-        knn_sets = (load_shard_set(cfg.knn_train), load_shard_set(cfg.knn_test))
+        knn_sets = tuple(load_shard_set(u, options_for(u, storage)) for u in (cfg.knn_train, cfg.knn_test))
 
     io_counters = {"bytes_read": 0, "cache_hits": 0, "retries": 0}
     t_start = time.perf_counter()
@@ -425,13 +425,16 @@ def run_knn(acc: Accelerator, method, sets, cfg: TrainConfig, step: int, metrics
     if acc.is_main_process:
         from stream_ssl.evaluate import extract_features, knn_accuracy
 
+        storage = parse_storage_options(cfg.storage_options)
         backbone = method.backbone
         was_training = backbone.training
         backbone.eval()
         t0 = time.perf_counter()
         with acc.autocast():
-            train_x, train_y = extract_features(backbone, sets[0], cfg.image_size, device=str(acc.device))
-            test_x, test_y = extract_features(backbone, sets[1], cfg.image_size, device=str(acc.device))
+            train_x, train_y = extract_features(backbone, sets[0], cfg.image_size, device=str(acc.device),
+                                                storage_options=storage)
+            test_x, test_y = extract_features(backbone, sets[1], cfg.image_size, device=str(acc.device),
+                                              storage_options=storage)
         backbone.train(was_training)
         top1 = knn_accuracy(train_x, train_y, test_x, test_y, k=cfg.knn_k, temperature=cfg.knn_temperature)
         result = {"step": step, "knn_top1": top1, "seconds": time.perf_counter() - t0}

@@ -179,7 +179,8 @@ def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(mo
     flags = dict(unique_samples="60", budget_samples="240", batch_size=16, num_workers=1, save_every=5,
                  tensorboard="false", storage_options=json.dumps(moto.options()))
     runs = {}
-    for name, extra in (("cached", {"cache_dir": tmp_path / "cache", "cache_size": "64M"}), ("direct", {})):
+    knn = {"knn_train": s3_url, "knn_test": s3_url, "knn_k": 5}  # the kNN monitor reads s3:// with the same options
+    for name, extra in (("cached", {"cache_dir": tmp_path / "cache", "cache_size": "64M", **knn}), ("direct", {})):
         out = tmp_path / name
         r = run([PYTHON, TRAIN, *train_args(s3_url, out, **flags, **extra)])
         assert r.returncode == 0, r.stderr[-3000:]
@@ -191,6 +192,7 @@ def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(mo
         with open(out / "metrics.csv", newline="") as fh:
             runs[name] = list(csv.DictReader(fh))
     assert "<redacted>" in json.loads((tmp_path / "cached" / "config.json").read_text())["storage_options"]
+    assert 0 <= json.loads((tmp_path / "cached" / "summary.json").read_text())["knn"][-1]["knn_top1"] <= 1
     cached, direct = runs["cached"][-1], runs["direct"][-1]
     assert cached["step"] == direct["step"] == "15"  # 240 // 16 steps
     assert int(cached["cache_hits"]) > 0 and int(direct["cache_hits"]) == 0
@@ -214,8 +216,8 @@ def test_redact_options_hides_secret_values_only(tmp_path):
 
 
 def test_evaluate_reads_downstream_sets_from_s3_like_local_ones(moto, make_shard_set, tmp_path, monkeypatch):
-    """`python -m stream_ssl.evaluate` on s3:// sets (endpoint and credentials from the AWS environment) gives
-    the same features, hence the same kNN and linear numbers, as on the local copies."""
+    """`python -m stream_ssl.evaluate` on s3:// sets (endpoint and credentials from the AWS environment, or from
+    --storage-options) gives the same features, hence the same kNN and linear numbers, as on the local copies."""
     from tests.eval_helpers import make_run
     from tests.trainer_helpers import PYTHON, run
 
@@ -228,12 +230,15 @@ def test_evaluate_reads_downstream_sets_from_s3_like_local_ones(moto, make_shard
     env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": REGION,
            "AWS_ENDPOINT_URL": moto.endpoint}
     results = []
-    for train, test in ((train_set, test_set), ("s3://downstream/train", "s3://downstream/test")):
+    remote = ("s3://downstream/train", "s3://downstream/test")
+    for (train, test), flags, extra_env in (((train_set, test_set), [], {}), (remote, [], env),
+                                            (remote, ["--storage-options", json.dumps(moto.options())], {})):
         r = run([PYTHON, "-m", "stream_ssl.evaluate", "--checkpoint", ckpt, "--train", train, "--test", test,
-                 "--knn", "--linear", "--no-progress", "--device", "cpu", "--batch-size", "32"], **env)
+                 "--knn", "--linear", "--no-progress", "--device", "cpu", "--batch-size", "32", *flags], **extra_env)
         assert r.returncode == 0, r.stderr[-3000:]
         assert SECRET not in r.stdout + r.stderr
         results.append(json.loads(r.stdout))
-    local, remote = results
-    assert remote["train_samples"] == 60 and remote["test_samples"] == 40
-    assert remote["knn"] == local["knn"] and remote["linear"] == local["linear"]
+    local, by_env, by_flag = results
+    assert by_env["train_samples"] == by_flag["train_samples"] == 60 and by_flag["test_samples"] == 40
+    for other in (by_env, by_flag):
+        assert other["knn"] == local["knn"] and other["linear"] == local["linear"]
