@@ -350,7 +350,7 @@ def _train(acc: Accelerator, cfg: TrainConfig) -> dict:
                                      wait=f"{values['data_wait']:.0%}", refresh=False)
             t_last, wait, seen = now, 0.0, 0
         if cfg.eval_every > 0 and done % cfg.eval_every == 0 and knn_sets is not None and not is_last:
-            knn_history.append(run_knn(acc, method, knn_sets, cfg, done, metrics))
+            knn_history.append(run_knn(acc, method, knn_sets, storage, cfg, done, metrics))
         if save_now and not is_last:
             save_state(acc, method, optimizer, cfg, out, done, global_batch, world_size, peak_lr, warmup, total)
             last_saved = done
@@ -362,7 +362,7 @@ def _train(acc: Accelerator, cfg: TrainConfig) -> dict:
     if last_saved != total or start_step == total:
         save_state(acc, method, optimizer, cfg, out, done, global_batch, world_size, peak_lr, warmup, total)
     if knn_sets is not None:
-        knn_history.append(run_knn(acc, method, knn_sets, cfg, done, metrics))
+        knn_history.append(run_knn(acc, method, knn_sets, storage, cfg, done, metrics))
 
     wall = time.perf_counter() - t_start
     trained = total - start_step
@@ -419,13 +419,14 @@ def _reduce(acc: Accelerator, losses: list[torch.Tensor], extra: dict[str, list[
     return {"loss": vals[0], **dict(zip(keys, vals[1:]))}
 
 
-def run_knn(acc: Accelerator, method, sets, cfg: TrainConfig, step: int, metrics: MetricsLog | None) -> dict:
-    """kNN accuracy of the current backbone (main process; the others wait)."""
+def run_knn(acc: Accelerator, method, sets, storage: dict, cfg: TrainConfig, step: int,
+            metrics: MetricsLog | None) -> dict:
+    """kNN accuracy of the current backbone (main process; the others wait); `storage`: the run's parsed
+    storage options, for reading the sets."""
     result = {}
     if acc.is_main_process:
         from stream_ssl.evaluate import extract_features, knn_accuracy
 
-        storage = parse_storage_options(cfg.storage_options)
         backbone = method.backbone
         was_training = backbone.training
         backbone.eval()
