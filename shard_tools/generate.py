@@ -69,7 +69,7 @@ from shard_tools.errors import (
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import label_ids
-from shard_tools.shardset import ShardInfo, idx_name, shard_name
+from shard_tools.shardset import ShardInfo, idx_name, shard_name, shards_intact
 from shard_tools.storage import Output, open_output
 from shard_tools.writer import ShardWriter, make_index, write_index
 
@@ -329,7 +329,7 @@ def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[
             except ValueError:
                 index = {}
             if _index_config(index) == digest:
-                if all(output.sha256(s["path"]) == (s["sha256"], s["bytes"]) for s in index.get("shards", [])):
+                if shards_intact(output, index):
                     errors = read_errors(output, name)
                     return GenerateResult(index, jobs, index["num_samples"], 0, count_by_kind(errors), errors,
                                           time.perf_counter() - start, len(index["shards"]), True)

@@ -212,10 +212,14 @@ def finished_index(output, section: str, digest: str, name: str | None = None) -
         index = json.loads(data)
         if (index.get(section) or {}).get("config_sha256") != digest or name not in (None, index.get("name")):
             return None
-        for s in index["shards"]:
-            if output.sha256(s["path"]) != (s["sha256"], s["bytes"]):
-                return None
+        if not shards_intact(output, index):
+            return None
     except (ValueError, KeyError, TypeError):
         return None
     return index
+
+
+def shards_intact(output, index: dict) -> bool:
+    """Every shard listed in `index` is in `output` with its recorded sha256 and size."""
+    return all(output.sha256(s["path"]) == (s["sha256"], s["bytes"]) for s in index["shards"])
 
