@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = {}
         if not a.no_s3:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-            from tests.s3_servers import MotoServer, upload_folder
+            from tests.helpers.servers import MotoServer, upload_folder
 
             moto = MotoServer()
             options = moto.options()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,21 @@ from hypothesis import settings
 from shard_tools.pack import pack
 from shard_tools.synth import synthesize
 
-REPO = Path(__file__).resolve().parent.parent
-
 # Property tests draw the same examples on every run, so CI cannot pass once and fail the next time on the
 # same code; HYPOTHESIS_PROFILE=explore searches with fresh random examples (PLAN_EXAMPLES=1000 for more).
 settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-PYTHON = sys.executable
+
+SLOW_KINDS = ("s3", "multiprocess", "dali")
+
+
+def pytest_collection_modifyitems(items):
+    """Every test of a slow kind (S3 server, several processes, DALI) is also `slow`: `pytest -m "not slow"`
+    is the quick loop."""
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from augment_util import photo_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -34,6 +33,7 @@ from stream_ssl.data.augment import (
     swav_views,
     to_chw,
 )
+from tests.helpers.images import photo_like
 
 
 @pytest.fixture(scope="module")

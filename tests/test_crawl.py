@@ -16,8 +16,6 @@ from unittest import mock
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from crawl_server import NAMES, image_server
-from pack_util import REPO, moto_server, read_csv, run_tool, write_csv
 from PIL import Image
 
 from shard_tools.crawl import CrawlError, crawl, failure_kind
@@ -27,6 +25,11 @@ from shard_tools.synth import render
 from shard_tools.verify import verify
 from stream_ssl.data.plan import Slice, make_plan
 from stream_ssl.data.reader import ShardReader
+from tests.helpers import REPO
+from tests.helpers.crawl_server import NAMES, image_server
+from tests.helpers.packing import moto_server, read_csv, run_tool, write_csv
+
+pytestmark = pytest.mark.multiprocess
 
 GOOD = list(range(12))
 SLOW = {2, 7}

@@ -9,16 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from augment_util import corrupt_copy, photo_like
 
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.augment import ViewSpec, decode_views, photometric_with, sample_params
 from stream_ssl.data.loader import TooManySkipped
 from stream_ssl.data.plan import make_plan
+from tests.helpers.images import corrupt_copy, photo_like
 
 pytest.importorskip("nvidia.dali")
 
-from stream_ssl.data.dali import (  # noqa: E402
+from stream_ssl.data.dali import (
     DaliAugment,
     DaliLoader,
     EncodedBatch,
@@ -29,6 +29,8 @@ from stream_ssl.data.dali import (  # noqa: E402
     photometric_rng,
     require_dali,
 )
+
+pytestmark = pytest.mark.dali
 
 SPECS = [ViewSpec(32, jitter_p=1.0, gray_p=0.4, blur_p=0.5, solarize_p=0.5, blur_kernel=5),
          ViewSpec(24, scale=(0.3, 1.0), flip_p=1.0, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)]

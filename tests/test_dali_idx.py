@@ -6,10 +6,10 @@ import json
 import tarfile
 
 import pytest
-from pack_util import img2dataset_shard, png_bytes, shard_samples, write_csv, write_images
 
 from shard_tools.index import index_folder
 from shard_tools.pack import pack
+from tests.helpers.packing import img2dataset_shard, png_bytes, shard_samples, write_csv, write_images
 
 dali = pytest.importorskip("nvidia.dali")
 fn = pytest.importorskip("nvidia.dali.fn")

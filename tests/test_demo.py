@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.conftest import PYTHON, REPO
-from tests.eval_helpers import TINY_BACKBONE
-from tests.trainer_helpers import child_env
+import pytest
+
+from tests.helpers import PYTHON, REPO
+from tests.helpers.runs import TINY_BACKBONE
+from tests.helpers.trainer import child_env
+
+pytestmark = pytest.mark.multiprocess
 
 
 def test_demo_prints_the_study_table_and_writes_the_plot(tmp_path):

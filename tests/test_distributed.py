@@ -4,7 +4,6 @@ also Barlow Twins, MoCo v3, SwAV and DINO, whose collectives carry no gradient."
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_helpers import free_port  # noqa: E402
+from stream_ssl.distributed import all_gather_nograd, gather_with_grad, sum_with_local_grad, world
+from stream_ssl.methods.barlow import barlow_twins_loss
+from stream_ssl.methods.dino import dino_center, dino_loss
+from stream_ssl.methods.mocov3 import moco_contrastive_loss
+from stream_ssl.methods.simclr import nt_xent_loss
+from stream_ssl.methods.swav import sinkhorn_knopp, swav_loss
+from stream_ssl.methods.vicreg import vicreg_loss
+from tests.helpers.trainer import free_port
 
-from stream_ssl.distributed import all_gather_nograd, gather_with_grad, sum_with_local_grad, world  # noqa: E402
-from stream_ssl.methods.barlow import barlow_twins_loss  # noqa: E402
-from stream_ssl.methods.dino import dino_center, dino_loss  # noqa: E402
-from stream_ssl.methods.mocov3 import moco_contrastive_loss  # noqa: E402
-from stream_ssl.methods.simclr import nt_xent_loss  # noqa: E402
-from stream_ssl.methods.swav import sinkhorn_knopp, swav_loss  # noqa: E402
-from stream_ssl.methods.vicreg import vicreg_loss  # noqa: E402
+pytestmark = pytest.mark.multiprocess
 
 WORLD, B, D_IN, D = 2, 6, 5, 8  # per-rank batch B; the concatenated batch has WORLD * B rows
 

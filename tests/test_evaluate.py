@@ -26,8 +26,8 @@ from stream_ssl.evaluate import (
     sample_pieces,
     spread,
 )
-from tests.conftest import PYTHON, REPO
-from tests.eval_helpers import make_run, read_json
+from tests.helpers import PYTHON, REPO
+from tests.helpers.runs import make_run, read_json
 
 # ----------------------------------------------------------------------------------------------------------
 # Frechet distance: known answers.

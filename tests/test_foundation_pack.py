@@ -11,7 +11,7 @@ import webdataset as wds
 from shard_tools.pack import pack
 from shard_tools.shardset import load_shard_set
 from shard_tools.synth import synthesize
-from tests.conftest import PYTHON, REPO
+from tests.helpers import PYTHON, REPO
 
 
 def _rows(manifest):

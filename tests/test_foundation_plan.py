@@ -10,7 +10,7 @@ import pytest
 
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.plan import make_plan
-from tests.conftest import PYTHON
+from tests.helpers import PYTHON
 
 
 @pytest.fixture(scope="module")

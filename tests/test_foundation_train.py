@@ -7,12 +7,15 @@ import json
 import subprocess
 from collections import defaultdict
 
+import pytest
 from safetensors.torch import load_file
 
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.plan import make_plan
-from tests.conftest import PYTHON, REPO
-from tests.s3_servers import free_port
+from tests.helpers import PYTHON, REPO
+from tests.helpers.servers import free_port
+
+pytestmark = pytest.mark.multiprocess
 
 TINY = ["--backbone", "resnet10t", "--image-size", "32", "--method-options", '{"proj_hidden": 128}',
         "--optimizer", "sgd", "--lr", "0.5"]

@@ -8,8 +8,6 @@ import io
 import json
 
 import pytest
-from crawl_server import NAMES
-from pack_util import read_csv, run_tool, write_csv
 from PIL import Image
 
 from shard_tools.generate import (
@@ -27,6 +25,8 @@ from shard_tools.synth import render
 from shard_tools.verify import verify
 from stream_ssl.data.plan import Slice
 from stream_ssl.data.reader import ShardReader
+from tests.helpers.crawl_server import NAMES
+from tests.helpers.packing import read_csv, run_tool, write_csv
 
 CLASSES = ["dog", "cat"]
 TEMPLATES = ["a photo of a {name}", "a drawing of a {name}"]

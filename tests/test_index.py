@@ -7,12 +7,12 @@ import json
 import tarfile
 
 import pytest
-from pack_util import img2dataset_shard, run_tool, tree, write_tar
 
 from shard_tools.index import index_folder
 from shard_tools.shardset import load_shard_set, parse_idx
 from stream_ssl.data.plan import Slice
 from stream_ssl.data.reader import ShardReader
+from tests.helpers.packing import img2dataset_shard, run_tool, tree, write_tar
 
 LONG = "a-rather-long-folder-name-that-does-not-fit-in-a-classic-tar-header/" * 2
 

@@ -11,9 +11,11 @@ import pytest
 import yaml
 
 from launch.launch import Topology, expand_nodelist, from_slurm, main, node_command, slurm_gpus
-from tests.conftest import PYTHON, REPO
-from tests.eval_helpers import TINY_BACKBONE
-from tests.trainer_helpers import child_env, free_port
+from tests.helpers import PYTHON, REPO
+from tests.helpers.runs import TINY_BACKBONE
+from tests.helpers.trainer import child_env, free_port
+
+pytestmark = pytest.mark.multiprocess
 
 TRAIN_ARGS = ["--config", "configs/demo.yaml", "--data", "s3://bucket/shards/pool", "--method-options",
               '{"proj_hidden": 256}', "--out", "runs/two nodes"]

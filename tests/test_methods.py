@@ -3,19 +3,14 @@ its target/teacher branches; momentum encoders follow the cosine EMA schedule by
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_helpers import TINY  # noqa: E402
-
-from stream_ssl.data.augment import ViewSpec  # noqa: E402
-from stream_ssl.methods import METHODS, build_method  # noqa: E402
-from stream_ssl.methods.base import momentum_at  # noqa: E402
-from stream_ssl.models.backbone import create_backbone  # noqa: E402
+from stream_ssl.data.augment import ViewSpec
+from stream_ssl.methods import METHODS, build_method
+from stream_ssl.methods.base import momentum_at
+from stream_ssl.models.backbone import create_backbone
+from tests.helpers.trainer import TINY
 
 ALL = ["simclr", "mocov3", "byol", "barlow", "vicreg", "swav", "dino"]
 TARGETS = {"mocov3": ("momentum_backbone", "momentum_projector"), "byol": ("target_backbone", "target_projector"),

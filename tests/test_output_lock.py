@@ -6,10 +6,10 @@ from __future__ import annotations
 import signal
 import subprocess
 
-from pack_util import PYTHON, REPO, run_tool, write_csv, write_images
-
 from shard_tools.pack import pack
 from shard_tools.storage import LOCK_NAME
+from tests.helpers import PYTHON, REPO
+from tests.helpers.packing import run_tool, write_csv, write_images
 
 HOLD = ("import sys; sys.path.insert(0, sys.argv[2]); from shard_tools.storage import LocalOutput; "
         "o = LocalOutput(sys.argv[1]); o.lock('pack.py --name held'); print('locked', flush=True); "

@@ -8,7 +8,11 @@ import shutil
 import tarfile
 
 import pytest
-from pack_util import (
+from PIL import Image
+
+from shard_tools.pack import PackError, pack
+from shard_tools.shardset import load_shard_set, parse_idx, sample_boundaries
+from tests.helpers.packing import (
     http_server,
     jpeg_bytes,
     png_bomb,
@@ -20,10 +24,6 @@ from pack_util import (
     write_csv,
     write_images,
 )
-from PIL import Image
-
-from shard_tools.pack import PackError, pack
-from shard_tools.shardset import load_shard_set, parse_idx, sample_boundaries
 
 
 def test_csv_with_class_names_captions_and_detected_path_column(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import signal
 
 import pytest
-from pack_util import run_tool, tree, write_csv, write_images
 
 from shard_tools.pack import KILL_ENV, pack
+from tests.helpers.packing import run_tool, tree, write_csv, write_images
 
 
 @pytest.fixture

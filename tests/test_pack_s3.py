@@ -8,12 +8,14 @@ import signal
 import tarfile
 
 import pytest
-from pack_util import moto_server, run_tool, shard_samples, tree, write_csv, write_images
 
 from shard_tools.index import index_folder
 from shard_tools.pack import KILL_ENV, pack
 from shard_tools.shardset import load_shard_set
 from shard_tools.verify import verify
+from tests.helpers.packing import moto_server, run_tool, shard_samples, tree, write_csv, write_images
+
+pytestmark = pytest.mark.s3
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import hashlib
 import json
 
 import pytest
-from pack_util import http_server, jpeg_bytes, read_csv, run_tool, shard_samples, write_images
 
 from shard_tools.manifest import YFCC_COLUMNS, ManifestError, read_manifest
 from shard_tools.pack import pack
+from tests.helpers.packing import http_server, jpeg_bytes, read_csv, run_tool, shard_samples, write_images
 
 
 def make_class_folders(root):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
-from augment_util import image_batch
 from scipy import stats
 from torchvision.transforms import v2
 
@@ -38,6 +37,7 @@ from stream_ssl.data.augment import (
     simclr_views,
     solarize,
 )
+from tests.helpers.images import image_batch
 
 N = 12
 

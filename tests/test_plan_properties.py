@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from stream_ssl.data.plan import make_plan, split_counts
-from tests.plan_sets import all_reads, fake_set, pool_of, step_samples
+from tests.helpers.plans import all_reads, fake_set, pool_of, step_samples
 
 EXAMPLES = int(os.environ.get("PLAN_EXAMPLES", "120"))  # raise for a longer search
 FAST = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stream_ssl.data.plan import make_plan, parse_mix
-from tests.plan_sets import fake_set, pool_of, step_samples
+from tests.helpers.plans import fake_set, pool_of, step_samples
 
 
 def test_errors_say_how_many_samples_exist():

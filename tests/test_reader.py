@@ -18,7 +18,7 @@ from stream_ssl.data.reader import ReadAhead, ReadError, ShardReader, coalesce
 from stream_ssl.data.storage import is_transient, options_for, redact
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
-from tests.s3_servers import HttpServer
+from tests.helpers.servers import HttpServer
 
 
 @pytest.fixture(scope="module")

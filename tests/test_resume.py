@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import csv
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_helpers import PYTHON, TRAIN, accelerate_cmd, run, train_args  # noqa: E402
+from stream_ssl.train import KILL_ENV
+from tests.helpers import PYTHON
+from tests.helpers.trainer import TRAIN, accelerate_cmd, run, train_args
 
-from stream_ssl.train import KILL_ENV  # noqa: E402
+pytestmark = pytest.mark.multiprocess
 
 K = 3
 

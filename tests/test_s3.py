@@ -17,7 +17,9 @@ from stream_ssl.data.reader import ReadAhead, ReadError, ShardReader
 from stream_ssl.data.storage import filesystem
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
-from tests.s3_servers import KEY, REGION, SECRET, FaultProxy, MotoServer, fault_schedule, upload_folder
+from tests.helpers.servers import KEY, REGION, SECRET, FaultProxy, MotoServer, fault_schedule, upload_folder
+
+pytestmark = pytest.mark.s3
 
 BUCKET = "shards"
 
@@ -174,7 +176,8 @@ def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(mo
     neither the key nor the secret in its output or anywhere in the run folder (config.json, checkpoints)."""
     import csv
 
-    from tests.trainer_helpers import PYTHON, TRAIN, run, train_args
+    from tests.helpers import PYTHON
+    from tests.helpers.trainer import TRAIN, run, train_args
 
     flags = dict(unique_samples="60", budget_samples="240", batch_size=16, num_workers=1, save_every=5,
                  tensorboard="false", storage_options=json.dumps(moto.options()))
@@ -218,8 +221,9 @@ def test_redact_options_hides_secret_values_only(tmp_path):
 def test_evaluate_reads_downstream_sets_from_s3_like_local_ones(moto, make_shard_set, tmp_path, monkeypatch):
     """`python -m stream_ssl.evaluate` on s3:// sets (endpoint and credentials from the AWS environment, or from
     --storage-options) gives the same features, hence the same kNN and linear numbers, as on the local copies."""
-    from tests.eval_helpers import make_run
-    from tests.trainer_helpers import PYTHON, run
+    from tests.helpers import PYTHON
+    from tests.helpers.runs import make_run
+    from tests.helpers.trainer import run
 
     train_set, test_set = make_shard_set(60, shard_size=30, seed=21), make_shard_set(40, shard_size=20, seed=22)
     fs, _ = filesystem("s3://x", moto.options(), fresh=True)

@@ -9,8 +9,10 @@ import pytest
 import yaml
 
 from launch.sweep import SweepError, compress_indices, load_sweep, main, slug, slurm_script
-from tests.conftest import PYTHON, REPO
-from tests.eval_helpers import TINY_BACKBONE, read_json
+from tests.helpers import PYTHON, REPO
+from tests.helpers.runs import TINY_BACKBONE, read_json
+
+pytestmark = pytest.mark.multiprocess
 
 TINY_TRAIN = {"backbone": TINY_BACKBONE, "image_size": 32, "batch_size": 16, "num_workers": 0, "optimizer": "sgd",
               "lr": 0.5, "method_options": {"proj_hidden": 64, "proj_dim": 32}, "progress": False,

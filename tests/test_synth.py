@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from shard_tools import synth
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "shard_tools" / "synth.py"
 
 

@@ -8,7 +8,6 @@ import csv
 import inspect
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,15 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_helpers import REPO, TINY, accelerate_cmd, run  # noqa: E402
+from stream_ssl.config import TrainConfig, parse_config
+from stream_ssl.methods import METHODS
+from stream_ssl.train import main, train
+from tests.helpers import REPO
+from tests.helpers.trainer import TINY, accelerate_cmd, run
 
-from stream_ssl.config import TrainConfig, parse_config  # noqa: E402
-from stream_ssl.methods import METHODS  # noqa: E402
-from stream_ssl.train import main, train  # noqa: E402
+pytestmark = pytest.mark.multiprocess
 
-DRIVER = REPO / "tests" / "trainer_driver.py"
+DRIVER = REPO / "tests" / "helpers" / "trainer_driver.py"
 STEPS = 20
 
 

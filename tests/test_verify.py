@@ -7,11 +7,11 @@ import json
 import shutil
 
 import pytest
-from pack_util import jpeg_bytes, run_tool, write_csv, write_images
 
 from shard_tools.pack import pack
 from shard_tools.verify import verify
 from shard_tools.writer import ShardWriter
+from tests.helpers.packing import jpeg_bytes, run_tool, write_csv, write_images
 
 
 @pytest.fixture(scope="module")

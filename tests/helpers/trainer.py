@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.s3_servers import free_port
+from tests.helpers import REPO
+from tests.helpers.servers import free_port
 
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TRAIN = REPO / "stream_ssl" / "train.py"
 

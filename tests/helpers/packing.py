@@ -9,7 +9,6 @@ import io
 import os
 import struct
 import subprocess
-import sys
 import tarfile
 import threading
 import zlib
@@ -19,11 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.s3_servers import MotoServer
+from tests.helpers import PYTHON, REPO
+from tests.helpers.servers import MotoServer
 
-REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / "shard_tools"
-PYTHON = sys.executable
 
 
 def jpeg_bytes(w: int = 24, h: int = 16, seed: int = 0, quality: int = 90) -> bytes:

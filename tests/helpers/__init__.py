@@ -1,0 +1,14 @@
+"""Helpers shared by the test modules: `from tests.helpers.NAME import ...` everywhere.
+
+images (photo-like JPEGs, corrupt copies), packing (manifests, tars, CLI runs of the shard tools), plans (fake
+shard sets for plan properties), runs (evaluation run folders), servers (moto S3, fault proxy, HTTP with ranges),
+trainer (tiny method settings, subprocess runners), crawl_server (loopback image server for img2dataset),
+trainer_driver (a script run under `accelerate launch`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+PYTHON = sys.executable
