@@ -35,10 +35,10 @@ from shard_tools.shardset import load_shard_set
 from stream_ssl.data.augment import photometric
 from stream_ssl.data.loader import make_loader
 from stream_ssl.data.plan import make_plan
+from stream_ssl.data.rng import batch_generator
 from stream_ssl.methods import build_method
 from stream_ssl.models.backbone import create_backbone
 from stream_ssl.optim import build_optimizer
-from stream_ssl.train import photometric_generator
 
 
 def generated_shard_set(root: Path, samples: int, size: int) -> str:
@@ -77,7 +77,7 @@ def measure(args, device: torch.device, batches, total_steps: int) -> tuple[floa
         tw = time.perf_counter()
         batch = next(it)
         wait += time.perf_counter() - tw
-        gen = photometric_generator(0, batch.step, 0, device)
+        gen = batch_generator(0, batch.step, 0, device=device)
         x = [photometric(v.to(device, non_blocking=True), spec, gen) for v, spec in zip(batch.views, views)]
         method.set_step(i, total_steps)
         with autocast:

@@ -1,5 +1,9 @@
 """Typed run configuration: defaults here, then a YAML file (`--config`), then command-line flags.
 
+Every setting is a field of `TrainConfig` with its help text (and, where the value is one of a few names, its
+choices) next to it; `parse_config` builds `train.py --help` from them, so what a flag means is written once.
+Boolean settings are switches (`--tensorboard` / `--no-tensorboard`).
+
 Batch vocabulary: `batch_size` is the micro-batch of one process (what one forward pass sees, and what the
 plan's per-rank batch is); an optimizer step accumulates `grad_accum` micro-batches, so the global batch is
 world_size x batch_size x grad_accum, and that global batch sets the learning rate (lr x global / 256) and
@@ -10,6 +14,7 @@ in configs/methods/ give each method's recommended settings.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -19,57 +24,84 @@ import yaml
 
 from stream_ssl.data.storage import redact_options
 
+COUNT_RULE = ("a count (12000, 500K, 1M, 2.5B: K/M/B are 10^3/10^6/10^9) or a fraction of the pool "
+              "(0.1, 10%; a number with a decimal point <= 1 is a fraction)")
+SIZE_RULE = "K/M/G/T are powers of 1000 (1G = 10^9 bytes), KiB/MiB/GiB/TiB powers of 1024"
+DECODERS = ("pil", "dali")
+PRECISIONS = ("no", "bf16", "fp16")
+OPTIMIZER_NAMES = ("lars", "sgd", "adamw")
+
+
+def setting(default, help: str, choices: tuple[str, ...] | None = None):
+    """A TrainConfig field with its `--help` text (and allowed values)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class TrainConfig:
     # data
-    data: str = ""  # comma-separated shard-set folders or URLs
-    unique_samples: str = "1.0"  # N: count (1M, 500K) or fraction of the pool (0.1)
-    budget_samples: str = "100K"  # C: samples seen in pretraining
-    mix: str | None = None  # per-source pool weights: real=0.7,generated=0.3
-    num_workers: int = 2  # loader workers per process
-    decoder: str = "pil"  # pil: workers decode + crop, photometric batched on the device | dali: DALI pipeline
-    dali_threads: int = 2  # DALI CPU threads per process (--decoder dali)
-    storage_options: str = ""  # fsspec options as JSON (or a JSON file), flat or per protocol: {"s3": {...}}
-    cache_dir: str = ""  # local cache of what pass 1 read, so repeated passes skip the object store
-    cache_size: str = ""  # cache bound (20G, 512MiB); empty: what the plan's repeats need
-    shuffle_window: int = 8  # steps whose samples are mixed together (see data/plan.py)
-    shuffle_block: int = -1  # samples moved together when mixing; 0: no mixing, -1: automatic
-    skip_fraction: float = 0.01  # fail when more than this share of samples (past 32) cannot be decoded
+    data: str = setting("", "comma-separated shard sets (folders or s3://, http(s):// URLs)")
+    unique_samples: str = setting("1.0", f"N, the unique samples of the pool: {COUNT_RULE}")
+    budget_samples: str = setting("100K", f"C, the samples seen in pretraining: {COUNT_RULE}")
+    mix: str | None = setting(None, "pool weights per source or set name: real=0.7,generated=0.3 "
+                                    "(default: proportional to size)")
+    num_workers: int = setting(2, "loader worker processes per training process")
+    decoder: str = setting("pil", "pil: workers decode and crop, colour augmentation batched on the device; "
+                                  "dali: NVIDIA DALI pipeline", DECODERS)
+    dali_threads: int = setting(2, "DALI CPU threads per process (--decoder dali)")
+    storage_options: str = setting("", "fsspec options as JSON, or the path of a JSON file, flat or per "
+                                       "protocol: '{\"s3\": {...}}' (credentials are never written down)")
+    cache_dir: str = setting("", "local folder that keeps what pass 1 read, so repeated passes skip the "
+                                 "object store")
+    cache_size: str = setting("", f"bound of the cache (200G, 512MiB; {SIZE_RULE}); empty: what the plan's "
+                                  "repeats need")
+    shuffle_window: int = setting(8, "steps whose samples are mixed together (see stream_ssl/data/plan.py)")
+    shuffle_block: int = setting(-1, "samples moved together when mixing; 0: no mixing, -1: automatic")
+    skip_fraction: float = setting(0.01, "fail when more than this share of samples (past 32) cannot be decoded")
     # model
-    method: str = "simclr"
-    method_options: dict = field(default_factory=dict)  # passed to the method's constructor
-    backbone: str = "resnet18"
-    backbone_options: dict = field(default_factory=dict)  # passed to timm.create_model (drop_path_rate, ...)
-    image_size: int = 64
-    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm when running on several GPUs
+    method: str = setting("simclr", "SSL method")  # choices: the method registry (see `choices`)
+    method_options: dict = setting({}, "settings passed to the method, as JSON or YAML: "
+                                       "'{\"temperature\": 0.2}'")
+    backbone: str = setting("resnet18", "timm model name (random weights; nothing is downloaded)")
+    backbone_options: dict = setting({}, "settings passed to timm.create_model, as JSON: '{\"drop_path_rate\": 0.1}'")
+    image_size: int = setting(64, "side of the global views in pixels")
+    sync_bn: bool = setting(False, "BatchNorm statistics over all GPUs (SyncBatchNorm; GPUs only)")
     # optimization
-    batch_size: int = 256  # per process and micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    optimizer: str = "lars"  # lars | sgd | adamw
-    lr: float = 0.3  # for a global batch of 256; scaled linearly
-    weight_decay: float = 1e-6
-    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (DINO: 0.04 -> 0.4)
-    momentum: float = 0.9  # SGD/LARS momentum (AdamW uses betas 0.9, 0.999)
-    warmup_fraction: float = 0.1  # share of optimizer steps with linear warm-up
-    precision: str = "no"  # no | bf16 | fp16
-    clip_grad: float = 0.0  # max gradient norm, 0 = off
-    seed: int = 0
+    batch_size: int = setting(256, "micro-batch per process (one forward pass)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step (global batch = processes x batch x accum)")
+    optimizer: str = setting("lars", "optimizer", OPTIMIZER_NAMES)
+    lr: float = setting(0.3, "learning rate for a global batch of 256, scaled linearly with the global batch")
+    weight_decay: float = setting(1e-6, "weight decay (biases and norm parameters get none)")
+    weight_decay_end: float | None = setting(None, "cosine weight-decay schedule to this value (DINO: 0.04 -> 0.4)")
+    momentum: float = setting(0.9, "SGD/LARS momentum (AdamW uses betas 0.9, 0.999)")
+    warmup_fraction: float = setting(0.1, "share of optimizer steps with a linear learning-rate warm-up")
+    precision: str = setting("no", "mixed precision", PRECISIONS)
+    clip_grad: float = setting(0.0, "clip the gradient norm to this value (0: off)")
+    seed: int = setting(0, "seed of the plan, the initialization and every augmentation")
+    # GPU settings (no effect on CPU)
+    tf32: bool = setting(True, "CUDA: TF32 matrix multiplies and convolutions for float32 work")
+    cudnn_benchmark: bool = setting(True, "CUDA: let cuDNN pick the fastest convolution algorithms")
+    channels_last: bool = setting(True, "CUDA: channels-last memory format for convolutional backbones")
+    dist_timeout: int = setting(3600, "seconds a collective may wait for the slowest process (rank-0 work "
+                                      "such as the kNN monitor or a checkpoint write) before the run fails")
     # output
-    out: str = "runs/run"
-    log_every: int = 10  # optimizer steps between metric rows
-    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
-    resume: str = "auto"  # auto | never | path of a checkpoint file
-    tensorboard: bool = True  # also write metrics as TensorBoard events to OUT/tb
-    progress: bool = True  # progress bar on the main process
-    log_keys: bool = False  # write the sample keys each rank trains on to OUT/keys/rank-R.txt
+    out: str = setting("runs/run", "run folder: config, metrics, checkpoints, summary, exported backbone")
+    log_every: int = setting(10, "optimizer steps between metric rows")
+    save_every: int = setting(0, "optimizer steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept (0: all)")
+    resume: str = setting("auto", "auto (continue the run in --out), never, or the path of a checkpoint file")
+    tensorboard: bool = setting(True, "also write metrics as TensorBoard events to OUT/tb")
+    progress: bool = setting(True, "progress bar on the main process")
+    log_keys: bool = setting(False, "write the sample keys each rank trains on to OUT/keys/rank-R.txt")
     # online kNN monitor (labeled shard sets)
-    eval_every: int = 0  # optimizer steps between kNN evaluations (0: only at the end when sets are given)
-    knn_train: str = ""  # labeled shard set for the kNN memory bank
-    knn_test: str = ""  # labeled shard set to score
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    eval_every: int = setting(0, "optimizer steps between kNN evaluations (0: only at the end, when sets are given)")
+    knn_train: str = setting("", "labeled shard set for the kNN monitor's memory bank")
+    knn_test: str = setting("", "labeled shard set the kNN monitor scores")
+    knn_k: int = setting(20, "neighbours of the kNN monitor")
+    knn_temperature: float = setting(0.07, "temperature of the kNN monitor's vote weights")
 
     # Fields that define what a run computes; an output folder holding another run differs in one of them.
     # The per-process batch and accumulation are not among them: the global batch is (see train.py), so a
@@ -85,46 +117,58 @@ class TrainConfig:
         return d
 
 
-def _parse_value(text: str, default, annotation: str = ""):
-    if "None" in annotation and text.strip().lower() in ("none", "null", ""):
+def choices(f: dataclasses.Field) -> tuple[str, ...] | None:
+    """The allowed values of a setting (the method names come from the registry)."""
+    if f.name == "method":
+        from stream_ssl.methods import METHODS
+
+        return tuple(sorted(METHODS))
+    return f.metadata.get("choices")
+
+
+def _kind(f: dataclasses.Field) -> str:
+    return str(f.type).split(" ")[0].split("|")[0].strip()  # 'bool', 'int', 'float', 'str', 'dict'
+
+
+def _parse_value(text: str, f: dataclasses.Field):
+    if "None" in str(f.type) and text.strip().lower() in ("none", "null", ""):
         return None
-    if isinstance(default, bool) or annotation.startswith("bool"):
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true or false, got {text!r}")
-    if isinstance(default, dict) or annotation.startswith("dict"):
+    kind = _kind(f)
+    if kind == "dict":
         value = yaml.safe_load(text)  # JSON is YAML; YAML flow style ({temperature: 0.2}) works too
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping like '{{\"temperature\": 0.2}}', got {text!r}")
         return value
-    if isinstance(default, int) or annotation.startswith("int"):
+    if kind == "int":
         return int(text)
-    if isinstance(default, float) or annotation.startswith("float"):
+    if kind == "float":
         return float(text)
     return text
 
 
-def _check_types(cfg: TrainConfig, where: str) -> None:
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        default = getattr(TrainConfig(), f.name)
-        if value is None:
-            if "None" not in str(f.type):
-                raise ValueError(f"{where}: {f.name} may not be null")
-            continue
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{where}: {f.name} must be true or false, got {value!r}")
-        if isinstance(default, int) and not isinstance(default, bool) and (
-                isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"{where}: {f.name} must be an integer, got {value!r}")
-        if (isinstance(default, float) or str(f.type).startswith("float")) and (
-                isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"{where}: {f.name} must be a number, got {value!r}")
-        if isinstance(default, dict) and not isinstance(value, dict):
-            raise ValueError(f"{where}: {f.name} must be a mapping, got {value!r}")
+def _check_value(f: dataclasses.Field, value, where: str):
+    """`value` of setting `f` with the YAML quirks undone (1e-6 read as a string, 1 as an int); raises ValueError
+    naming `where` and the setting when it has the wrong type or is not one of the choices."""
+    kind = _kind(f)
+    if value is None:
+        if "None" not in str(f.type):
+            raise ValueError(f"{where}: {f.name} may not be null")
+        return None
+    if kind == "float" and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {f.name} must be a number, got {value!r}") from None
+    if f.name in ("unique_samples", "budget_samples"):
+        value = str(value)  # a count or fraction, parsed with the pool size later
+    wanted = {"bool": bool, "int": int, "float": float, "dict": dict, "str": str}.get(kind, object)
+    if not isinstance(value, wanted) or (kind in ("int", "float") and isinstance(value, bool)):
+        name = {"bool": "true or false", "int": "an integer", "float": "a number", "dict": "a mapping"}.get(kind, kind)
+        raise ValueError(f"{where}: {f.name} must be {name}, got {value!r}")
+    allowed = choices(f)
+    if allowed and value not in allowed:
+        raise ValueError(f"{where}: {f.name} {value!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def load_yaml_settings(path: Path) -> dict:
@@ -138,14 +182,25 @@ def load_yaml_settings(path: Path) -> dict:
     return loaded
 
 
-def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> TrainConfig:
-    p = argparse.ArgumentParser(prog=prog, description="Streaming self-supervised pretraining.")
+def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Streaming self-supervised pretraining at a fixed budget "
+                                "of samples seen with a controlled number of unique samples.")
     p.add_argument("--config", type=Path, help="YAML file of settings; flags given here override it")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                       help=f"(default: {getattr(defaults, f.name)!r})")
+        text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})".replace("%", "%%")
+        if _kind(f) == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            allowed = choices(f)
+            p.add_argument(flag, dest=f.name, default=None, metavar=None if allowed else f.name.upper(),
+                           choices=allowed, help=text)
+    return p
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> TrainConfig:
+    p = build_parser(prog)
     args = p.parse_args(argv)
     values: dict = {}
     if args.config:
@@ -155,27 +210,20 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> Train
             p.error(str(e))
     for f in dataclasses.fields(TrainConfig):
         raw = getattr(args, f.name)
-        if raw is not None:
-            try:
-                values[f.name] = _parse_value(raw, getattr(defaults, f.name), str(f.type))
-            except (ValueError, yaml.YAMLError) as e:
-                p.error(f"--{f.name.replace('_', '-')}: {e}")
-    for key in ("unique_samples", "budget_samples"):
-        if key in values:
-            values[key] = str(values[key])
-    for f in dataclasses.fields(TrainConfig):  # YAML 1.1 reads 1e-6 as a string and 1 as an int
-        value = values.get(f.name)
-        if str(f.type).startswith("float") and value is not None and not isinstance(value, bool):
-            try:
-                values[f.name] = float(value)
-            except (TypeError, ValueError):
-                where = f"{args.config}: " if args.config and getattr(args, f.name) is None else ""
-                p.error(f"{where}{f.name} must be a number, got {value!r}")
-    cfg = TrainConfig(**values)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = raw if isinstance(raw, bool) else _parse_value(raw, f)
+        except (ValueError, yaml.YAMLError) as e:
+            p.error(f"--{f.name.replace('_', '-')}: {e}")
     try:
-        _check_types(cfg, str(args.config) if args.config else "settings")
+        for f in dataclasses.fields(TrainConfig):
+            if f.name in values:
+                from_file = args.config and getattr(args, f.name) is None
+                values[f.name] = _check_value(f, values[f.name], str(args.config) if from_file else "settings")
     except ValueError as e:
         p.error(str(e))
+    cfg = TrainConfig(**values)
     if not cfg.data:
         p.error("--data is required (comma-separated shard sets)")
     return cfg

@@ -1,9 +1,10 @@
-"""Training metrics of a run: OUT/metrics.csv, and TensorBoard events in OUT/tb when asked."""
+"""Training metrics of a run: OUT/metrics.csv (+ TensorBoard events in OUT/tb), the loop's meter, the keys log."""
 
 from __future__ import annotations
 
 import csv
 import os
+import time
 from pathlib import Path
 
 
@@ -67,3 +68,82 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
+
+
+class Meter:
+    """What the training loop accumulates between metric rows, and over the run.
+
+    Per micro-batch: `add_batch` (samples, loader wait, skips, storage counters of this process) and
+    `add_result` (the method's loss and extra scalars, kept on the device until a row is due). `row` reduces
+    the window over processes (one all_reduce) into the values of a metrics row and starts a new window."""
+
+    IO = ("bytes_read", "cache_hits", "retries")
+
+    def __init__(self, world_size: int, global_batch: int):
+        self.world_size, self.global_batch = world_size, global_batch
+        self.t_start = self.t_last = time.perf_counter()
+        self.losses: list = []
+        self.extra: dict[str, list] = {}
+        self.seen, self.wait, self.wait_total, self.skipped = 0, 0.0, 0.0, 0
+        self.io = dict.fromkeys(self.IO, 0)
+        self.logged: list[tuple[int, float]] = []
+        self.last_finite: dict | None = None  # {step, loss, lr} of the last row with a finite loss
+        self.skipped_steps = 0  # optimizer steps the fp16 gradient scaler skipped
+
+    def add_batch(self, batch, waited: float) -> None:
+        self.wait += waited
+        self.wait_total += waited
+        self.seen += len(batch.keys)
+        self.skipped += batch.skipped
+        for name in self.IO:
+            self.io[name] += getattr(batch, name)
+
+    def add_result(self, result: dict) -> None:
+        for k, v in result.items():
+            (self.losses if k == "loss" else self.extra.setdefault(k, [])).append(v.detach().float().reshape(()))
+
+    def row(self, acc, step: int, info: dict) -> dict:
+        """Mean of the window over steps and processes, with rates; resets the window."""
+        import torch
+
+        keys = sorted(self.extra)
+        vec = torch.stack([torch.stack(self.losses).mean()] + [torch.stack(self.extra[k]).mean() for k in keys])
+        if acc.num_processes > 1:
+            vec = acc.reduce(vec, reduction="mean")
+        vals = vec.tolist()
+        now = time.perf_counter()
+        span = max(now - self.t_last, 1e-9)
+        values = {"loss": vals[0], **dict(zip(keys, vals[1:])), **info}
+        values.update(samples=step * self.global_batch, samples_per_s=self.seen * self.world_size / span,
+                      data_wait=self.wait / span, skipped=self.skipped, skipped_steps=self.skipped_steps, **self.io)
+        self.losses, self.extra, self.t_last, self.wait, self.seen = [], {}, now, 0.0, 0
+        self.logged.append((step, values["loss"]))
+        return values
+
+
+class KeysLog:
+    """OUT/keys/rank-R.txt: `STEP KEY` per sample this rank trained on. On resume, what a killed run logged
+    after its last checkpoint is dropped, so the file reads as one run."""
+
+    def __init__(self, out: Path, rank: int, start_step: int):
+        folder = out / "keys"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"rank-{rank}.txt"
+        kept = []
+        if start_step and path.exists():
+            with open(path) as f:
+                kept = [line for line in f if int(line.split(" ", 1)[0]) < start_step]
+        self.file = open(path, "w", buffering=1)
+        self.file.writelines(kept)
+
+    def write(self, batch) -> None:
+        self.file.writelines(f"{batch.step} {key}\n" for key in batch.keys)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def progress_bar(total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, mininterval=2.0)

@@ -1,8 +1,6 @@
-"""Optimizers and the learning-rate schedule (linear warm-up, then cosine to zero over the budget's steps)."""
+"""Optimizers: LARS, SGD with momentum, AdamW over a method's parameter groups (schedules: stream_ssl/schedules.py)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -57,18 +55,3 @@ def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: floa
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     raise AssertionError("unreachable")
-
-
-def warmup_cosine(step: int, total: int, peak: float, warmup: int) -> float:
-    """Learning rate of optimizer step `step` (0-based) of `total`: linear warm-up over `warmup` steps to
-    `peak`, then cosine to zero at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def cosine_value(step: int, total: int, start: float, end: float) -> float:
-    """Cosine from `start` at step 0 to `end` at `total` (weight-decay schedules)."""
-    progress = min(1.0, max(0.0, step / max(1, total)))
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))

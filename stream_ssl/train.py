@@ -5,18 +5,23 @@
     python stream_ssl/train.py --config configs/methods/dino.yaml --data shards/pool --out runs/dino
     accelerate launch stream_ssl/train.py ...   # same command, many processes / nodes
 
+The loop, over a `Run` (stream_ssl/run.py):
+
+    run = build_run(accelerator, cfg); run.prepare()
+    fit(run)          # for each optimizer step: train_step(run, step, ...), a metrics row, kNN, checkpoint.save
+    finish(run, ...)  # last checkpoint, summary.json, backbone.safetensors
+
 Batches and steps. `--batch-size` is the micro-batch of one process (one forward pass); an optimizer step
 accumulates `--grad-accum` micro-batches, so the global batch is G = processes x batch x accum. The plan is
 built with the per-process batch of one optimizer step (batch x accum), so plan steps are optimizer steps
 (budget // G, the plan's global batch is G, and what it reports as dropped is all that is dropped); the loader
-splits each step's per-process batch into `accum` micro-batches (`make_loader(micro_batches=...)`). The
-learning rate is lr x G / 256; every schedule (lr, weight decay, EMA momentum, teacher temperature) is a
-function of the optimizer step. The resume position is the optimizer step; since step k covers stream samples
-[k * G, (k + 1) * G) whatever the split, a run resumes on another number of processes when G is unchanged.
+splits each step's per-process batch into `accum` micro-batches. The learning rate is lr x G / 256; every
+schedule (lr, weight decay, EMA momentum, teacher temperature) is a function of the optimizer step. The resume
+position is the optimizer step; since step k covers stream samples [k * G, (k + 1) * G) whatever the split, a
+run resumes on another number of processes when G is unchanged.
 
-On a machine without GPUs, `accelerate launch --multi_gpu --num_processes 2` starts two processes, and this
-trainer asks Accelerate for CPU mode so they form a gloo group (without that, Accelerate 1.15 treats each
-process as a single-process run).
+On a machine without GPUs, `accelerate launch --multi_gpu --num_processes 2` starts two processes that form a
+gloo group (see `run.make_accelerator`).
 """
 
 from __future__ import annotations
@@ -32,110 +37,47 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import save_file
 
 from shard_tools.shardset import load_shard_set
-from stream_ssl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from stream_ssl.config import TrainConfig, config_json, parse_config
+from stream_ssl import checkpoint
+from stream_ssl.config import TrainConfig, parse_config
 from stream_ssl.data.augment import device_views
-from stream_ssl.data.loader import make_loader
-from stream_ssl.data.plan import make_plan
-from stream_ssl.data.storage import options_for, parse_storage_options
-from stream_ssl.distributed import all_gather_objects
-from stream_ssl.methods import build_method
-from stream_ssl.metrics import MetricsLog
-from stream_ssl.models.backbone import create_backbone
-from stream_ssl.numbers import parse_bytes, parse_count
-from stream_ssl.optim import OPTIMIZERS, build_optimizer, cosine_value, warmup_cosine
-
-CHECKPOINT_FORMAT = 2
-# Test hook: the process SIGKILLs itself right after writing the checkpoint of this optimizer step.
-KILL_ENV = "STREAM_SSL_KILL_AFTER_CHECKPOINT"
+from stream_ssl.data.rng import batch_generator
+from stream_ssl.data.storage import options_for, redact
+from stream_ssl.metrics import KeysLog, Meter, MetricsLog, progress_bar
+from stream_ssl.run import Run, RunError, build_run, make_accelerator
 
 
-class RunError(ValueError):
-    """A problem with the run's settings or its output folder, reported as `error: ...`."""
+class Diverged(RunError):
+    """The loss or the gradient norm stopped being finite."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Set-up helpers.
+@dataclasses.dataclass
+class Reporting:
+    """What `fit` writes besides checkpoints: metrics rows, the progress bar, the keys log, kNN results."""
 
+    meter: Meter
+    metrics: MetricsLog | None = None
+    keys: KeysLog | None = None
+    progress: object = None
+    knn_sets: tuple | None = None
+    knn: list = dataclasses.field(default_factory=list)
+    last_saved: int = 0
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("LOCAL_RANK") is not None
-    cpu = launched and not torch.cuda.is_available()
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=True)
-    return Accelerator(mixed_precision=cfg.precision, cpu=cpu, kwargs_handlers=[ddp])
-
-
-def release_accelerator() -> None:
-    """Forget Accelerate's per-run state (precision, gradient state) but keep the process group, so several
-    runs can follow each other in one process (tests, sweeps)."""
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-
-
-def check_settings(cfg: TrainConfig) -> None:
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise RunError("--batch-size and --grad-accum must be >= 1")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise RunError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if cfg.precision not in ("no", "bf16", "fp16"):
-        raise RunError(f"unknown precision {cfg.precision!r}; choose no, bf16 or fp16")
-    if bool(cfg.knn_train) != bool(cfg.knn_test):
-        raise RunError("the kNN monitor needs both --knn-train and --knn-test")
-    if cfg.decoder not in ("pil", "dali"):
-        raise RunError(f"unknown decoder {cfg.decoder!r}; choose pil or dali")
-    if cfg.decoder == "dali":
-        from stream_ssl.data.dali import require_dali
-
-        try:
-            require_dali()
-        except ImportError as e:
-            raise RunError(str(e)) from None
-
-
-def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int) -> None:
-    """Refuse to mix two different runs in one folder (read-only: every process runs it)."""
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None and cfg.resume == "never":
-        raise RunError(f"{out} already holds a run (checkpoint {ckpt.name}); use --resume auto to continue it, "
-                       "or choose another --out")
-    saved = out / "config.json"
-    if not saved.exists() or ckpt is None:
-        return
-    old = json.loads(saved.read_text())
-    diffs = [f"{k}: {old.get(k)!r} there vs {getattr(cfg, k)!r} now"
-             for k in TrainConfig.IDENTITY if old.get(k) != getattr(cfg, k)]
-    run_info = out / "run.json"
-    if run_info.exists():
-        old_g = json.loads(run_info.read_text()).get("global_batch")
-        if old_g is not None and old_g != global_batch:
-            diffs.append(f"global batch: {old_g} there vs {global_batch} now")
-    if diffs:
-        raise RunError(f"{out} holds a different run ({'; '.join(diffs)}); choose another --out or delete it")
-
-
-def photometric_generator(seed: int, step: int, rank: int, device: torch.device, micro: int = 0) -> torch.Generator:
-    """The generator of the on-device photometric draws of (step, micro-batch, rank): a resumed run draws the
-    same augmentations as an uninterrupted one."""
-    g = torch.Generator(device=device)
-    g.manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 131 + micro)
-    return g
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training.
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.keys is not None:
+            self.keys.close()
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -148,340 +90,263 @@ def train(cfg: TrainConfig) -> dict:
             # for tiny feature maps (seen with 14 px local crops); the native kernels are slower but correct.
             torch.backends.mkldnn.enabled = False
             acc.print("note: mixed precision on CPU: oneDNN disabled (its bf16 convolution backward can give NaN)")
-        return _train(acc, cfg)
+        run = build_run(acc, cfg)
+        run.prepare()
+        return finish(run, fit(run))
     finally:
         torch.backends.mkldnn.enabled = mkldnn
         release_accelerator()
 
 
-def _train(acc: Accelerator, cfg: TrainConfig) -> dict:
-    check_settings(cfg)
-    out = Path(cfg.out)
-    rank, world_size = acc.process_index, acc.num_processes
-    accum = cfg.grad_accum
-    global_batch = world_size * cfg.batch_size * accum
-
-    budget = parse_count(cfg.budget_samples, None, "--budget-samples")
-    if budget < global_batch:
-        raise RunError(f"--budget-samples {budget} is smaller than one global batch "
-                       f"({world_size} processes x {cfg.batch_size} x {accum} accumulation = {global_batch})")
-    storage = parse_storage_options(cfg.storage_options)
-    sets = [load_shard_set(u, options_for(u, storage)) for u in cfg.data.split(",") if u]
-    plan = make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, world_size, cfg.num_workers,
-                     cfg.batch_size * accum, cfg.seed, shuffle_window=cfg.shuffle_window,
-                     shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
-    total = plan.steps  # optimizer steps
-    check_output_folder(cfg, out, global_batch)
-
-    set_seed(cfg.seed)
-    backbone, dim = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_options)
-    method = build_method(cfg.method, backbone, dim, **cfg.method_options)
-    if method.needs_batch_stats and cfg.batch_size < 2:
-        raise RunError(f"{cfg.method} uses batch statistics; --batch-size (per process, per micro-batch) "
-                       "must be >= 2")
-    views = method.views(cfg.image_size)
-    peak_lr = cfg.lr * global_batch / 256
-    optimizer = build_optimizer(cfg.optimizer, method.param_groups(), peak_lr, cfg.weight_decay, cfg.momentum)
-    for g in optimizer.param_groups:
-        g["base_weight_decay"] = g["weight_decay"]
-    warmup = max(1, int(cfg.warmup_fraction * total)) if cfg.warmup_fraction > 0 else 0
-
-    start_step, state = 0, None
-    if cfg.resume not in ("auto", "never"):
-        ckpt = Path(cfg.resume)
-        if not ckpt.is_file():
-            raise RunError(f"--resume {cfg.resume}: no such checkpoint file (use auto, never or a step-*.pt file)")
-    else:
-        ckpt = latest_checkpoint(out) if cfg.resume == "auto" else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise RunError(f"{ckpt}: checkpoint format {state.get('format')!r}, this trainer reads {CHECKPOINT_FORMAT}")
-        if state["global_batch"] != global_batch:
-            raise RunError(f"{ckpt} was written with a global batch of {state['global_batch']}, this run has "
-                           f"{global_batch}: resume needs the same global batch")
-        method.load_state_dict(state["model"])
-        start_step = int(state["step"])
-
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(config_json(cfg))
-        (out / "run.json").write_text(json.dumps({"global_batch": global_batch, "world_size": world_size,
-                                                  "batch_size": cfg.batch_size, "grad_accum": accum,
-                                                  "optimizer_steps": total, "peak_lr": peak_lr}, indent=1) + "\n")
-        acc.print(plan.describe())
-        acc.print(f"optimizer steps: {total} of global batch {global_batch} ({world_size} processes x "
-                  f"{cfg.batch_size} x {accum} accumulation); peak lr {peak_lr:.4g}")
-    acc.wait_for_everyone()
-
-    if cfg.sync_bn and world_size > 1:
-        if acc.device.type == "cuda":
-            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        else:
-            acc.print(f"note: --sync-bn ignored: SyncBatchNorm needs GPUs (device {acc.device})")
-    model, optimizer = acc.prepare(method, optimizer)
-    set_seed(cfg.seed + 1 + rank)  # per-process stream for dropout / drop path (the model init above is shared)
-    loader_options = dict(storage_options=storage, seed=cfg.seed, micro_batches=accum,
-                          cache_dir=cfg.cache_dir or None, cache_size=parse_bytes(cfg.cache_size) if cfg.cache_size
-                          else None, skip_fraction=cfg.skip_fraction)
-    if cfg.decoder == "dali":
-        from stream_ssl.data.dali import make_dali_loader
-
-        device_id = (acc.device.index or 0) if acc.device.type == "cuda" else None  # None: CPU-only pipeline
-        loader = make_dali_loader(plan, rank, views, start_step, cfg.num_workers, device_id=device_id,
-                                  num_threads=cfg.dali_threads, **loader_options)
-    else:
-        loader = make_loader(plan, rank, views, start_step, cfg.num_workers, **loader_options)
-    batches = iter(loader)  # draws the loader's base seed from the global RNG: before the RNG is restored
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if acc.scaler is not None and state.get("scaler"):
-            acc.scaler.load_state_dict(state["scaler"])
-        ranks = state.get("ranks") or []
-        if len(ranks) == world_size:
-            set_rng_state(ranks[rank]["rng"])
-            if hasattr(method, "load_rank_state") and ranks[rank].get("method") is not None:
-                method.load_rank_state(ranks[rank]["method"])
-        else:
-            acc.print(f"note: the checkpoint has per-process state for {len(ranks)} processes, this run has "
-                      f"{world_size}; random streams restart from the seed")
-        acc.print(f"resumed from {ckpt} at optimizer step {start_step} of {total}")
-        del state
-
-    metrics = MetricsLog(out, start_step, cfg.tensorboard) if acc.is_main_process else None
-    keys_log = None
-    if cfg.log_keys:
-        (out / "keys").mkdir(parents=True, exist_ok=True)
-        keys_path = out / "keys" / f"rank-{rank}.txt"
-        kept = []
-        if start_step and keys_path.exists():  # drop what a killed run logged after its last checkpoint
-            with open(keys_path) as f:
-                kept = [line for line in f if int(line.split(" ", 1)[0]) < start_step]
-        keys_log = open(keys_path, "w", buffering=1)
-        keys_log.writelines(kept)
-    progress = None
-    if acc.is_main_process and cfg.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total, initial=start_step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
-                        mininterval=2.0)
-
-    knn_sets, knn_history = None, []
-    if cfg.knn_train:
-        knn_sets = tuple(load_shard_set(u, options_for(u, storage)) for u in (cfg.knn_train, cfg.knn_test))
-
-    io_counters = {"bytes_read": 0, "cache_hits": 0, "retries": 0}
-    t_start = time.perf_counter()
-    t_last, wait, wait_total, seen, skipped = t_start, 0.0, 0.0, 0, 0
-    logged: list[tuple[int, float]] = []
-    pending_loss: list[torch.Tensor] = []
-    pending_extra: dict[str, list[torch.Tensor]] = {}
-    last_saved = start_step
-    step = start_step
-    model.train()
-    for step in range(start_step, total):
-        lr = warmup_cosine(step, total, peak_lr, warmup)
-        wd = cosine_value(step, total, cfg.weight_decay, cfg.weight_decay_end) \
-            if cfg.weight_decay_end is not None else cfg.weight_decay
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-            if g["base_weight_decay"] > 0:
-                g["weight_decay"] = wd
-        info = dict(method.set_step(step, total))
-        for micro in range(accum):
-            t_wait = time.perf_counter()
-            batch = next(batches)
-            dt = time.perf_counter() - t_wait
-            wait, wait_total = wait + dt, wait_total + dt
-            if (batch.step, batch.micro) != (step, micro):
-                raise RuntimeError(f"loader produced step {batch.step} micro-batch {batch.micro}, "
-                                   f"expected {step} {micro}")
-            gen = photometric_generator(cfg.seed, step, rank, acc.device, micro)
-            x = device_views(batch.views, views, gen, acc.device)  # DALI views arrive augmented: only moved
-            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model)
-            with sync:
-                with acc.autocast():
-                    result = model(x)
-                loss = result["loss"]
-                acc.backward(loss / accum if accum > 1 else loss)
-            pending_loss.append(loss.detach().float())
-            for k, v in result.items():
-                if k != "loss":
-                    pending_extra.setdefault(k, []).append(v.detach().float())
-            seen += len(batch.keys)
-            skipped += batch.skipped
-            for name in io_counters:  # this process's reads; the main process's are logged
-                io_counters[name] += getattr(batch, name)
-            if keys_log is not None:
-                keys_log.writelines(f"{batch.step} {key}\n" for key in batch.keys)
-        method.before_optimizer_step(step, total)
-        if cfg.clip_grad > 0:
-            norm = acc.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            if norm is not None:
-                pending_extra.setdefault("grad_norm", []).append(norm.detach().float().reshape(()))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        info.update(method.on_optimizer_step(step + 1, total))
-        done = step + 1
-        if progress is not None:
-            progress.update(1)
-
-        is_last = done == total
-        save_now = cfg.save_every > 0 and done % cfg.save_every == 0
-        if done % cfg.log_every == 0 or is_last or save_now:
-            values = _reduce(acc, pending_loss, pending_extra)
-            pending_loss, pending_extra = [], {}
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss is {values['loss']} at optimizer step {done}")
-            if cfg.precision != "fp16" and not math.isfinite(values.get("grad_norm", 0.0)):
-                # (fp16: the gradient scaler skips steps with inf/NaN gradients by design)
-                raise FloatingPointError(f"gradient norm is {values['grad_norm']} at optimizer step {done}")
-            now = time.perf_counter()
-            rate = seen * world_size / max(now - t_last, 1e-9)
-            values.update(info)
-            values.update(samples=done * global_batch, lr=lr, weight_decay=wd, samples_per_s=rate,
-                          data_wait=wait / max(now - t_last, 1e-9), skipped=skipped, **io_counters)
-            logged.append((done, values["loss"]))
-            if metrics is not None:
-                metrics.write(done, values)
-            if progress is not None:
-                progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", sps=f"{rate:.0f}",
-                                     wait=f"{values['data_wait']:.0%}", refresh=False)
-            t_last, wait, seen = now, 0.0, 0
-        if cfg.eval_every > 0 and done % cfg.eval_every == 0 and knn_sets is not None and not is_last:
-            knn_history.append(run_knn(acc, method, knn_sets, storage, cfg, done, metrics))
-        if save_now and not is_last:
-            save_state(acc, method, optimizer, cfg, out, done, global_batch, world_size, peak_lr, warmup, total)
-            last_saved = done
-    if progress is not None:
-        progress.close()
-    if keys_log is not None:
-        keys_log.close()
-    done = total
-    if last_saved != total or start_step == total:
-        save_state(acc, method, optimizer, cfg, out, done, global_batch, world_size, peak_lr, warmup, total)
-    if knn_sets is not None:
-        knn_history.append(run_knn(acc, method, knn_sets, storage, cfg, done, metrics))
-
-    wall = time.perf_counter() - t_start
-    trained = total - start_step
-    summary = {
-        "plan": plan.summary(),
-        "method": cfg.method,
-        "backbone": cfg.backbone,
-        "feature_dim": dim,
-        "image_size": cfg.image_size,
-        "world_size": world_size,
-        "batch_size": cfg.batch_size,
-        "grad_accum": accum,
-        "global_batch": global_batch,
-        "steps": total,
-        "micro_steps": total * accum,
-        "start_step": start_step,
-        "peak_lr": peak_lr,
-        "precision": cfg.precision,
-        "first_loss": logged[0][1] if logged else None,
-        "final_loss": logged[-1][1] if logged else None,
-        "losses": logged[-1000:],
-        "skipped_samples": skipped,
-        "wall_seconds": wall,
-        "samples_per_s": trained * global_batch / wall if wall > 0 else None,
-        "data_wait": wait_total / wall if wall > 0 else None,
-        "knn": knn_history,
-        "decoder": cfg.decoder,
-    }
-    if cfg.decoder == "dali":  # this process's DALI counters (batches, decode-error retries, PIL fallbacks)
-        summary["dali"] = dataclasses.asdict(loader.stats)
-    if acc.is_main_process:
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in method.backbone.state_dict().items()}
-        save_file(state, str(out / "backbone.safetensors"),
-                  metadata={"timm_name": cfg.backbone, "image_size": str(cfg.image_size), "method": cfg.method,
-                            "step": str(total)})
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        os.replace(tmp, out / "summary.json")
-        if metrics is not None:
-            metrics.close()
-        acc.print(f"done: {total} optimizer steps, final loss {summary['final_loss']}, backbone -> "
-                  f"{out / 'backbone.safetensors'}")
-    acc.wait_for_everyone()
-    return summary
+def release_accelerator() -> None:
+    """Forget Accelerate's per-run state (precision, gradient state) but keep the process group, so several
+    runs can follow each other in one process (tests, sweeps)."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
-def _reduce(acc: Accelerator, losses: list[torch.Tensor], extra: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Mean over the steps since the last log and over processes (one all_reduce)."""
-    keys = sorted(extra)
-    vec = torch.stack([torch.stack(losses).mean()] + [torch.stack(extra[k]).mean() for k in keys])
-    if acc.num_processes > 1:
-        vec = acc.reduce(vec, reduction="mean")
-    vals = vec.tolist()
-    return {"loss": vals[0], **dict(zip(keys, vals[1:]))}
+# ----------------------------------------------------------------------------------------------------------
+# One optimizer step.
 
 
-def run_knn(acc: Accelerator, method, sets, storage: dict, cfg: TrainConfig, step: int,
-            metrics: MetricsLog | None) -> dict:
-    """kNN accuracy of the current backbone (main process; the others wait); `storage`: the run's parsed
-    storage options, for reading the sets."""
-    result = {}
-    if acc.is_main_process:
-        from stream_ssl.evaluate import extract_features, knn_accuracy
+def next_batch(run: Run, step: int, micro: int, meter: Meter):
+    t = time.perf_counter()
+    batch = next(run.batches)
+    meter.add_batch(batch, time.perf_counter() - t)
+    if (batch.step, batch.micro) != (step, micro):
+        raise RuntimeError(f"loader produced step {batch.step} micro-batch {batch.micro}, expected {step} {micro}")
+    return batch
 
-        backbone = method.backbone
-        was_training = backbone.training
-        backbone.eval()
-        t0 = time.perf_counter()
+
+def forward_backward(run: Run, batch, step: int, micro: int) -> dict:
+    """The photometric augmentation on the device (drawn from this batch's own generator, so a resumed run
+    draws what a straight one did), the forward pass and the backward pass of one micro-batch."""
+    acc, accum = run.acc, run.cfg.grad_accum
+    g = batch_generator(run.cfg.seed, step, run.rank, micro, device=acc.device)
+    x = device_views(batch.views, run.views, g, acc.device)  # DALI views arrive augmented: only moved
+    if acc.device.type == "cuda" and run.cfg.channels_last:
+        x = [v.contiguous(memory_format=torch.channels_last) for v in x]
+    sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(run.model)
+    with sync:
         with acc.autocast():
-            train_x, train_y = extract_features(backbone, sets[0], cfg.image_size, device=str(acc.device),
-                                                storage_options=storage)
-            test_x, test_y = extract_features(backbone, sets[1], cfg.image_size, device=str(acc.device),
-                                              storage_options=storage)
-        backbone.train(was_training)
-        top1 = knn_accuracy(train_x, train_y, test_x, test_y, k=cfg.knn_k, temperature=cfg.knn_temperature)
-        result = {"step": step, "knn_top1": top1, "seconds": time.perf_counter() - t0}
-        acc.print(f"step {step}: kNN top-1 {top1:.4f}")
-        if metrics is not None:
-            metrics.scalar("eval/knn_top1", top1, step)
-        with open(Path(cfg.out) / "knn.csv", "a") as f:
-            f.write(f"{step},{top1:.6f}\n")
-    acc.wait_for_everyone()
+            result = run.model(x)
+        acc.backward(result["loss"] / accum if accum > 1 else result["loss"])
     return result
 
 
-def save_state(acc: Accelerator, method, optimizer, cfg: TrainConfig, out: Path, step: int, global_batch: int,
-               world_size: int, peak_lr: float, warmup: int, total: int) -> None:
-    """Checkpoint of everything a resumed run needs; per-process parts (RNG, method queues) are gathered."""
-    mine = {"rng": rng_state(), "method": method.rank_state() if hasattr(method, "rank_state") else None}
-    ranks = all_gather_objects(mine)
-    if acc.is_main_process:
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "micro_step": step * cfg.grad_accum,
-            "samples": step * global_batch,
-            "global_batch": global_batch,
-            "world_size": world_size,
-            "model": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            # the learning-rate schedule is a pure function of the step; recorded to make the checkpoint readable
-            "schedule": {"peak_lr": peak_lr, "warmup_steps": warmup, "total_steps": total},
-            "ranks": ranks,
-            "config": cfg.to_dict(),
-        }
-        save_checkpoint(out, step, state, keep=cfg.keep_checkpoints)
-    acc.wait_for_everyone()
-    if os.environ.get(KILL_ENV) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
+def train_step(run: Run, step: int, meter: Meter, keys: KeysLog | None = None) -> dict:
+    """Optimizer step `step` (0-based): the micro-batches, clipping, the update and the method's hooks.
+    Returns the step's values to log (lr, weight decay, the method's schedule values)."""
+    method, total = run.method, run.total_steps
+    lr, wd = run.schedule.apply(run.optimizer, step)
+    info = {"lr": lr, "weight_decay": wd, **method.set_step(step, total)}
+    for micro in range(run.cfg.grad_accum):
+        batch = next_batch(run, step, micro, meter)
+        meter.add_result(forward_backward(run, batch, step, micro))
+        if keys is not None:
+            keys.write(batch)
+    method.before_optimizer_step(step, total)
+    if run.cfg.clip_grad > 0:
+        norm = run.acc.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad)
+        if norm is not None:
+            meter.add_result({"grad_norm": norm})
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if getattr(run.optimizer, "step_was_skipped", False):  # fp16: inf/NaN gradients, the scaler skipped it
+        meter.skipped_steps += 1  # ... so momentum encoders and prototype normalizations skip it too
+    else:
+        info.update(method.on_optimizer_step(step + 1, total))
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def start_reporting(run: Run) -> Reporting:
+    cfg, main = run.cfg, run.acc.is_main_process
+    rep = Reporting(Meter(run.world_size, run.global_batch), last_saved=run.start_step)
+    if main:
+        rep.metrics = MetricsLog(run.out, run.start_step, cfg.tensorboard)
+        if cfg.progress:
+            rep.progress = progress_bar(run.total_steps, run.start_step, cfg.method)
+    if cfg.log_keys:
+        rep.keys = KeysLog(run.out, run.rank, run.start_step)
+    if cfg.knn_train:
+        rep.knn_sets = tuple(load_shard_set(u, options_for(u, run.storage)) for u in (cfg.knn_train, cfg.knn_test))
+    return rep
+
+
+def fit(run: Run) -> Reporting:
+    """Train from the resume step to the end of the plan."""
+    cfg, rep = run.cfg, start_reporting(run)
+    run.model.train()
+    try:
+        for step in range(run.start_step, run.total_steps):
+            info = train_step(run, step, rep.meter, rep.keys)
+            done = step + 1
+            if rep.progress is not None:
+                rep.progress.update(1)
+            last, save_now = done == run.total_steps, cfg.save_every > 0 and done % cfg.save_every == 0
+            if done % cfg.log_every == 0 or last or save_now:
+                log_row(run, rep, done, info)
+            if cfg.eval_every > 0 and done % cfg.eval_every == 0 and rep.knn_sets is not None and not last:
+                rep.knn.append(knn_monitor(run, rep, done))
+            if save_now and not last:
+                checkpoint.save(run, done)
+                rep.last_saved = done
+    finally:
+        rep.close()
+    return rep
+
+
+def log_row(run: Run, rep: Reporting, step: int, info: dict) -> None:
+    """A metrics row (mean over the steps since the last one and over processes), after checking that the
+    loss and gradient norm are finite."""
+    values = rep.meter.row(run.acc, step, info)
+    check_finite(run, rep.meter, values, step)
+    if rep.metrics is not None:
+        rep.metrics.write(step, values)
+    if rep.progress is not None:
+        rep.progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}",
+                                 sps=f"{values['samples_per_s']:.0f}", wait=f"{values['data_wait']:.0%}",
+                                 refresh=False)
+
+
+def check_finite(run: Run, meter: Meter, values: dict, step: int) -> None:
+    """Stop with one line when the loss (or, outside fp16, whose scaler skips such steps, the gradient norm)
+    is not finite; the last checkpoint stays the last good one."""
+    bad = [k for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])
+           and not (k == "grad_norm" and run.cfg.precision == "fp16")]
+    if not bad:
+        meter.last_finite = {"step": step, "loss": values["loss"], "lr": values["lr"]}
+        return
+    last = meter.last_finite
+    before = (f"last finite loss {last['loss']:.4g} at step {last['step']} (lr {last['lr']:.3g})" if last
+              else "no finite loss logged before")
+    ckpt = checkpoint.latest_checkpoint(run.out)
+    raise Diverged(f"{bad[0].replace('_', ' ')} is {values[bad[0]]} at optimizer step {step}; {before}. "
+                   "Try a lower --lr, --precision no, or --clip-grad 1.0"
+                   + (f"; the last good checkpoint is {ckpt}" if ckpt else ""))
+
+
+def knn_monitor(run: Run, rep: Reporting, step: int) -> dict:
+    """kNN accuracy of the current backbone on the monitor's sets, in float32 (main process; the others wait)."""
+    result = {}
+    if run.acc.is_main_process:
+        from stream_ssl.evaluate import extract_features, knn_accuracy
+
+        cfg, backbone, device = run.cfg, run.method.backbone, str(run.acc.device)
+        was_training = backbone.training
+        backbone.eval()
+        t0 = time.perf_counter()
+        feats = [extract_features(backbone, s, cfg.image_size, device=device, storage_options=run.storage)
+                 for s in rep.knn_sets]
+        backbone.train(was_training)
+        top1 = knn_accuracy(*feats[0], *feats[1], k=cfg.knn_k, temperature=cfg.knn_temperature)
+        result = {"step": step, "knn_top1": top1, "seconds": time.perf_counter() - t0}
+        run.acc.print(f"step {step}: kNN top-1 {top1:.4f}")
+        if rep.metrics is not None:
+            rep.metrics.scalar("eval/knn_top1", top1, step)
+        with open(run.out / "knn.csv", "a") as f:
+            f.write(f"{step},{top1:.6f}\n")
+    run.acc.wait_for_everyone()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The end.
+
+
+def finish(run: Run, rep: Reporting) -> dict:
+    """The last checkpoint and kNN evaluation, summary.json and backbone.safetensors."""
+    total = run.total_steps
+    if rep.last_saved != total or run.start_step == total:
+        checkpoint.save(run, total)
+    if rep.knn_sets is not None:
+        rep.knn.append(knn_monitor(run, rep, total))
+    summary = run_summary(run, rep)
+    if run.acc.is_main_process:
+        export_backbone(run)
+        tmp = run.out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(tmp, run.out / "summary.json")
+        if rep.metrics is not None:
+            rep.metrics.close()
+        run.acc.print(f"done: {total} optimizer steps, final loss {summary['final_loss']}, backbone -> "
+                      f"{run.out / 'backbone.safetensors'}")
+    run.acc.wait_for_everyone()
+    return summary
+
+
+def run_summary(run: Run, rep: Reporting) -> dict:
+    cfg, meter, total = run.cfg, rep.meter, run.total_steps
+    wall = time.perf_counter() - meter.t_start
+    trained = total - run.start_step
+    summary = {
+        "plan": run.plan.summary(), "method": cfg.method, "backbone": cfg.backbone, "feature_dim": run.feature_dim,
+        "image_size": cfg.image_size, "world_size": run.world_size, "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum, "global_batch": run.global_batch, "steps": total,
+        "micro_steps": total * cfg.grad_accum, "start_step": run.start_step, "peak_lr": run.schedule.peak_lr,
+        "precision": cfg.precision,
+        "first_loss": meter.logged[0][1] if meter.logged else None,
+        "final_loss": meter.logged[-1][1] if meter.logged else None,
+        "losses": meter.logged[-1000:],
+        "skipped_samples": meter.skipped,
+        "skipped_optimizer_steps": meter.skipped_steps,
+        "wall_seconds": wall,
+        "samples_per_s": trained * run.global_batch / wall if wall > 0 else None,
+        "data_wait": meter.wait_total / wall if wall > 0 else None,
+        "knn": rep.knn,
+        "decoder": cfg.decoder,
+    }
+    if cfg.decoder == "dali":  # this process's DALI counters (batches, decode-error retries, PIL fallbacks)
+        summary["dali"] = dataclasses.asdict(run.loader.stats)
+    return summary
+
+
+def export_backbone(run: Run) -> None:
+    """backbone.safetensors, loadable by timm.create_model(NAME, num_classes=0, **backbone_options)."""
+    cfg = run.cfg
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in run.method.backbone.state_dict().items()}
+    save_file(state, str(run.out / "backbone.safetensors"),
+              metadata={"timm_name": cfg.backbone, "image_size": str(cfg.image_size), "method": cfg.method,
+                        "step": str(run.total_steps)})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command.
+
+
+def log_traceback(cfg: TrainConfig, error: BaseException) -> Path | None:
+    """The traceback of a failed run, in OUT/logs/train-rank-R.log (redacted); None if it cannot be written."""
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        path = Path(cfg.out) / "logs" / f"train-rank-{rank}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(redact("".join(traceback.format_exception(error))) + "\n")
+        return path
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 done, 2 bad settings or data, 3 diverged, 1 anything else; one line on stderr."""
     cfg = parse_config(argv)
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # RunError, plan and method errors, missing shard sets
+    except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:  # RunError, plan and method errors, missing shard sets
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - one line here, the traceback in the run folder
+        log = log_traceback(cfg, e)
+        print(f"error: {type(e).__name__}: {redact(str(e)).splitlines()[0] if str(e) else ''}"
+              + (f" (traceback in {log})" if log else ""), file=sys.stderr)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             PartialState().destroy_process_group()

@@ -14,6 +14,7 @@ from shard_tools.shardset import load_shard_set
 from stream_ssl.data.augment import ViewSpec, decode_views, photometric_with, sample_params
 from stream_ssl.data.loader import TooManySkipped
 from stream_ssl.data.plan import make_plan
+from stream_ssl.data.rng import batch_generator, batch_rng
 from tests.helpers.images import corrupt_copy, photo_like
 
 pytest.importorskip("nvidia.dali")
@@ -24,9 +25,7 @@ from stream_ssl.data.dali import (
     EncodedBatch,
     check_encoded,
     draw_views,
-    geometry_rng,
     make_dali_loader,
-    photometric_rng,
     require_dali,
 )
 
@@ -50,9 +49,9 @@ def test_dali_computes_what_the_torch_path_computes(augment):
     datas = [photo_like(96, 72, seed=i) for i in range(7)] + [photo_like(50, 64, seed=9, fmt="PNG")]
     sizes = [check_encoded(d) for d in datas]
     assert sizes[0] == (96, 72) and sizes[-1] == (50, 64)
-    draws = draw_views(sizes, SPECS, geometry_rng(1, 2, 0), photometric_rng(1, 2, 0))
+    draws = draw_views(sizes, SPECS, batch_rng(1, 2, 0), batch_generator(1, 2, 0))
     views = augment.run([np.frombuffer(d, np.uint8) for d in datas], draws)
-    rng, g = geometry_rng(1, 2, 0), photometric_rng(1, 2, 0)  # the same draws through the torch path
+    rng, g = batch_rng(1, 2, 0), batch_generator(1, 2, 0)  # the same draws through the torch path
     crops = [decode_views(d, SPECS, rng) for d in datas]
     for v, spec in enumerate(SPECS):
         x = torch.from_numpy(np.stack([c[v] for c in crops])).permute(0, 3, 1, 2).contiguous()
@@ -110,7 +109,7 @@ def test_batches_dali_refuses_fall_back_to_the_pil_path(augment, monkeypatch):
     datas = [np.frombuffer(photo_like(64, 48, seed=i), np.uint8) for i in range(4)]
     sizes = [(64, 48)] * 4
     batch = EncodedBatch(7, [], torch.zeros(4, dtype=torch.int64), list("abcd"), 0, 0, data=datas, sizes=sizes,
-                         draws=draw_views(sizes, SPECS, geometry_rng(0, 7, 0), photometric_rng(0, 7, 0)))
+                         draws=draw_views(sizes, SPECS, batch_rng(0, 7, 0), batch_generator(0, 7, 0)))
     before = augment.stats.pil_batches
 
     def refuse(*args, **kwargs):

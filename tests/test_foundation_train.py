@@ -59,7 +59,7 @@ def test_two_processes_take_equal_steps_on_disjoint_samples(make_shard_set, tmp_
            "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(REPO / "stream_ssl/train.py"), "--data", str(pool), "--unique-samples", "300",
-           "--budget-samples", "700", "--batch-size", "16", "--num-workers", "2", "--log-keys", "true",
+           "--budget-samples", "700", "--batch-size", "16", "--num-workers", "2", "--log-keys",
            "--out", str(run), *TINY]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

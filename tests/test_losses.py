@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from stream_ssl.methods.barlow import barlow_twins_loss, cross_correlation
-from stream_ssl.methods.base import cosine_schedule, ema_update, linear_warmup, momentum_at
+from stream_ssl.methods.base import ema_update
 from stream_ssl.methods.byol import byol_loss
 from stream_ssl.methods.dino import dino_center, dino_loss
 from stream_ssl.methods.mocov3 import moco_contrastive_loss
 from stream_ssl.methods.simclr import nt_xent_loss
 from stream_ssl.methods.swav import sinkhorn_knopp, swav_loss
 from stream_ssl.methods.vicreg import vicreg_loss, vicreg_terms
-from stream_ssl.optim import LARS, build_optimizer, cosine_value, warmup_cosine
+from stream_ssl.optim import LARS, build_optimizer
+from stream_ssl.schedules import cosine, linear_warmup, momentum_at, warmup_cosine
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -218,7 +219,7 @@ def test_ema_schedule_at_0_half_and_end():
     assert momentum_at(0, k, base=0.99) == pytest.approx(0.99)
     values = [momentum_at(i, k) for i in range(k + 1)]
     assert all(a <= b for a, b in zip(values, values[1:]))
-    assert cosine_schedule(0, 10, 0.04, 0.4) == pytest.approx(0.04) and cosine_schedule(10, 10, 0.04, 0.4) == 0.4
+    assert cosine(0, 10, 0.04, 0.4) == pytest.approx(0.04) and cosine(10, 10, 0.04, 0.4) == 0.4
     assert linear_warmup(0, 30, 0.04, 0.07) == 0.04 and linear_warmup(15, 30, 0.04, 0.07) == pytest.approx(0.055)
     assert linear_warmup(30, 30, 0.04, 0.07) == 0.07 and linear_warmup(5, 0, 0.04, 0.07) == 0.07
 
@@ -239,9 +240,9 @@ def test_lr_and_weight_decay_schedules():
     assert warmup_cosine(9, 100, 1.0, 10) == pytest.approx(1.0)
     assert warmup_cosine(55, 100, 1.0, 10) == pytest.approx(0.5)
     assert warmup_cosine(100, 100, 1.0, 10) == pytest.approx(0.0)
-    assert cosine_value(0, 10, 0.04, 0.4) == pytest.approx(0.04)
-    assert cosine_value(5, 10, 0.04, 0.4) == pytest.approx(0.22)
-    assert cosine_value(10, 10, 0.04, 0.4) == pytest.approx(0.4)
+    assert cosine(0, 10, 0.04, 0.4) == pytest.approx(0.04)
+    assert cosine(5, 10, 0.04, 0.4) == pytest.approx(0.22)
+    assert cosine(10, 10, 0.04, 0.4) == pytest.approx(0.4)
 
 
 def test_lars_excludes_bias_and_norm_parameters():

@@ -8,8 +8,8 @@ import torch
 
 from stream_ssl.data.augment import ViewSpec
 from stream_ssl.methods import METHODS, build_method
-from stream_ssl.methods.base import momentum_at
 from stream_ssl.models.backbone import create_backbone
+from stream_ssl.schedules import momentum_at
 from tests.helpers.trainer import TINY
 
 ALL = ["simclr", "mocov3", "byol", "barlow", "vicreg", "swav", "dino"]

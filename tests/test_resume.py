@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stream_ssl.train import KILL_ENV
+from stream_ssl.checkpoint import KILL_ENV
 from tests.helpers import PYTHON
 from tests.helpers.trainer import TRAIN, accelerate_cmd, run, train_args
 

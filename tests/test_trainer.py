@@ -5,6 +5,7 @@ accumulation and clipping, the method configs, and the errors a user must see cl
 from __future__ import annotations
 
 import csv
+import dataclasses
 import inspect
 import json
 import math
@@ -126,10 +127,15 @@ def run_main(capsys, argv: list[str]) -> tuple[int, str]:
 def test_clear_errors(make_shard_set, tmp_path, capsys):
     data = str(make_shard_set(128, shard_size=32))
     base = ["--data", data, "--backbone", "test_resnet", "--image-size", "32", "--num-workers", "0",
-            "--progress", "false", "--tensorboard", "false"]
+            "--no-progress", "--no-tensorboard"]
 
-    code, err = run_main(capsys, [*base, "--out", str(tmp_path / "a"), "--method", "simclrr"])
-    assert code == 2 and "unknown method 'simclrr'" in err and "dino" in err and "vicreg" in err
+    for flag, typo in (("--method", "simclrr"), ("--optimizer", "adam"), ("--decoder", "nvjpg"),
+                       ("--precision", "bf17")):
+        with pytest.raises(SystemExit) as e:  # at parse time, naming the choices
+            parse_config([*base, "--out", str(tmp_path / "a"), flag, typo])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"invalid choice: '{typo}'" in err and flag in err
+    assert "'dino'" in err.replace("bf17", "") or "bf16" in err
     code, err = run_main(capsys, [*base, "--out", str(tmp_path / "a"), "--backbone", "resnet_999"])
     assert code == 2 and "unknown backbone 'resnet_999'" in err
     code, err = run_main(capsys, [*base, "--out", str(tmp_path / "a"), "--method", "vicreg", "--batch-size", "1"])
@@ -137,8 +143,6 @@ def test_clear_errors(make_shard_set, tmp_path, capsys):
     code, err = run_main(capsys, [*base, "--out", str(tmp_path / "a"), "--batch-size", "16", "--grad-accum", "4",
                                   "--budget-samples", "48"])
     assert code == 2 and "smaller than one global batch" in err and "64" in err
-    code, err = run_main(capsys, [*base, "--out", str(tmp_path / "a"), "--optimizer", "adam"])
-    assert code == 2 and "unknown optimizer 'adam'" in err
     assert not (tmp_path / "a").exists()  # nothing written by a run that could not start
 
     small = [*base, "--out", str(tmp_path / "b"), "--batch-size", "16", "--budget-samples", "32",
@@ -162,6 +166,29 @@ def test_clear_errors(make_shard_set, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--config", str(bad), "--data", data, "--lr", "slow"])
     assert "--lr: could not convert" in capsys.readouterr().err  # the flag, not the file
+    bad.write_text("method: simclrr\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(bad), "--data", data])
+    assert f"{bad}: method 'simclrr' is not one of barlow, byol, dino" in capsys.readouterr().err
+
+
+def test_boolean_settings_are_switches(capsys):
+    cfg = parse_config(["--data", "x", "--log-keys", "--no-tensorboard", "--sync-bn"])
+    assert (cfg.log_keys, cfg.tensorboard, cfg.sync_bn, cfg.progress) == (True, False, True, True)
+    assert parse_config(["--data", "x", "--no-progress"]).progress is False
+    with pytest.raises(SystemExit):
+        parse_config(["--data", "x", "--log-keys", "true"])  # a switch takes no value
+    assert "unrecognized arguments: true" in capsys.readouterr().err
+
+
+def test_help_explains_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):  # every flag with its meaning from the config field
+        assert "--" + f.name.replace("_", "-") in out
+        assert " ".join(f.metadata["help"].split())[:40] in out
+    assert "{barlow,byol,dino,mocov3,simclr,swav,vicreg}" in out and "1G = 10^9 bytes" in out
 
 
 CONFIGS = sorted((REPO / "configs" / "methods").glob("*.yaml"))

@@ -58,6 +58,7 @@ from stream_ssl.data.augment import (
 )
 from stream_ssl.data.loader import Batch, PlanDataset, TooManySkipped, image_bytes, sample_label
 from stream_ssl.data.plan import Plan
+from stream_ssl.data.rng import FALLBACK, REPLACEMENT, batch_generator, batch_rng
 
 DALI_PACKAGES = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")
 UNDECODABLE = (OSError, ValueError, SyntaxError)  # ImageError is a ValueError
@@ -90,17 +91,6 @@ def dali_available() -> bool:
 
 # ----------------------------------------------------------------------------------------------------------
 # Random draws (in the workers).
-
-
-def geometry_rng(seed: int, step: int, rank: int, micro: int = 0) -> np.random.Generator:
-    return np.random.default_rng([seed, step, rank, micro, 0xDA11])
-
-
-def photometric_rng(seed: int, step: int, rank: int, micro: int = 0) -> torch.Generator:
-    g = torch.Generator()
-    state = np.random.SeedSequence([seed, step, rank, micro, 0xC010]).generate_state(1, np.uint64)[0]
-    g.manual_seed(int(state >> 1))
-    return g
 
 
 @dataclass
@@ -182,8 +172,8 @@ class EncodedDataset(PlanDataset):
             sizes.append(sizes[k])
             labels.append(labels[k])
             keys.append(keys[k])
-        draws = draw_views(sizes, self.views, geometry_rng(self.seed, step, self.rank, micro),
-                           photometric_rng(self.seed, step, self.rank, micro))
+        draws = draw_views(sizes, self.views, batch_rng(self.seed, step, self.rank, micro),
+                           batch_generator(self.seed, step, self.rank, micro))
         return EncodedBatch(step, [], torch.tensor(labels, dtype=torch.int64), keys, bad, bytes_read, micro=micro,
                             data=datas, sizes=sizes, draws=draws)
 
@@ -272,7 +262,7 @@ class DaliAugment:
         self.stats.batches += 1
         return views
 
-    def __call__(self, batch: EncodedBatch, fallback_seed: int = 0) -> tuple[list[torch.Tensor], int]:
+    def __call__(self, batch: EncodedBatch, seed: int = 0, rank: int = 0) -> tuple[list[torch.Tensor], int]:
         """Views of an EncodedBatch and the number of samples replaced here (decode errors the check missed)."""
         try:
             return self.run(batch.data, batch.draws), 0
@@ -283,7 +273,8 @@ class DaliAugment:
         good = [i for i, d in enumerate(batch.data) if _pil_decodes(d)]
         if not good:
             raise RuntimeError(f"step {batch.step}: no decodable image in the batch")
-        data, draws, replaced = _replace_bad(batch, good, fallback_seed, self.specs)
+        data, draws, replaced = _replace_bad(batch, good, batch_rng(seed, batch.step, rank, batch.micro, REPLACEMENT),
+                                             self.specs)
         self.stats.replaced += replaced
         if replaced:
             try:
@@ -293,13 +284,12 @@ class DaliAugment:
         self.stats.pil_batches += 1
         warnings.warn(f"DALI refused a batch that PIL decodes; augmented it with the PIL/torch path instead "
                       f"({self.stats.pil_batches} so far). DALI said: {self.stats.last_error}", stacklevel=2)
-        return self._pil_views(data, batch.step, batch.micro, fallback_seed), replaced
+        return self._pil_views(data, batch.step, batch.micro, seed, rank), replaced
 
-    def _pil_views(self, data: list[np.ndarray], step: int, micro: int, seed: int) -> list[torch.Tensor]:
-        rng = np.random.default_rng([seed, step, micro, 0xF411])
+    def _pil_views(self, data: list[np.ndarray], step: int, micro: int, seed: int, rank: int) -> list[torch.Tensor]:
+        rng = batch_rng(seed, step, rank, micro, FALLBACK)
         crops = [decode_views(d.tobytes(), self.specs, rng) for d in data]
-        g = torch.Generator()
-        g.manual_seed((seed * 1_000_003 + step) * 64 + micro)
+        g = batch_generator(seed, step, rank, micro, FALLBACK)
         device = torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
         out = []
         for v, spec in enumerate(self.specs):
@@ -320,13 +310,12 @@ def _pil_decodes(data: np.ndarray) -> bool:
     return True
 
 
-def _replace_bad(batch: EncodedBatch, good: list[int], seed: int, specs: list[ViewSpec]):
+def _replace_bad(batch: EncodedBatch, good: list[int], rng: np.random.Generator, specs: list[ViewSpec]):
     """(data, draws, count): samples outside `good` replaced by good ones with fresh geometry for their size."""
     n = len(batch.data)
     bad = [i for i in range(n) if i not in set(good)]
     data = list(batch.data)
     src = [good[j % len(good)] for j in range(len(bad))]
-    rng = np.random.default_rng([seed, batch.step, batch.micro, 0xBAD])
     fresh = [draw_geometry(*batch.sizes[k], specs, rng) for k in src]
     draws = [d.take(np.arange(n)) for d in batch.draws]  # copies
     for i, k, geo in zip(bad, src, fresh):
@@ -379,7 +368,7 @@ class DaliLoader:
         return len(self.dataset)
 
     def _decode(self, enc: EncodedBatch) -> Batch:
-        views, replaced = self.augment(enc, fallback_seed=self.seed * 1009 + self.rank)
+        views, replaced = self.augment(enc, seed=self.seed, rank=self.rank)
         self.seen += len(enc.data)
         self.replaced += replaced
         if self.replaced > self.skip_grace + self.skip_fraction * self.seen:

@@ -16,7 +16,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -25,6 +24,7 @@ from stream_ssl.data.augment import ViewSpec, decode_views, to_chw
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.plan import Plan
 from stream_ssl.data.reader import ReadAhead, ShardReader
+from stream_ssl.data.rng import batch_rng
 
 
 class TooManySkipped(RuntimeError):
@@ -57,10 +57,6 @@ def image_bytes(sample: dict) -> bytes:
 def sample_label(sample: dict) -> int:
     raw = sample.get("cls")
     return int(raw) if raw is not None else -1
-
-
-def augment_rng(seed: int, step: int, rank: int, micro: int = 0) -> np.random.Generator:
-    return np.random.default_rng([seed, step, rank, 0xA06] + ([micro] if micro else []))
 
 
 def default_cache_size(plan: Plan, cache_dir: str | Path) -> int:
@@ -134,7 +130,7 @@ class PlanDataset(IterableDataset):
     _last_error = ""
 
     def make_batch(self, step: int, samples: list[dict], bytes_read: int, micro: int = 0) -> Batch:
-        rng = augment_rng(self.seed, step, self.rank, micro)
+        rng = batch_rng(self.seed, step, self.rank, micro)
         crops, datas, labels, keys, bad = [], [], [], [], []
         for i, s in enumerate(samples):
             try:

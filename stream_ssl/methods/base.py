@@ -7,16 +7,18 @@ groups. The trainer only calls, per optimizer step k (0-based) of K:
     out = method(views)                    # {'loss': scalar, ...extra scalars to log}, per micro-batch
     method.before_optimizer_step(k, K)     # after backward (gradients synced): e.g. cancel frozen gradients
     method.on_optimizer_step(k + 1, K)     # after the optimizer step: momentum encoders, normalizations
+                                           # (not called when the fp16 gradient scaler skipped the step)
 
-plus `views(image_size)` once and `param_groups()` once. Nothing in the trainer is method-specific. All
-schedules are functions of the optimizer step, so a resumed run needs no schedule state.
+plus `views(image_size)` once and `param_groups()` once. Optional hooks, no-ops here: `rank_state()` /
+`load_rank_state(state)` for per-process state a checkpoint must keep (SwAV's queue). Nothing in the trainer
+is method-specific. All schedules are functions of the optimizer step (stream_ssl/schedules.py), so a
+resumed run needs no schedule state.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import math
 from typing import ClassVar
 
 import torch
@@ -41,29 +43,6 @@ def build_method(name: str, backbone: nn.Module, feature_dim: int, **options) ->
         if "unexpected keyword argument" in str(e):
             raise ValueError(f"method {name!r}: {e} (check method_options)") from None
         raise
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Schedules (pure functions of the optimizer step).
-
-
-def cosine_schedule(step: float, total: int, start: float, end: float) -> float:
-    """Cosine from `start` at step 0 to `end` at step `total` (held after)."""
-    progress = min(max(step / max(total, 1), 0.0), 1.0)
-    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
-
-
-def momentum_at(step: float, total: int, base: float = 0.996, final: float = 1.0) -> float:
-    """EMA momentum tau_k = 1 - (1 - base)(cos(pi k / K) + 1) / 2 (BYOL): base at 0, (1 + base)/2 at K/2,
-    1 at K."""
-    return cosine_schedule(step, total, base, final)
-
-
-def linear_warmup(step: float, warmup_steps: float, start: float, end: float) -> float:
-    """Linear from `start` at step 0 to `end` at `warmup_steps`, then `end`."""
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return end
-    return start + (end - start) * step / warmup_steps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,6 +142,13 @@ class SSLMethod(nn.Module):
         """Called after every optimizer step with `step` = optimizer steps done so far (1..K): momentum
         encoders, normalizations. Returns values to log."""
         return {}
+
+    def rank_state(self) -> dict | None:
+        """This process's own state that a checkpoint must keep (tensors, lists, numbers), or None."""
+        return None
+
+    def load_rank_state(self, state: dict) -> None:
+        """Put back what `rank_state` returned (same world size only)."""
 
     def param_groups(self) -> list[dict]:
         """Parameter groups; biases and norm parameters are marked to skip weight decay and LARS adaptation."""

@@ -18,10 +18,10 @@ from stream_ssl.methods.base import (
     encode_views,
     fp32_loss,
     make_target,
-    momentum_at,
     register,
 )
 from stream_ssl.models.heads import mlp
+from stream_ssl.schedules import momentum_at
 
 
 @fp32_loss

@@ -24,13 +24,12 @@ from stream_ssl.methods.base import (
     ema_update,
     encode_views,
     fp32_loss,
-    linear_warmup,
     local_crop_size,
     make_target,
-    momentum_at,
     register,
 )
 from stream_ssl.models.heads import DINOHead
+from stream_ssl.schedules import linear_warmup, momentum_at
 
 
 @fp32_loss

@@ -54,7 +54,16 @@ def train_args(data: Path, out: Path, method: str = "simclr", **flags) -> list[s
             "batch_size": 16, "optimizer": optimizer, "lr": lr, "num_workers": 0, "progress": "false",
             "method_options": __import__("json").dumps(options)}
     args.update(flags)
+    return flags_of(args)
+
+
+def flags_of(settings: dict) -> list[str]:
+    """Command-line flags of train.py settings; booleans (True/False or "true"/"false") become switches."""
     cmd: list[str] = []
-    for k, v in args.items():
-        cmd += ["--" + k.replace("_", "-"), str(v)]
+    for k, v in settings.items():
+        flag = k.replace("_", "-")
+        if isinstance(v, bool) or str(v).lower() in ("true", "false"):
+            cmd.append(f"--{flag}" if str(v).lower() == "true" else f"--no-{flag}")
+        else:
+            cmd += [f"--{flag}", str(v)]
     return cmd

@@ -1,0 +1,267 @@
+"""The run: everything one pretraining run holds, built by `build_run` from a TrainConfig.
+
+    run = build_run(accelerator, cfg)   # settings checked, plan, model, optimizer, schedule, resume point
+    run.prepare()                       # run files, device settings, Accelerate, the loader, restored state
+
+`train.py` drives it (`train_step`, `fit`, `finish`); `checkpoint.py` saves and restores it. Nothing here is
+method-specific: the method is an `SSLMethod` found by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+
+from shard_tools.shardset import load_shard_set
+from stream_ssl import checkpoint
+from stream_ssl.config import TrainConfig, config_json
+from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.plan import Plan, make_plan
+from stream_ssl.data.storage import options_for, parse_storage_options
+from stream_ssl.methods import SSLMethod, build_method
+from stream_ssl.models.backbone import create_backbone, is_vit
+from stream_ssl.numbers import parse_bytes, parse_count
+from stream_ssl.optim import build_optimizer
+from stream_ssl.schedules import cosine, warmup_cosine
+
+
+class RunError(ValueError):
+    """A problem with the run's settings or its output folder, reported as one line `error: ...`."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Learning rate (linear warm-up, then cosine to 0) and weight decay (constant, or cosine to an end value)
+    as functions of the optimizer step."""
+
+    total: int
+    peak_lr: float
+    warmup: int
+    weight_decay: float
+    weight_decay_end: float | None = None
+
+    def lr(self, step: int) -> float:
+        return warmup_cosine(step, self.total, self.peak_lr, self.warmup)
+
+    def wd(self, step: int) -> float:
+        if self.weight_decay_end is None:
+            return self.weight_decay
+        return cosine(step, self.total, self.weight_decay, self.weight_decay_end)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> tuple[float, float]:
+        """Set every parameter group's lr (times its `lr_scale`) and weight decay (groups without decay keep
+        none) for `step`; returns (lr, wd)."""
+        lr, wd = self.lr(step), self.wd(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+            if g["base_weight_decay"] > 0:
+                g["weight_decay"] = wd
+        return lr, wd
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    acc: Accelerator
+    plan: Plan
+    method: SSLMethod  # the unwrapped module (checkpoints, hooks, export)
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    views: list[ViewSpec]
+    storage: dict  # parsed storage options
+    feature_dim: int
+    start_step: int = 0
+    resume_from: Path | None = None
+    model: torch.nn.Module | None = None  # the method as Accelerate prepared it (DDP on several processes)
+    loader: object = None
+    batches: object = None  # the loader's iterator
+    state: dict | None = field(default=None, repr=False)  # a loaded checkpoint until `prepare` applies it
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def global_batch(self) -> int:
+        return self.plan.global_batch  # processes x batch x accumulation: the plan's batch is one optimizer step
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.steps
+
+    def prepare(self) -> None:
+        """Run files, device settings, Accelerate, the loader and the restored optimizer / RNG state."""
+        write_run_files(self)
+        apply_device_settings(self.cfg, self.acc.device, self.method)
+        if self.cfg.sync_bn and self.world_size > 1:
+            self.method = sync_batchnorm(self.method, self.acc)
+        self.model, self.optimizer = self.acc.prepare(self.method, self.optimizer)
+        set_seed(self.cfg.seed + 1 + self.rank)  # per-process dropout / drop-path stream (the init was shared)
+        self.loader = make_run_loader(self)
+        self.batches = iter(self.loader)  # draws the loader's base seed from the global RNG: before restoring it
+        if self.state is not None:
+            checkpoint.restore_training_state(self, self.state)
+            self.state = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building a run.
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """Accelerate for this process. Launched on a machine without GPUs, the processes form a gloo group (without
+    `cpu=True`, Accelerate 1.15 treats each as a single-process run)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("LOCAL_RANK") is not None
+    cpu = launched and not torch.cuda.is_available()
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=True),
+                InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))]
+    return Accelerator(mixed_precision=cfg.precision, cpu=cpu, kwargs_handlers=handlers)
+
+
+def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
+    check_settings(cfg)
+    storage = parse_storage_options(cfg.storage_options)
+    plan = make_run_plan(cfg, storage, acc.num_processes)
+    check_output_folder(cfg, Path(cfg.out), plan.global_batch)
+    set_seed(cfg.seed)
+    backbone, dim = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_options)
+    method = build_method(cfg.method, backbone, dim, **cfg.method_options)
+    if method.needs_batch_stats and cfg.batch_size < 2:
+        raise RunError(f"{cfg.method} uses batch statistics; --batch-size (per process, per micro-batch) "
+                       "must be >= 2")
+    peak_lr = cfg.lr * plan.global_batch / 256
+    optimizer = build_optimizer(cfg.optimizer, method.param_groups(), peak_lr, cfg.weight_decay, cfg.momentum)
+    for g in optimizer.param_groups:
+        g["base_weight_decay"] = g["weight_decay"]
+    warmup = max(1, int(cfg.warmup_fraction * plan.steps)) if cfg.warmup_fraction > 0 else 0
+    schedule = Schedule(plan.steps, peak_lr, warmup, cfg.weight_decay, cfg.weight_decay_end)
+    run = Run(cfg, acc, plan, method, optimizer, schedule, method.views(cfg.image_size), storage, dim)
+    checkpoint.load_for_resume(run)
+    return run
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise RunError("--batch-size and --grad-accum must be >= 1")
+    if bool(cfg.knn_train) != bool(cfg.knn_test):
+        raise RunError("the kNN monitor needs both --knn-train and --knn-test")
+    if cfg.decoder == "dali":
+        from stream_ssl.data.dali import require_dali
+
+        try:
+            require_dali()
+        except ImportError as e:
+            raise RunError(str(e)) from None
+
+
+def make_run_plan(cfg: TrainConfig, storage: dict, world_size: int) -> Plan:
+    global_batch = world_size * cfg.batch_size * cfg.grad_accum
+    budget = parse_count(cfg.budget_samples, None, "--budget-samples")
+    if budget < global_batch:
+        raise RunError(f"--budget-samples {budget} is smaller than one global batch ({world_size} processes x "
+                       f"{cfg.batch_size} x {cfg.grad_accum} accumulation = {global_batch})")
+    sets = [load_shard_set(u, options_for(u, storage)) for u in cfg.data.split(",") if u]
+    return make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, world_size, cfg.num_workers,
+                     cfg.batch_size * cfg.grad_accum, cfg.seed, shuffle_window=cfg.shuffle_window,
+                     shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
+
+
+def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int) -> None:
+    """Refuse to mix two different runs in one folder (read-only: every process runs it)."""
+    ckpt = checkpoint.latest_checkpoint(out)
+    if ckpt is not None and cfg.resume == "never":
+        raise RunError(f"{out} already holds a run (checkpoint {ckpt.name}); use --resume auto to continue it, "
+                       "or choose another --out")
+    saved = out / "config.json"
+    if not saved.exists() or ckpt is None:
+        return
+    old = json.loads(saved.read_text())
+    diffs = [f"{k}: {old.get(k)!r} there vs {getattr(cfg, k)!r} now"
+             for k in TrainConfig.IDENTITY if old.get(k) != getattr(cfg, k)]
+    run_info = out / "run.json"
+    if run_info.exists():
+        old_g = json.loads(run_info.read_text()).get("global_batch")
+        if old_g is not None and old_g != global_batch:
+            diffs.append(f"global batch: {old_g} there vs {global_batch} now")
+    if diffs:
+        raise RunError(f"{out} holds a different run ({'; '.join(diffs)}); choose another --out or delete it")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparing it.
+
+
+def write_run_files(run: Run) -> None:
+    acc, cfg = run.acc, run.cfg
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(config_json(cfg))
+        info = {"global_batch": run.global_batch, "world_size": run.world_size, "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum, "optimizer_steps": run.total_steps,
+                "peak_lr": run.schedule.peak_lr, "shuffle_block": run.plan.shuffle_block}
+        (run.out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+        acc.print(run.plan.describe())
+        acc.print(f"optimizer steps: {run.total_steps} of global batch {run.global_batch} ({run.world_size} "
+                  f"processes x {cfg.batch_size} x {cfg.grad_accum} accumulation); peak lr "
+                  f"{run.schedule.peak_lr:.4g}")
+    acc.wait_for_everyone()
+
+
+def apply_device_settings(cfg: TrainConfig, device: torch.device, method: torch.nn.Module) -> dict:
+    """The GPU speed settings (TF32, cuDNN autotuning, channels-last for convolutional backbones) on CUDA;
+    nothing elsewhere. Returns what was set."""
+    if device.type != "cuda":
+        return {}
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    channels_last = cfg.channels_last and not is_vit(method.backbone)
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+    return {"tf32": cfg.tf32, "cudnn_benchmark": cfg.cudnn_benchmark, "channels_last": channels_last}
+
+
+def sync_batchnorm(method: SSLMethod, acc: Accelerator) -> SSLMethod:
+    """SyncBatchNorm on GPUs, through timm's converter: torch's turns timm's BatchNormAct2d into a plain
+    SyncBatchNorm and silently drops its activation."""
+    if acc.device.type != "cuda":
+        acc.print(f"note: --sync-bn ignored: SyncBatchNorm needs GPUs (device {acc.device})")
+        return method
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(method)
+
+
+def make_run_loader(run: Run):
+    """The loader of this process, from the resume step on (kept out of `accelerator.prepare`: the plan
+    already splits the data by rank)."""
+    cfg = run.cfg
+    options = dict(storage_options=run.storage, seed=cfg.seed, micro_batches=cfg.grad_accum,
+                   cache_dir=cfg.cache_dir or None, cache_size=parse_bytes(cfg.cache_size) if cfg.cache_size
+                   else None, skip_fraction=cfg.skip_fraction)
+    if cfg.decoder == "dali":
+        from stream_ssl.data.dali import make_dali_loader
+
+        device = run.acc.device
+        device_id = (device.index or 0) if device.type == "cuda" else None  # None: CPU-only pipeline
+        return make_dali_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
+                                device_id=device_id, num_threads=cfg.dali_threads, **options)
+    from stream_ssl.data.loader import make_loader
+
+    return make_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers, **options)
