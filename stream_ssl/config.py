@@ -58,6 +58,9 @@ class TrainConfig:
                                  "object store")
     cache_size: str = setting("", f"bound of the cache (200G, 512MiB; {SIZE_RULE}); empty: what the plan's "
                                   "repeats need")
+    read_ahead_bytes: str = setting("256MiB", f"memory per process for reads ahead of training ({SIZE_RULE}); "
+                                              "the reader plans the reads of the steps it covers together and "
+                                              "keeps enough requests in flight to hide storage latency")
     shuffle_window: int = setting(8, "steps whose samples are mixed together (see stream_ssl/data/plan.py)")
     shuffle_block: int = setting(-1, "samples moved together when mixing; 0: no mixing, -1: automatic")
     skip_fraction: float = setting(0.01, "fail when more than this share of samples (past 32) cannot be decoded")

@@ -254,7 +254,7 @@ def make_run_loader(run: Run):
     cfg = run.cfg
     options = dict(storage_options=run.storage, seed=cfg.seed, micro_batches=cfg.grad_accum,
                    cache_dir=cfg.cache_dir or None, cache_size=parse_bytes(cfg.cache_size) if cfg.cache_size
-                   else None, skip_fraction=cfg.skip_fraction)
+                   else None, skip_fraction=cfg.skip_fraction, read_ahead_bytes=parse_bytes(cfg.read_ahead_bytes))
     if cfg.decoder == "dali":
         from stream_ssl.data.dali import make_dali_loader
 

@@ -12,9 +12,11 @@ import pytest
 
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.cache import DiskCache
+from stream_ssl.data.fetch import Fetcher, Policy
 from stream_ssl.data.loader import PlanDataset, TooManySkipped, make_loader
-from stream_ssl.data.plan import Slice, make_plan
-from stream_ssl.data.reader import ReadAhead, ReadError, ShardReader, coalesce
+from stream_ssl.data.plan import make_plan
+from stream_ssl.data.readahead import ReadAhead, _merge
+from stream_ssl.data.reader import ReadError, ShardReader
 from stream_ssl.data.storage import is_transient, options_for, redact
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
@@ -48,8 +50,8 @@ def truth(shards):
     return out
 
 
-def _stream(plan, rank, reader, start=0, depth=2, threads=3):
-    return list(ReadAhead(reader, plan, rank, range(start, plan.steps), depth=depth, threads=threads))
+def _stream(plan, rank, reader, start=0, **kw):
+    return list(ReadAhead(reader, plan, rank, range(start, plan.steps), **kw))
 
 
 def _check(samples, truth):
@@ -72,27 +74,59 @@ def test_stream_yields_the_planned_samples_with_their_bytes(shards, truth):
         assert reader.stats.retries == 0 and reader.stats.corrupt == 0
 
 
+class Recording:
+    """A local filesystem that records the byte ranges asked of it (the reader then skips memory maps)."""
+
+    def __init__(self, fs):
+        self.fs, self.requests = fs, []
+
+    def _strip_protocol(self, url):
+        return self.fs._strip_protocol(url)
+
+    def cat_file(self, path, start=None, end=None):
+        self.requests.append((path, start, end))
+        return self.fs.cat_file(path, start=start, end=end)
+
+
+def _recording_reader(plan, **kw):
+    import fsspec
+
+    rec = Recording(fsspec.filesystem("file"))
+    fetcher = Fetcher(filesystems={"file": rec}, mmap_local=False, policy=Policy(backoff=0.0, **kw))
+    return ShardReader(plan.sets, fetcher=fetcher), rec
+
+
 def test_resume_reads_only_what_the_remaining_steps_need(shards):
     plan = make_plan([shards], 300, 900, world_size=1, batch_size=12, seed=1)
     full = _stream(plan, 0, ShardReader(plan.sets))
     start = plan.steps * 2 // 3
-    reader = ShardReader(plan.sets)
+    reader, rec = _recording_reader(plan)
     rest = _stream(plan, 0, reader, start=start)
     assert [(step, [s["__key__"] for s in samples]) for step, samples in rest] == \
         [(step, [s["__key__"] for s in samples]) for step, samples in full[start:]]
-    need = 0
+    needed: dict[str, set] = {}
     for step in range(start, plan.steps):
-        for r in coalesce(plan.rank_slices(step, 0))[0]:
-            b = reader.boundaries(r.source, r.shard)
-            need += int(b[r.stop] - b[r.start])
-    assert reader.stats.bytes_read == need  # nothing before the resume point was read
+        for p in plan.rank_slices(step, 0):
+            b = reader.boundaries(p.source, p.shard)
+            needed.setdefault(shards.shard_url(p.shard), set()).update(range(int(b[p.start]), int(b[p.stop])))
+    for path, a, z in rec.requests:  # nothing only the steps before the resume point need was read
+        assert set(range(a, z)) <= needed[path]
+    assert reader.stats.bytes_read <= sum(len(v) for v in needed.values()) * 3  # at most once per pass
 
 
-def test_coalesce_merges_touching_slices_and_keeps_batch_order():
-    pieces = [Slice(0, 1, 10, 20), Slice(0, 0, 5, 9), Slice(0, 1, 0, 10), Slice(0, 1, 25, 30)]
-    reads, where = coalesce(pieces)
-    assert reads == [Slice(0, 0, 5, 9), Slice(0, 1, 0, 20), Slice(0, 1, 25, 30)]
-    assert where == [(1, 10), (0, 0), (1, 0), (2, 0)]
+def test_reads_of_a_window_of_steps_are_merged_into_few_requests(shards):
+    plan = make_plan([shards], 300, 300, world_size=1, batch_size=12, seed=1)  # mixing on: blocks of 1 sample
+    reader, rec = _recording_reader(plan)
+    _stream(plan, 0, reader)
+    assert len(rec.requests) <= 2 * len(shards.shards)  # per shard read, not per block
+    reader, rec = _recording_reader(plan)
+    _stream(plan, 0, reader, read_ahead_bytes=1)  # no read-ahead: one step at a time, blocks scattered
+    assert len(rec.requests) > 4 * len(shards.shards)
+
+
+def test_merge_joins_touching_ranges_with_their_first_need_and_pass():
+    assert _merge([(10, 20, 3, 1), (5, 9, 0, 0), (0, 10, 2, 2), (25, 30, 1, 0)]) == \
+        [(0, 20, 0, 0), (25, 30, 1, 0)]
 
 
 class Flaky:
@@ -125,19 +159,19 @@ class Flaky:
 
 
 def _flaky_reader(plan, pattern, **kw):
-    reader = ShardReader(plan.sets, backoff=0.0, **kw)
-    fs, _ = reader._filesystem(plan.sets[0].shard_url(0))
-    flaky = Flaky(fs, pattern)
-    reader._fs["file"] = (flaky,)
-    return reader, flaky
+    import fsspec
+
+    flaky = Flaky(fsspec.filesystem("file"), pattern)
+    fetcher = Fetcher(filesystems={"file": flaky}, mmap_local=False, policy=Policy(backoff=0.0, **kw))
+    return ShardReader(plan.sets, fetcher=fetcher), flaky
 
 
 def test_transient_failures_resume_at_the_last_complete_sample(shards, truth):
     plan = make_plan([shards], 300, 600, world_size=2, batch_size=10, seed=5)
-    expected = _stream(plan, 1, ShardReader(plan.sets), threads=1)
+    expected = _stream(plan, 1, ShardReader(plan.sets))
     faults = {2: "reset", 3: 0.5, 5: "timeout", 7: 0.3, 8: 0.9, 11: "reset", 13: 0.05, 17: 0.6}
-    reader, flaky = _flaky_reader(plan, lambda i: faults.get(i % 20), chunk_bytes=8 * 1024)
-    got = _stream(plan, 1, reader, threads=1)
+    reader, flaky = _flaky_reader(plan, lambda i: faults.get(i % 20), request_bytes=8 * 1024)
+    got = _stream(plan, 1, reader)
     assert [(st, [s["__key__"] for s in ss]) for st, ss in got] == \
         [(st, [s["__key__"] for s in ss]) for st, ss in expected]
     for _, samples in got:
@@ -146,7 +180,7 @@ def test_transient_failures_resume_at_the_last_complete_sample(shards, truth):
     # Every re-issued request starts at a sample boundary, and no byte is delivered twice: the whole samples
     # kept from all requests add up to exactly the bytes an undisturbed read takes.
     reference = ShardReader(plan.sets)
-    _stream(plan, 1, reference, threads=1)
+    _stream(plan, 1, reference)
     kept = 0
     for path, start, end, n in flaky.requests:
         shard = next(i for i, info in enumerate(shards.shards) if path.endswith("/" + info.path))
@@ -163,7 +197,7 @@ def test_permanent_errors_fail_at_once_and_retries_run_out(shards):
         reader.read(plan.rank_slices(0, 0)[0])
     assert reader.stats.retries == 0
     reader, flaky = _flaky_reader(plan, lambda i: "reset", retries=3)
-    with pytest.raises(ReadError, match="failed after 3 retries"):
+    with pytest.raises(ReadError, match="failed 4 times in a row without progress"):
         reader.read(plan.rank_slices(0, 0)[0])
     assert reader.stats.retries == 3
 
@@ -278,7 +312,7 @@ def test_disk_cache_serves_ranges_and_stays_bounded(shards, tmp_path):
     cache = DiskCache(tmp_path / "cache", 64 << 20)
     reader = ShardReader(plan.sets, cache=cache, plan=plan, cache_local=True)
     first, read_by_step = [], []
-    for item in ReadAhead(reader, plan, 0, range(plan.steps), depth=0, threads=1):
+    for item in ReadAhead(reader, plan, 0, range(plan.steps), read_ahead_bytes=16 << 10):
         first.append(item)
         read_by_step.append(reader.stats.bytes_read)
     assert reader.stats.cache_hits > 0 and reader.stats.cache_stores > 0

@@ -13,7 +13,8 @@ import pytest
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.plan import make_plan
-from stream_ssl.data.reader import ReadAhead, ReadError, ShardReader
+from stream_ssl.data.readahead import ReadAhead
+from stream_ssl.data.reader import ReadError, ShardReader
 from stream_ssl.data.storage import filesystem
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
@@ -94,9 +95,9 @@ def test_cut_connections_still_yield_every_planned_sample_exactly_once(moto, loc
             # boundaries) do the work.
             options = moto.options(proxy.endpoint, config_kwargs={"retries": {"max_attempts": 0},
                                                                   "connect_timeout": 5, "read_timeout": 5})
-            reader = ShardReader(remote.sets, options, backoff=0.01, retries=10, chunk_bytes=16 * 1024)
-            reader._filesystem(s3_url)[0].retries = 1
-            got = _samples(remote, rank, reader, depth=2, threads=3)
+            reader = ShardReader(remote.sets, options, backoff=0.01, retries=10, request_bytes=16 * 1024)
+            reader.fetcher.filesystem(s3_url).retries = 1
+            got = _samples(remote, rank, reader)
             assert got == _samples(local, rank, ShardReader(local.sets))
             assert reader.stats.retries > 0 and proxy.faults >= 8 and proxy.kinds.get("cut", 0) >= 3, proxy.kinds
         finally:
@@ -112,7 +113,8 @@ def test_cache_keeps_later_passes_off_the_object_store(moto, local_folder, s3_ur
         assert remote.last_pass == 3
         reader = ShardReader(remote.sets, options, cache=DiskCache(tmp_path / "c", 64 << 20), plan=remote)
         by_step, sent = [], []
-        for step, samples in ReadAhead(reader, remote, 0, range(remote.steps), depth=0, threads=1):
+        # a small read-ahead: later passes are planned after pass 1 was read (else one read serves them all)
+        for step, samples in ReadAhead(reader, remote, 0, range(remote.steps), read_ahead_bytes=32 << 10):
             by_step.append((step, [(s["__key__"], s["jpg"], s.get("cls")) for s in samples]))
             sent.append(proxy.bytes_down)
         assert by_step == _samples(local, 0, ShardReader(local.sets))
@@ -142,7 +144,7 @@ def test_credentials_never_appear_in_messages_or_logs(moto, s3_url, caplog):
     try:
         options = moto.options(proxy.endpoint, config_kwargs={"retries": {"max_attempts": 0}})
         reader = ShardReader(plan.sets, options, retries=2, backoff=0.0)
-        reader._filesystem(s3_url)[0].retries = 1
+        reader.fetcher.filesystem(s3_url).retries = 1
         with pytest.raises(ReadError) as info:
             reader.read(plan.rank_slices(0, 0)[0])
         texts += [str(info.value), str(info.value.__cause__), repr(reader.stats)]
@@ -160,7 +162,7 @@ def test_loader_workers_stream_from_s3_and_share_the_cache(moto, local_folder, s
                            world_size=1, batch_size=16, num_workers=2, seed=8)
     views = [ViewSpec(16)]
     batches = list(make_loader(remote, 0, views, num_workers=2, storage_options=moto.options(),
-                               cache_dir=tmp_path / "cache", readahead=1))
+                               cache_dir=tmp_path / "cache", read_ahead_bytes=64 << 10))
     want = list(make_loader(local, 0, views, num_workers=0))
     assert [(b.step, b.keys) for b in batches] == [(b.step, b.keys) for b in want]
     assert all((a.views[0] == b.views[0]).all() for a, b in zip(batches, want))
@@ -180,7 +182,8 @@ def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(mo
     from tests.helpers.trainer import TRAIN, run, train_args
 
     flags = dict(unique_samples="60", budget_samples="240", batch_size=16, num_workers=1, save_every=5,
-                 tensorboard="false", storage_options=json.dumps(moto.options()))
+                 tensorboard="false", storage_options=json.dumps(moto.options()),
+                 read_ahead_bytes="64KiB")  # (a larger read-ahead reads the small pool once for every pass)
     runs = {}
     knn = {"knn_train": s3_url, "knn_test": s3_url, "knn_k": 5}  # the kNN monitor reads s3:// with the same options
     for name, extra in (("cached", {"cache_dir": tmp_path / "cache", "cache_size": "64M", **knn}), ("direct", {})):

@@ -149,7 +149,7 @@ class EncodedBatch(Batch):
 class EncodedDataset(PlanDataset):
     """The plan's batches of one rank as EncodedBatch: read, checked, drawn; not decoded."""
 
-    def make_batch(self, step: int, samples: list[dict], bytes_read: int, micro: int = 0) -> EncodedBatch:
+    def make_batch(self, step: int, samples: list[dict], micro: int = 0) -> EncodedBatch:
         datas, sizes, labels, keys, bad = [], [], [], [], 0
         for s in samples:
             try:
@@ -174,7 +174,7 @@ class EncodedDataset(PlanDataset):
             keys.append(keys[k])
         draws = draw_views(sizes, self.views, batch_rng(self.seed, step, self.rank, micro),
                            batch_generator(self.seed, step, self.rank, micro))
-        return EncodedBatch(step, [], torch.tensor(labels, dtype=torch.int64), keys, bad, bytes_read, micro=micro,
+        return EncodedBatch(step, [], torch.tensor(labels, dtype=torch.int64), keys, bad, micro=micro,
                             data=datas, sizes=sizes, draws=draws)
 
 
@@ -374,8 +374,7 @@ class DaliLoader:
         if self.replaced > self.skip_grace + self.skip_fraction * self.seen:
             raise TooManySkipped(f"rank {self.rank}: DALI could not decode {self.replaced} of {self.seen} samples "
                                  f"(threshold {self.skip_grace} + {self.skip_fraction:.1%})")
-        return Batch(enc.step, views, enc.labels, enc.keys, enc.skipped + replaced, enc.bytes_read, enc.cache_hits,
-                     enc.cache_bytes, enc.retries, enc.read_wait, enc.worker, enc.micro)
+        return Batch(enc.step, views, enc.labels, enc.keys, enc.skipped + replaced, enc.io, enc.worker, enc.micro)
 
     def __iter__(self):
         batches = iter(self.loader)

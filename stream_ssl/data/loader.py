@@ -1,8 +1,9 @@
 """Assemble the streaming loader: plan -> reader -> decode + geometric views -> uint8 batches.
 
 The dataset yields whole per-rank batches (DataLoader with batch_size=None); worker k of K produces steps
-k, k+K, ... which is the order the DataLoader collects them in. Each worker reads ahead (background
-threads) and, with `cache_dir`, keeps what later passes will read again on local disk. Keep this loader
+k, k+K, ... which is the order the DataLoader collects them in. Each worker reads ahead (readahead.py: the
+reads of its coming steps planned together, many in flight, within its share of `read_ahead_bytes`) and,
+with `cache_dir`, keeps what later passes will read again on local disk. Keep this loader
 out of `accelerator.prepare()`: the plan already splits the data by rank.
 
 Undecodable samples are replaced by another view of a decodable sample of the same batch (every rank's
@@ -13,7 +14,7 @@ batch stays full) and counted; a worker fails loudly once it has skipped more th
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from shard_tools.shardset import IMAGE_EXTS
 from stream_ssl.data.augment import ViewSpec, decode_views, to_chw
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.plan import Plan
-from stream_ssl.data.reader import ReadAhead, ShardReader
+from stream_ssl.data.readahead import DEFAULT_READ_AHEAD, ReadAhead
+from stream_ssl.data.reader import ShardReader
 from stream_ssl.data.rng import batch_rng
 
 
@@ -38,13 +40,21 @@ class Batch:
     labels: torch.Tensor  # int64 (B,), -1 where the sample has no label
     keys: list[str]
     skipped: int  # undecodable samples in this batch (replaced by repeats of decodable ones)
-    bytes_read: int  # bytes this batch's reads took from storage (cache hits not counted)
-    cache_hits: int = 0  # byte ranges served from the local cache
-    cache_bytes: int = 0
-    retries: int = 0  # transient read failures retried
-    read_wait: float = 0.0  # seconds the worker waited on reads for this batch
+    io: dict = field(default_factory=dict)  # the reader's counters since the previous batch (fetch.ReadStats)
     worker: int = 0
     micro: int = 0  # micro-batch index within the step (gradient accumulation), 0 without
+
+    @property
+    def bytes_read(self) -> int:  # from storage; cache hits not counted
+        return self.io.get("bytes_read", 0)
+
+    @property
+    def cache_hits(self) -> int:
+        return self.io.get("cache_hits", 0)
+
+    @property
+    def retries(self) -> int:
+        return self.io.get("retries", 0)
 
 
 def image_bytes(sample: dict) -> bytes:
@@ -71,7 +81,7 @@ class PlanDataset(IterableDataset):
 
     def __init__(self, plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 0,
                  storage_options: dict | None = None, seed: int = 0, cache_dir: str | Path | None = None,
-                 cache_size: int | None = None, readahead: int = 2, read_threads: int = 4,
+                 cache_size: int | None = None, read_ahead_bytes: int = DEFAULT_READ_AHEAD,
                  skip_fraction: float = 0.01, skip_grace: int = 32, retries: int = 8, backoff: float = 0.2,
                  micro_batches: int = 1, cache_local: bool = False):
         if not 0 <= start_step <= plan.steps:
@@ -86,7 +96,7 @@ class PlanDataset(IterableDataset):
         self.cache_size = cache_size
         if self.cache_dir and not self.cache_size:
             self.cache_size = default_cache_size(plan, self.cache_dir)
-        self.readahead, self.read_threads = readahead, read_threads
+        self.read_ahead_bytes = read_ahead_bytes
         self.skip_fraction, self.skip_grace = skip_fraction, skip_grace
         self.retries, self.backoff = retries, backoff
 
@@ -103,17 +113,14 @@ class PlanDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader = self.make_reader()
         items = self.plan.worker_items(worker, workers, self.start_step, self.micro_batches)
-        stream = ReadAhead(reader, self.plan, self.rank, items, depth=self.readahead, threads=self.read_threads,
-                           parts=self.micro_batches)
+        stream = ReadAhead(reader, self.plan, self.rank, items, parts=self.micro_batches,
+                           read_ahead_bytes=self.read_ahead_bytes // max(1, workers))
         seen = skipped = 0
         before = reader.stats.snapshot()
         for (step, micro), samples in stream:
             now = reader.stats.snapshot()
-            batch = self.make_batch(step, samples, now["bytes_read"] - before["bytes_read"], micro)
-            batch.cache_hits = now["cache_hits"] - before["cache_hits"]
-            batch.cache_bytes = now["cache_bytes"] - before["cache_bytes"]
-            batch.retries = now["retries"] - before["retries"]
-            batch.read_wait = now["wait_seconds"] - before["wait_seconds"]
+            batch = self.make_batch(step, samples, micro)
+            batch.io = {k: now[k] - before[k] for k in now}
             batch.worker = worker
             before = now
             seen += len(samples)
@@ -129,7 +136,7 @@ class PlanDataset(IterableDataset):
 
     _last_error = ""
 
-    def make_batch(self, step: int, samples: list[dict], bytes_read: int, micro: int = 0) -> Batch:
+    def make_batch(self, step: int, samples: list[dict], micro: int = 0) -> Batch:
         rng = batch_rng(self.seed, step, self.rank, micro)
         crops, datas, labels, keys, bad = [], [], [], [], []
         for i, s in enumerate(samples):
@@ -154,7 +161,7 @@ class PlanDataset(IterableDataset):
             labels.append(labels[k])
             keys.append(keys[k])
         views = [to_chw([c[v] for c in crops]) for v in range(len(self.views))]
-        return Batch(step, views, torch.tensor(labels, dtype=torch.int64), keys, len(bad), bytes_read, micro=micro)
+        return Batch(step, views, torch.tensor(labels, dtype=torch.int64), keys, len(bad), micro=micro)
 
 
 def _identity(batch):
@@ -163,18 +170,18 @@ def _identity(batch):
 
 def make_loader(plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 0, num_workers: int = 0,
                 storage_options: dict | None = None, seed: int = 0, prefetch: int = 2,
-                cache_dir: str | Path | None = None, cache_size: int | None = None, readahead: int = 2,
-                read_threads: int = 4, skip_fraction: float = 0.01, skip_grace: int = 32,
+                cache_dir: str | Path | None = None, cache_size: int | None = None,
+                read_ahead_bytes: int = DEFAULT_READ_AHEAD, skip_fraction: float = 0.01, skip_grace: int = 32,
                 micro_batches: int = 1, cache_local: bool = False) -> DataLoader:
     """The loader of one rank, from plan step `start_step` on.
 
     `cache_dir`/`cache_size`: the repeat-aware local cache (default size: what the plan's repeats need);
-    `readahead`: items each worker keeps in flight on `read_threads` threads; `micro_batches`: split every
-    step's batch into that many micro-batches (gradient accumulation with a plan whose batch_size is the
-    per-rank batch of one optimizer step), yielded in order with `Batch.micro` = 0, 1, ...; `cache_local`: use
-    the cache for local paths too (shard sets on a network file system)."""
+    `read_ahead_bytes`: memory for reads ahead of the consumer, per process (split between workers);
+    `micro_batches`: split every step's batch into that many micro-batches (gradient accumulation with a plan
+    whose batch_size is the per-rank batch of one optimizer step), yielded in order with `Batch.micro` = 0, 1,
+    ...; `cache_local`: use the cache for local paths too (shard sets on a network file system)."""
     ds = PlanDataset(plan, rank, views, start_step, storage_options, seed, cache_dir=cache_dir,
-                     cache_size=cache_size, readahead=readahead, read_threads=read_threads,
+                     cache_size=cache_size, read_ahead_bytes=read_ahead_bytes,
                      skip_fraction=skip_fraction, skip_grace=skip_grace, micro_batches=micro_batches,
                      cache_local=cache_local)
     kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}

@@ -1,0 +1,377 @@
+"""Bytes of shard samples from storage: streamed, resumed at sample boundaries, retried on lack of progress.
+
+A request asks for samples [first, stop) of one shard; the `.idx` boundaries give their byte range. What it
+guarantees, whatever the store does:
+- The body is read as it arrives (a streamed GET for `s3://` and `http(s)://`). When the connection breaks,
+  the complete samples already received are kept and the next request asks only for the rest: nothing is
+  read twice into the output, nothing is lost.
+- A request that keeps being cut is made smaller (halved, down to one sample), so a middlebox that cuts every
+  connection after N bytes still lets the read advance N bytes at a time.
+- Retries count failures *without progress*: a request that brought at least one whole sample resets the
+  count. After `retries` failed attempts in a row the read fails with one line naming the shard and the bytes.
+- Missing objects, denied access and other 4xx answers are not retried.
+- Local files are memory-mapped: a local read is a zero-copy view of the page cache.
+
+Every source runs on fsspec's event loop (one thread per process, shared with s3fs): many requests are in
+flight at once without a thread each. `Fetcher.submit(...)` returns a `concurrent.futures.Future`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import random
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from stream_ssl.data.storage import filesystem, is_transient, protocol_of, redact
+
+LOCAL = ("file", "local")
+
+
+class ReadError(OSError):
+    """A read that kept failing without progress after every retry (one line: shard, bytes, last error)."""
+
+
+@dataclass
+class ReadStats:
+    """Counters of one reader (one process or loader worker); `snapshot()` for deltas."""
+
+    requests: int = 0  # GETs sent to storage (shard ranges and index files; local reads not counted)
+    bytes_read: int = 0  # sample bytes from storage, local files included (cache hits and .idx files are not)
+    retries: int = 0  # failed attempts that were retried
+    cut: int = 0  # responses that ended early (connection cut, truncated body, refused)
+    throttled: int = 0  # 503 SlowDown / 429 answers
+    ttfb_seconds: float = 0.0  # sum over requests of the time to the first byte
+    request_seconds: float = 0.0  # sum over requests of their duration
+    index_fetches: int = 0  # .idx files read from storage
+    index_bytes: int = 0
+    cache_hits: int = 0  # byte ranges served from the local cache
+    cache_bytes: int = 0
+    cache_stores: int = 0
+    corrupt: int = 0  # samples whose bytes did not match the .idx
+    wait_seconds: float = 0.0  # time a consumer waited for reads to finish
+
+    def snapshot(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def add(self, **deltas) -> None:
+        for k, v in deltas.items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+@dataclass(frozen=True)
+class Policy:
+    retries: int = 8  # failed attempts in a row without progress before giving up
+    backoff: float = 0.2  # first wait in seconds, doubled per attempt without progress, with jitter
+    max_backoff: float = 20.0
+    request_bytes: int = 16 << 20  # largest single GET (whole samples; one sample is never split)
+    chunk_bytes: int = 1 << 20  # read size of a streamed body
+
+    def wait(self, attempt: int) -> float:
+        return min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources: one GET of bytes [start, end) into a buffer, which keeps what arrived before an error.
+
+
+class Partial(Exception):
+    """A GET that ended early; `data` holds the bytes received before `error`."""
+
+    def __init__(self, data: bytearray, error: BaseException):
+        super().__init__(str(error))
+        self.data, self.error = data, error
+
+
+async def _s3_get(fs, path: str, start: int, end: int, policy: Policy, t0: float) -> tuple[bytearray, float]:
+    bucket, key, version = fs.split_path(path)
+    extra = {"VersionId": version} if version else {}
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **extra)
+    return await _drain(resp["Body"].read, resp["Body"].close, end - start, policy, t0)
+
+
+async def _http_get(fs, url: str, start: int, end: int, policy: Policy, t0: float) -> tuple[bytearray, float]:
+    session = await fs.set_session()
+    kw = dict(fs.kwargs)
+    kw["headers"] = {**kw.get("headers", {}), "Range": f"bytes={start}-{end - 1}"}
+    r = await session.get(fs.encode_url(url), **kw)
+    try:
+        if r.status in (404, 410):
+            raise FileNotFoundError(url)
+        r.raise_for_status()
+        if r.status != 206 and (start > 0 or (r.content_length or 0) > end - start):
+            raise ReadError(f"{redact(url)}: the server ignores range requests (status {r.status})")
+        return await _drain(r.content.read, r.release, end - start, policy, t0)
+    finally:
+        r.release()
+
+
+async def _drain(read, close, n: int, policy: Policy, t0: float) -> tuple[bytearray, float]:
+    """Read a body of `n` bytes; (data, time to first byte). A break raises Partial with what arrived."""
+    buf = bytearray()
+    ttfb = None
+    try:
+        while len(buf) < n:
+            chunk = await read(min(policy.chunk_bytes, n - len(buf)))
+            if ttfb is None:
+                ttfb = time.perf_counter() - t0
+            if not chunk:
+                raise ConnectionError(f"response body ended after {len(buf)} of {n} bytes")
+            buf += chunk
+    except Exception as e:  # noqa: BLE001 - classified by the caller
+        raise Partial(buf, e) from e
+    finally:
+        res = close()
+        if asyncio.iscoroutine(res):
+            await res
+    return buf, ttfb if ttfb is not None else time.perf_counter() - t0
+
+
+async def _generic_get(fs, path: str, start: int, end: int, policy: Policy, t0: float) -> tuple[bytes, float]:
+    if getattr(fs, "async_impl", False):
+        data = await fs._cat_file(path, start=start, end=end)
+    else:
+        data = await asyncio.get_running_loop().run_in_executor(None, lambda: fs.cat_file(path, start=start, end=end))
+    return data, time.perf_counter() - t0
+
+
+def _getter(protocol: str):
+    if protocol in ("s3", "s3a"):
+        return _s3_get
+    if protocol in ("http", "https"):
+        return _http_get
+    return _generic_get
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fetcher.
+
+
+class Fetcher:
+    """Fetches sample ranges of shards, many at once, for one process. Thread-safe.
+
+    `submit(url, bounds, first, stop)` -> Future of the bytes of samples [first, stop) (memoryview for local
+    files, bytes-like otherwise). At most `concurrency` remote GETs run at once (adjustable while running:
+    `set_concurrency`); the rest wait in submission order."""
+
+    def __init__(self, storage_options: dict | None = None, policy: Policy = Policy(), concurrency: int = 8,
+                 mmaps: int = 64, stats: ReadStats | None = None, filesystems: dict | None = None,
+                 mmap_local: bool = True):
+        self.storage_options = storage_options or {}
+        self.policy = policy
+        self.stats = stats if stats is not None else ReadStats()
+        self.filesystems = dict(filesystems or {})  # protocol -> filesystem, instead of storage.filesystem (tests)
+        self.mmap_local = mmap_local
+        self._lock = threading.Lock()
+        self._concurrency = max(1, concurrency)
+        self._running = 0
+        self._waiting: deque[tuple[Future, tuple]] = deque()
+        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+        self._max_maps = mmaps
+
+    # -- local files ------------------------------------------------------------------------------
+
+    def _map(self, path: str) -> memoryview:
+        with self._lock:
+            m = self._maps.get(path)
+            if m is not None:
+                self._maps.move_to_end(path)
+                return memoryview(m)
+        with open(path, "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with self._lock:
+            self._maps[path] = m
+            while len(self._maps) > self._max_maps:
+                self._maps.popitem(last=False)  # views still in use keep their map alive
+        return memoryview(m)
+
+    def read_local(self, path: str, bounds: np.ndarray, first: int, stop: int) -> memoryview:
+        start, end = int(bounds[first]), int(bounds[stop])
+        view = self._map(path)
+        if len(view) < end:
+            raise ReadError(f"{path}: file has {len(view)} bytes, the .idx needs {end} (truncated or replaced?)")
+        with self._lock:
+            self.stats.add(bytes_read=end - start)
+        return view[start:end]
+
+    # -- remote ------------------------------------------------------------------------------------
+
+    def set_concurrency(self, n: int) -> None:
+        with self._lock:
+            self._concurrency = max(1, int(n))
+        self._start_waiting()
+
+    @property
+    def concurrency(self) -> int:
+        return self._concurrency
+
+    def queued(self) -> int:
+        """GETs waiting for a free slot."""
+        with self._lock:
+            return len(self._waiting)
+
+    def filesystem(self, url: str):
+        fs = self.filesystems.get(protocol_of(url))
+        return fs if fs is not None else _client(url, self.storage_options)
+
+    def run(self, fs, coro) -> Future:
+        """Run a coroutine on the loop of `fs` (fsspec's loop for synchronous filesystems)."""
+        loop = fs.loop if getattr(fs, "async_impl", False) else _fsspec_loop()
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    def submit(self, url: str, bounds: np.ndarray, first: int, stop: int) -> Future:
+        protocol = protocol_of(url)
+        fut: Future = Future()
+        if protocol in LOCAL and self.mmap_local:
+            try:
+                fut.set_result(self.read_local(url.split("://", 1)[-1], bounds, first, stop))
+            except BaseException as e:  # noqa: BLE001 - delivered through the future
+                fut.set_exception(e)
+            return fut
+        with self._lock:
+            self._waiting.append((fut, (url, bounds, first, stop)))
+        self._start_waiting()
+        return fut
+
+    def _start_waiting(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting or self._running >= self._concurrency:
+                    return
+                fut, args = self._waiting.popleft()
+                self._running += 1
+            if not fut.set_running_or_notify_cancel():
+                with self._lock:
+                    self._running -= 1
+                continue
+            fs = self.filesystem(args[0])
+            task = self.run(fs, self.fetch(fs, *args))
+            task.add_done_callback(lambda t, f=fut: self._finish(t, f))
+
+    def _finish(self, task, fut: Future) -> None:
+        with self._lock:
+            self._running -= 1
+        try:
+            fut.set_result(task.result())
+        except BaseException as e:  # noqa: BLE001
+            fut.set_exception(e)
+        self._start_waiting()
+
+    async def fetch(self, fs, url: str, bounds: np.ndarray, first: int, stop: int):
+        """The bytes of samples [first, stop): GETs of at most `request_bytes`, each resumed after the last
+        complete sample it delivered; halved after two cuts in a row; ReadError after `retries` attempts in a
+        row without a complete sample."""
+        path = url if protocol_of(url) in ("http", "https") else fs._strip_protocol(url)
+        get, policy = _getter(protocol_of(url)), self.policy
+        parts: list = []
+        pos, failures, cuts, size = first, 0, 0, policy.request_bytes
+        while pos < stop:
+            start = int(bounds[pos])
+            upto = max(pos + 1, min(stop, int(np.searchsorted(bounds, start + size, side="right")) - 1))
+            end = int(bounds[upto])
+            data, error = await self._attempt(get, fs, path, start, end)
+            if len(data) > end - start:
+                raise ReadError(f"{redact(url)}: asked bytes {start}-{end}, got {len(data)} (range ignored?)")
+            whole = len(data) == end - start
+            done = upto if whole else int(np.searchsorted(bounds, start + len(data), side="right")) - 1
+            if done > pos:  # keep the complete samples, ask only for the rest
+                parts.append(data if whole else memoryview(data)[: int(bounds[done]) - start])
+                pos, failures = done, 0
+            else:
+                failures += 1
+            if whole:
+                cuts = 0
+                continue
+            cuts += 1
+            if cuts >= 2:  # cut again: ask for less next time, down to one sample
+                size = max(1, size // 2)
+            if failures > policy.retries:
+                why = f"{type(error).__name__}: {error}" if error else f"short read ({len(data)} of {end - start})"
+                raise ReadError(redact(f"{url}: bytes {start}-{int(bounds[stop])} failed {failures} times in a "
+                                       f"row without progress: {why}").replace("\n", " ")) from error
+            with self._lock:
+                self.stats.add(retries=1)
+            await asyncio.sleep(policy.wait(failures))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_whole(self, url: str) -> bytes:
+        """All bytes of a small object (an `.idx`), retried on transient errors; no HEAD request."""
+        if protocol_of(url) in LOCAL:
+            with open(url.split("://", 1)[-1], "rb") as f:
+                data = f.read()
+            with self._lock:
+                self.stats.add(index_bytes=len(data))
+            return data
+        fs = self.filesystem(url)
+        return self.run(fs, self._whole(fs, url)).result()
+
+    async def _whole(self, fs, url: str) -> bytes:
+        path = url if protocol_of(url) in ("http", "https") else fs._strip_protocol(url)
+        for attempt in range(self.policy.retries + 1):
+            t0 = time.perf_counter()
+            try:
+                if protocol_of(url) in ("s3", "s3a"):
+                    bucket, key, _ = fs.split_path(path)
+                    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+                    data = await resp["Body"].read()
+                    resp["Body"].close()
+                elif getattr(fs, "async_impl", False):
+                    data = await fs._cat_file(path)
+                else:
+                    data = await asyncio.get_running_loop().run_in_executor(None, fs.cat_file, path)
+                with self._lock:
+                    self.stats.add(requests=1, index_bytes=len(data), request_seconds=time.perf_counter() - t0)
+                return data
+            except Exception as e:  # noqa: BLE001 - classified here
+                if not is_transient(e):
+                    raise
+                if attempt == self.policy.retries:
+                    raise ReadError(redact(f"{url}: failed {attempt + 1} times: {type(e).__name__}: {e}")) from e
+                with self._lock:
+                    self.stats.add(retries=1, cut=1)
+                await asyncio.sleep(self.policy.wait(attempt))
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, get, fs, path: str, start: int, end: int):
+        """One GET: (data, None) when whole, (partial data, error) when it broke in a transient way."""
+        t0 = time.perf_counter()
+        data, error, ttfb = b"", None, None
+        try:
+            data, ttfb = await get(fs, path, start, end, self.policy, t0)
+        except Partial as p:
+            data, error = p.data, p.error
+        except Exception as e:  # noqa: BLE001 - classified below
+            error = e
+        if error is not None and not is_transient(error):
+            raise error
+        throttled = error is not None and any(s in str(error) for s in ("SlowDown", "503", "429", "Throttl"))
+        with self._lock:
+            self.stats.add(requests=1, bytes_read=len(data), request_seconds=time.perf_counter() - t0,
+                           ttfb_seconds=ttfb or 0.0, cut=int(error is not None), throttled=int(throttled))
+        return data, error
+
+
+_CLIENTS: dict[tuple, object] = {}
+
+
+def _client(url: str, storage_options: dict):
+    """One filesystem per process, protocol and options (a forked loader worker makes its own)."""
+    import os
+
+    key = (os.getpid(), protocol_of(url), repr(sorted(storage_options.items())))
+    fs = _CLIENTS.get(key)
+    if fs is None:
+        fs = _CLIENTS[key] = filesystem(url, storage_options, fresh=True)[0]
+    return fs
+
+
+def _fsspec_loop():
+    from fsspec.asyn import get_loop
+
+    return get_loop()

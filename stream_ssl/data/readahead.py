@@ -1,0 +1,265 @@
+"""Read ahead for one rank (or one loader worker): the reads of the coming items are planned together.
+
+Items are steps, or (step, part) micro-batches; for each, the plan gives shard slices. `ReadAhead`:
+1. takes the items ahead of the consumer in rounds of about `round_bytes` (sizes from index.json), while the
+   bytes it holds or has in flight stay under `read_ahead_bytes` (the memory bound);
+2. merges a round's slices per shard into runs of touching samples: one reader per rank turns a mixing
+   window's scattered blocks back into a few long ranges, and a run serves every item whose samples lie in
+   it (bytes delivered to later steps wait in memory); runs are cut into GETs of at most `request_bytes`;
+3. hands the GETs to the Fetcher in the order the items need them, at a concurrency it adapts to what it
+   measures: at least enough requests to hide the time to first byte behind the transfers, one more each
+   time the consumer waited while requests were queued, half as many after a throttling answer;
+4. yields items in order, each one's samples in the plan's order; bytes are dropped once the last item that
+   needs them is yielded.
+With a DiskCache, what the cache holds is read from it, and fetched runs that later passes read again are
+stored. The mixing (which samples a step holds) is the plan's; only the reads are grouped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stream_ssl.data.plan import Plan, Slice
+from stream_ssl.data.reader import ShardReader
+
+DEFAULT_READ_AHEAD = 256 << 20  # bytes per process: ~1 s of a fast GPU's intake, fine on any training node
+
+
+@dataclass
+class Segment:
+    """Samples [first, stop) of one shard: one GET (or one cache read)."""
+
+    source: int
+    shard: int
+    first: int
+    stop: int
+    nbytes: int
+    need: int  # position of the first item that needs it (submission order)
+    store: bool = False  # keep in the disk cache once read
+    held: bool = False  # the disk cache holds it
+    future: Future | None = None
+    refs: int = 0
+    stored: bool = False
+
+
+@dataclass
+class Pending:
+    item: object
+    parts: list[tuple[Slice, list[Segment]]] = field(default_factory=list)
+
+
+class ReadAhead:
+    """Yields (item, samples in yield order) for one rank. Iterate once; `close()` (or leaving the loop) stops
+    it. `parts`: items are (step, part) micro-batches of a batch split into `parts`."""
+
+    def __init__(self, reader: ShardReader, plan: Plan, rank: int, items, parts: int = 1,
+                 read_ahead_bytes: int = DEFAULT_READ_AHEAD, round_bytes: int | None = None,
+                 max_concurrency: int = 64):
+        self.reader, self.plan, self.rank, self.parts = reader, plan, rank, parts
+        self.items = iter(items)
+        self.budget = max(1, int(read_ahead_bytes))
+        self.round_bytes = round_bytes or max(1, self.budget // 4)
+        self.max_concurrency = max_concurrency
+        self.pending: deque[Pending] = deque()
+        self.live: dict[tuple[int, int], list[Segment]] = {}
+        self.held = 0  # bytes of live segments (in flight, or read and not yet consumed)
+        self.position = 0  # items planned so far
+        self.exhausted = False
+        self._seen = reader.stats.snapshot()
+        self._avg = [np.array([s.bytes / max(1, s.samples) for s in st.shards]) for st in plan.sets]
+
+    # ----------------------------------------------------------------------------------------------
+    # Planning.
+
+    def _where(self, item) -> tuple[int, int]:
+        return (int(item), 0) if isinstance(item, (int, np.integer)) else (int(item[0]), int(item[1]))
+
+    def _fill(self) -> None:
+        while not self.exhausted and (self.held < self.budget or not self.pending):
+            if not self._plan_round():
+                self.exhausted = True
+
+    def _plan_round(self) -> bool:
+        """Take the next items (about `round_bytes` of them) and send their reads."""
+        round_items: list[Pending] = []
+        estimate = 0.0
+        while estimate < self.round_bytes:
+            item = next(self.items, None)
+            if item is None:
+                break
+            step, part = self._where(item)
+            pieces = self.plan.rank_slices(step, self.rank, part, self.parts)
+            round_items.append(Pending(item, [(p, []) for p in pieces]))
+            estimate += sum(len(p) * self._avg[p.source][p.shard] for p in pieces)
+        if not round_items:
+            return False
+        self.reader.load_indexes((p.source, p.shard) for r in round_items for p, _ in r.parts)
+        new = self._new_segments(round_items)
+        for seg in sorted(new, key=lambda s: s.need):
+            self._submit(seg)
+        for r in round_items:
+            r.parts = [(p, self._attach(p)) for p, _ in r.parts]
+        self.pending.extend(round_items)
+        return True
+
+    def _new_segments(self, round_items: list[Pending]) -> list[Segment]:
+        """Segments for what the round needs and no live segment covers: touching ranges merged per shard."""
+        wanted: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+        for n, r in enumerate(round_items, start=self.position):
+            for p, _ in r.parts:
+                wanted.setdefault((p.source, p.shard), []).append((p.start, p.stop, n, p.epoch))
+        self.position += len(round_items)
+        out: list[Segment] = []
+        for (source, shard), ranges in wanted.items():
+            for a, b, need, epoch in _merge(ranges):
+                for lo, hi in self._uncovered(source, shard, a, b):
+                    out += self._cut(source, shard, lo, hi, need, epoch)
+        return out
+
+    def _uncovered(self, source: int, shard: int, a: int, b: int) -> list[tuple[int, int]]:
+        out, pos = [], a
+        for seg in sorted(self.live.get((source, shard), []), key=lambda s: s.first):
+            if seg.stop <= pos or seg.first >= b:
+                continue
+            if seg.first > pos:
+                out.append((pos, seg.first))
+            pos = max(pos, seg.stop)
+        if pos < b:
+            out.append((pos, b))
+        return out
+
+    def _cut(self, source: int, shard: int, a: int, b: int, need: int, epoch: int) -> list[Segment]:
+        """[a, b) as segments: cache-held runs apart, the rest cut at sample boundaries into GETs of at most
+        `request_bytes` (whole samples)."""
+        reader, bounds = self.reader, self.reader.boundaries(source, shard)
+        url = self.plan.sets[source].shard_url(shard)
+        runs = reader.cache_cover(source, shard, a, b) if reader.is_cached(url) else [(a, b, False)]
+        store = reader.is_cached(url) and self.plan.repeats_after(epoch)
+        limit = reader.fetcher.policy.request_bytes
+        out = []
+        for lo, hi, held in runs:
+            while lo < hi:
+                fits = int(np.searchsorted(bounds, bounds[lo] + limit, side="right")) - 1  # whole samples
+                end = hi if held else max(lo + 1, min(hi, fits))
+                out.append(Segment(source, shard, lo, end, int(bounds[end] - bounds[lo]), need,
+                                   store=store and not held, held=held))
+                lo = end
+        return out
+
+    def _submit(self, seg: Segment) -> None:
+        reader = self.reader
+        if seg.held:  # from local disk now (from storage after all, if it was evicted meanwhile)
+            seg.future = _call(reader.cached_or_fetch, seg.source, seg.shard, seg.first, seg.stop, False)
+        else:
+            url = self.plan.sets[seg.source].shard_url(seg.shard)
+            seg.future = reader.fetcher.submit(url, reader.boundaries(seg.source, seg.shard), seg.first, seg.stop)
+        self.live.setdefault((seg.source, seg.shard), []).append(seg)
+        self.held += seg.nbytes
+
+    def _attach(self, piece: Slice) -> list[Segment]:
+        segs = [s for s in self.live[(piece.source, piece.shard)] if s.first < piece.stop and piece.start < s.stop]
+        for s in segs:
+            s.refs += 1
+        return sorted(segs, key=lambda s: s.first)
+
+    # ----------------------------------------------------------------------------------------------
+    # Delivery.
+
+    def __iter__(self):
+        try:
+            while True:
+                self._fill()
+                if not self.pending:
+                    return
+                head = self.pending.popleft()
+                samples = self._assemble(head)
+                step, part = self._where(head.item)
+                order = self.plan.rank_order(step, self.rank, part, self.parts)
+                if order is not None:
+                    samples = [samples[int(k)] for k in order]
+                yield head.item, samples
+        finally:
+            self.close()
+
+    def _assemble(self, head: Pending) -> list[dict]:
+        waited = 0.0
+        samples: list[dict] = []
+        for piece, segs in head.parts:
+            for seg in segs:
+                if not seg.future.done():
+                    t0 = time.perf_counter()
+                    seg.future.result()
+                    waited += time.perf_counter() - t0
+                data = seg.future.result()
+                if seg.store and not seg.stored:
+                    self.reader.store(seg.source, seg.shard, seg.first, seg.stop, data, True)
+                    seg.stored = True
+                lo, hi = max(piece.start, seg.first), min(piece.stop, seg.stop)
+                samples += self.reader.split(data, seg.source, seg.shard, lo, hi, data_first=seg.first)
+                self._release(seg)
+        self.reader._count(wait_seconds=waited)
+        self._tune(waited=waited > 0)
+        return samples
+
+    def _release(self, seg: Segment) -> None:
+        seg.refs -= 1
+        if seg.refs == 0:
+            self.live[(seg.source, seg.shard)].remove(seg)
+            self.held -= seg.nbytes
+            seg.future = None  # the bytes go with it
+
+    def _tune(self, waited: bool = False) -> None:
+        """Concurrency from measurements: enough GETs to hide the time to first byte behind transfers; +1
+        when the consumer waited with requests queued; halved after throttling."""
+        fetcher = self.reader.fetcher
+        now = self.reader.stats.snapshot()
+        requests = now["requests"] - self._seen["requests"]
+        c = fetcher.concurrency
+        if now["throttled"] > self._seen["throttled"]:
+            c = max(1, c // 2)
+            self._seen = now
+        elif requests >= 4:
+            ttfb = (now["ttfb_seconds"] - self._seen["ttfb_seconds"]) / requests
+            busy = (now["request_seconds"] - self._seen["request_seconds"]) / requests
+            c = max(c, min(self.max_concurrency, math.ceil(2 * ttfb / max(busy - ttfb, 1e-3)) + 1))
+            self._seen = now
+        if waited and fetcher.queued() and c < self.max_concurrency:
+            c += 1
+        fetcher.set_concurrency(c)
+
+    def close(self) -> None:
+        for head in self.pending:
+            for _, segs in head.parts:
+                for seg in segs:
+                    if seg.future is not None:
+                        seg.future.cancel()
+        self.pending.clear()
+        self.live.clear()
+        self.held = 0
+
+
+def _merge(ranges: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Touching or overlapping sample ranges merged: (start, stop, first item that needs it, smallest pass)."""
+    out: list[list[int]] = []
+    for a, b, need, epoch in sorted(ranges):
+        if out and a <= out[-1][1]:
+            last = out[-1]
+            last[1], last[2], last[3] = max(last[1], b), min(last[2], need), min(last[3], epoch)
+        else:
+            out.append([a, b, need, epoch])
+    return [tuple(r) for r in out]
+
+
+def _call(fn, *args) -> Future:
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args))
+    except BaseException as e:  # noqa: BLE001 - delivered through the future
+        fut.set_exception(e)
+    return fut
