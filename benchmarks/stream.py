@@ -1,155 +1,282 @@
-"""Streaming throughput without decoding: our reader against plain webdataset, local disk against S3 (moto on
-loopback), and a cached second pass against the first, all measured in the same run.
+"""Streaming throughput without decoding, side by side in one run: our reader, plain webdataset, LitData and
+MosaicML Streaming (when installed), and the raw ceiling of parallel whole-object GETs; from local disk, from
+S3 on loopback (moto), and from S3 behind a proxy that makes it behave like a real object store.
 
-    python benchmarks/stream.py [--samples 4000] [--sample-kb 24] [--shard-size 250] [--batch 64] [--repeats 3]
+    python benchmarks/stream.py                       # 4000 samples of ~52 KB in 16 shards, every scenario
+    python benchmarks/stream.py --peers-python .venv-bench/bin/python   # LitData / Mosaic live there
+    python benchmarks/stream.py --scenarios local,s3-30ms --samples 2000
 
-Writes a shard set of random `.jpg` payloads (+ `.cls`, `.json`) with the project's shard writer, then times
-(best of --repeats, alternating, so every variant sees the same page cache and load):
+Scenarios: `local` (page cache warm), `s3` (moto on 127.0.0.1, no shaping), `s3-30ms` (30 ms added to the first
+byte of every request, 40 MB/s per connection: what S3-class stores look like) and `s3-100ms` (100 ms, 20 MB/s:
+another region). Readers, each timed over one pass in its own process (so none shares a client, a cache or
+the GIL with the proxy):
 
-  wds local        webdataset.WebDataset over the tar files, in order, no decode (the baseline)
-  ours local       one pass of a plan over the same set (1 rank, default mixing), ReadAhead with 4 threads
-  ours local, unmixed  the same with --shuffle-block 0 (sequential reads)
-  ours s3          the same plans from moto_server on 127.0.0.1 (one pass, no cache); moto is a Python
-                   server sharing the CPUs, so this bounds request overhead rather than measuring S3
-  s3 pass 1 / 2    a two-pass plan from S3 with the repeat-aware cache: pass 2 comes from local disk
+  webdataset       webdataset.WebDataset over the shards in order, one stream per shard (the baseline)
+  ours             one pass of a plan with the default mixing (1 rank, batch 64), stream_ssl's ReadAhead
+  ours unmixed     the same plan with --shuffle-block 0 (stream order)
+  litdata          litdata.StreamingDataset over the same samples converted with litdata.optimize
+  mosaic           streaming.StreamingDataset over the same samples written with MDSWriter
+  ceiling          whole-object GETs of every shard on 8 threads (s3fs): what the store can give this process
 
-and prints samples/s with the ratios ours/wds, s3/local and cached pass 2 / pass 1.
+and prints samples/s, MB/s, GET requests (counted at the proxy) and the ratios that matter: ours against the
+ceiling, against LitData and against webdataset, in each scenario. LitData and Mosaic need packages that
+conflict with this project's pins; install them in another environment (`make bench-venv`) and pass its
+Python with --peers-python; without them their rows say why they are missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-
-from shard_tools.shardset import load_shard_set  # noqa: E402
-from shard_tools.writer import ShardWriter  # noqa: E402
-from stream_ssl.data.cache import DiskCache  # noqa: E402
-from stream_ssl.data.plan import make_plan  # noqa: E402
-from stream_ssl.data.reader import ReadAhead, ShardReader  # noqa: E402
-from stream_ssl.data.storage import filesystem  # noqa: E402
+SCENARIOS = {"local": None, "s3": (0.0, None), "s3-30ms": (0.030, 40e6), "s3-100ms": (0.100, 20e6)}
+READERS = ("webdataset", "ours", "ours unmixed", "litdata", "mosaic", "ceiling")
+BUCKET = "bench"
 
 
-def write_set(out: Path, samples: int, kb: int, shard_size: int) -> None:
+# ----------------------------------------------------------------------------------------------------------
+# Measurements (each runs in a child process: `stream.py --measure READER ...`).
+
+
+def measure_ours(folder: str, options: dict, unmixed: bool, batch: int) -> dict:
+    from shard_tools.shardset import load_shard_set
+    from stream_ssl.data.plan import make_plan
+    from stream_ssl.data.readahead import ReadAhead
+    from stream_ssl.data.reader import ShardReader
+
+    sets = [load_shard_set(folder, options.get("s3"))]
+    n = sets[0].num_samples
+    plan = make_plan(sets, n, n, batch_size=batch, shuffle_block=0 if unmixed else None)
+    reader = ShardReader(plan.sets, options)
+    t0 = time.perf_counter()
+    count = nbytes = 0
+    for _, samples in ReadAhead(reader, plan, 0, range(plan.steps)):
+        count += len(samples)
+        nbytes += sum(len(s["jpg"]) for s in samples)
+    stats = reader.stats.snapshot()
+    return {"samples": count, "bytes": nbytes, "seconds": time.perf_counter() - t0, "gets": stats["requests"],
+            "concurrency": reader.fetcher.concurrency}
+
+
+def _s3fs(options: dict):
+    import s3fs
+
+    o = options["s3"]
+    return s3fs.S3FileSystem(key=o["key"], secret=o["secret"], client_kwargs=o["client_kwargs"],
+                             skip_instance_cache=True)
+
+
+def measure_webdataset(urls: list[str], options: dict) -> dict:
+    import webdataset as wds
+
+    if urls[0].startswith("s3://"):
+        fs = _s3fs(options)
+        wds.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: fs.open(url, "rb")
+    t0 = time.perf_counter()
+    count = nbytes = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        count += 1
+        nbytes += len(sample["jpg"])
+    return {"samples": count, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+
+def measure_ceiling(urls: list[str], options: dict, samples: int, threads: int = 8) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    if urls[0].startswith("s3://"):
+        fs = _s3fs(options)
+        get = fs.cat_file
+    else:
+        get = lambda path: Path(path).read_bytes()  # noqa: E731
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        nbytes = sum(len(b) for b in pool.map(get, urls))
+    return {"samples": samples, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+
+def child_main(a) -> int:
+    options = json.loads(a.options) if a.options else {}
+    urls = a.urls.split(",") if a.urls else []
+    if a.measure in ("ours", "ours unmixed"):
+        out = measure_ours(a.folder, options, a.measure == "ours unmixed", a.batch)
+    elif a.measure == "webdataset":
+        out = measure_webdataset(urls, options)
+    elif a.measure == "ceiling":
+        out = measure_ceiling(urls, options, a.samples)
+    else:
+        raise SystemExit(f"unknown reader {a.measure}")
+    print(json.dumps(out))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run.
+
+
+def write_set(out: Path, samples: int, kb: int, shards: int) -> None:
+    import numpy as np
+
+    from shard_tools.writer import ShardWriter
+
     rng = np.random.default_rng(0)
-    w = ShardWriter(out, "bench", shard_size)
+    w = ShardWriter(out, "bench", -(-samples // shards))
     for i in range(samples):
-        size = int(kb * 1024 * rng.uniform(0.5, 1.5))
-        w.add(f"{i:09d}", {"jpg": rng.bytes(size), "cls": str(i % 10).encode(), "json": b'{"source": "bench"}'})
+        size = int(kb * 1024 * rng.uniform(0.8, 1.2))
+        w.add(f"{i:09d}", {"jpg": b"\xff\xd8\xff" + rng.bytes(size - 3), "cls": str(i % 10).encode()})
     w.finish(source="bench")
 
 
-def wds_pass(urls: list[str]) -> int:
-    import webdataset as wds
-
-    n = 0
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        n += len(sample["jpg"]) > 0
-    return n
-
-
-def ours_pass(plan, reader, steps=None) -> int:
-    n = 0
-    for _, samples in ReadAhead(reader, plan, 0, steps if steps is not None else range(plan.steps), depth=2,
-                                threads=4):
-        n += sum(len(s["jpg"]) > 0 for s in samples)
-    return n
+def run_child(python: str, args: list[str], timeout: float = 900) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([python, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail[:200]}
+    return json.loads(lines[-1])
 
 
-def timed(fn) -> tuple[float, int]:
-    t = time.perf_counter()
-    n = fn()
-    return time.perf_counter() - t, n
+class Bench:
+    def __init__(self, a, tmp: Path):
+        self.a, self.tmp = a, tmp
+        self.folder = tmp / "set"
+        self.peers = tmp / "peers"
+        self.results: dict[tuple[str, str], dict] = {}
+        self.moto = None
+
+    def setup(self) -> None:
+        write_set(self.folder, self.a.samples, self.a.sample_kb, self.a.shards)
+        self.urls_local = sorted(str(p) for p in self.folder.glob("*.tar"))
+        peer = run_child(self.a.peers_python, [str(REPO / "benchmarks" / "stream_peers.py"), "convert",
+                                               "--tars", ",".join(self.urls_local), "--out", str(self.peers)])
+        self.peer_error = peer.get("error")
+
+    def start_s3(self) -> None:
+        from tests.helpers.servers import MotoServer, upload_folder
+
+        self.moto = MotoServer()
+        fs = _s3fs(self.moto.options())
+        fs.call_s3("create_bucket", Bucket=BUCKET)
+        upload_folder(fs, self.folder, f"s3://{BUCKET}/set")
+        if not self.peer_error:
+            for sub in ("litdata", "mosaic"):
+                if (self.peers / sub).exists():
+                    fs.put(str(self.peers / sub), f"s3://{BUCKET}/{sub}", recursive=True)
+
+    def measure(self, scenario: str, reader: str, endpoint: str | None) -> dict:
+        a, me = self.a, str(Path(__file__).resolve())
+        options = self.moto.options(endpoint) if endpoint else {}
+        remote = endpoint is not None
+        folder = f"s3://{BUCKET}/set" if remote else str(self.folder)
+        urls = [f"s3://{BUCKET}/set/{Path(u).name}" for u in self.urls_local] if remote else self.urls_local
+        if reader in ("litdata", "mosaic"):
+            if self.peer_error:
+                return {"error": self.peer_error}
+            where = f"s3://{BUCKET}/{reader}" if remote else str(self.peers / reader)
+            return run_child(a.peers_python, [str(REPO / "benchmarks" / "stream_peers.py"), "measure", reader,
+                                              "--where", where, "--endpoint", endpoint or "",
+                                              "--cache", str(self.tmp / f"cache-{scenario}-{reader}")])
+        return run_child(sys.executable, [me, "--measure", reader, "--folder", folder, "--urls", ",".join(urls),
+                                          "--options", json.dumps(options), "--batch", str(a.batch),
+                                          "--samples", str(a.samples)])
+
+    def scenario(self, name: str) -> None:
+        from tests.helpers.servers import FaultProxy
+
+        shaping = SCENARIOS[name]
+        proxy = None
+        if shaping is not None:
+            if self.moto is None:
+                self.start_s3()
+            proxy = FaultProxy(self.moto.port, latency=shaping[0], rate=shaping[1])
+        try:
+            for reader in READERS:
+                before = proxy.requests if proxy else 0
+                r = self.measure(name, reader, proxy.endpoint if proxy else None)
+                if proxy and "error" not in r:
+                    r["requests"] = proxy.requests - before
+                self.results[(name, reader)] = r
+                print(f"  {name:<9} {reader:<13} {describe(r)}", flush=True)
+        finally:
+            if proxy:
+                proxy.close()
+
+
+def describe(r: dict) -> str:
+    if "error" in r:
+        return f"n/a ({r['error']})"
+    rate = r["samples"] / r["seconds"]
+    extra = f", {r['requests']} requests" if "requests" in r else ""
+    return f"{rate:>9,.0f} samples/s {r['bytes'] / r['seconds'] / 1e6:>7.1f} MB/s{extra}"
+
+
+def ratio(results: dict, scenario: str, a: str, b: str) -> str:
+    ra, rb = results.get((scenario, a), {}), results.get((scenario, b), {})
+    if "seconds" not in ra or "seconds" not in rb:
+        return "n/a"
+    return f"{(ra['samples'] / ra['seconds']) / (rb['samples'] / rb['seconds']):.2f}"
+
+
+def report(bench: Bench) -> None:
+    a, res = bench.a, bench.results
+    print(f"\n{a.samples} samples of ~{a.sample_kb} KB in {a.shards} shards; one process; {os.cpu_count()} CPUs")
+    print("| scenario | " + " | ".join(READERS) + " | ours/ceiling | ours/litdata | ours/webdataset | "
+          "ours GETs per pass (shards) |")
+    print("|---" * (len(READERS) + 5) + "|")
+    for name in a.scenarios:
+        cells = []
+        for reader in READERS:
+            r = res.get((name, reader), {})
+            cells.append("n/a" if "seconds" not in r else f"{r['samples'] / r['seconds']:,.0f}")
+        gets = res.get((name, "ours"), {}).get("requests", "-")
+        print(f"| {name} | " + " | ".join(cells) + f" | {ratio(res, name, 'ours', 'ceiling')} | "
+              f"{ratio(res, name, 'ours', 'litdata')} | {ratio(res, name, 'ours', 'webdataset')} | "
+              f"{gets} ({a.shards}) |")
+    if bench.peer_error:
+        print(f"LitData / Mosaic: {bench.peer_error} (pass --peers-python with them installed)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=4000)
-    p.add_argument("--sample-kb", type=int, default=24)
-    p.add_argument("--shard-size", type=int, default=250)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--samples", type=int, default=4000, help="samples in the shard set (default 4000)")
+    p.add_argument("--sample-kb", type=int, default=52, help="mean sample size in KB (default 52)")
+    p.add_argument("--shards", type=int, default=16, help="shards (default 16)")
+    p.add_argument("--batch", type=int, default=64, help="batch of our plan (default 64)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    p.add_argument("--peers-python", default=sys.executable,
+                   help="a Python with litdata and mosaicml-streaming installed (default: this one)")
+    p.add_argument("--measure", help=argparse.SUPPRESS)
+    for hidden in ("--folder", "--urls", "--options"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.measure:
+        return child_main(a)
+    a.scenarios = [s for s in a.scenarios.split(",") if s]
+    unknown = set(a.scenarios) - set(SCENARIOS)
+    if unknown:
+        p.error(f"--scenarios: unknown {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
     tmp = Path(tempfile.mkdtemp(prefix="stream-bench-"))
-    moto = None
+    bench = Bench(a, tmp)
     try:
-        folder = tmp / "set"
-        write_set(folder, a.samples, a.sample_kb, a.shard_size)
-        local = load_shard_set(str(folder))
-        n = local.num_samples
-        mb = sum(s.bytes for s in local.shards) / 1e6
-        urls = [local.shard_url(i) for i in range(len(local.shards))]
-        plan = make_plan([local], n, n, batch_size=a.batch)
-        unmixed = make_plan([local], n, n, batch_size=a.batch, shuffle_block=0)
-        steps_n = plan.samples_seen
-        best: dict[str, float] = {}
-
-        def keep(name: str, seconds: float, count: int, expect: int) -> None:
-            assert count == expect, f"{name}: {count} samples, expected {expect}"
-            best[name] = min(best.get(name, float("inf")), seconds)
-
-        for _ in range(a.repeats):
-            keep("wds local", *timed(lambda: wds_pass(urls)), n)
-            keep("ours local", *timed(lambda: ours_pass(plan, ShardReader(plan.sets))), steps_n)
-            keep("ours local, unmixed", *timed(lambda: ours_pass(unmixed, ShardReader(unmixed.sets))), steps_n)
-        rate = {k: (n if k == "wds local" else steps_n) / v for k, v in best.items()}
-
-        extra = {}
-        if not a.no_s3:
-            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-            from tests.helpers.servers import MotoServer, upload_folder
-
-            moto = MotoServer()
-            options = moto.options()
-            fs, _ = filesystem("s3://x", options, fresh=True)
-            fs.call_s3("create_bucket", Bucket="bench")
-            upload_folder(fs, folder, "s3://bench/set")
-            remote = load_shard_set("s3://bench/set", options["s3"])
-            s3_plan = make_plan([remote], n, n, batch_size=a.batch)
-            s3_unmixed = make_plan([remote], n, n, batch_size=a.batch, shuffle_block=0)
-            for _ in range(max(1, a.repeats - 1)):
-                keep("ours s3", *timed(lambda: ours_pass(s3_plan, ShardReader(s3_plan.sets, options))), steps_n)
-                keep("ours s3, unmixed",
-                     *timed(lambda: ours_pass(s3_unmixed, ShardReader(s3_unmixed.sets, options))), steps_n)
-            rate["ours s3"] = steps_n / best["ours s3"]
-            rate["ours s3, unmixed"] = steps_n / best["ours s3, unmixed"]
-
-            two = make_plan([remote], n, 2 * n, batch_size=a.batch)
-            boundary = -(-n // two.global_batch)  # the first step wholly in pass 2
-            first, second = range(0, boundary), range(boundary, two.steps)
-            cache_dir = tmp / "cache"
-            reader = ShardReader(two.sets, options, cache=DiskCache(cache_dir, 4 << 30), plan=two)
-            t1, c1 = timed(lambda: ours_pass(two, reader, first))
-            before = reader.stats.bytes_read
-            t2, c2 = timed(lambda: ours_pass(two, reader, second))
-            extra = {"pass 2 bytes from s3": reader.stats.bytes_read - before, "cache hits": reader.stats.cache_hits}
-            rate["s3 pass 1 (filling cache)"] = c1 / t1
-            rate["s3 pass 2 (from cache)"] = c2 / t2
-
-        print(f"{n} samples in {len(local.shards)} shards, {mb:.1f} MB ({a.sample_kb} KB/sample), batch {a.batch}, "
-              f"{os.cpu_count()} CPUs")
-        for k, v in rate.items():
-            print(f"  {k:<28} {v:>10,.0f} samples/s  {v * mb * 1e6 / n / 1e6:>8.1f} MB/s")
-        print(f"ratio ours/wds (local):             {rate['ours local'] / rate['wds local']:.2f}")
-        print(f"ratio ours unmixed/wds (local):     {rate['ours local, unmixed'] / rate['wds local']:.2f}")
-        if "ours s3" in rate:
-            print(f"ratio s3/local (ours):              {rate['ours s3'] / rate['ours local']:.2f}")
-            print(f"ratio s3/local (ours, unmixed):     {rate['ours s3, unmixed'] / rate['ours local, unmixed']:.2f}")
-            print(f"ratio s3 cached pass 2 / pass 1:    "
-                  f"{rate['s3 pass 2 (from cache)'] / rate['s3 pass 1 (filling cache)']:.2f}")
-            print(f"  pass 2 bytes from s3: {extra['pass 2 bytes from s3']}, cache hits: {extra['cache hits']}")
+        bench.setup()
+        for name in a.scenarios:
+            bench.scenario(name)
+        report(bench)
     finally:
-        if moto is not None:
-            moto.close()
+        if bench.moto is not None:
+            bench.moto.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

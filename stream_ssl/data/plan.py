@@ -293,21 +293,31 @@ class Plan:
                 k += 1
         return out
 
+    def window(self, step: int) -> tuple[int, int, int, int]:
+        """(pass, window index, first step, steps) of the mixing window holding `step`; a step that is not mixed
+        (mixing off, or across a pass boundary) is a window of its own, with index -1."""
+        g, n = self.global_batch, self.unique_samples
+        p = step * g // n
+        if not self.shuffled or ((step + 1) * g - 1) // n != p:
+            return p, -1, step, 1
+        # Windows never cross a pass boundary: they tile the steps that lie inside pass p.
+        first = -(-p * n // g)
+        last = min((p + 1) * n // g, self.steps)
+        k = (step - first) // self.shuffle_window
+        start = first + k * self.shuffle_window
+        return p, k, start, min(self.shuffle_window, last - start)
+
     def step_ranges(self, step: int, lo: int = 0, hi: int | None = None) -> list[tuple[int, int]]:
         """Stream ranges [begin, end) holding samples [lo, hi) of global step `step`, in batch order."""
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} outside [0, {self.steps})")
-        g, n = self.global_batch, self.unique_samples
+        g = self.global_batch
         hi = g if hi is None else hi
-        p = step * g // n
-        if not self.shuffled or ((step + 1) * g - 1) // n != p:  # a step across a pass boundary is not mixed
+        p, k, start, steps = self.window(step)
+        if k < 0:
             return [(step * g + lo, step * g + hi)]
-        # Windows never cross a pass boundary: they tile the steps that lie inside pass p.
-        first = -(-p * n // g)
-        last = min((p + 1) * n // g, self.steps)
-        k, i = divmod(step - first, self.shuffle_window)
-        start = first + k * self.shuffle_window
-        order, cum = self.window_layout(p, k, min(self.shuffle_window, last - start))
+        i = step - start
+        order, cum = self.window_layout(p, k, steps)
         base = start * g
         a, z = i * g + lo, i * g + hi
         j = int(np.searchsorted(cum, a, side="right")) - 1

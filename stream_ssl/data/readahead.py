@@ -71,6 +71,7 @@ class ReadAhead:
         self.held = 0  # bytes of live segments (in flight, or read and not yet consumed)
         self.position = 0  # items planned so far
         self.exhausted = False
+        self._peek = None  # the next item, when a round looked at it
         self._seen = reader.stats.snapshot()
         self._avg = [np.array([s.bytes / max(1, s.samples) for s in st.shards]) for st in plan.sets]
 
@@ -89,8 +90,8 @@ class ReadAhead:
         """Take the next items (about `round_bytes` of them) and send their reads."""
         round_items: list[Pending] = []
         estimate = 0.0
-        while estimate < self.round_bytes:
-            item = next(self.items, None)
+        while estimate < self.round_bytes or self._same_window(round_items):
+            item = self._next_item()
             if item is None:
                 break
             step, part = self._where(item)
@@ -107,6 +108,22 @@ class ReadAhead:
             r.parts = [(p, self._attach(p)) for p, _ in r.parts]
         self.pending.extend(round_items)
         return True
+
+    def _next_item(self):
+        item, self._peek = (self._peek, None) if self._peek is not None else (next(self.items, None), None)
+        return item
+
+    def _same_window(self, round_items: list[Pending]) -> bool:
+        """Whether the next item belongs to the mixing window of the round's last one (a round ends with a
+        window: the window's blocks, scattered over its range, are only contiguous all together)."""
+        if not round_items:
+            return False
+        if self._peek is None:
+            self._peek = next(self.items, None)
+        if self._peek is None:
+            return False
+        last, upcoming = self._where(round_items[-1].item)[0], self._where(self._peek)[0]
+        return self.plan.window(last)[:2] == self.plan.window(upcoming)[:2] != (self.plan.window(last)[0], -1)
 
     def _new_segments(self, round_items: list[Pending]) -> list[Segment]:
         """Segments for what the round needs and no live segment covers: touching ranges merged per shard."""

@@ -39,9 +39,16 @@ __all__ = ["ReadError", "ReadStats", "ShardIndex", "ShardReader", "member_key", 
 class ShardIndex:
     bounds: np.ndarray  # n + 1 byte offsets
     members: list  # per sample [(ext, offset, size, name)]
+    keys: list[str]  # per sample
+    headers: list  # per sample, per member: (name bytes, size field) as a ustar header of ours starts
+
+    @classmethod
+    def of(cls, members: list) -> ShardIndex:
+        headers = [[(name.encode()[:100], b"%011o\0" % size) for _, _, size, name in m] for m in members]
+        return cls(sample_boundaries(members), members, [member_key(m[0][3]) for m in members], headers)
 
     def key(self, i: int) -> str:
-        return member_key(self.members[i][0][3])
+        return self.keys[i]
 
 
 def member_key(name: str) -> str:
@@ -121,6 +128,7 @@ class ShardReader:
         self._loading: dict[tuple[int, int], Future] = {}
         self._idx_cache = idx_cache
         self._lock = threading.Lock()
+        self._pool = None  # threads that fetch many .idx files at once
 
     def _count(self, **deltas) -> None:
         with self._lock:
@@ -167,10 +175,11 @@ class ShardReader:
         would cost a round trip)."""
         missing = [k for k in dict.fromkeys(keys) if k not in self._index]
         if len(missing) > 1:
-            from concurrent.futures import ThreadPoolExecutor
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(min(16, len(missing)), thread_name_prefix="stream-ssl-idx") as pool:
-                list(pool.map(lambda k: self.index(*k), missing))
+                self._pool = ThreadPoolExecutor(16, thread_name_prefix="stream-ssl-idx")
+            list(self._pool.map(lambda k: self.index(*k), missing))
         elif missing:
             self.index(*missing[0])
 
@@ -182,13 +191,11 @@ class ShardReader:
             self._count(index_fetches=1)
             if self.is_cached(url):
                 self.cache.put_blob(self.shard_key(source, shard), "idx", raw)
-        members = parse_idx(raw.decode(), redact(url))
-        bounds = sample_boundaries(members)
+        entry = ShardIndex.of(parse_idx(raw.decode(), redact(url)))
         expected = self.sets[source].shards[shard].samples
-        if len(bounds) - 1 != expected:
-            raise ValueError(f"{redact(url)}: holds {len(bounds) - 1} samples, index.json says {expected} "
+        if len(entry.keys) != expected:
+            raise ValueError(f"{redact(url)}: holds {len(entry.keys)} samples, index.json says {expected} "
                              f"for {redact(shard_url)}")
-        entry = ShardIndex(bounds, members)
         with self._lock:
             self._index[(source, shard)] = entry
             while len(self._index) > self._idx_cache:
@@ -277,16 +284,15 @@ class ShardReader:
         url = self.sets[source].shard_url(shard)
         out = []
         for i in range(first, stop):
-            members = idx.members[i]
-            sample = {"__key__": member_key(members[0][3]), "__url__": url, "__source__": source,
-                      "__shard__": shard, "__index__": i}
-            for ext, offset, size, name in members:
+            sample = {"__key__": idx.keys[i], "__url__": url, "__source__": source, "__shard__": shard, "__index__": i}
+            for (ext, offset, size, name), (name_b, size_field) in zip(idx.members[i], idx.headers[i]):
                 a = offset - base
                 if self.check_headers:
-                    why = _header_mismatch(data[a - TAR_BLOCK: a], name, size)
+                    header = data[a - TAR_BLOCK: a]
+                    fast = header[124:136] == size_field and header[: len(name_b)] == name_b
+                    why = None if fast else _header_mismatch(header, name, size)
                     if why:
-                        for e in [e for e in list(sample) if not e.startswith("__")]:
-                            del sample[e]
+                        sample = {k: v for k, v in sample.items() if k.startswith("__")}
                         sample["__error__"] = f"{redact(url)} sample {i}: {why}"
                         self._count(corrupt=1)
                         break

@@ -86,18 +86,22 @@ def upload_folder(fs, local: Path, url: str) -> None:
 
 
 class FaultProxy:
-    """A TCP proxy in front of a server that misbehaves on chosen connections.
+    """A TCP proxy in front of a server that misbehaves on chosen connections, and can look like a real object
+    store: `latency` seconds added to the time to first byte of every request, responses paced to `rate`
+    bytes/s per connection.
 
     `schedule(i)` gives the action for the i-th accepted connection:
       None          forward everything;
       ("cut", n)    forward, but reset both sides once n response bytes have passed (mid-transfer);
       ("reset",)    reset the connection as soon as the client sends a request;
       ("503",)      answer the first request with `503 SlowDown` and close.
-    Counts connections, response bytes and faults. Threads only; `close()` stops it.
+    Counts connections, requests, response bytes and faults. Threads only; `close()` stops it.
     """
 
-    def __init__(self, upstream_port: int, schedule=lambda i: None):
+    def __init__(self, upstream_port: int, schedule=lambda i: None, latency: float = 0.0, rate: float | None = None):
         self.upstream_port, self.schedule = upstream_port, schedule
+        self.latency, self.rate = latency, rate
+        self.requests = 0
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -168,6 +172,7 @@ class FaultProxy:
             return
         budget = action[1] if action else None
         done = threading.Event()
+        pace = {"t0": time.perf_counter(), "sent": 0}  # the response being paced: its start and bytes sent
 
         def up() -> None:
             try:
@@ -175,6 +180,11 @@ class FaultProxy:
                     data = client.recv(65536)
                     if not data:
                         break
+                    with self.lock:
+                        self.requests += 1
+                    if self.latency:
+                        time.sleep(self.latency)  # the store "thinks" before the first byte of its answer
+                    pace.update(t0=time.perf_counter(), sent=0)
                     upstream.sendall(data)
             except OSError:
                 pass
@@ -201,6 +211,11 @@ class FaultProxy:
                 passed += len(data)
                 with self.lock:
                     self.bytes_down += len(data)
+                if self.rate:
+                    pace["sent"] += len(data)
+                    ahead = pace["t0"] + pace["sent"] / self.rate - time.perf_counter()
+                    if ahead > 0:
+                        time.sleep(ahead)
         except OSError:
             pass
         done.set()
