@@ -57,6 +57,7 @@ from shard_tools.errors import (
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest
+from shard_tools.numbers import SIZE_HELP, size_arg
 from shard_tools.shardset import ShardInfo, finished_index, idx_name, shard_name
 from shard_tools.storage import Output, is_url, open_output, read_location
 from shard_tools.writer import ShardWriter, make_index, write_index
@@ -499,16 +500,6 @@ def pack(
 # Command line.
 
 
-def parse_bytes(text: str) -> int:
-    """'500MB', '1G', '2.5GiB', '1048576' -> bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a size like 500MB or 1G, got {text!r}")
-    base = 1024 if m.group(3) else 1000
-    power = " kmgt".index(m.group(2).lower() or " ")
-    return int(float(m.group(1)) * base**power)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pack.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -518,7 +509,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
     p.add_argument("--format", choices=FORMATS, help="manifest format (default: from the name; folder for a folder)")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--shard-bytes", type=parse_bytes, help="also start a new shard before passing this size (500MB)")
+    p.add_argument("--shard-bytes", type=size_arg, help=f"also start a new shard before passing this size; {SIZE_HELP}")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     p.add_argument("--path-column", help=f"column with image paths or URLs (default: first of {', '.join(PATH_COLUMNS)}"
                                          ")")

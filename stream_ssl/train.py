@@ -44,6 +44,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from safetensors.torch import save_file
 
+from shard_tools.numbers import parse_bytes, parse_count
 from shard_tools.shardset import load_shard_set
 from stream_ssl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from stream_ssl.config import TrainConfig, config_json, parse_config
@@ -55,7 +56,6 @@ from stream_ssl.distributed import all_gather_objects
 from stream_ssl.methods import build_method
 from stream_ssl.metrics import MetricsLog
 from stream_ssl.models.backbone import create_backbone
-from stream_ssl.numbers import parse_bytes, parse_count
 from stream_ssl.optim import OPTIMIZERS, build_optimizer, cosine_value, warmup_cosine
 
 CHECKPOINT_FORMAT = 2
@@ -223,8 +223,8 @@ def _train(acc: Accelerator, cfg: TrainConfig) -> dict:
     model, optimizer = acc.prepare(method, optimizer)
     set_seed(cfg.seed + 1 + rank)  # per-process stream for dropout / drop path (the model init above is shared)
     loader_options = dict(storage_options=storage, seed=cfg.seed, micro_batches=accum,
-                          cache_dir=cfg.cache_dir or None, cache_size=parse_bytes(cfg.cache_size) if cfg.cache_size
-                          else None, skip_fraction=cfg.skip_fraction)
+                          cache_dir=cfg.cache_dir or None, cache_size=parse_bytes(cfg.cache_size, "--cache-size"),
+                          skip_fraction=cfg.skip_fraction)
     if cfg.decoder == "dali":
         from stream_ssl.data.dali import make_dali_loader
 

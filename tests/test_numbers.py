@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream_ssl.numbers import format_bytes, format_count, parse_bytes, parse_count
+from shard_tools.numbers import format_bytes, format_count, parse_bytes, parse_count
 
 
 @pytest.mark.parametrize("text, available, want", [
@@ -30,10 +30,44 @@ def test_parse_count_errors_name_the_option(text, available, match):
     assert "--unique-samples" in str(info.value)
 
 
-def test_format_and_sizes():
+def test_format_count():
     assert format_count(1_234_567) == "1.23M" and format_count(999) == "999" and format_count(2 * 10**9) == "2B"
-    assert parse_bytes("20G") == 20 * 2**30 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("1.5K") == 1536
-    assert parse_bytes("100") == 100 and parse_bytes("100B") == 100 and parse_bytes(None) is None
-    assert format_bytes(1536) == "1.5 KiB" and format_bytes(10) == "10 B"
-    with pytest.raises(ValueError):
-        parse_bytes("lots")
+
+
+@pytest.mark.parametrize("text, want", [
+    ("1G", 10**9), ("1GB", 10**9), ("1g", 10**9), ("500MB", 5 * 10**8), ("1.5k", 1500), ("1.5K", 1500),
+    ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1kib", 1024), ("1TiB", 2**40), ("3T", 3 * 10**12),
+    ("4096", 4096), ("100B", 100), ("0", 0), (7, 7), ("1_000", 1000), (None, None), ("", None),
+])
+def test_parse_bytes_one_rule(text, want):
+    """K, M, G, T are powers of 1000, as for counts; KiB, MiB, GiB, TiB are powers of 1024."""
+    assert parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("text", ["lots", "G", "-1G", "1.5X", "nan", "1GG"])
+def test_parse_bytes_errors_name_the_option(text):
+    with pytest.raises(ValueError, match="--cache-size"):
+        parse_bytes(text, "--cache-size")
+
+
+def test_counts_and_sizes_share_the_suffixes():
+    for suffix in ("K", "M", "G", "T"):
+        assert parse_bytes(f"3{suffix}") == parse_count(f"3{suffix}")
+
+
+def test_format_bytes_reads_back():
+    assert format_bytes(10) == "10 B" and format_bytes(1500) == "1.5 KB" and format_bytes(2.5e9) == "2.5 GB"
+    for n in (999, 12_345, 7_654_321, 3 * 10**9 + 10**8, 4 * 10**12):
+        text = format_bytes(n).replace(" ", "")
+        assert abs(parse_bytes(text) - n) <= 0.05 * n, text
+
+
+def test_count_arg():
+    import argparse
+
+    from shard_tools.numbers import count_arg
+
+    assert count_arg("1K") == 1000 and count_arg("2.5M") == 2_500_000 and count_arg("12") == 12
+    for bad in ("0", "0.5", "10%", "1.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            count_arg(bad)

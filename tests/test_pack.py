@@ -290,11 +290,3 @@ def test_idx_matches_tar_members(tmp_path):
         bounds = sample_boundaries(idx)
         assert bounds[0] == 0 and bounds[-1] <= len(data)
 
-
-def test_size_arguments():
-    from shard_tools.pack import parse_bytes
-
-    assert parse_bytes("500MB") == 500_000_000 and parse_bytes("1GiB") == 1 << 30 and parse_bytes("4096") == 4096
-    assert parse_bytes("1.5k") == 1500
-    with pytest.raises(Exception, match="expected a size"):
-        parse_bytes("lots")
