@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from shard_tools.shardset import load_shard_set  # noqa: E402
+from shard_tools.storage import filesystem  # noqa: E402
 from shard_tools.writer import ShardWriter  # noqa: E402
 from stream_ssl.data.cache import DiskCache  # noqa: E402
 from stream_ssl.data.plan import make_plan  # noqa: E402
 from stream_ssl.data.reader import ReadAhead, ShardReader  # noqa: E402
-from stream_ssl.data.storage import filesystem  # noqa: E402
 
 
 def write_set(out: Path, samples: int, kb: int, shard_size: int) -> None:
@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
 
             moto = MotoServer()
             options = moto.options()
-            fs, _ = filesystem("s3://x", options, fresh=True)
+            fs = filesystem("s3://x", options)
             fs.call_s3("create_bucket", Bucket="bench")
             upload_folder(fs, folder, "s3://bench/set")
-            remote = load_shard_set("s3://bench/set", options["s3"])
+            remote = load_shard_set("s3://bench/set", options)
             s3_plan = make_plan([remote], n, n, batch_size=a.batch)
             s3_unmixed = make_plan([remote], n, n, batch_size=a.batch, shuffle_block=0)
             for _ in range(max(1, a.repeats - 1)):

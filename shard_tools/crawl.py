@@ -27,7 +27,9 @@ It runs in a child process; its own log goes to `OUT/.NAME-crawl/img2dataset.log
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
+# Run as a script, sys.path[0] is this folder, where numbers.py would shadow the standard library's `numbers`:
+# the repository root takes its place, before any other import.
+if __package__ in (None, ""):
     import sys
     from pathlib import Path
 
@@ -54,8 +56,9 @@ from tqdm import tqdm
 from shard_tools.errors import ShardSetTotals, ToolError, count_by_kind, positive_int, read_errors, write_errors
 from shard_tools.index import index_shard, natural_key
 from shard_tools.manifest import FORMATS, read_manifest
+from shard_tools.outputs import Output, open_output
 from shard_tools.shardset import finished_index, format_idx
-from shard_tools.storage import Output, is_url, open_output
+from shard_tools.storage import STORAGE_OPTIONS_HELP, filesystem, fs_path, is_url, storage_options_arg
 from shard_tools.writer import TarStream, make_index, write_index
 
 __all__ = ["CrawlError", "CrawlResult", "CrawlSampleWriter", "crawl", "failure_kind", "main"]
@@ -156,11 +159,11 @@ class CrawlSampleWriter:
     img2dataset writes the shard's `_stats.json` after that, which is what marks the shard finished."""
 
     def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
-        import fsspec
         from img2dataset.writer import BufferedParquetWriter
 
         stem = f"{shard_id:0{oom_shard_count}d}"
-        self.fs, path = fsspec.core.url_to_fs(output_folder)
+        # img2dataset passes no storage options: its own writes and ours use the environment's credentials
+        self.fs, path = filesystem(output_folder), fs_path(output_folder)
         self.tar_path = f"{path}/{stem}.tar"
         self.tmp_path = self.tar_path + ".tmp"
         self.idx_path = f"{path}/{stem}.idx"
@@ -673,7 +676,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-incomplete", action="store_true", help="index the finished shards even when some did not "
                                                                    "finish")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier crawl in --out and start over")
-    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol")
+    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     p.add_argument("--verbose", action="store_true", help="show img2dataset's own output instead of logging it")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")

@@ -34,7 +34,9 @@ transformers. Ingestion needs neither.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
+# Run as a script, sys.path[0] is this folder, where numbers.py would shadow the standard library's `numbers`:
+# the repository root takes its place, before any other import.
+if __package__ in (None, ""):
     import sys
     from pathlib import Path
 
@@ -69,8 +71,9 @@ from shard_tools.errors import (
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import label_ids
+from shard_tools.outputs import Output, open_output
 from shard_tools.shardset import ShardInfo, idx_name, shard_name, shards_intact
-from shard_tools.storage import Output, open_output
+from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 from shard_tools.writer import ShardWriter, make_index, write_index
 
 __all__ = ["DEFAULT_TEMPLATE", "GenerateError", "GenerateResult", "Prompt", "generate", "image_seed", "ingest",
@@ -740,7 +743,7 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier set in --out and start over")
-    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol")
+    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")

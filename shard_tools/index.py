@@ -17,7 +17,9 @@ Bad shards (unreadable, truncated, member names a `.idx` cannot hold) are named 
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
+# Run as a script, sys.path[0] is this folder, where numbers.py would shadow the standard library's `numbers`:
+# the repository root takes its place, before any other import.
+if __package__ in (None, ""):
     import sys
     from pathlib import Path
 
@@ -31,9 +33,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from shard_tools.outputs import Output, open_output, sha256_stream
 from shard_tools.scan import scan_shard
 from shard_tools.shardset import ShardInfo, format_idx, idx_name, parse_idx
-from shard_tools.storage import Output, open_output, sha256_stream
+from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 from shard_tools.writer import make_index, write_index
 
 SOURCES = ("real", "yfcc", "crawled", "generated", "downstream")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-checksum", dest="checksum", action="store_false",
                    help="skip sha256 (no full read of each tar; verify.py then checks sizes only)")
     p.add_argument("--skip-bad", action="store_true", help="leave bad shards out instead of failing")
-    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON (flat or per protocol)")
+    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     a = p.parse_args(argv)
     start = time.perf_counter()
     index = index_folder(a.folder, a.name, a.source, a.workers, a.checksum, a.skip_bad, a.storage_options)

@@ -16,7 +16,9 @@ with a one-line reason): unreadable file, no rows, or a named column that does n
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
+# Run as a script, sys.path[0] is this folder, where numbers.py would shadow the standard library's `numbers`:
+# the repository root takes its place, before any other import.
+if __package__ in (None, ""):
     import sys
     from pathlib import Path
 
@@ -36,10 +38,8 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote_plus
 
-import fsspec
-
 from shard_tools.errors import ToolError
-from shard_tools.storage import is_url, options_for, parent, protocol_of, resolve
+from shard_tools.storage import filesystem, fs_path, is_url, parent, read_location, resolve
 
 PATH_COLUMNS = ("path", "image_path", "filepath", "file", "url", "image", "image_url", "filename", "file_name")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -160,8 +160,7 @@ def key_part(value: str) -> str:
 def _open_text(source: str, storage_options: dict | None):
     """(hashing reader, text stream) over a local or remote, possibly compressed, text file."""
     try:
-        of = fsspec.open(source, "rb", compression="infer", **options_for(storage_options, protocol_of(source)))
-        raw = of.open()
+        raw = filesystem(source, storage_options).open(fs_path(source), "rb", compression="infer")
     except FileNotFoundError:
         raise ManifestError(f"manifest {source} does not exist") from None
     except IsADirectoryError:
@@ -298,8 +297,7 @@ def read_parquet(source: str, path_column: str | None = None, label_column: str 
     except ImportError:
         raise ManifestError("reading parquet manifests needs pyarrow (pip install pyarrow)") from None
     try:
-        with fsspec.open(source, "rb", **options_for(storage_options, protocol_of(source))) as f:
-            data = f.read()
+        data = read_location(source, storage_options)
         table = pq.read_table(io.BytesIO(data))
     except FileNotFoundError:
         raise ManifestError(f"manifest {source} does not exist") from None

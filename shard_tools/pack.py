@@ -18,7 +18,9 @@ byte what an uninterrupted run writes. The output does not depend on --workers o
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
+# Run as a script, sys.path[0] is this folder, where numbers.py would shadow the standard library's `numbers`:
+# the repository root takes its place, before any other import.
+if __package__ in (None, ""):
     import sys
     from pathlib import Path
 
@@ -58,8 +60,9 @@ from shard_tools.errors import (
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest
 from shard_tools.numbers import SIZE_HELP, size_arg
+from shard_tools.outputs import Output, open_output
 from shard_tools.shardset import ShardInfo, finished_index, idx_name, shard_name
-from shard_tools.storage import Output, is_url, open_output, read_location
+from shard_tools.storage import STORAGE_OPTIONS_HELP, is_url, read_location, storage_options_arg
 from shard_tools.writer import ShardWriter, make_index, write_index
 
 __all__ = ["PATH_COLUMNS", "MAX_PIXELS", "PackError", "PackResult", "inspect_image", "label_ids", "pack", "main"]
@@ -534,8 +537,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows (0.05)")
     p.add_argument("--workers", type=positive_int, default=1, help="processes checking/encoding images (default 1)")
     p.add_argument("--threads", type=positive_int, help="I/O threads per worker (default 8 for URLs, else 1)")
-    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol: "
-                                                              '\'{"s3": {"endpoint_url": "http://..."}}\'')
+    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     p.add_argument("--tmp-dir", help="local folder for staging shards of a remote --out (default: system temp)")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")

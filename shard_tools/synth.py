@@ -24,6 +24,14 @@ no per-pixel Python loops.
 
 from __future__ import annotations
 
+# Run as a script, sys.path[0] is this folder, where numbers.py would shadow the standard library's `numbers`:
+# the repository root takes its place, before any other import.
+if __package__ in (None, ""):
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import colorsys
 import csv
@@ -38,9 +46,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 DOMAINS = {"a": 0, "b": 1}
 FOLDER_SIZE = 1000

@@ -13,22 +13,24 @@ is wrong, 0 when the set is sound.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
+# Run as a script, sys.path[0] is this folder, where numbers.py would shadow the standard library's `numbers`:
+# the repository root takes its place, before any other import.
+if __package__ in (None, ""):
     import sys
     from pathlib import Path
 
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from shard_tools.outputs import Output, open_output
 from shard_tools.scan import scan_shard
 from shard_tools.shardset import ShardInfo, idx_name, load_shard_set, parse_idx, sample_boundaries, split_member
-from shard_tools.storage import Output, open_output, options_for, protocol_of
+from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 
 
 @dataclass
@@ -99,7 +101,7 @@ def verify(url: str, decode: bool = False, workers: int = 4, storage_options: di
     """Print a report on the shard set at `url`; True when it is sound."""
     start = time.perf_counter()
     try:
-        shard_set = load_shard_set(url, options_for(storage_options, protocol_of(url)))
+        shard_set = load_shard_set(url, storage_options)
     except (FileNotFoundError, ValueError) as e:
         print(f"BAD {url}: {e}", file=out)
         return False
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", help="shard set folder or URL")
     p.add_argument("--decode", action="store_true", help="also decode every image, parse every json and .cls")
     p.add_argument("--workers", type=int, default=4, help="shards checked at once (threads; default 4)")
-    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON (flat or per protocol)")
+    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     a = p.parse_args(argv)
     ok = verify(a.folder, a.decode, a.workers, a.storage_options)
     return 0 if ok else 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from stream_ssl.data.storage import redact_options
+from shard_tools.storage import redact_options
 
 
 @dataclass

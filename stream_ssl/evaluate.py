@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from shard_tools.shardset import ShardSet, load_shard_set
+from shard_tools.storage import parse_storage_options
 from stream_ssl.data.augment import center_view, decode_rgb, normalize, to_chw
 from stream_ssl.data.loader import image_bytes, sample_label
 from stream_ssl.data.plan import Slice
 from stream_ssl.data.reader import ShardReader
-from stream_ssl.data.storage import options_for, parse_storage_options
 from stream_ssl.models.backbone import create_backbone
 
 KNN_SETTINGS = ((20, 0.07), (200, 0.1))  # (k, temperature)
@@ -296,7 +296,7 @@ def spread(total: int, sizes: Sequence[int]) -> list[int]:
 
 
 def open_set(url: str, storage_options: dict | None = None) -> ShardSet:
-    return load_shard_set(url, options_for(url, storage_options))
+    return load_shard_set(url, storage_options)
 
 
 def run_pool(cfg: dict, whole_source: bool = False,

@@ -17,9 +17,9 @@ import json
 import sys
 
 from shard_tools.shardset import load_shard_set
+from shard_tools.storage import parse_storage_options, redact
 from stream_ssl.data.plan import DEFAULT_SHUFFLE_BLOCK, DEFAULT_SHUFFLE_WINDOW, Plan, make_plan
 from stream_ssl.data.reader import ShardReader
-from stream_ssl.data.storage import options_for, parse_storage_options, redact
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_sets(data: str, storage_options: dict | None = None) -> list:
-    return [load_shard_set(u, options_for(u, storage_options)) for u in data.split(",") if u]
+    return [load_shard_set(u, storage_options) for u in data.split(",") if u]
 
 
 def print_keys(plan: Plan, rank: int, start_step: int = 0, end_step: int | None = None,

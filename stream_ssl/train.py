@@ -46,12 +46,12 @@ from safetensors.torch import save_file
 
 from shard_tools.numbers import parse_bytes, parse_count
 from shard_tools.shardset import load_shard_set
+from shard_tools.storage import parse_storage_options
 from stream_ssl.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from stream_ssl.config import TrainConfig, config_json, parse_config
 from stream_ssl.data.augment import device_views
 from stream_ssl.data.loader import make_loader
 from stream_ssl.data.plan import make_plan
-from stream_ssl.data.storage import options_for, parse_storage_options
 from stream_ssl.distributed import all_gather_objects
 from stream_ssl.methods import build_method
 from stream_ssl.metrics import MetricsLog
@@ -166,7 +166,7 @@ def _train(acc: Accelerator, cfg: TrainConfig) -> dict:
         raise RunError(f"--budget-samples {budget} is smaller than one global batch "
                        f"({world_size} processes x {cfg.batch_size} x {accum} accumulation = {global_batch})")
     storage = parse_storage_options(cfg.storage_options)
-    sets = [load_shard_set(u, options_for(u, storage)) for u in cfg.data.split(",") if u]
+    sets = [load_shard_set(u, storage) for u in cfg.data.split(",") if u]
     plan = make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, world_size, cfg.num_workers,
                      cfg.batch_size * accum, cfg.seed, shuffle_window=cfg.shuffle_window,
                      shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
@@ -269,7 +269,7 @@ def _train(acc: Accelerator, cfg: TrainConfig) -> dict:
 
     knn_sets, knn_history = None, []
     if cfg.knn_train:
-        knn_sets = tuple(load_shard_set(u, options_for(u, storage)) for u in (cfg.knn_train, cfg.knn_test))
+        knn_sets = tuple(load_shard_set(u, storage) for u in (cfg.knn_train, cfg.knn_test))
 
     io_counters = {"bytes_read": 0, "cache_hits": 0, "retries": 0}
     t_start = time.perf_counter()

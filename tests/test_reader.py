@@ -11,11 +11,11 @@ from collections import Counter
 import pytest
 
 from shard_tools.shardset import load_shard_set
+from shard_tools.storage import fs_path, is_transient, options_for, redact
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.loader import PlanDataset, TooManySkipped, make_loader
 from stream_ssl.data.plan import Slice, make_plan
 from stream_ssl.data.reader import ReadAhead, ReadError, ShardReader, coalesce
-from stream_ssl.data.storage import is_transient, options_for, redact
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
 from tests.helpers.servers import HttpServer
@@ -128,7 +128,7 @@ def _flaky_reader(plan, pattern, **kw):
     reader = ShardReader(plan.sets, backoff=0.0, **kw)
     fs, _ = reader._filesystem(plan.sets[0].shard_url(0))
     flaky = Flaky(fs, pattern)
-    reader._fs["file"] = (flaky,)
+    reader._filesystem = lambda url: (flaky, fs_path(url))  # this reader only: the process's client stays clean
     return reader, flaky
 
 

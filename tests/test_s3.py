@@ -11,10 +11,10 @@ import logging
 import pytest
 
 from shard_tools.shardset import load_shard_set
+from shard_tools.storage import filesystem
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.plan import make_plan
 from stream_ssl.data.reader import ReadAhead, ReadError, ShardReader
-from stream_ssl.data.storage import filesystem
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
 from tests.helpers.servers import KEY, REGION, SECRET, FaultProxy, MotoServer, fault_schedule, upload_folder
@@ -38,7 +38,7 @@ def local_folder(make_shard_set):
 
 @pytest.fixture(scope="module")
 def s3_url(moto, local_folder):
-    fs, _ = filesystem("s3://x", moto.options(), fresh=True)
+    fs = filesystem("s3://x", moto.options())
     fs.call_s3("create_bucket", Bucket=BUCKET)
     url = f"s3://{BUCKET}/sets/pool"
     upload_folder(fs, local_folder, url)
@@ -52,7 +52,7 @@ def _samples(plan, rank, reader, **kw):
 
 def _plans(local_folder, s3_url, options, **kw):
     local = make_plan([load_shard_set(str(local_folder))], **kw)
-    remote = make_plan([load_shard_set(s3_url, options["s3"])], **kw)
+    remote = make_plan([load_shard_set(s3_url, options)], **kw)
     return local, remote
 
 
@@ -130,7 +130,7 @@ def test_cache_keeps_later_passes_off_the_object_store(moto, local_folder, s3_ur
 
 def test_credentials_never_appear_in_messages_or_logs(moto, s3_url, caplog):
     caplog.set_level(logging.DEBUG, logger="stream_ssl")
-    remote = load_shard_set(s3_url, moto.options()["s3"])
+    remote = load_shard_set(s3_url, moto.options())
     plan = make_plan([remote], 30, 30, batch_size=10)
     texts = []
     # A missing object (permanent) and a server that resets every connection (retries run out).
@@ -204,7 +204,7 @@ def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(mo
 
 
 def test_redact_options_hides_secret_values_only(tmp_path):
-    from stream_ssl.data.storage import redact_options
+    from shard_tools.storage import redact_options
 
     text = json.dumps({"s3": {"key": "AK", "secret": "S", "anon": False, "client_kwargs": {
         "endpoint_url": "http://127.0.0.1:9000", "aws_session_token": "T"}}, "https": {"headers": [{"token": "x"}]}})
@@ -226,7 +226,7 @@ def test_evaluate_reads_downstream_sets_from_s3_like_local_ones(moto, make_shard
     from tests.helpers.trainer import run
 
     train_set, test_set = make_shard_set(60, shard_size=30, seed=21), make_shard_set(40, shard_size=20, seed=22)
-    fs, _ = filesystem("s3://x", moto.options(), fresh=True)
+    fs = filesystem("s3://x", moto.options())
     fs.call_s3("create_bucket", Bucket="downstream")
     for name, folder in (("train", train_set), ("test", test_set)):
         upload_folder(fs, folder, f"s3://downstream/{name}")

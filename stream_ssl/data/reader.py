@@ -1,7 +1,7 @@
 """Read plan slices from shard sets through fsspec: ranged reads located by the `.idx`, retried, cached.
 
 - Any fsspec URL: local paths, `s3://` (s3fs; endpoint and credentials from the AWS environment variables or
-  storage options, see `storage.py`), `http(s)://`.
+  storage options, see `shard_tools/storage.py`), `http(s)://`.
 - A slice's bytes are one sequential ranged read, issued in sample-aligned requests of at most `chunk_bytes`.
   A transient failure (reset connection, timeout, truncated body, 5xx, throttling) is retried with
   exponential backoff, and the read resumes at the last complete sample: whole samples already received
@@ -29,9 +29,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from shard_tools.shardset import SAFE_EXTS, TAR_BLOCK, ShardSet, parse_idx, sample_boundaries
+from shard_tools.storage import filesystem, fs_path, is_transient, protocol_of, redact
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.plan import Plan, Slice
-from stream_ssl.data.storage import filesystem, is_transient, protocol_of, redact
 
 TRANSIENT = (ConnectionError, TimeoutError, OSError)  # kept for callers; classification is `is_transient`
 
@@ -138,7 +138,6 @@ class ShardReader:
         self._index: OrderedDict[tuple[int, int], ShardIndex] = OrderedDict()
         self._idx_cache = idx_cache
         self._lock = threading.Lock()
-        self._fs: dict[str, tuple] = {}
 
     # ----------------------------------------------------------------------------------------------
     # Plumbing.
@@ -149,16 +148,8 @@ class ShardReader:
                 setattr(self.stats, k, getattr(self.stats, k) + v)
 
     def _filesystem(self, url: str):
-        """(fs, path) for url; one filesystem per protocol, created fresh in this process."""
-        protocol = protocol_of(url)
-        with self._lock:
-            entry = self._fs.get(protocol)
-        if entry is None:
-            fs, _ = filesystem(url, self.storage_options, fresh=protocol != "file")
-            with self._lock:
-                entry = self._fs.setdefault(protocol, (fs,))
-        fs = entry[0]
-        return fs, fs._strip_protocol(url) if protocol not in ("http", "https") else url
+        """(fs, path) for url: this process's client for its protocol and options (see storage.filesystem)."""
+        return filesystem(url, self.storage_options), fs_path(url)
 
     def _sleep_before_retry(self, attempt: int) -> None:
         delay = min(self.max_backoff, self.backoff * 2**attempt)
