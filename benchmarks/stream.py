@@ -26,16 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from shard_tools.shardset import load_shard_set  # noqa: E402
-from shard_tools.storage import filesystem  # noqa: E402
-from shard_tools.writer import ShardWriter  # noqa: E402
-from stream_ssl.data.cache import DiskCache  # noqa: E402
-from stream_ssl.data.plan import make_plan  # noqa: E402
-from stream_ssl.data.reader import ReadAhead, ShardReader  # noqa: E402
+from shard_tools.shardset import load_shard_set
+from shard_tools.storage import filesystem
+from shard_tools.writer import ShardWriter
+from stream_ssl.data.cache import DiskCache
+from stream_ssl.data.plan import make_plan
+from stream_ssl.data.reader import ReadAhead, ShardReader
 
 
 def write_set(out: Path, samples: int, kb: int, shard_size: int) -> None:
@@ -77,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=250)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-s3", action="store_true")
+    p.add_argument("--s3", action=argparse.BooleanOptionalAction, default=True,
+                   help="also read from a loopback moto S3 server (default: on)")
     a = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="stream-bench-"))
     moto = None
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = {k: (n if k == "wds local" else steps_n) / v for k, v in best.items()}
 
         extra = {}
-        if not a.no_s3:
+        if a.s3:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
             from tests.helpers.servers import MotoServer, upload_folder
 

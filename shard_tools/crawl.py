@@ -53,9 +53,11 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from shard_tools.cli import progress_switch, run_main, tool_prog
 from shard_tools.errors import ShardSetTotals, ToolError, count_by_kind, positive_int, read_errors, write_errors
 from shard_tools.index import index_shard, natural_key
 from shard_tools.manifest import FORMATS, read_manifest
+from shard_tools.numbers import COUNT_HELP, count_arg
 from shard_tools.outputs import Output, open_output
 from shard_tools.shardset import finished_index, format_idx
 from shard_tools.storage import STORAGE_OPTIONS_HELP, filesystem, fs_path, is_url, storage_options_arg
@@ -627,7 +629,7 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crawl.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("crawl.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", help="CSV/TSV (header row) or Parquet with a URL column, or YFCC100M metadata; "
                                     "local or an fsspec URL, optionally compressed")
@@ -642,7 +644,7 @@ def _parser() -> argparse.ArgumentParser:
                                           "if present)")
     p.add_argument("--key-column", help="column with an id kept in each sample's json as 'id'")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle of the rows (default 0)")
-    p.add_argument("--shard-size", type=positive_int, default=1000, help="rows per shard (default 1000)")
+    p.add_argument("--shard-size", type=count_arg, default=1000, help=f"rows per shard, {COUNT_HELP} (default 1000)")
     g = p.add_argument_group("resizing and encoding (passed to img2dataset)")
     g.add_argument("--image-size", type=positive_int, default=256, help="target size in pixels (default 256)")
     g.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
@@ -655,14 +657,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--encode-format", choices=("jpg", "png", "webp"), default="jpg")
     g.add_argument("--encode-quality", type=int, default=95, help="JPEG/WebP quality, PNG compression 0-9 "
                                                                   "(default 95)")
-    g.add_argument("--skip-reencode", action="store_true", help="keep the original bytes of images that need no "
-                                                                "resize and already have --encode-format")
-    g.add_argument("--disable-all-reencoding", action="store_true",
-                   help="store downloaded bytes as they are (no decode check: run verify.py --decode)")
+    g.add_argument("--skip-reencode", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the original bytes of images that need no resize and already have --encode-format "
+                        "(default: off)")
+    g.add_argument("--disable-all-reencoding", action=argparse.BooleanOptionalAction, default=False,
+                   help="store downloaded bytes as they are (no decode check: run verify.py --decode; default: off)")
     g.add_argument("--min-image-size", type=int, default=0, help="drop images whose shorter side is smaller")
     g.add_argument("--max-image-area", type=float, help="drop images with more pixels")
     g.add_argument("--max-aspect-ratio", type=float, help="drop images whose side ratio is larger")
-    g.add_argument("--no-exif", dest="extract_exif", action="store_false", help="do not keep EXIF in the json")
+    g.add_argument("--exif", dest="extract_exif", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep EXIF in the json (default: on)")
     d = p.add_argument_group("downloading")
     d.add_argument("--processes", type=positive_int, default=1, help="img2dataset processes (default 1)")
     d.add_argument("--threads", type=positive_int, default=64, help="download threads per process (default 64)")
@@ -673,19 +677,23 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--img2dataset-option", dest="img2dataset_options", type=_option, action="append", default=[],
                    metavar="KEY=VALUE", help="any other img2dataset.download() option (value parsed as YAML), e.g. "
                                              "compute_hash=md5; repeatable")
-    p.add_argument("--allow-incomplete", action="store_true", help="index the finished shards even when some did not "
-                                                                   "finish")
-    p.add_argument("--overwrite", action="store_true", help="delete an earlier crawl in --out and start over")
+    p.add_argument("--allow-incomplete", action=argparse.BooleanOptionalAction, default=False,
+                   help="index the finished shards even when some did not finish (default: off)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="delete an earlier crawl in --out and start over (default: off)")
     p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
-    p.add_argument("--verbose", action="store_true", help="show img2dataset's own output instead of logging it")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
+                   help="show img2dataset's own output instead of logging it (default: off)")
+    progress_switch(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    return run_main("crawl", lambda: _run(a), log_folder=a.out)
+
+
+def _run(a: argparse.Namespace) -> int:
     r = crawl(a.manifest, a.out, a.name, format=a.format, url_column=a.url_column,
               caption_column=a.caption_column, label_column=a.label_column, key_column=a.key_column,
               seed=a.seed, shard_size=a.shard_size, image_size=a.image_size, resize_mode=a.resize_mode,

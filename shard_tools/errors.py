@@ -8,11 +8,12 @@ import io
 import re
 
 
-class ToolError(SystemExit):
-    """A tool failed as a whole. A SystemExit: the CLI exits 1 with this one-line message."""
+class ToolError(Exception):
+    """A tool failed as a whole, with a one-line reason. Library callers catch it (or `Exception`); a command's
+    `main` prints `error: REASON` and exits 1 (see shard_tools/cli.py: run_main)."""
 
     def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+        super().__init__(message)
         self.message = message
 
 

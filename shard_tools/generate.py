@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from shard_tools.cli import progress_switch, run_main, tool_prog
 from shard_tools.errors import (
     ShardSetTotals,
     ToolError,
@@ -71,6 +72,7 @@ from shard_tools.errors import (
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import label_ids
+from shard_tools.numbers import COUNT_HELP, count_arg
 from shard_tools.outputs import Output, open_output
 from shard_tools.shardset import ShardInfo, idx_name, shard_name, shards_intact
 from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
@@ -711,7 +713,7 @@ def ingest(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("generate.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder of the shard set, or an fsspec URL")
     p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
@@ -724,7 +726,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "seed]")
     gen = p.add_argument_group("generation")
     gen.add_argument("--model", help="local folder of a diffusers pipeline (never downloaded)")
-    gen.add_argument("--per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
+    gen.add_argument("--per-prompt", type=count_arg, default=1, help=f"images per prompt, {COUNT_HELP} (default 1)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the per-image seeds and of the shuffle (default 0)")
     gen.add_argument("--steps", type=positive_int, default=30, help="inference steps (default 30)")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -741,12 +743,11 @@ def _parser() -> argparse.ArgumentParser:
     ing = p.add_argument_group("ingestion")
     ing.add_argument("--from-folder", help="ingest the images in this folder listed in --prompts (file column)")
     ing.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows")
-    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--overwrite", action="store_true", help="delete an earlier set in --out and start over")
+    p.add_argument("--shard-size", type=count_arg, default=1000, help=f"samples per shard, {COUNT_HELP} (default 1000)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="delete an earlier set in --out and start over (default: off)")
     p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    progress_switch(p)
     return p
 
 
@@ -758,11 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--from-folder needs --prompts FILE (file, prompt[, class, seed])")
         if a.model or a.classes or a.classes_file or a.template:
             p.error("--from-folder takes --prompts only (no --model, --classes, --classes-file or --template)")
-        r = ingest(a.from_folder, a.prompts, a.out, name=a.name, seed=a.seed, shard_size=a.shard_size,
-                   max_error_rate=a.max_error_rate, overwrite=a.overwrite, storage_options=a.storage_options,
-                   progress=a.progress)
-        print(r.summary(a.out))
-        return 0
+        return run_main("generate", lambda: _ingest(a), log_folder=a.out)
     if not a.model:
         p.error("give --model PATH (a local diffusers pipeline folder), or --from-folder DIR to ingest images")
     sources = [bool(a.prompts), bool(a.classes or a.classes_file)]
@@ -770,19 +767,29 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give one of --prompts FILE, --classes NAMES or --classes-file FILE")
     if a.template and a.prompts:
         p.error("--template goes with --classes/--classes-file, not --prompts")
+    return run_main("generate", lambda: _generate(a), log_folder=a.out)
+
+
+def _ingest(a: argparse.Namespace) -> int:
+    r = ingest(a.from_folder, a.prompts, a.out, name=a.name, seed=a.seed, shard_size=a.shard_size,
+               max_error_rate=a.max_error_rate, overwrite=a.overwrite, storage_options=a.storage_options,
+               progress=a.progress)
+    print(r.summary(a.out))
+    return 0
+
+
+def _generate(a: argparse.Namespace) -> int:
     if a.prompts:
         prompts, names = read_prompts(a.prompts)
     else:
         names = read_class_names(a.classes_file) if a.classes_file else [n.strip() for n in a.classes.split(",")
                                                                           if n.strip()]
         prompts = prompts_from_classes(names, a.template)
-    width = a.width or a.size
-    height = a.height or a.size
     r = generate(a.out, prompts, a.model, a.per_prompt, name=a.name, label_names=names, seed=a.seed, steps=a.steps,
-                 guidance=a.guidance, width=width, height=height, negative_prompt=a.negative_prompt,
-                 batch_size=a.batch_size, device=a.device, dtype=a.dtype, shard_size=a.shard_size,
-                 image_format=a.format, quality=a.quality, overwrite=a.overwrite, storage_options=a.storage_options,
-                 progress=a.progress)
+                 guidance=a.guidance, width=a.width or a.size, height=a.height or a.size,
+                 negative_prompt=a.negative_prompt, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
+                 shard_size=a.shard_size, image_format=a.format, quality=a.quality, overwrite=a.overwrite,
+                 storage_options=a.storage_options, progress=a.progress)
     print(r.summary(a.out))
     return 0
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote_plus
 
+from shard_tools.cli import run_main, tool_prog
 from shard_tools.errors import ToolError
 from shard_tools.storage import filesystem, fs_path, is_url, parent, read_location, resolve
 
@@ -123,7 +124,7 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def _strip_compression(name: str) -> str:
+def strip_compression(name: str) -> str:
     low = name.lower()
     for suffix in COMPRESSIONS:
         if low.endswith(suffix):
@@ -134,7 +135,7 @@ def _strip_compression(name: str) -> str:
 def detect_format(source: str, storage_options: dict | None = None) -> str:
     if not is_url(source) and os.path.isdir(source):
         return "folder"
-    name = _strip_compression(source.rstrip("/").rsplit("/", 1)[-1]).lower()
+    name = strip_compression(source.rstrip("/").rsplit("/", 1)[-1]).lower()
     if name.endswith((".parquet", ".pq")):
         return "parquet"
     if name.endswith((".tsv", ".tab")):
@@ -525,22 +526,27 @@ def read_manifest(source: str | Path, format: str | None = None, path_column: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=tool_prog("manifest.py"), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="folder of images")
-    p.add_argument("--labels-from-subfolders", action="store_true",
-                   help="add a 'label' column: the name of each image's top-level subfolder")
-    p.add_argument("--relative", action="store_true", help="paths relative to FOLDER (pack with --root-dir)")
+    p.add_argument("--labels-from-subfolders", action=argparse.BooleanOptionalAction, default=False,
+                   help="add a 'label' column: the name of each image's top-level subfolder (default: off)")
+    p.add_argument("--relative", action=argparse.BooleanOptionalAction, default=False,
+                   help="paths relative to FOLDER (pack with --root-dir; default: absolute paths)")
     a = p.parse_args(argv)
     if not a.folder.is_dir():
         p.error(f"{a.folder} is not a folder")
-    text, ignored = folder_csv(a.folder, a.labels_from_subfolders, a.relative)
-    rows = text.count("\n") - 1
-    if rows == 0:
-        print(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {a.folder}", file=sys.stderr)
-        return 1
-    sys.stdout.write(text)
-    print(f"listed {rows} images" + (f"; left out {ignored} other files" if ignored else ""), file=sys.stderr)
-    return 0
+
+    def run() -> int:
+        text, ignored = folder_csv(a.folder, a.labels_from_subfolders, a.relative)
+        rows = text.count("\n") - 1
+        if rows == 0:
+            raise ManifestError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {a.folder}")
+        sys.stdout.write(text)
+        print(f"listed {rows} images" + (f"; left out {ignored} other files" if ignored else ""), file=sys.stderr)
+        return 0
+
+    return run_main("manifest", run)
 
 
 if __name__ == "__main__":

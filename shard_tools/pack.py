@@ -47,6 +47,7 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
+from shard_tools.cli import progress_switch, run_main, tool_prog
 from shard_tools.errors import (
     ShardSetTotals,
     ToolError,
@@ -58,8 +59,8 @@ from shard_tools.errors import (
     write_errors,
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
-from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest
-from shard_tools.numbers import SIZE_HELP, size_arg
+from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest, strip_compression
+from shard_tools.numbers import COUNT_HELP, SIZE_HELP, count_arg, size_arg
 from shard_tools.outputs import Output, open_output
 from shard_tools.shardset import ShardInfo, finished_index, idx_name, shard_name
 from shard_tools.storage import STORAGE_OPTIONS_HELP, is_url, read_location, storage_options_arg
@@ -503,15 +504,24 @@ def pack(
 # Command line.
 
 
+def default_out(manifest: str) -> str:
+    """`shards/<manifest name>`: shards/pool for pool.csv, pool.csv.gz or the folder pool/."""
+    name = str(manifest).rstrip("/").rsplit("/", 1)[-1]
+    if is_url(str(manifest)) or not os.path.isdir(manifest):
+        name = Path(strip_compression(name)).stem
+    return os.path.join("shards", name)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pack.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("pack.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", help="CSV/TSV (header row), Parquet, YFCC100M metadata file, or a folder of images; "
                                     "local or an fsspec URL, optionally .gz/.bz2/.xz compressed")
-    p.add_argument("--out", required=True, help="output folder of the shard set, or an fsspec URL (s3://bucket/prefix)")
+    p.add_argument("--out", help="output folder of the shard set, or an fsspec URL (s3://bucket/prefix) (default: "
+                                 "shards/<manifest name>, e.g. shards/pool for pool.csv)")
     p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
     p.add_argument("--format", choices=FORMATS, help="manifest format (default: from the name; folder for a folder)")
-    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-size", type=count_arg, default=1000, help=f"samples per shard, {COUNT_HELP} (default 1000)")
     p.add_argument("--shard-bytes", type=size_arg, help=f"also start a new shard before passing this size; {SIZE_HELP}")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     p.add_argument("--path-column", help=f"column with image paths or URLs (default: first of {', '.join(PATH_COLUMNS)}"
@@ -523,39 +533,44 @@ def _parser() -> argparse.ArgumentParser:
                                       "yfcc, the local mirror holding the images")
     p.add_argument("--path-template", help="yfcc: mirror file name from the YFCC columns (default {id}.jpg; "
                                            "e.g. {hash3}/{hash6}/{hash}.jpg)")
-    p.add_argument("--labels-from-subfolders", action="store_true", help="folder input: label = top-level subfolder")
+    p.add_argument("--labels-from-subfolders", action=argparse.BooleanOptionalAction, default=False,
+                   help="folder input: label = top-level subfolder (default: off)")
     p.add_argument("--source", choices=SOURCES, help="recorded in index.json and each sample's json "
                                                      "(default: yfcc for --format yfcc, else real)")
     p.add_argument("--max-side", type=positive_int, help="re-encode images whose longer side is larger, down to this "
                                                       "(JPEG, aspect kept); others keep their original bytes")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
-    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
-                   help=f"refuse larger images as possible decompression bombs (default {MAX_PIXELS})")
-    p.add_argument("--decode", action="store_true", help="fully decode every image to catch damaged data (slower)")
-    p.add_argument("--dedup", action="store_true", help="drop exact duplicate images (content hash); listed in "
-                                                        "the errors file, not counted as errors")
+    p.add_argument("--max-pixels", type=count_arg, default=MAX_PIXELS,
+                   help=f"refuse larger images as possible decompression bombs, {COUNT_HELP} (default {MAX_PIXELS})")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=False,
+                   help="fully decode every image to catch damaged data (slower; default: off)")
+    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=False,
+                   help="drop exact duplicate images (content hash); listed in the errors file, not counted as errors "
+                        "(default: off)")
     p.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows (0.05)")
     p.add_argument("--workers", type=positive_int, default=1, help="processes checking/encoding images (default 1)")
     p.add_argument("--threads", type=positive_int, help="I/O threads per worker (default 8 for URLs, else 1)")
     p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     p.add_argument("--tmp-dir", help="local folder for staging shards of a remote --out (default: system temp)")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    progress_switch(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _parser()
-    a = p.parse_args(argv)
-    r = pack(a.manifest, a.out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir, a.source,
-             a.max_error_rate, format=a.format, caption_column=a.caption_column, key_column=a.key_column,
-             path_template=a.path_template, labels_from_subfolders=a.labels_from_subfolders,
-             shard_bytes=a.shard_bytes, max_side=a.max_side, quality=a.quality, max_pixels=a.max_pixels,
-             decode=a.decode, dedup=a.dedup, workers=a.workers, threads=a.threads,
-             storage_options=a.storage_options, tmp_dir=a.tmp_dir, progress=a.progress)
-    print(r.summary(a.out))
-    return 0
+    a = _parser().parse_args(argv)
+    out = a.out or default_out(a.manifest)
+
+    def run() -> int:
+        r = pack(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir, a.source,
+                 a.max_error_rate, format=a.format, caption_column=a.caption_column, key_column=a.key_column,
+                 path_template=a.path_template, labels_from_subfolders=a.labels_from_subfolders,
+                 shard_bytes=a.shard_bytes, max_side=a.max_side, quality=a.quality, max_pixels=a.max_pixels,
+                 decode=a.decode, dedup=a.dedup, workers=a.workers, threads=a.threads,
+                 storage_options=a.storage_options, tmp_dir=a.tmp_dir, progress=a.progress)
+        print(r.summary(out))
+        return 0
+
+    return run_main("pack", run, log_folder=out)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from shard_tools.cli import run_main, tool_prog
+from shard_tools.numbers import COUNT_HELP, count_arg
+
 DOMAINS = {"a": 0, "b": 1}
 FOLDER_SIZE = 1000
 TAU = 2.0 * math.pi
@@ -556,11 +559,11 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="synth.py",
+        prog=tool_prog("synth.py"),
         description="Render a labeled procedural image set (shape/texture families) as JPEGs + manifest.csv.",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (created; files overwritten)")
-    p.add_argument("--samples", type=_int_at_least(1), required=True, help="number of images (>= 1)")
+    p.add_argument("--samples", type=count_arg, required=True, help=f"number of images, {COUNT_HELP}")
     p.add_argument(
         "--classes",
         type=_int_at_least(2),
@@ -581,6 +584,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --classes: at most {MAX_CLASSES} (one class per family), got {args.classes}")
     if args.quality > 100:
         parser.error(f"argument --quality: must be <= 100, got {args.quality}")
+    return run_main("synth", lambda: _run(args), log_folder=args.out)
+
+
+def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     manifest = synthesize(
         args.out,

@@ -27,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from shard_tools.cli import run_main, tool_prog
 from shard_tools.outputs import Output, open_output
 from shard_tools.scan import scan_shard
 from shard_tools.shardset import ShardInfo, idx_name, load_shard_set, parse_idx, sample_boundaries, split_member
@@ -136,15 +137,16 @@ def verify(url: str, decode: bool = False, workers: int = 4, storage_options: di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="verify.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("verify.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="shard set folder or URL")
-    p.add_argument("--decode", action="store_true", help="also decode every image, parse every json and .cls")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=False,
+                   help="also decode every image, parse every json and .cls (default: off)")
     p.add_argument("--workers", type=int, default=4, help="shards checked at once (threads; default 4)")
     p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     a = p.parse_args(argv)
-    ok = verify(a.folder, a.decode, a.workers, a.storage_options)
-    return 0 if ok else 1
+    return run_main("verify", lambda: 0 if verify(a.folder, a.decode, a.workers, a.storage_options) else 1,
+                    log_folder=a.folder)
 
 
 if __name__ == "__main__":

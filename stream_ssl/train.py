@@ -21,12 +21,6 @@ process as a single-process run).
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import contextlib
 import dataclasses
 import json
