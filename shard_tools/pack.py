@@ -313,12 +313,8 @@ def pack(
     Raises ManifestError / PackError (ToolError: ordinary exceptions with a one-line message) when the run
     fails as a whole. The phases: check the settings, read the manifest, resume or start, write, finish.
     """
-    start = time.perf_counter()
-    _check_settings(shard_size, max_side, quality, max_error_rate)
-    out = str(out)
-    name = name or out.rstrip("/").rsplit("/", 1)[-1]
-    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
-        raise PackError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    start, out = time.perf_counter(), str(out)
+    name = _check_settings(out, name, shard_size, max_side, quality, max_error_rate)
     m: Manifest = read_manifest(manifest, format, path_column, label_column, caption_column, key_column, root_dir,
                                 path_template, labels_from_subfolders, storage_options)
     source = source or ("yfcc" if m.format == "yfcc" else "real")
@@ -326,9 +322,7 @@ def pack(
                        decode, dedup)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     opts = ImageOptions(max_pixels, decode, max_side, quality, dedup, storage_options)
-    if threads is None:
-        threads = 8 if m.rows and is_url(m.location(m.rows[0])) else 1
-
+    threads = threads or (8 if m.rows and is_url(m.location(m.rows[0])) else 1)
     output = open_output(out, storage_options, tmp_dir)
     try:
         output.lock(f"pack.py --name {name}")
@@ -348,7 +342,12 @@ def pack(
         output.close()
 
 
-def _check_settings(shard_size: int, max_side: int | None, quality: int, max_error_rate: float) -> None:
+def _check_settings(out: str, name: str | None, shard_size: int, max_side: int | None, quality: int,
+                    max_error_rate: float) -> str:
+    """Raise PackError for a setting out of range; returns the shard name (default: the folder's name)."""
+    name = name or out.rstrip("/").rsplit("/", 1)[-1]
+    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+        raise PackError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
     if shard_size < 1:
         raise PackError("--shard-size must be >= 1")
     if max_side is not None and max_side < 1:
@@ -357,6 +356,7 @@ def _check_settings(shard_size: int, max_side: int | None, quality: int, max_err
         raise PackError("--quality must be in 1..100")
     if not 0 <= max_error_rate <= 1:
         raise PackError("--max-error-rate must be in 0..1")
+    return name
 
 
 def _settings(m: Manifest, name: str, seed: int, shard_size: int, shard_bytes: int | None, source: str,
