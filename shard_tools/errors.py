@@ -17,6 +17,15 @@ class ToolError(Exception):
         self.message = message
 
 
+def shard_set_name(out: str, name: str | None, error: type[ToolError] = ToolError) -> str:
+    """`name`, or by default the last part of the output folder `out`; raises `error` unless it is made of
+    letters, digits, '_', '-' and '.' (it starts every shard's file name)."""
+    name = name or str(out).rstrip("/").rsplit("/", 1)[-1]
+    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+        raise error(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    return name
+
+
 class ShardSetTotals:
     """For result dataclasses holding the written `index` (index.json as a dict)."""
 

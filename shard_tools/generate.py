@@ -49,7 +49,6 @@ import inspect
 import io
 import json
 import os
-import re
 import string
 import sys
 import time
@@ -68,6 +67,7 @@ from shard_tools.errors import (
     positive_int,
     read_errors,
     remove_partial_shards,
+    shard_set_name,
     write_errors,
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
@@ -410,13 +410,6 @@ def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[
         output.close()
 
 
-def _check_name(out: str, name: str | None) -> str:
-    name = name or str(out).rstrip("/").rsplit("/", 1)[-1]
-    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
-        raise GenerateError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
-    return name
-
-
 def _label_fields(p: Prompt, label_names: list[str] | None) -> dict:
     if p.label is None:
         return {}
@@ -546,7 +539,7 @@ def generate(
         raise GenerateError("--per-prompt, --batch-size, --shard-size and --steps must be >= 1")
     if image_format not in IMAGE_FORMATS:
         raise GenerateError(f"--format: one of {', '.join(IMAGE_FORMATS)}")
-    name = _check_name(str(out), name)
+    name = shard_set_name(str(out), name, GenerateError)
     folder = model_folder(model) if pipeline is None else Path(model)
     jobs = len(prompts) * per_prompt
     config = {
@@ -654,7 +647,7 @@ def ingest(
         raise GenerateError("--shard-size must be >= 1")
     if not 0 <= max_error_rate <= 1:
         raise GenerateError("--max-error-rate must be in 0..1")
-    name = _check_name(str(out), name)
+    name = shard_set_name(str(out), name, GenerateError)
     prompts, label_names = read_prompts(prompts_file, need_file=True)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     config = {

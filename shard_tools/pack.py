@@ -32,7 +32,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import time
@@ -56,6 +55,7 @@ from shard_tools.errors import (
     positive_int,
     read_errors,
     remove_partial_shards,
+    shard_set_name,
     write_errors,
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
@@ -345,9 +345,7 @@ def pack(
 def _check_settings(out: str, name: str | None, shard_size: int, max_side: int | None, quality: int,
                     max_error_rate: float) -> str:
     """Raise PackError for a setting out of range; returns the shard name (default: the folder's name)."""
-    name = name or out.rstrip("/").rsplit("/", 1)[-1]
-    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
-        raise PackError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    name = shard_set_name(out, name, PackError)
     if shard_size < 1:
         raise PackError("--shard-size must be >= 1")
     if max_side is not None and max_side < 1:
