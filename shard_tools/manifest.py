@@ -355,83 +355,21 @@ def read_yfcc(source: str, path_column: str | None = None, root_dir: str | None 
     `root_dir` named by `path_template` (fields: the YFCC column names, plus hash3/hash6 = hash[:3] and
     hash[3:6], and url_name = the download URL's file name; default `{id}.jpg`), else from the download URL.
     """
-    columns = list(YFCC_COLUMNS)
-    for option, value in (("--path-column", path_column),):
-        if value is not None and value not in YFCC_COLUMNS_LONG:
-            raise ManifestError(f"{source}: {option} {value!r} is not a YFCC100M column; columns are "
-                                f"{list(YFCC_COLUMNS_LONG)}")
-    if path_column is None and root_dir is None:
-        path_column = "download_url"
-    template = None
-    if path_column is None:
-        template = path_template or YFCC_DEFAULT_TEMPLATE
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
-        allowed = set(YFCC_COLUMNS_LONG) | {"hash3", "hash6", "url_name"}
-        if not names <= allowed:
-            raise ManifestError(f"--path-template {template!r}: unknown fields {sorted(names - allowed)}; "
-                                f"known: {sorted(allowed)}")
-    m = Manifest(source, "yfcc", "", columns, path_column or f"template {template}", key_column="id")
+    path_column, template = _yfcc_image_source(source, path_column, root_dir, path_template)
+    m = Manifest(source, "yfcc", "", list(YFCC_COLUMNS), path_column or f"template {template}", key_column="id")
     b = _Builder(m, root_dir or parent(source))
     hashing, text = _open_text(source, storage_options)
-    unq = unquote_plus
     try:
         with text:
             for number, line in enumerate(text, start=1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
+                rec = _yfcc_record(m, number, line)
+                if rec is None:
                     continue
-                parts = line.split("\t")
-                if len(parts) == len(YFCC_COLUMNS_LONG):
-                    rec = dict(zip(YFCC_COLUMNS_LONG, parts))
-                elif len(parts) == len(YFCC_COLUMNS):
-                    rec = dict(zip(YFCC_COLUMNS, parts))
-                else:
-                    if number == 1 and not parts[0].strip().isdigit():
-                        continue  # a header line someone added
-                    m.errors.append((number, "", f"malformed row ({len(parts)} fields, expected "
-                                                 f"{len(YFCC_COLUMNS)} or {len(YFCC_COLUMNS_LONG)})"))
+                if template is not None and "hash" in template and not rec.get("hash", ""):
+                    m.errors.append((number, "", "malformed row (no photo hash for --path-template)"))
                     continue
-                if not rec["id"].strip().isdigit():
-                    if number == 1:
-                        continue  # header
-                    m.errors.append((number, "", "malformed row (photo id is not a number)"))
-                    continue
-                marker = rec["marker"].strip()
-                if marker == "1":
-                    m.filtered["video"] = m.filtered.get("video", 0) + 1
-                    continue
-                if marker != "0":
-                    m.errors.append((number, "", f"malformed row (photo/video marker {marker!r})"))
-                    continue
-                if template is not None:
-                    h = rec.get("hash", "")
-                    fields = {**rec, "hash3": h[:3], "hash6": h[3:6],
-                              "url_name": rec["download_url"].rsplit("/", 1)[-1]}
-                    if "hash" in template and not h:
-                        m.errors.append((number, "", "malformed row (no photo hash for --path-template)"))
-                        continue
-                    path = template.format(**fields)
-                else:
-                    path = rec.get(path_column, "")
-                tags = [unq(t) for t in rec["user_tags"].split(",") if t]
-                machine_tags = [unq(t) for t in rec["machine_tags"].split(",") if t]
-                meta = {
-                    "id": rec["id"].strip(),
-                    "title": unq(rec["title"]),
-                    "description": unq(rec["description"]),
-                    "tags": tags,
-                    "machine_tags": machine_tags,
-                    "user_nsid": rec["user_nsid"],
-                    "date_taken": rec["date_taken"],
-                    "date_uploaded": rec["date_uploaded"],
-                    "longitude": _floats(rec["longitude"]),
-                    "latitude": _floats(rec["latitude"]),
-                    "license": unq(rec["license_name"]),
-                    "license_url": rec["license_url"],
-                    "page_url": rec["page_url"],
-                    "url": rec["download_url"],
-                }
-                b.add(number, path, None, rec["id"], meta)
+                path = _yfcc_path(rec, template) if template is not None else rec.get(path_column, "")
+                b.add(number, path, None, rec["id"], _yfcc_meta(rec))
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest {source} is not UTF-8 text ({e.reason})") from None
     except OSError as e:
@@ -442,6 +380,78 @@ def read_yfcc(source: str, path_column: str | None = None, root_dir: str | None 
         raise ManifestError(f"manifest {source} has no photo rows" + (f" ({videos} videos left out)" if videos
                                                                         else " (empty)"))
     return b.done()
+
+
+def _yfcc_image_source(source: str, path_column: str | None, root_dir: str | None,
+                       path_template: str | None) -> tuple[str | None, str | None]:
+    """(path column, mirror file-name template): exactly one of them is set."""
+    if path_column is not None and path_column not in YFCC_COLUMNS_LONG:
+        raise ManifestError(f"{source}: --path-column {path_column!r} is not a YFCC100M column; columns are "
+                            f"{list(YFCC_COLUMNS_LONG)}")
+    if path_column is None and root_dir is None:
+        return "download_url", None
+    if path_column is not None:
+        return path_column, None
+    template = path_template or YFCC_DEFAULT_TEMPLATE
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    allowed = set(YFCC_COLUMNS_LONG) | {"hash3", "hash6", "url_name"}
+    if not names <= allowed:
+        raise ManifestError(f"--path-template {template!r}: unknown fields {sorted(names - allowed)}; "
+                            f"known: {sorted(allowed)}")
+    return None, template
+
+
+def _yfcc_record(m: Manifest, number: int, line: str) -> dict | None:
+    """The fields of one metadata line, or None for a blank line, a header, a video (counted in m.filtered) or
+    a malformed line (recorded in m.errors)."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return None
+    parts = line.split("\t")
+    if len(parts) not in (len(YFCC_COLUMNS_LONG), len(YFCC_COLUMNS)):
+        if not (number == 1 and not parts[0].strip().isdigit()):  # else a header line someone added
+            m.errors.append((number, "", f"malformed row ({len(parts)} fields, expected "
+                                         f"{len(YFCC_COLUMNS)} or {len(YFCC_COLUMNS_LONG)})"))
+        return None
+    rec = dict(zip(YFCC_COLUMNS_LONG if len(parts) == len(YFCC_COLUMNS_LONG) else YFCC_COLUMNS, parts))
+    if not rec["id"].strip().isdigit():
+        if number != 1:  # line 1: a header
+            m.errors.append((number, "", "malformed row (photo id is not a number)"))
+        return None
+    marker = rec["marker"].strip()
+    if marker == "1":
+        m.filtered["video"] = m.filtered.get("video", 0) + 1
+        return None
+    if marker != "0":
+        m.errors.append((number, "", f"malformed row (photo/video marker {marker!r})"))
+        return None
+    return rec
+
+
+def _yfcc_path(rec: dict, template: str) -> str:
+    h = rec.get("hash", "")
+    return template.format(**rec, hash3=h[:3], hash6=h[3:6], url_name=rec["download_url"].rsplit("/", 1)[-1])
+
+
+def _yfcc_meta(rec: dict) -> dict:
+    """What a photo's sample json keeps of its metadata (URL-encoded text decoded)."""
+    unq = unquote_plus
+    return {
+        "id": rec["id"].strip(),
+        "title": unq(rec["title"]),
+        "description": unq(rec["description"]),
+        "tags": [unq(t) for t in rec["user_tags"].split(",") if t],
+        "machine_tags": [unq(t) for t in rec["machine_tags"].split(",") if t],
+        "user_nsid": rec["user_nsid"],
+        "date_taken": rec["date_taken"],
+        "date_uploaded": rec["date_uploaded"],
+        "longitude": _floats(rec["longitude"]),
+        "latitude": _floats(rec["latitude"]),
+        "license": unq(rec["license_name"]),
+        "license_url": rec["license_url"],
+        "page_url": rec["page_url"],
+        "url": rec["download_url"],
+    }
 
 
 def list_folder(folder: str | Path, labels_from_subfolders: bool = False) -> tuple[list[tuple[str, str]], int]:
