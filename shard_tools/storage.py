@@ -106,7 +106,7 @@ def parse_storage_options(value: str | dict | None) -> dict:
     if isinstance(value, dict):
         return value
     text = str(value)
-    if not text.lstrip().startswith("{"):
+    if not text.lstrip().startswith(("{", "[")):
         try:
             text = Path(text).read_text()
         except OSError as e:
