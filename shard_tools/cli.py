@@ -53,6 +53,7 @@ def write_log(tool: str, error: BaseException, folder: str | Path | None = None)
     """Append the redacted traceback of `error` to the tool's log; returns where it went (or why not)."""
     text = redact("".join(traceback.format_exception(type(error), error, error.__traceback__)))
     header = f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {tool} (pid {os.getpid()}) failed\n"
+    reason = "no log written"
     for path in dict.fromkeys((log_path(tool, folder), log_path(tool))):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
