@@ -28,15 +28,12 @@ import argparse
 import io
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from stream_ssl.data.augment import (  # noqa: E402
+from stream_ssl.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ViewSpec,
@@ -172,14 +169,16 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--recipes", default="simclr,simclr-noblur,dino")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-dali", action="store_true")
-    ap.add_argument("--gpu", action="store_true", help="also DALI mixed and the photometric part on the GPU")
+    ap.add_argument("--dali", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the DALI pipelines when DALI is installed (default: on)")
+    ap.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=False,
+                    help="also DALI mixed and the photometric part on the GPU (default: off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     gpu = args.gpu and torch.cuda.is_available()
     if args.gpu and not gpu:
         print("note: --gpu given but no GPU is available; GPU variants skipped")
-    dali = not args.no_dali
+    dali = args.dali
     if dali:
         from stream_ssl.data.dali import dali_available
 

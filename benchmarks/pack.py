@@ -29,10 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from shard_tools.pack import pack  # noqa: E402
-from shard_tools.synth import synthesize  # noqa: E402
+from shard_tools.pack import pack
+from shard_tools.synth import synthesize
 
 
 def tar_baseline(manifest: Path, out: Path, shard_size: int) -> int:

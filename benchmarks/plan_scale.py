@@ -22,13 +22,10 @@ import gc
 import sys
 import time
 import tracemalloc
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from shard_tools.shardset import ShardInfo, ShardSet  # noqa: E402
-from stream_ssl.data.plan import make_plan  # noqa: E402
-from stream_ssl.numbers import format_bytes, parse_count  # noqa: E402
+from shard_tools.quantities import format_bytes, parse_count
+from shard_tools.shardset import ShardInfo, ShardSet
+from stream_ssl.data.plan import make_plan
 
 
 def build_index(shards: int, samples: int) -> ShardSet:

@@ -13,12 +13,6 @@ compute), 0.5 means training waits for data half the time.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import contextlib
 import itertools

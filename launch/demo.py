@@ -16,7 +16,9 @@ across N is not reliable at this size.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
+# Run as a script, sys.path[0] is this folder, where launch.py would shadow the `launch` package: the repository
+# root takes its place, before any other import.
+if __package__ in (None, ""):
     import sys
     from pathlib import Path
 

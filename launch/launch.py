@@ -169,8 +169,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=("accelerate", "torchrun"), default="accelerate")
     p.add_argument("--config-file", type=Path, help="Accelerate config (default: a template from launch/accelerate)")
     p.add_argument("--script", type=Path, default=TRAIN, help="training script (default stream_ssl/train.py)")
-    p.add_argument("--slurm", action="store_true", help="read nodes, node rank, main address, GPUs from SLURM")
-    p.add_argument("--dry-run", action="store_true", help="print the command of every node and exit")
+    p.add_argument("--slurm", action=argparse.BooleanOptionalAction, default=False,
+                   help="read nodes, node rank, main address, GPUs from SLURM (default: off)")
+    p.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
+                   help="print the command of every node and exit (default: off)")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the train.py arguments")
     return p
 

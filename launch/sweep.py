@@ -37,7 +37,9 @@ run one after another, or one per GPU when several GPUs are visible (and `launch
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
+# Run as a script, sys.path[0] is this folder, where launch.py would shadow the `launch` package: the repository
+# root takes its place, before any other import.
+if __package__ in (None, ""):
     import sys
     from pathlib import Path
 
@@ -59,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from shard_tools.cli import run_main, tool_prog
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "stream_ssl" / "train.py"
@@ -749,48 +753,50 @@ def describe(sweep: Sweep, config_arg: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python launch/sweep.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("python launch/sweep.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="sweep YAML (configs/sweeps/NAME.yaml)")
     p.add_argument("--out", type=Path, help="results folder (overrides the file's out)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and commands (with --slurm: print the "
-                                                          "script) and start nothing")
-    p.add_argument("--slurm", action="store_true", help="write OUT/sweep.sbatch and OUT/collect.sbatch")
+    p.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
+                   help="list the cells and commands (with --slurm: print the script) and start nothing (default: off)")
+    p.add_argument("--slurm", action=argparse.BooleanOptionalAction, default=False,
+                   help="write OUT/sweep.sbatch and OUT/collect.sbatch (default: off)")
     p.add_argument("--cell", type=int, help="run one cell (train + evaluate) and exit")
-    p.add_argument("--collect", action="store_true", help="only collect the finished cells")
+    p.add_argument("--collect", action=argparse.BooleanOptionalAction, default=False,
+                   help="only collect the finished cells (default: off)")
     a = p.parse_args(argv)
-    try:
-        sweep = load_sweep(a.config, a.out)
-        if a.cell is not None:
-            if not 0 <= a.cell < len(sweep.cells):
-                raise SweepError(f"--cell {a.cell}: the sweep has cells 0..{len(sweep.cells) - 1}")
-            cell = sweep.cells[a.cell]
-            print(f"[sweep] cell {cell.index} {cell.name}: {run_cell(sweep, cell)}", flush=True)
-            return 0
-        if a.slurm:
-            script = slurm_script(sweep, a.config)
-            if a.dry_run:
-                print(script)
-                return 0
-            (sweep.out / "logs").mkdir(parents=True, exist_ok=True)  # SLURM needs it before the tasks start
-            (sweep.out / "sweep.sbatch").write_text(script)
-            (sweep.out / "collect.sbatch").write_text(collect_script(sweep, a.config))
-            print(f"wrote {sweep.out / 'sweep.sbatch'} and {sweep.out / 'collect.sbatch'}; submit with\n"
-                  f"  jid=$(sbatch --parsable {sweep.out / 'sweep.sbatch'}) && "
-                  f"sbatch --dependency=afterany:$jid {sweep.out / 'collect.sbatch'}")
-            return 0
+    return run_main("sweep", lambda: _run(a), log_folder=a.out, usage_errors=(SweepError,))
+
+
+def _run(a: argparse.Namespace) -> int:
+    sweep = load_sweep(a.config, a.out)
+    if a.cell is not None:
+        if not 0 <= a.cell < len(sweep.cells):
+            raise SweepError(f"--cell {a.cell}: the sweep has cells 0..{len(sweep.cells) - 1}")
+        cell = sweep.cells[a.cell]
+        print(f"[sweep] cell {cell.index} {cell.name}: {run_cell(sweep, cell)}", flush=True)
+        return 0
+    if a.slurm:
+        script = slurm_script(sweep, a.config)
         if a.dry_run:
-            print(describe(sweep, a.config))
+            print(script)
             return 0
-        failed = 0 if a.collect else run_local(sweep, a.config)
-        result = collect(sweep)
-        print()
-        print(result["table"])
-        print(f"\n[sweep] {result['csv']}, {result['markdown']}, {result['plot']}")
-        return 1 if failed or result["missing"] else 0
-    except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        (sweep.out / "logs").mkdir(parents=True, exist_ok=True)  # SLURM needs it before the tasks start
+        (sweep.out / "sweep.sbatch").write_text(script)
+        (sweep.out / "collect.sbatch").write_text(collect_script(sweep, a.config))
+        print(f"wrote {sweep.out / 'sweep.sbatch'} and {sweep.out / 'collect.sbatch'}; submit with\n"
+              f"  jid=$(sbatch --parsable {sweep.out / 'sweep.sbatch'}) && "
+              f"sbatch --dependency=afterany:$jid {sweep.out / 'collect.sbatch'}")
+        return 0
+    if a.dry_run:
+        print(describe(sweep, a.config))
+        return 0
+    failed = 0 if a.collect else run_local(sweep, a.config)
+    result = collect(sweep)
+    print()
+    print(result["table"])
+    print(f"\n[sweep] {result['csv']}, {result['markdown']}, {result['plot']}")
+    return 1 if failed or result["missing"] else 0
 
 
 if __name__ == "__main__":

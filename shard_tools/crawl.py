@@ -27,12 +27,6 @@ It runs in a child process; its own log goes to `OUT/.NAME-crawl/img2dataset.log
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import hashlib
 import io
@@ -51,11 +45,22 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from shard_tools.errors import ShardSetTotals, ToolError, count_by_kind, positive_int, read_errors, write_errors
+from shard_tools.cli import progress_switch, run_main, tool_prog
+from shard_tools.errors import (
+    ShardSetTotals,
+    ToolError,
+    count_by_kind,
+    positive_int,
+    read_errors,
+    shard_set_name,
+    write_errors,
+)
 from shard_tools.index import index_shard, natural_key
-from shard_tools.manifest import FORMATS, read_manifest
+from shard_tools.manifest import FORMATS, Manifest, read_manifest
+from shard_tools.outputs import Output, open_output
+from shard_tools.quantities import COUNT_HELP, count_arg
 from shard_tools.shardset import finished_index, format_idx
-from shard_tools.storage import Output, is_url, open_output
+from shard_tools.storage import STORAGE_OPTIONS_HELP, filesystem, fs_path, is_url, storage_options_arg
 from shard_tools.writer import TarStream, make_index, write_index
 
 __all__ = ["CrawlError", "CrawlResult", "CrawlSampleWriter", "crawl", "failure_kind", "main"]
@@ -156,11 +161,11 @@ class CrawlSampleWriter:
     img2dataset writes the shard's `_stats.json` after that, which is what marks the shard finished."""
 
     def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
-        import fsspec
         from img2dataset.writer import BufferedParquetWriter
 
         stem = f"{shard_id:0{oom_shard_count}d}"
-        self.fs, path = fsspec.core.url_to_fs(output_folder)
+        # img2dataset passes no storage options: its own writes and ours use the environment's credentials
+        self.fs, path = filesystem(output_folder), fs_path(output_folder)
         self.tar_path = f"{path}/{stem}.tar"
         self.tmp_path = self.tar_path + ".tmp"
         self.idx_path = f"{path}/{stem}.idx"
@@ -294,6 +299,7 @@ def _img2dataset_version() -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+# Over 60 lines only by its signature: one keyword argument per command-line option.
 def crawl(
     manifest: str | Path,
     out: str | Path,
@@ -334,9 +340,54 @@ def crawl(
 ) -> CrawlResult:
     """Crawl the URLs of `manifest` into the shard set `out` (a folder or an fsspec URL); see the module doc.
 
-    `progress` None shows the bar on a terminal. Raises ManifestError / CrawlError (SystemExit with a
-    one-line message) when the crawl fails as a whole."""
+    `progress` None shows the bar on a terminal. Raises ManifestError / CrawlError (ToolError: ordinary
+    exceptions with a one-line message) when the crawl fails as a whole. The phases: check the settings, plan
+    the job (usable rows, shuffled, cut into shards), claim the folder, download, index the finished shards."""
     start = time.perf_counter()
+    extra_options = _check_settings(shard_size, processes, threads, resize_mode, upscale_interpolation,
+                                    downscale_interpolation, encode_format, img2dataset_options)
+    out = str(out).rstrip("/")
+    name = shard_set_name(out, name, CrawlError)
+    version = _img2dataset_version()
+    m = read_manifest(manifest, format, url_column, label_column, caption_column, key_column, None, None, False,
+                      storage_options)
+    options = {
+        "image_size": image_size, "resize_mode": resize_mode, "resize_only_if_bigger": resize_only_if_bigger,
+        "upscale_interpolation": upscale_interpolation, "downscale_interpolation": downscale_interpolation,
+        "encode_format": encode_format, "encode_quality": encode_quality, "skip_reencode": skip_reencode,
+        "disable_all_reencoding": disable_all_reencoding, "min_image_size": min_image_size,
+        "max_image_area": max_image_area if max_image_area is not None else float("inf"),
+        "max_aspect_ratio": max_aspect_ratio if max_aspect_ratio is not None else float("inf"),
+        "extract_exif": extract_exif, "user_agent_token": user_agent_token, **extra_options,
+    }
+    job = _plan_job(m, manifest, name, seed, shard_size, options, version)
+    fetch = dict(processes=processes, threads=threads, timeout=timeout, retries=retries,
+                 max_shard_retry=max_shard_retry, progress=progress, verbose=verbose)
+    output = open_output(out, storage_options)
+    try:
+        output.lock(f"crawl.py --name {name}")
+        done = _claim(output, job, out, overwrite)
+        if done is not None:
+            errors = read_errors(output, name)
+            return CrawlResult(done, m.total, done["num_samples"], count_by_kind(errors), errors,
+                               time.perf_counter() - start, len(done["shards"]), already_complete=True)
+        resumed = _fetch(output, job, fetch)
+        finished = {s for s in job.stems if _stats(output, s) is not None}
+        incomplete = [f"{s}.tar" for s in job.stems if s not in finished]
+        if incomplete and not allow_incomplete:
+            raise _incomplete(output, job, finished, incomplete, out)
+        index = _index_crawl(output, job, finished, incomplete, manifest)
+        result = CrawlResult(index, m.total, index["num_samples"], count_by_kind(job.errors), sorted(job.errors), 0.0,
+                             resumed, incomplete)
+        result.seconds = time.perf_counter() - start
+        return result
+    finally:
+        output.close()
+
+
+def _check_settings(shard_size: int, processes: int, threads: int, resize_mode: str, upscale_interpolation: str,
+                    downscale_interpolation: str, encode_format: str, img2dataset_options: dict | None) -> dict:
+    """Raise CrawlError for a setting out of range; returns the extra img2dataset options."""
     if shard_size < 1:
         raise CrawlError("--shard-size must be >= 1")
     if processes < 1 or threads < 1:
@@ -353,14 +404,32 @@ def crawl(
     managed = sorted(set(extra_options) & MANAGED)
     if managed:
         raise CrawlError(f"--img2dataset-option cannot set {managed}: crawl.py manages them")
-    out = str(out).rstrip("/")
-    name = name or out.rsplit("/", 1)[-1]
-    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
-        raise CrawlError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
-    version = _img2dataset_version()
+    return extra_options
 
-    m = read_manifest(manifest, format, url_column, label_column, caption_column, key_column, None, None, False,
-                      storage_options)
+
+@dataclass
+class _Job:
+    """What a crawl downloads: the usable rows in their shuffled order, cut into img2dataset's shards."""
+
+    m: Manifest
+    name: str
+    usable: list  # (manifest row, url)
+    order: np.ndarray  # shuffled positions in `usable`
+    stems: list[str]  # img2dataset's shard names: 00000, 00001, ...
+    shard_size: int
+    options: dict  # resize and encode options passed to img2dataset
+    config: dict  # what shapes the output (recorded; its digest tells this crawl from another)
+    digest: str
+    version: str  # img2dataset's
+    seed: int
+    errors: list  # (row, url, reason) of the rows that did not become samples
+
+    @property
+    def state(self) -> str:
+        return _state_dir(self.name)
+
+
+def _plan_job(m: Manifest, manifest, name: str, seed: int, shard_size: int, options: dict, version: str) -> _Job:
     if m.format == "folder":
         raise CrawlError(f"{manifest} is a folder of images: pack it with shard_tools/pack.py")
     errors: list[tuple[int, str, str]] = list(m.errors)
@@ -373,136 +442,109 @@ def crawl(
             errors.append((r.row, r.path, "not a URL (local files are packed with shard_tools/pack.py)"))
     if not usable:
         raise CrawlError(f"no URLs in {manifest} (column {m.path_column}); see the rows in its errors")
-    order = np.random.default_rng(seed).permutation(len(usable))
     shards_total = math.ceil(len(usable) / shard_size)
     oom_shard_count = max(5, len(str(shards_total - 1)))
-    stems = [f"{i:0{oom_shard_count}d}" for i in range(shards_total)]
-
-    options = {
-        "image_size": image_size, "resize_mode": resize_mode, "resize_only_if_bigger": resize_only_if_bigger,
-        "upscale_interpolation": upscale_interpolation, "downscale_interpolation": downscale_interpolation,
-        "encode_format": encode_format, "encode_quality": encode_quality, "skip_reencode": skip_reencode,
-        "disable_all_reencoding": disable_all_reencoding, "min_image_size": min_image_size,
-        "max_image_area": max_image_area if max_image_area is not None else float("inf"),
-        "max_aspect_ratio": max_aspect_ratio if max_aspect_ratio is not None else float("inf"),
-        "extract_exif": extract_exif, "user_agent_token": user_agent_token, **extra_options,
-    }
     config = {
-        "crawl_version": CRAWL_VERSION,
-        "img2dataset": version.split(".")[0],
-        "manifest_sha256": m.sha256,
-        "format": m.format,
-        "name": name,
-        "seed": seed,
-        "shard_size": shard_size,
-        "url_column": m.path_column,
-        "caption_column": m.caption_column,
-        "label_column": m.label_column,
-        "key_column": m.key_column,
+        "crawl_version": CRAWL_VERSION, "img2dataset": version.split(".")[0], "manifest_sha256": m.sha256,
+        "format": m.format, "name": name, "seed": seed, "shard_size": shard_size, "url_column": m.path_column,
+        "caption_column": m.caption_column, "label_column": m.label_column, "key_column": m.key_column,
         "options": {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in options.items()},
     }
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    total = m.total
+    return _Job(m, name, usable, np.random.default_rng(seed).permutation(len(usable)),
+                [f"{i:0{oom_shard_count}d}" for i in range(shards_total)], shard_size, options, config, digest,
+                version, seed, errors)
 
-    output = open_output(out, storage_options)
-    try:
-        output.lock(f"crawl.py --name {name}")
-        if overwrite:
-            _remove_crawl(output, name)
-        done = finished_index(output, "crawl", digest)
-        if done is not None:
-            errors = read_errors(output, name)
-            return CrawlResult(done, total, done["num_samples"], count_by_kind(errors), errors,
-                               time.perf_counter() - start, len(done["shards"]), already_complete=True)
-        state = _state_dir(name)
-        old = output.read_bytes(f"{state}/config.json")
-        if old is not None:
-            previous = json.loads(old)
-            if previous.get("config_sha256") != digest:
-                changed = _changed(previous.get("config", {}), config)
-                raise CrawlError(f"{out} holds a crawl made with other settings (changed: {', '.join(changed)}); "
-                                 "use another --out, or --overwrite to start over")
-        elif any(_SHARD_FILE.match(e) for e in output.list()) or _foreign_index(output):
-            raise CrawlError(f"{out} already holds shards that crawl.py did not start; use an empty folder, or "
-                             "--overwrite to delete them")
-        output.remove("index.json")  # the folder stops being a shard set until the crawl is indexed again
-        output.write_bytes(f"{state}/config.json", json.dumps({"config_sha256": digest, "config": config},
+
+def _claim(output: Output, job: _Job, out: str, overwrite: bool) -> dict | None:
+    """The index of a finished crawl with the same settings (nothing to do), else None once the folder is
+    ours: an unfinished crawl with the same settings, or a fresh folder (--overwrite: made fresh)."""
+    if overwrite:
+        _remove_crawl(output, job.name)
+    done = finished_index(output, "crawl", job.digest)
+    if done is not None:
+        return done
+    old = output.read_bytes(f"{job.state}/config.json")
+    if old is not None:
+        previous = json.loads(old)
+        if previous.get("config_sha256") != job.digest:
+            changed = _changed(previous.get("config", {}), job.config)
+            raise CrawlError(f"{out} holds a crawl made with other settings (changed: {', '.join(changed)}); "
+                             "use another --out, or --overwrite to start over")
+    elif any(_SHARD_FILE.match(e) for e in output.list()) or _foreign_index(output):
+        raise CrawlError(f"{out} already holds shards that crawl.py did not start; use an empty folder, or "
+                         "--overwrite to delete them")
+    output.remove("index.json")  # the folder stops being a shard set until the crawl is indexed again
+    output.write_bytes(f"{job.state}/config.json", json.dumps({"config_sha256": job.digest, "config": job.config},
                                                                indent=1).encode())
-
-        finished = {s for s in stems if _stats(output, s) is not None}
-        resumed = len(finished)
-        for s in stems:
-            if s not in finished:  # img2dataset makes these again: no stale file may outlive it
-                for suffix in (".tar", ".tar.tmp", ".idx", ".parquet"):
-                    output.remove(s + suffix)
-        if len(finished) < len(stems):
-            _download(output, state, usable, order, m, stems, finished, oom_shard_count, shard_size, options,
-                      processes, threads, timeout, retries, max_shard_retry, progress, verbose)
-        finished = {s for s in stems if _stats(output, s) is not None}
-        incomplete = [f"{s}.tar" for s in stems if s not in finished]
-        if incomplete and not allow_incomplete:
-            for s in finished:
-                errors.extend(_status_rows(output, s))
-            write_errors(output, name, errors, column="url")
-            log = output.location(f"{state}/img2dataset.log") if not is_url(out) else "the img2dataset log"
-            raise CrawlError(f"{len(incomplete)} of {len(stems)} shards did not finish ({', '.join(incomplete[:3])}"
-                             f"{', ...' if len(incomplete) > 3 else ''}); see {log}. Run the same command again "
-                             "to retry them, or pass --allow-incomplete to index the finished shards")
-
-        shards, exts, left_out = [], set(), []
-        for s in sorted(finished, key=natural_key):
-            errors.extend(_status_rows(output, s))
-            if int(_stats(output, s)["successes"]) == 0:
-                left_out.append(f"{s}.tar")
-                continue
-            r = index_shard(output, f"{s}.tar")
-            if r.problem:
-                raise CrawlError(f"shard {r.problem}; delete {s}_stats.json and run again to download it anew")
-            shards.append(r.info)
-            exts |= r.exts
-        for k, s in enumerate(stems):
-            if s not in finished:
-                for i in order[k * shard_size:(k + 1) * shard_size]:
-                    errors.append((usable[i][0].row, usable[i][1], "incomplete shard (img2dataset did not finish it)"))
-        write_errors(output, name, errors, column="url")
-        if not shards:
-            raise CrawlError(f"no URL of {manifest} could be downloaded; see {output.location(f'{name}-errors.csv')}")
-        failed = count_by_kind(errors)
-        fields = ["image", "json", *(["cls"] if m.label_column else []), *(["txt"] if m.caption_column else [])]
-        index = make_index(
-            name,
-            shards,
-            source=SOURCE,
-            seed=seed,
-            manifest=str(manifest),
-            manifest_format=m.format,
-            manifest_sha256=m.sha256,
-            fields=fields,
-            labels={"column": m.label_column, "names": m.label_names},
-            rows=total,
-            skipped=failed,
-            filtered=m.filtered,
-            crawl={"img2dataset": version, "shard_size": shard_size, "url_column": m.path_column,
-                   "caption_column": m.caption_column, "options": config["options"], "left_out": left_out + incomplete,
-                   "config_sha256": digest},
-        )
-        write_index(output, index)
-        output.remove(f"{state}/input.parquet")  # written again by a later run that has shards to fetch
-        result = CrawlResult(index, total, index["num_samples"], failed, sorted(errors), 0.0, resumed, incomplete)
-        result.seconds = time.perf_counter() - start
-        return result
-    finally:
-        output.close()
+    return None
 
 
-def _download(output: Output, state: str, usable: list, order: np.ndarray, m, stems: list[str], finished: set[str],
-              oom_shard_count: int, shard_size: int, options: dict, processes: int, threads: int, timeout: float,
-              retries: int, max_shard_retry: int, progress: bool | None, verbose: bool) -> None:
-    """Write img2dataset's input (the shuffled rows) and run it in a child process, showing a bar over shards."""
+def _fetch(output: Output, job: _Job, fetch: dict) -> int:
+    """Download the shards no earlier run finished; returns how many were finished before."""
+    finished = {s for s in job.stems if _stats(output, s) is not None}
+    for s in job.stems:
+        if s not in finished:  # img2dataset makes these again: no stale file may outlive it
+            for suffix in (".tar", ".tar.tmp", ".idx", ".parquet"):
+                output.remove(s + suffix)
+    if len(finished) < len(job.stems):
+        _download(output, job, [s for s in job.stems if s not in finished], **fetch)
+    return len(finished)
+
+
+def _incomplete(output: Output, job: _Job, finished: set[str], incomplete: list[str], out: str) -> CrawlError:
+    for s in finished:
+        job.errors.extend(_status_rows(output, s))
+    write_errors(output, job.name, job.errors, column="url")
+    log = output.location(f"{job.state}/img2dataset.log") if not is_url(out) else "the img2dataset log"
+    return CrawlError(f"{len(incomplete)} of {len(job.stems)} shards did not finish ({', '.join(incomplete[:3])}"
+                      f"{', ...' if len(incomplete) > 3 else ''}); see {log}. Run the same command again "
+                      "to retry them, or pass --allow-incomplete to index the finished shards")
+
+
+def _index_crawl(output: Output, job: _Job, finished: set[str], incomplete: list[str], manifest) -> dict:
+    """Index the finished shards (successes only) and write index.json; list every row left out."""
+    shards, left_out = [], []
+    for s in sorted(finished, key=natural_key):
+        job.errors.extend(_status_rows(output, s))
+        if int(_stats(output, s)["successes"]) == 0:
+            left_out.append(f"{s}.tar")
+            continue
+        r = index_shard(output, f"{s}.tar")
+        if r.problem:
+            raise CrawlError(f"shard {r.problem}; delete {s}_stats.json and run again to download it anew")
+        shards.append(r.info)
+    for k, s in enumerate(job.stems):
+        if s not in finished:
+            for i in job.order[k * job.shard_size:(k + 1) * job.shard_size]:
+                row, url = job.usable[i]
+                job.errors.append((row.row, url, "incomplete shard (img2dataset did not finish it)"))
+    write_errors(output, job.name, job.errors, column="url")
+    if not shards:
+        raise CrawlError(f"no URL of {manifest} could be downloaded; see {output.location(f'{job.name}-errors.csv')}")
+    m = job.m
+    index = make_index(
+        job.name, shards, source=SOURCE, seed=job.seed, manifest=str(manifest), manifest_format=m.format,
+        manifest_sha256=m.sha256,
+        fields=["image", "json", *(["cls"] if m.label_column else []), *(["txt"] if m.caption_column else [])],
+        labels={"column": m.label_column, "names": m.label_names}, rows=m.total, skipped=count_by_kind(job.errors),
+        filtered=m.filtered,
+        crawl={"img2dataset": job.version, "shard_size": job.shard_size, "url_column": m.path_column,
+               "caption_column": m.caption_column, "options": job.config["options"],
+               "left_out": left_out + incomplete, "config_sha256": job.digest},
+    )
+    write_index(output, index)
+    output.remove(f"{job.state}/input.parquet")  # written again by a later run that has shards to fetch
+    return index
+
+
+def _input_table(job: _Job) -> tuple[bytes, list[str]]:
+    """img2dataset's input: the usable rows in the shuffled order, as parquet; and the extra columns it keeps."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [usable[i] for i in order]
+    m = job.m
+    rows = [job.usable[i] for i in job.order]
     columns = {"url": pa.array([url for _, url in rows], pa.string()),
                "row": pa.array([r.row for r, _ in rows], pa.int64())}
     extra_cols = ["row"]
@@ -525,18 +567,25 @@ def _download(output: Output, state: str, usable: list, order: np.ndarray, m, st
         extra_cols.append(EXTRA)
     buf = io.BytesIO()
     pq.write_table(pa.table(columns), buf)
-    output.write_bytes(f"{state}/input.parquet", buf.getvalue())
+    return buf.getvalue(), extra_cols
 
-    job = {
-        "url_list": output.location(f"{state}/input.parquet"),
+
+def _download(output: Output, job: _Job, todo: list[str], processes: int, threads: int, timeout: float,
+              retries: int, max_shard_retry: int, progress: bool | None, verbose: bool) -> None:
+    """Write img2dataset's input (the shuffled rows) and run it in a child process, showing a bar over shards."""
+    table, extra_cols = _input_table(job)
+    output.write_bytes(f"{job.state}/input.parquet", table)
+    m = job.m
+    spec = {
+        "url_list": output.location(f"{job.state}/input.parquet"),
         "output_folder": output.url,
         "input_format": "parquet",
         "output_format": "webdataset",
         "url_col": "url",
         "caption_col": "caption" if m.caption_column else None,
         "save_additional_columns": extra_cols,
-        "number_sample_per_shard": shard_size,
-        "oom_shard_count": oom_shard_count,
+        "number_sample_per_shard": job.shard_size,
+        "oom_shard_count": len(job.stems[0]),
         "incremental_mode": "incremental",
         "enable_wandb": False,
         "processes_count": processes,
@@ -545,57 +594,62 @@ def _download(output: Output, state: str, usable: list, order: np.ndarray, m, st
         "retries": retries,
         "max_shard_retry": max_shard_retry,
         "distributor": "multiprocessing",
-        **options,
+        **job.options,
     }
     for key in ("max_image_area", "max_aspect_ratio"):
-        if isinstance(job[key], float) and math.isinf(job[key]):
-            del job[key]  # img2dataset's default is infinity; JSON cannot carry it
+        if isinstance(spec[key], float) and math.isinf(spec[key]):
+            del spec[key]  # img2dataset's default is infinity; JSON cannot carry it
     with tempfile.TemporaryDirectory(prefix="crawl-job-") as tmp:
-        job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps(job))
+        spec_path = Path(tmp) / "job.json"
+        spec_path.write_text(json.dumps(spec))
         if is_url(output.url):
             log_path = Path(tmp) / "img2dataset.log"
         else:
-            log_path = Path(output.url) / state / "img2dataset.log"
-        env = dict(os.environ)
-        env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-        repo = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-c", "import sys; from shard_tools.crawl import _run_job; _run_job(sys.argv[1])",
-               str(job_path)]
-        todo = [s for s in stems if s not in finished]
-        bar = tqdm(total=len(todo), unit="shard", file=sys.stderr, disable=None if progress is None else not progress,
-                   desc=f"crawling {output.url.rsplit('/', 1)[-1]}")
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=None if verbose else log,
-                                    stderr=None if verbose else subprocess.STDOUT)
-            seen: set[str] = set()
-            counts = {"ok": 0, "failed": 0}
-            try:
-                while True:
-                    try:
-                        proc.wait(timeout=2.0 if is_url(output.url) else 0.5)
-                        break
-                    except subprocess.TimeoutExpired:
-                        pass
-                    if not bar.disable:
-                        _update_bar(output, todo, seen, counts, bar)
-            except BaseException:
-                proc.terminate()
+            log_path = Path(output.url) / job.state / "img2dataset.log"
+        _run_img2dataset(output, spec_path, log_path, todo, progress, verbose)
+
+
+def _run_img2dataset(output: Output, spec_path: Path, log_path: Path, todo: list[str], progress: bool | None,
+                     verbose: bool) -> None:
+    """img2dataset in a child process (its log in `log_path`), a bar over the shards in `todo` meanwhile."""
+    env = dict(os.environ)
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-c", "import sys; from shard_tools.crawl import _run_job; _run_job(sys.argv[1])",
+           str(spec_path)]
+    bar = tqdm(total=len(todo), unit="shard", file=sys.stderr, disable=None if progress is None else not progress,
+               desc=f"crawling {output.url.rsplit('/', 1)[-1]}")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=None if verbose else log,
+                                stderr=None if verbose else subprocess.STDOUT)
+        seen: set[str] = set()
+        counts = {"ok": 0, "failed": 0}
+        try:
+            while True:
                 try:
-                    proc.wait(timeout=30)
+                    proc.wait(timeout=2.0 if is_url(output.url) else 0.5)
+                    break
                 except subprocess.TimeoutExpired:
-                    proc.kill()
-                raise
-            finally:
+                    pass
                 if not bar.disable:
                     _update_bar(output, todo, seen, counts, bar)
-                bar.close()
-        if proc.returncode != 0:
-            tail = ""
-            if not verbose:
-                tail = "; last lines:\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-            raise CrawlError(f"img2dataset exited with status {proc.returncode}{tail}")
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        finally:
+            if not bar.disable:
+                _update_bar(output, todo, seen, counts, bar)
+            bar.close()
+    if proc.returncode != 0:
+        tail = ""
+        if not verbose:
+            tail = "; last lines:\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        raise CrawlError(f"img2dataset exited with status {proc.returncode}{tail}")
 
 
 def _update_bar(output: Output, todo: list[str], seen: set[str], counts: dict, bar) -> None:
@@ -624,7 +678,7 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crawl.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("crawl.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", help="CSV/TSV (header row) or Parquet with a URL column, or YFCC100M metadata; "
                                     "local or an fsspec URL, optionally compressed")
@@ -639,7 +693,7 @@ def _parser() -> argparse.ArgumentParser:
                                           "if present)")
     p.add_argument("--key-column", help="column with an id kept in each sample's json as 'id'")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle of the rows (default 0)")
-    p.add_argument("--shard-size", type=positive_int, default=1000, help="rows per shard (default 1000)")
+    p.add_argument("--shard-size", type=count_arg, default=1000, help=f"rows per shard, {COUNT_HELP} (default 1000)")
     g = p.add_argument_group("resizing and encoding (passed to img2dataset)")
     g.add_argument("--image-size", type=positive_int, default=256, help="target size in pixels (default 256)")
     g.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
@@ -652,14 +706,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--encode-format", choices=("jpg", "png", "webp"), default="jpg")
     g.add_argument("--encode-quality", type=int, default=95, help="JPEG/WebP quality, PNG compression 0-9 "
                                                                   "(default 95)")
-    g.add_argument("--skip-reencode", action="store_true", help="keep the original bytes of images that need no "
-                                                                "resize and already have --encode-format")
-    g.add_argument("--disable-all-reencoding", action="store_true",
-                   help="store downloaded bytes as they are (no decode check: run verify.py --decode)")
+    g.add_argument("--skip-reencode", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the original bytes of images that need no resize and already have --encode-format "
+                        "(default: off)")
+    g.add_argument("--disable-all-reencoding", action=argparse.BooleanOptionalAction, default=False,
+                   help="store downloaded bytes as they are (no decode check: run verify.py --decode; default: off)")
     g.add_argument("--min-image-size", type=int, default=0, help="drop images whose shorter side is smaller")
     g.add_argument("--max-image-area", type=float, help="drop images with more pixels")
     g.add_argument("--max-aspect-ratio", type=float, help="drop images whose side ratio is larger")
-    g.add_argument("--no-exif", dest="extract_exif", action="store_false", help="do not keep EXIF in the json")
+    g.add_argument("--exif", dest="extract_exif", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep EXIF in the json (default: on)")
     d = p.add_argument_group("downloading")
     d.add_argument("--processes", type=positive_int, default=1, help="img2dataset processes (default 1)")
     d.add_argument("--threads", type=positive_int, default=64, help="download threads per process (default 64)")
@@ -670,19 +726,23 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--img2dataset-option", dest="img2dataset_options", type=_option, action="append", default=[],
                    metavar="KEY=VALUE", help="any other img2dataset.download() option (value parsed as YAML), e.g. "
                                              "compute_hash=md5; repeatable")
-    p.add_argument("--allow-incomplete", action="store_true", help="index the finished shards even when some did not "
-                                                                   "finish")
-    p.add_argument("--overwrite", action="store_true", help="delete an earlier crawl in --out and start over")
-    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol")
-    p.add_argument("--verbose", action="store_true", help="show img2dataset's own output instead of logging it")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    p.add_argument("--allow-incomplete", action=argparse.BooleanOptionalAction, default=False,
+                   help="index the finished shards even when some did not finish (default: off)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="delete an earlier crawl in --out and start over (default: off)")
+    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
+    p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
+                   help="show img2dataset's own output instead of logging it (default: off)")
+    progress_switch(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    return run_main("crawl", lambda: _run(a), log_folder=a.out)
+
+
+def _run(a: argparse.Namespace) -> int:
     r = crawl(a.manifest, a.out, a.name, format=a.format, url_column=a.url_column,
               caption_column=a.caption_column, label_column=a.label_column, key_column=a.key_column,
               seed=a.seed, shard_size=a.shard_size, image_size=a.image_size, resize_mode=a.resize_mode,

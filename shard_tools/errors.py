@@ -8,12 +8,22 @@ import io
 import re
 
 
-class ToolError(SystemExit):
-    """A tool failed as a whole. A SystemExit: the CLI exits 1 with this one-line message."""
+class ToolError(Exception):
+    """A tool failed as a whole, with a one-line reason. Library callers catch it (or `Exception`); a command's
+    `main` prints `error: REASON` and exits 1 (see shard_tools/cli.py: run_main)."""
 
     def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+        super().__init__(message)
         self.message = message
+
+
+def shard_set_name(out: str, name: str | None, error: type[ToolError] = ToolError) -> str:
+    """`name`, or by default the last part of the output folder `out`; raises `error` unless it is made of
+    letters, digits, '_', '-' and '.' (it starts every shard's file name)."""
+    name = name or str(out).rstrip("/").rsplit("/", 1)[-1]
+    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
+        raise error(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    return name
 
 
 class ShardSetTotals:

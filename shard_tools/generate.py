@@ -34,12 +34,6 @@ transformers. Ingestion needs neither.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import csv
 import hashlib
@@ -47,7 +41,6 @@ import inspect
 import io
 import json
 import os
-import re
 import string
 import sys
 import time
@@ -58,6 +51,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from shard_tools.cli import progress_switch, run_main, tool_prog
 from shard_tools.errors import (
     ShardSetTotals,
     ToolError,
@@ -65,12 +59,15 @@ from shard_tools.errors import (
     positive_int,
     read_errors,
     remove_partial_shards,
+    shard_set_name,
     write_errors,
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import label_ids
+from shard_tools.outputs import Output, open_output
+from shard_tools.quantities import COUNT_HELP, count_arg
 from shard_tools.shardset import ShardInfo, idx_name, shard_name, shards_intact
-from shard_tools.storage import Output, open_output
+from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 from shard_tools.writer import ShardWriter, make_index, write_index
 
 __all__ = ["DEFAULT_TEMPLATE", "GenerateError", "GenerateResult", "Prompt", "generate", "image_seed", "ingest",
@@ -309,107 +306,128 @@ Outcome = tuple
 
 
 def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[int], Iterator[Outcome]],
-               shard_size: int, index_meta: Callable[[], dict], overwrite: bool, progress: bool | None, desc: str,
+               shard_size: int, index_meta: dict, overwrite: bool, progress: bool | None, desc: str,
                max_error_rate: float | None = None, storage_options: dict | None = None) -> GenerateResult:
     """Run `produce(position)` (the outcomes of jobs position, position + 1, ... in order) into shards, resumably."""
     start = time.perf_counter()
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     output = open_output(out, storage_options)
-    state = _state_dir(name)
     try:
         output.lock(f"generate.py --name {name}")
         if overwrite:
             _wipe(output, name)
-        old_index = output.read_bytes("index.json")
-        saved = output.read_bytes(f"{state}/config.json")
-        previous = json.loads(saved) if saved else None
-        if old_index and previous is None:
-            try:
-                index = json.loads(old_index)
-            except ValueError:
-                index = {}
-            if _index_config(index) == digest:
-                if shards_intact(output, index):
-                    errors = read_errors(output, name)
-                    return GenerateResult(index, jobs, index["num_samples"], 0, count_by_kind(errors), errors,
-                                          time.perf_counter() - start, len(index["shards"]), True)
-                _wipe(output, name)  # same settings, damaged shards: make it again
-            elif isinstance(index.get("generation"), dict):
-                changed = _changed({k: v for k, v in index["generation"].items() if k != "config_sha256"}, config)
-                raise GenerateError(f"{out} holds a set made with other settings (changed: {', '.join(changed)}); "
-                                    "use another --out, or --overwrite to start over")
-            else:
-                raise GenerateError(f"{out} holds a shard set that generate.py did not make; use another --out, or "
-                                    "--overwrite to replace it")
-        if previous is not None and previous.get("config_sha256") != digest:
-            changed = _changed(previous.get("config", {}), config)
-            raise GenerateError(f"{out} holds an unfinished run with other settings (changed: {', '.join(changed)}); "
-                                "use the same settings to continue it, another --out, or --overwrite to start over")
-        output.remove("index.json")
-        if previous is None:
-            output.write_bytes(f"{state}/config.json", json.dumps({"config_sha256": digest, "config": config},
-                                                                  indent=1).encode())
+        done = _claim(output, out, name, config, digest)
+        if done is not None:
+            errors = read_errors(output, name)
+            return GenerateResult(done, jobs, done["num_samples"], 0, count_by_kind(errors), errors,
+                                  time.perf_counter() - start, len(done["shards"]), True)
         resume = _load_resume(output, name)
         remove_partial_shards(output, name, keep=len(resume.shards))
-        errors = list(resume.errors)
-        span: list[tuple[int, str, str]] = []
-        position, written = resume.next, resume.written
-        limit = None if max_error_rate is None else max_error_rate * jobs
-        width = max(9, len(str(jobs - 1)))
-
-        def save_state(info: ShardInfo, idx_text: str) -> None:
-            record = {"shard": vars(info), "idx_sha256": hashlib.sha256(idx_text.encode()).hexdigest(),
-                      "next": position, "written": written, "errors": span}
-            output.write_bytes(f"{state}/{len(writer.shards) - 1:06d}.json", json.dumps(record).encode())
-            span.clear()
-
-        writer = ShardWriter(output, name, shard_size, shards=resume.shards, on_shard=save_state)
-        made = 0
-        bar = tqdm(total=jobs, initial=position, unit="img", file=sys.stderr, mininterval=0.5,
-                   disable=None if progress is None else not progress, desc=desc)
-        stream = produce(position)
-        try:
-            for outcome in stream:
-                row, where, fields = outcome[:3]
-                position += 1
-                bar.update(1)
-                if fields is None:
-                    errors.append((row, where, outcome[3]))
-                    span.append((row, where, outcome[3]))
-                    if limit is not None and len(errors) > limit:
-                        write_errors(output, name, errors, column="file")
-                        raise GenerateError(f"more than {max_error_rate:.1%} of {jobs} rows failed "
-                                            f"(--max-error-rate); see {output.location(f'{name}-errors.csv')}")
-                    continue
-                key = f"{written:0{width}d}"
-                written += 1
-                made += 1
-                writer.add(key, fields)  # publishes the shard when it is full (save_state records it)
-            writer.flush()
-        finally:
-            if hasattr(stream, "close"):
-                stream.close()
-            bar.close()
-            writer.abort()
-        write_errors(output, name, errors, column="file")
-        if written == 0:
+        run = _Run(output, name, jobs, None if max_error_rate is None else max_error_rate * jobs, list(resume.errors),
+                   resume.next, resume.written)
+        run.writer = ShardWriter(output, name, shard_size, shards=resume.shards, on_shard=run.save_state)
+        _write_jobs(run, produce(run.position), progress, desc, max_error_rate)
+        write_errors(output, name, run.errors, column="file")
+        if run.written == 0:
             raise GenerateError(f"no images were written; see {output.location(f'{name}-errors.csv')}")
-        remove_partial_shards(output, name, keep=len(writer.shards))
-        index = make_index(name, writer.shards, **index_meta(), skipped=count_by_kind(errors),
+        remove_partial_shards(output, name, keep=len(run.writer.shards))
+        index = make_index(name, run.writer.shards, **index_meta, skipped=count_by_kind(run.errors),
                            generation={**config, "config_sha256": digest})
         write_index(output, index)
-        output.remove(state)
-        return GenerateResult(index, jobs, written, made, count_by_kind(errors), sorted(errors),
+        output.remove(_state_dir(name))
+        return GenerateResult(index, jobs, run.written, run.made, count_by_kind(run.errors), sorted(run.errors),
                               time.perf_counter() - start, len(resume.shards))
     finally:
         output.close()
 
 
-def _check_name(out: str, name: str | None) -> str:
-    name = name or str(out).rstrip("/").rsplit("/", 1)[-1]
-    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
-        raise GenerateError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
-    return name
+def _claim(output: Output, out: str, name: str, config: dict, digest: str) -> dict | None:
+    """The index of a finished set with the same settings whose shards are intact (nothing to do), else None
+    once the folder is ready for this run: its settings recorded, an unfinished run with them kept."""
+    state = _state_dir(name)
+    old_index = output.read_bytes("index.json")
+    saved = output.read_bytes(f"{state}/config.json")
+    previous = json.loads(saved) if saved else None
+    if old_index and previous is None:
+        try:
+            index = json.loads(old_index)
+        except ValueError:
+            index = {}
+        if _index_config(index) == digest:
+            if shards_intact(output, index):
+                return index
+            _wipe(output, name)  # same settings, damaged shards: make it again
+        elif isinstance(index.get("generation"), dict):
+            changed = _changed({k: v for k, v in index["generation"].items() if k != "config_sha256"}, config)
+            raise GenerateError(f"{out} holds a set made with other settings (changed: {', '.join(changed)}); "
+                                "use another --out, or --overwrite to start over")
+        else:
+            raise GenerateError(f"{out} holds a shard set that generate.py did not make; use another --out, or "
+                                "--overwrite to replace it")
+    if previous is not None and previous.get("config_sha256") != digest:
+        changed = _changed(previous.get("config", {}), config)
+        raise GenerateError(f"{out} holds an unfinished run with other settings (changed: {', '.join(changed)}); "
+                            "use the same settings to continue it, another --out, or --overwrite to start over")
+    output.remove("index.json")
+    if previous is None:
+        output.write_bytes(f"{state}/config.json", json.dumps({"config_sha256": digest, "config": config},
+                                                              indent=1).encode())
+    return None
+
+
+@dataclass
+class _Run:
+    """A generation or ingestion in progress: the next job, what was written and skipped since the start."""
+
+    output: Output
+    name: str
+    jobs: int
+    limit: float | None  # errors allowed (--max-error-rate x jobs); None: no limit
+    errors: list[tuple[int, str, str]]
+    position: int  # the next job
+    written: int  # samples in the set
+    made: int = 0  # samples made by this run
+    span: list = field(default_factory=list)  # errors since the last published shard
+    writer: ShardWriter | None = None
+
+    def save_state(self, info: ShardInfo, idx_text: str) -> None:
+        """The resume record of a published shard (the writer calls it)."""
+        record = {"shard": vars(info), "idx_sha256": hashlib.sha256(idx_text.encode()).hexdigest(),
+                  "next": self.position, "written": self.written, "errors": self.span}
+        self.output.write_bytes(f"{_state_dir(self.name)}/{len(self.writer.shards) - 1:06d}.json",
+                                json.dumps(record).encode())
+        self.span = []
+
+
+def _write_jobs(run: _Run, stream: Iterator[Outcome], progress: bool | None, desc: str,
+                max_error_rate: float | None) -> None:
+    """Write every outcome of `stream` (a sample, or a job to skip) in order; shards publish as they fill."""
+    width = max(9, len(str(run.jobs - 1)))
+    bar = tqdm(total=run.jobs, initial=run.position, unit="img", file=sys.stderr, mininterval=0.5,
+               disable=None if progress is None else not progress, desc=desc)
+    try:
+        for outcome in stream:
+            row, where, fields = outcome[:3]
+            run.position += 1
+            bar.update(1)
+            if fields is None:
+                run.errors.append((row, where, outcome[3]))
+                run.span.append((row, where, outcome[3]))
+                if run.limit is not None and len(run.errors) > run.limit:
+                    write_errors(run.output, run.name, run.errors, column="file")
+                    raise GenerateError(f"more than {max_error_rate:.1%} of {run.jobs} rows failed "
+                                        f"(--max-error-rate); see {run.output.location(f'{run.name}-errors.csv')}")
+                continue
+            key = f"{run.written:0{width}d}"
+            run.written += 1
+            run.made += 1
+            run.writer.add(key, fields)  # publishes the shard when it is full (save_state records it)
+        run.writer.flush()
+    finally:
+        if hasattr(stream, "close"):
+            stream.close()
+        bar.close()
+        run.writer.abort()
 
 
 def _label_fields(p: Prompt, label_names: list[str] | None) -> dict:
@@ -541,86 +559,116 @@ def generate(
         raise GenerateError("--per-prompt, --batch-size, --shard-size and --steps must be >= 1")
     if image_format not in IMAGE_FORMATS:
         raise GenerateError(f"--format: one of {', '.join(IMAGE_FORMATS)}")
-    name = _check_name(str(out), name)
+    name = shard_set_name(str(out), name, GenerateError)
     folder = model_folder(model) if pipeline is None else Path(model)
     jobs = len(prompts) * per_prompt
     config = {
-        "generate_version": GEN_VERSION,
-        "mode": "diffusers",
-        "model": folder.name,
+        "generate_version": GEN_VERSION, "mode": "diffusers", "model": folder.name,
         "model_sha256": _model_digest(folder) if folder.is_dir() else str(model),
-        "prompts_sha256": _prompts_digest(prompts, label_names),
-        "prompts": len(prompts),
-        "per_prompt": per_prompt,
-        "seed": seed,
-        "steps": steps,
-        "guidance": guidance,
-        "width": width,
-        "height": height,
-        "negative_prompt": negative_prompt,
-        "shard_size": shard_size,
-        "format": image_format,
+        "prompts_sha256": _prompts_digest(prompts, label_names), "prompts": len(prompts), "per_prompt": per_prompt,
+        "seed": seed, "steps": steps, "guidance": guidance, "width": width, "height": height,
+        "negative_prompt": negative_prompt, "shard_size": shard_size, "format": image_format,
         "quality": quality if image_format != "png" else None,
     }
-    order = np.random.default_rng(seed).permutation(jobs)
+    maker = _Diffusion(prompts, label_names, folder, pipeline, device, dtype, per_prompt, seed, steps, guidance,
+                       width, height, negative_prompt, batch_size, image_format, quality,
+                       np.random.default_rng(seed).permutation(jobs))
+    return _write_set(str(out), name, config, jobs, maker.outcomes, shard_size,
+                      _index_meta(prompts, label_names, seed, jobs), overwrite, progress, f"generating {name}",
+                      storage_options=storage_options)
+
+
+def _index_meta(prompts: list[Prompt], label_names: list[str] | None, seed: int, rows: int, **more) -> dict:
+    """What index.json says of a generated set beyond its shards."""
     labeled = any(p.label is not None for p in prompts)
+    return {"source": SOURCE, "seed": seed, "fields": ["image", "json", *(["cls"] if labeled else [])],
+            "labels": {"column": "class" if labeled else None, "names": list(label_names or [])}, "rows": rows,
+            **more}
 
-    def produce(position: int) -> Iterator[Outcome]:
-        import torch
 
-        if position >= jobs:
+def _fields(pr: Prompt, ext: str, data: bytes, meta: dict) -> dict[str, bytes]:
+    """A sample's members: the image, KEY.cls when the prompt has a class, and KEY.json: `meta` plus the
+    prompt's extra fields."""
+    for key, value in pr.extra().items():
+        meta.setdefault(key, value)
+    fields = {ext: data}
+    if pr.label is not None:
+        fields["cls"] = str(pr.label).encode()
+    fields["json"] = json.dumps(meta, sort_keys=True).encode()
+    return fields
+
+
+@dataclass
+class _Diffusion:
+    """How `generate` makes its images: the prompts, the job order (shuffled), the pipeline and its settings.
+    Job j is image j % per_prompt of prompt j // per_prompt."""
+
+    prompts: list[Prompt]
+    label_names: list[str] | None
+    folder: Path
+    pipeline: object  # an already loaded pipeline, or None to load the one in `folder`
+    device: str
+    dtype: str
+    per_prompt: int
+    seed: int
+    steps: int
+    guidance: float | None
+    width: int | None
+    height: int | None
+    negative_prompt: str | None
+    batch_size: int
+    image_format: str
+    quality: int
+    order: np.ndarray
+
+    def outcomes(self, position: int) -> Iterator[Outcome]:
+        """The outcomes of jobs position, position + 1, ... in the shuffled order, made batch by batch."""
+        if position >= len(self.order):
             return
-        pipe = pipeline if pipeline is not None else load_pipeline(folder, device, dtype)
+        pipe = self.pipeline if self.pipeline is not None else load_pipeline(self.folder, self.device, self.dtype)
         params = inspect.signature(pipe.__call__).parameters
         if "prompt" not in params:
-            raise GenerateError(f"the pipeline in {folder} ({type(pipe).__name__}) takes no text prompt")
-        fixed = {"num_inference_steps": steps, "guidance_scale": guidance, "height": height, "width": width,
-                 "output_type": "pil"}
+            raise GenerateError(f"the pipeline in {self.folder} ({type(pipe).__name__}) takes no text prompt")
+        fixed = {"num_inference_steps": self.steps, "guidance_scale": self.guidance, "height": self.height,
+                 "width": self.width, "output_type": "pil"}
         kwargs = {k: v for k, v in fixed.items() if k in params and v is not None}
-        for q in range(position, jobs, batch_size):
-            batch = [divmod(int(j), per_prompt) for j in order[q:q + batch_size]]
-            seeds = [image_seed(seed, p, k) for p, k in batch]
-            call = dict(kwargs, prompt=[prompts[p].text for p, _ in batch],
-                        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
-            if negative_prompt is not None and "negative_prompt" in params:
-                call["negative_prompt"] = [negative_prompt] * len(batch)
-            try:
-                with torch.inference_mode():
-                    result = pipe(**call)
-            except torch.cuda.OutOfMemoryError:
-                raise GenerateError(f"out of GPU memory with --batch-size {batch_size}: lower it (finished shards "
-                                    "are kept; run again to continue)") from None
+        for q in range(position, len(self.order), self.batch_size):
+            batch = [divmod(int(j), self.per_prompt) for j in self.order[q:q + self.batch_size]]
+            seeds = [image_seed(self.seed, p, k) for p, k in batch]
+            result = self._call(pipe, params, kwargs, batch, seeds)
             images = result.images if hasattr(result, "images") else result[0]
             flags = getattr(result, "nsfw_content_detected", None) or [False] * len(images)
             for (p, k), s, image, flagged in zip(batch, seeds, images, flags):
-                pr = prompts[p]
-                where = f"prompt {p} image {k}"
                 if flagged:
-                    yield (p, where, None, "nsfw (flagged by the pipeline's safety checker)")
-                    continue
-                data = _encode(image, image_format, quality)
-                meta = {"source": SOURCE, "prompt": pr.text, "seed": s, "prompt_index": p, "image_index": k,
-                        "model": folder.name, "steps": steps, "width": image.width, "height": image.height,
-                        **_label_fields(pr, label_names)}
-                if guidance is not None and "guidance_scale" in kwargs:
-                    meta["guidance"] = guidance
-                if negative_prompt is not None:
-                    meta["negative_prompt"] = negative_prompt
-                for key, value in pr.extra().items():
-                    meta.setdefault(key, value)
-                fields = {image_format: data}
-                if pr.label is not None:
-                    fields["cls"] = str(pr.label).encode()
-                fields["json"] = json.dumps(meta, sort_keys=True).encode()
-                yield (p, where, fields)
+                    yield (p, f"prompt {p} image {k}", None, "nsfw (flagged by the pipeline's safety checker)")
+                else:
+                    yield (p, f"prompt {p} image {k}", self._sample(p, k, s, image, "guidance_scale" in kwargs))
 
-    def index_meta() -> dict:
-        return {"source": SOURCE, "seed": seed, "fields": ["image", "json", *(["cls"] if labeled else [])],
-                "labels": {"column": "class" if labeled else None, "names": list(label_names or [])},
-                "rows": jobs}
+    def _call(self, pipe, params, kwargs: dict, batch: list[tuple[int, int]], seeds: list[int]):
+        """One pipeline call; each image's latent noise from its own CPU generator."""
+        import torch
 
-    return _write_set(str(out), name, config, jobs, produce, shard_size, index_meta, overwrite, progress,
-                      f"generating {name}", storage_options=storage_options)
+        call = dict(kwargs, prompt=[self.prompts[p].text for p, _ in batch],
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
+        if self.negative_prompt is not None and "negative_prompt" in params:
+            call["negative_prompt"] = [self.negative_prompt] * len(batch)
+        try:
+            with torch.inference_mode():
+                return pipe(**call)
+        except torch.cuda.OutOfMemoryError:
+            raise GenerateError(f"out of GPU memory with --batch-size {self.batch_size}: lower it (finished shards "
+                                "are kept; run again to continue)") from None
+
+    def _sample(self, p: int, k: int, seed: int, image, guided: bool) -> dict[str, bytes]:
+        pr = self.prompts[p]
+        meta = {"source": SOURCE, "prompt": pr.text, "seed": seed, "prompt_index": p, "image_index": k,
+                "model": self.folder.name, "steps": self.steps, "width": image.width, "height": image.height,
+                **_label_fields(pr, self.label_names)}
+        if self.guidance is not None and guided:
+            meta["guidance"] = self.guidance
+        if self.negative_prompt is not None:
+            meta["negative_prompt"] = self.negative_prompt
+        return _fields(pr, self.image_format, _encode(image, self.image_format, self.quality), meta)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -649,7 +697,7 @@ def ingest(
         raise GenerateError("--shard-size must be >= 1")
     if not 0 <= max_error_rate <= 1:
         raise GenerateError("--max-error-rate must be in 0..1")
-    name = _check_name(str(out), name)
+    name = shard_set_name(str(out), name, GenerateError)
     prompts, label_names = read_prompts(prompts_file, need_file=True)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     config = {
@@ -663,44 +711,37 @@ def ingest(
         "max_pixels": max_pixels,
     }
     order = np.random.default_rng(seed).permutation(len(prompts))
-    labeled = any(p.label is not None for p in prompts)
+    meta = _index_meta(prompts, label_names, seed, len(prompts), from_folder=str(folder),
+                       prompts_file=str(prompts_file))
+    return _write_set(str(out), name, config, len(prompts),
+                      lambda position: _ingested(folder, prompts, label_names, order, position, max_pixels),
+                      shard_size, meta, overwrite, progress, f"ingesting {name}", max_error_rate, storage_options)
 
-    def produce(position: int) -> Iterator[Outcome]:
-        for q in range(position, len(prompts)):
-            pr = prompts[int(order[q])]
-            path = Path(pr.file) if os.path.isabs(pr.file) else folder / pr.file
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                yield (pr.row, pr.file, None, "missing file")
-                continue
-            except OSError as e:
-                yield (pr.row, pr.file, None, f"unreadable file ({e.strerror or e})")
-                continue
-            try:
-                c = check_image(data, max_pixels)
-            except ImageError as e:
-                yield (pr.row, pr.file, None, str(e))
-                continue
-            meta = {"source": SOURCE, "prompt": pr.text, "file": pr.file, "row": pr.row, "width": c.width,
-                    "height": c.height, **_label_fields(pr, label_names)}
-            if pr.seed is not None:
-                meta["seed"] = pr.seed
-            for key, value in pr.extra().items():
-                meta.setdefault(key, value)
-            fields = {c.ext: c.data}
-            if pr.label is not None:
-                fields["cls"] = str(pr.label).encode()
-            fields["json"] = json.dumps(meta, sort_keys=True).encode()
-            yield (pr.row, pr.file, fields)
 
-    def index_meta() -> dict:
-        return {"source": SOURCE, "seed": seed, "fields": ["image", "json", *(["cls"] if labeled else [])],
-                "labels": {"column": "class" if labeled else None, "names": label_names},
-                "rows": len(prompts), "from_folder": str(folder), "prompts_file": str(prompts_file)}
-
-    return _write_set(str(out), name, config, len(prompts), produce, shard_size, index_meta, overwrite, progress,
-                      f"ingesting {name}", max_error_rate, storage_options)
+def _ingested(folder: Path, prompts: list[Prompt], label_names: list[str], order: np.ndarray, position: int,
+              max_pixels: int) -> Iterator[Outcome]:
+    """The outcomes of the listed images from `position` on, in the shuffled order."""
+    for q in range(position, len(prompts)):
+        pr = prompts[int(order[q])]
+        path = Path(pr.file) if os.path.isabs(pr.file) else folder / pr.file
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            yield (pr.row, pr.file, None, "missing file")
+            continue
+        except OSError as e:
+            yield (pr.row, pr.file, None, f"unreadable file ({e.strerror or e})")
+            continue
+        try:
+            c = check_image(data, max_pixels)
+        except ImageError as e:
+            yield (pr.row, pr.file, None, str(e))
+            continue
+        meta = {"source": SOURCE, "prompt": pr.text, "file": pr.file, "row": pr.row, "width": c.width,
+                "height": c.height, **_label_fields(pr, label_names)}
+        if pr.seed is not None:
+            meta["seed"] = pr.seed
+        yield (pr.row, pr.file, _fields(pr, c.ext, c.data, meta))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -708,7 +749,7 @@ def ingest(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("generate.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder of the shard set, or an fsspec URL")
     p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
@@ -721,7 +762,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "seed]")
     gen = p.add_argument_group("generation")
     gen.add_argument("--model", help="local folder of a diffusers pipeline (never downloaded)")
-    gen.add_argument("--per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
+    gen.add_argument("--per-prompt", type=count_arg, default=1, help=f"images per prompt, {COUNT_HELP} (default 1)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the per-image seeds and of the shuffle (default 0)")
     gen.add_argument("--steps", type=positive_int, default=30, help="inference steps (default 30)")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -738,12 +779,11 @@ def _parser() -> argparse.ArgumentParser:
     ing = p.add_argument_group("ingestion")
     ing.add_argument("--from-folder", help="ingest the images in this folder listed in --prompts (file column)")
     ing.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows")
-    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--overwrite", action="store_true", help="delete an earlier set in --out and start over")
-    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    p.add_argument("--shard-size", type=count_arg, default=1000, help=f"samples per shard, {COUNT_HELP} (default 1000)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="delete an earlier set in --out and start over (default: off)")
+    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
+    progress_switch(p)
     return p
 
 
@@ -755,11 +795,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--from-folder needs --prompts FILE (file, prompt[, class, seed])")
         if a.model or a.classes or a.classes_file or a.template:
             p.error("--from-folder takes --prompts only (no --model, --classes, --classes-file or --template)")
-        r = ingest(a.from_folder, a.prompts, a.out, name=a.name, seed=a.seed, shard_size=a.shard_size,
-                   max_error_rate=a.max_error_rate, overwrite=a.overwrite, storage_options=a.storage_options,
-                   progress=a.progress)
-        print(r.summary(a.out))
-        return 0
+        return run_main("generate", lambda: _ingest(a), log_folder=a.out)
     if not a.model:
         p.error("give --model PATH (a local diffusers pipeline folder), or --from-folder DIR to ingest images")
     sources = [bool(a.prompts), bool(a.classes or a.classes_file)]
@@ -767,19 +803,29 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give one of --prompts FILE, --classes NAMES or --classes-file FILE")
     if a.template and a.prompts:
         p.error("--template goes with --classes/--classes-file, not --prompts")
+    return run_main("generate", lambda: _generate(a), log_folder=a.out)
+
+
+def _ingest(a: argparse.Namespace) -> int:
+    r = ingest(a.from_folder, a.prompts, a.out, name=a.name, seed=a.seed, shard_size=a.shard_size,
+               max_error_rate=a.max_error_rate, overwrite=a.overwrite, storage_options=a.storage_options,
+               progress=a.progress)
+    print(r.summary(a.out))
+    return 0
+
+
+def _generate(a: argparse.Namespace) -> int:
     if a.prompts:
         prompts, names = read_prompts(a.prompts)
     else:
         names = read_class_names(a.classes_file) if a.classes_file else [n.strip() for n in a.classes.split(",")
                                                                           if n.strip()]
         prompts = prompts_from_classes(names, a.template)
-    width = a.width or a.size
-    height = a.height or a.size
     r = generate(a.out, prompts, a.model, a.per_prompt, name=a.name, label_names=names, seed=a.seed, steps=a.steps,
-                 guidance=a.guidance, width=width, height=height, negative_prompt=a.negative_prompt,
-                 batch_size=a.batch_size, device=a.device, dtype=a.dtype, shard_size=a.shard_size,
-                 image_format=a.format, quality=a.quality, overwrite=a.overwrite, storage_options=a.storage_options,
-                 progress=a.progress)
+                 guidance=a.guidance, width=a.width or a.size, height=a.height or a.size,
+                 negative_prompt=a.negative_prompt, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
+                 shard_size=a.shard_size, image_format=a.format, quality=a.quality, overwrite=a.overwrite,
+                 storage_options=a.storage_options, progress=a.progress)
     print(r.summary(a.out))
     return 0
 

@@ -17,12 +17,6 @@ Bad shards (unreadable, truncated, member names a `.idx` cannot hold) are named 
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import json
 import re
@@ -31,12 +25,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from shard_tools.cli import run_main, tool_prog
+from shard_tools.errors import ToolError
+from shard_tools.outputs import Output, open_output, sha256_stream
 from shard_tools.scan import scan_shard
 from shard_tools.shardset import ShardInfo, format_idx, idx_name, parse_idx
-from shard_tools.storage import Output, open_output, sha256_stream
+from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 from shard_tools.writer import make_index, write_index
 
 SOURCES = ("real", "yfcc", "crawled", "generated", "downstream")
+
+
+class IndexingError(ToolError):
+    """Indexing failed as a whole (no tars, bad shards, no folder)."""
 
 
 @dataclass
@@ -130,16 +131,16 @@ def index_shard(output: Output, tar: str, checksum: bool = True) -> Indexed:
 
 def index_folder(folder: str, name: str | None = None, source: str = "real", workers: int = 8,
                  checksum: bool = True, skip_bad: bool = False, storage_options: dict | None = None) -> dict:
-    """Write `.idx` files and `index.json` for the tars in `folder`; return the index. Raises SystemExit."""
+    """Write `.idx` files and `index.json` for the tars in `folder`; return the index. Raises IndexingError."""
     try:
         output = open_output(folder, storage_options, create=False)
     except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise IndexingError(str(e)) from None
     try:
         output.lock("index.py")
         tars = sorted((n for n in output.list() if n.endswith(".tar")), key=natural_key)
         if not tars:
-            raise SystemExit(f"error: no .tar files in {folder}")
+            raise IndexingError(f"no .tar files in {folder}")
         with ThreadPoolExecutor(max(1, workers)) as ex:
             results = list(ex.map(lambda t: index_shard(output, t, checksum), tars))
         bad = [r.problem for r in results if r.problem]
@@ -150,11 +151,11 @@ def index_folder(folder: str, name: str | None = None, source: str = "real", wor
             for problem in bad:
                 print(f"BAD {problem}", file=sys.stderr)
             if not skip_bad:
-                raise SystemExit(f"error: {len(bad)} of {len(tars)} shards are bad (listed above); no index.json "
+                raise IndexingError(f"{len(bad)} of {len(tars)} shards are bad (listed above); no index.json "
                                  "was written. Fix or remove them, or pass --skip-bad to leave them out")
         shards = [r.info for r in results if r.info is not None and r.info.samples > 0]
         if not shards:
-            raise SystemExit(f"error: no usable shards in {folder}")
+            raise IndexingError(f"no usable shards in {folder}")
         exts = set().union(*(r.exts for r in results if r.info is not None))
         index = make_index(
             name or folder.rstrip("/").rsplit("/", 1)[-1],
@@ -178,25 +179,31 @@ def index_folder(folder: str, name: str | None = None, source: str = "real", wor
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="index.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("index.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="folder (or URL) holding the .tar shards")
     p.add_argument("--name", help="shard set name (default: the folder's name)")
     p.add_argument("--source", default="real", choices=SOURCES, help="recorded in index.json (default real)")
     p.add_argument("--workers", type=int, default=8, help="shards indexed at once (threads; default 8)")
-    p.add_argument("--no-checksum", dest="checksum", action="store_false",
-                   help="skip sha256 (no full read of each tar; verify.py then checks sizes only)")
-    p.add_argument("--skip-bad", action="store_true", help="leave bad shards out instead of failing")
-    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON (flat or per protocol)")
+    p.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
+                   help="sha256 of every tar (a full read); --no-checksum: verify.py then checks sizes only "
+                        "(default: on)")
+    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
+                   help="leave bad shards out instead of failing (default: off)")
+    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     a = p.parse_args(argv)
-    start = time.perf_counter()
-    index = index_folder(a.folder, a.name, a.source, a.workers, a.checksum, a.skip_bad, a.storage_options)
-    info = index["indexed"]
-    print(f"indexed {index['num_samples']} samples in {len(index['shards'])} shards at {a.folder} "
-          f"({info['reused_idx']} .idx reused from stats, {info['scanned']} scanned"
-          f"{', ' + str(len(info['left_out'])) + ' left out' if info['left_out'] else ''}) "
-          f"in {time.perf_counter() - start:.1f}s")
-    return 0
+
+    def run() -> int:
+        start = time.perf_counter()
+        index = index_folder(a.folder, a.name, a.source, a.workers, a.checksum, a.skip_bad, a.storage_options)
+        info = index["indexed"]
+        print(f"indexed {index['num_samples']} samples in {len(index['shards'])} shards at {a.folder} "
+              f"({info['reused_idx']} .idx reused from stats, {info['scanned']} scanned"
+              f"{', ' + str(len(info['left_out'])) + ' left out' if info['left_out'] else ''}) "
+              f"in {time.perf_counter() - start:.1f}s")
+        return 0
+
+    return run_main("index", run, log_folder=a.folder)
 
 
 if __name__ == "__main__":

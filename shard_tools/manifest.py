@@ -16,12 +16,6 @@ with a one-line reason): unreadable file, no rows, or a named column that does n
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import csv
 import hashlib
@@ -36,10 +30,9 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote_plus
 
-import fsspec
-
+from shard_tools.cli import run_main, tool_prog
 from shard_tools.errors import ToolError
-from shard_tools.storage import is_url, options_for, parent, protocol_of, resolve
+from shard_tools.storage import filesystem, fs_path, is_url, parent, read_location, resolve
 
 PATH_COLUMNS = ("path", "image_path", "filepath", "file", "url", "image", "image_url", "filename", "file_name")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -123,7 +116,7 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def _strip_compression(name: str) -> str:
+def strip_compression(name: str) -> str:
     low = name.lower()
     for suffix in COMPRESSIONS:
         if low.endswith(suffix):
@@ -134,7 +127,7 @@ def _strip_compression(name: str) -> str:
 def detect_format(source: str, storage_options: dict | None = None) -> str:
     if not is_url(source) and os.path.isdir(source):
         return "folder"
-    name = _strip_compression(source.rstrip("/").rsplit("/", 1)[-1]).lower()
+    name = strip_compression(source.rstrip("/").rsplit("/", 1)[-1]).lower()
     if name.endswith((".parquet", ".pq")):
         return "parquet"
     if name.endswith((".tsv", ".tab")):
@@ -160,8 +153,7 @@ def key_part(value: str) -> str:
 def _open_text(source: str, storage_options: dict | None):
     """(hashing reader, text stream) over a local or remote, possibly compressed, text file."""
     try:
-        of = fsspec.open(source, "rb", compression="infer", **options_for(storage_options, protocol_of(source)))
-        raw = of.open()
+        raw = filesystem(source, storage_options).open(fs_path(source), "rb", compression="infer")
     except FileNotFoundError:
         raise ManifestError(f"manifest {source} does not exist") from None
     except IsADirectoryError:
@@ -298,8 +290,7 @@ def read_parquet(source: str, path_column: str | None = None, label_column: str 
     except ImportError:
         raise ManifestError("reading parquet manifests needs pyarrow (pip install pyarrow)") from None
     try:
-        with fsspec.open(source, "rb", **options_for(storage_options, protocol_of(source))) as f:
-            data = f.read()
+        data = read_location(source, storage_options)
         table = pq.read_table(io.BytesIO(data))
     except FileNotFoundError:
         raise ManifestError(f"manifest {source} does not exist") from None
@@ -356,83 +347,21 @@ def read_yfcc(source: str, path_column: str | None = None, root_dir: str | None 
     `root_dir` named by `path_template` (fields: the YFCC column names, plus hash3/hash6 = hash[:3] and
     hash[3:6], and url_name = the download URL's file name; default `{id}.jpg`), else from the download URL.
     """
-    columns = list(YFCC_COLUMNS)
-    for option, value in (("--path-column", path_column),):
-        if value is not None and value not in YFCC_COLUMNS_LONG:
-            raise ManifestError(f"{source}: {option} {value!r} is not a YFCC100M column; columns are "
-                                f"{list(YFCC_COLUMNS_LONG)}")
-    if path_column is None and root_dir is None:
-        path_column = "download_url"
-    template = None
-    if path_column is None:
-        template = path_template or YFCC_DEFAULT_TEMPLATE
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
-        allowed = set(YFCC_COLUMNS_LONG) | {"hash3", "hash6", "url_name"}
-        if not names <= allowed:
-            raise ManifestError(f"--path-template {template!r}: unknown fields {sorted(names - allowed)}; "
-                                f"known: {sorted(allowed)}")
-    m = Manifest(source, "yfcc", "", columns, path_column or f"template {template}", key_column="id")
+    path_column, template = _yfcc_image_source(source, path_column, root_dir, path_template)
+    m = Manifest(source, "yfcc", "", list(YFCC_COLUMNS), path_column or f"template {template}", key_column="id")
     b = _Builder(m, root_dir or parent(source))
     hashing, text = _open_text(source, storage_options)
-    unq = unquote_plus
     try:
         with text:
             for number, line in enumerate(text, start=1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
+                rec = _yfcc_record(m, number, line)
+                if rec is None:
                     continue
-                parts = line.split("\t")
-                if len(parts) == len(YFCC_COLUMNS_LONG):
-                    rec = dict(zip(YFCC_COLUMNS_LONG, parts))
-                elif len(parts) == len(YFCC_COLUMNS):
-                    rec = dict(zip(YFCC_COLUMNS, parts))
-                else:
-                    if number == 1 and not parts[0].strip().isdigit():
-                        continue  # a header line someone added
-                    m.errors.append((number, "", f"malformed row ({len(parts)} fields, expected "
-                                                 f"{len(YFCC_COLUMNS)} or {len(YFCC_COLUMNS_LONG)})"))
+                if template is not None and "hash" in template and not rec.get("hash", ""):
+                    m.errors.append((number, "", "malformed row (no photo hash for --path-template)"))
                     continue
-                if not rec["id"].strip().isdigit():
-                    if number == 1:
-                        continue  # header
-                    m.errors.append((number, "", "malformed row (photo id is not a number)"))
-                    continue
-                marker = rec["marker"].strip()
-                if marker == "1":
-                    m.filtered["video"] = m.filtered.get("video", 0) + 1
-                    continue
-                if marker != "0":
-                    m.errors.append((number, "", f"malformed row (photo/video marker {marker!r})"))
-                    continue
-                if template is not None:
-                    h = rec.get("hash", "")
-                    fields = {**rec, "hash3": h[:3], "hash6": h[3:6],
-                              "url_name": rec["download_url"].rsplit("/", 1)[-1]}
-                    if "hash" in template and not h:
-                        m.errors.append((number, "", "malformed row (no photo hash for --path-template)"))
-                        continue
-                    path = template.format(**fields)
-                else:
-                    path = rec.get(path_column, "")
-                tags = [unq(t) for t in rec["user_tags"].split(",") if t]
-                machine_tags = [unq(t) for t in rec["machine_tags"].split(",") if t]
-                meta = {
-                    "id": rec["id"].strip(),
-                    "title": unq(rec["title"]),
-                    "description": unq(rec["description"]),
-                    "tags": tags,
-                    "machine_tags": machine_tags,
-                    "user_nsid": rec["user_nsid"],
-                    "date_taken": rec["date_taken"],
-                    "date_uploaded": rec["date_uploaded"],
-                    "longitude": _floats(rec["longitude"]),
-                    "latitude": _floats(rec["latitude"]),
-                    "license": unq(rec["license_name"]),
-                    "license_url": rec["license_url"],
-                    "page_url": rec["page_url"],
-                    "url": rec["download_url"],
-                }
-                b.add(number, path, None, rec["id"], meta)
+                path = _yfcc_path(rec, template) if template is not None else rec.get(path_column, "")
+                b.add(number, path, None, rec["id"], _yfcc_meta(rec))
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest {source} is not UTF-8 text ({e.reason})") from None
     except OSError as e:
@@ -443,6 +372,78 @@ def read_yfcc(source: str, path_column: str | None = None, root_dir: str | None 
         raise ManifestError(f"manifest {source} has no photo rows" + (f" ({videos} videos left out)" if videos
                                                                         else " (empty)"))
     return b.done()
+
+
+def _yfcc_image_source(source: str, path_column: str | None, root_dir: str | None,
+                       path_template: str | None) -> tuple[str | None, str | None]:
+    """(path column, mirror file-name template): exactly one of them is set."""
+    if path_column is not None and path_column not in YFCC_COLUMNS_LONG:
+        raise ManifestError(f"{source}: --path-column {path_column!r} is not a YFCC100M column; columns are "
+                            f"{list(YFCC_COLUMNS_LONG)}")
+    if path_column is None and root_dir is None:
+        return "download_url", None
+    if path_column is not None:
+        return path_column, None
+    template = path_template or YFCC_DEFAULT_TEMPLATE
+    names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    allowed = set(YFCC_COLUMNS_LONG) | {"hash3", "hash6", "url_name"}
+    if not names <= allowed:
+        raise ManifestError(f"--path-template {template!r}: unknown fields {sorted(names - allowed)}; "
+                            f"known: {sorted(allowed)}")
+    return None, template
+
+
+def _yfcc_record(m: Manifest, number: int, line: str) -> dict | None:
+    """The fields of one metadata line, or None for a blank line, a header, a video (counted in m.filtered) or
+    a malformed line (recorded in m.errors)."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return None
+    parts = line.split("\t")
+    if len(parts) not in (len(YFCC_COLUMNS_LONG), len(YFCC_COLUMNS)):
+        if not (number == 1 and not parts[0].strip().isdigit()):  # else a header line someone added
+            m.errors.append((number, "", f"malformed row ({len(parts)} fields, expected "
+                                         f"{len(YFCC_COLUMNS)} or {len(YFCC_COLUMNS_LONG)})"))
+        return None
+    rec = dict(zip(YFCC_COLUMNS_LONG if len(parts) == len(YFCC_COLUMNS_LONG) else YFCC_COLUMNS, parts))
+    if not rec["id"].strip().isdigit():
+        if number != 1:  # line 1: a header
+            m.errors.append((number, "", "malformed row (photo id is not a number)"))
+        return None
+    marker = rec["marker"].strip()
+    if marker == "1":
+        m.filtered["video"] = m.filtered.get("video", 0) + 1
+        return None
+    if marker != "0":
+        m.errors.append((number, "", f"malformed row (photo/video marker {marker!r})"))
+        return None
+    return rec
+
+
+def _yfcc_path(rec: dict, template: str) -> str:
+    h = rec.get("hash", "")
+    return template.format(**rec, hash3=h[:3], hash6=h[3:6], url_name=rec["download_url"].rsplit("/", 1)[-1])
+
+
+def _yfcc_meta(rec: dict) -> dict:
+    """What a photo's sample json keeps of its metadata (URL-encoded text decoded)."""
+    unq = unquote_plus
+    return {
+        "id": rec["id"].strip(),
+        "title": unq(rec["title"]),
+        "description": unq(rec["description"]),
+        "tags": [unq(t) for t in rec["user_tags"].split(",") if t],
+        "machine_tags": [unq(t) for t in rec["machine_tags"].split(",") if t],
+        "user_nsid": rec["user_nsid"],
+        "date_taken": rec["date_taken"],
+        "date_uploaded": rec["date_uploaded"],
+        "longitude": _floats(rec["longitude"]),
+        "latitude": _floats(rec["latitude"]),
+        "license": unq(rec["license_name"]),
+        "license_url": rec["license_url"],
+        "page_url": rec["page_url"],
+        "url": rec["download_url"],
+    }
 
 
 def list_folder(folder: str | Path, labels_from_subfolders: bool = False) -> tuple[list[tuple[str, str]], int]:
@@ -527,22 +528,27 @@ def read_manifest(source: str | Path, format: str | None = None, path_column: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=tool_prog("manifest.py"), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, help="folder of images")
-    p.add_argument("--labels-from-subfolders", action="store_true",
-                   help="add a 'label' column: the name of each image's top-level subfolder")
-    p.add_argument("--relative", action="store_true", help="paths relative to FOLDER (pack with --root-dir)")
+    p.add_argument("--labels-from-subfolders", action=argparse.BooleanOptionalAction, default=False,
+                   help="add a 'label' column: the name of each image's top-level subfolder (default: off)")
+    p.add_argument("--relative", action=argparse.BooleanOptionalAction, default=False,
+                   help="paths relative to FOLDER (pack with --root-dir; default: absolute paths)")
     a = p.parse_args(argv)
     if not a.folder.is_dir():
         p.error(f"{a.folder} is not a folder")
-    text, ignored = folder_csv(a.folder, a.labels_from_subfolders, a.relative)
-    rows = text.count("\n") - 1
-    if rows == 0:
-        print(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) under {a.folder}", file=sys.stderr)
-        return 1
-    sys.stdout.write(text)
-    print(f"listed {rows} images" + (f"; left out {ignored} other files" if ignored else ""), file=sys.stderr)
-    return 0
+
+    def run() -> int:
+        text, ignored = folder_csv(a.folder, a.labels_from_subfolders, a.relative)
+        rows = text.count("\n") - 1
+        if rows == 0:
+            raise ManifestError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {a.folder}")
+        sys.stdout.write(text)
+        print(f"listed {rows} images" + (f"; left out {ignored} other files" if ignored else ""), file=sys.stderr)
+        return 0
+
+    return run_main("manifest", run)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,12 @@ byte what an uninterrupted run writes. The output does not depend on --workers o
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
-import re
 import signal
 import sys
 import time
@@ -45,6 +38,7 @@ import numpy as np
 import PIL
 from tqdm import tqdm
 
+from shard_tools.cli import progress_switch, run_main, tool_prog
 from shard_tools.errors import (
     ShardSetTotals,
     ToolError,
@@ -53,12 +47,15 @@ from shard_tools.errors import (
     positive_int,
     read_errors,
     remove_partial_shards,
+    shard_set_name,
     write_errors,
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
-from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest
+from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest, strip_compression
+from shard_tools.outputs import Output, open_output
+from shard_tools.quantities import COUNT_HELP, SIZE_HELP, count_arg, size_arg
 from shard_tools.shardset import ShardInfo, finished_index, idx_name, shard_name
-from shard_tools.storage import Output, is_url, open_output, read_location
+from shard_tools.storage import STORAGE_OPTIONS_HELP, is_url, read_location, storage_options_arg
 from shard_tools.writer import ShardWriter, make_index, write_index
 
 __all__ = ["PATH_COLUMNS", "MAX_PIXELS", "PackError", "PackResult", "inspect_image", "label_ids", "pack", "main"]
@@ -305,9 +302,42 @@ def pack(
     """Pack `manifest` into the shard set `out` (a folder or an fsspec URL such as s3://bucket/prefix).
 
     `source` defaults to 'yfcc' for --format yfcc, else 'real'. `progress` None shows the bar on a terminal.
-    Raises ManifestError / PackError (both SystemExit with a one-line message) when the run fails as a whole.
+    Raises ManifestError / PackError (ToolError: ordinary exceptions with a one-line message) when the run
+    fails as a whole. The phases: check the settings, read the manifest, resume or start, write, finish.
     """
-    start = time.perf_counter()
+    start, out = time.perf_counter(), str(out)
+    name = _check_settings(out, name, shard_size, max_side, quality, max_error_rate)
+    m: Manifest = read_manifest(manifest, format, path_column, label_column, caption_column, key_column, root_dir,
+                                path_template, labels_from_subfolders, storage_options)
+    source = source or ("yfcc" if m.format == "yfcc" else "real")
+    config = _settings(m, name, seed, shard_size, shard_bytes, source, root_dir, max_side, quality, max_pixels,
+                       decode, dedup)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    opts = ImageOptions(max_pixels, decode, max_side, quality, dedup, storage_options)
+    threads = threads or (8 if m.rows and is_url(m.location(m.rows[0])) else 1)
+    output = open_output(out, storage_options, tmp_dir)
+    try:
+        output.lock(f"pack.py --name {name}")
+        done = finished_index(output, "packing", digest, name)
+        if done is not None:
+            output.remove(_state_dir(name))  # left behind if a run was killed right after writing index.json
+            errors = read_errors(output, name)
+            return PackResult(done, done["num_samples"], count_by_kind(errors), errors, time.perf_counter() - start,
+                              m.total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True)
+        run = _start(output, m, name, source, seed, digest, shard_size, shard_bytes, max_error_rate, dedup)
+        _write_rows(run, outcomes((m.location(m.rows[i]) for i in run.order[run.position:]), opts, workers, threads),
+                    progress)
+        result = _finish(run, manifest, config)
+        result.seconds = time.perf_counter() - start
+        return result
+    finally:
+        output.close()
+
+
+def _check_settings(out: str, name: str | None, shard_size: int, max_side: int | None, quality: int,
+                    max_error_rate: float) -> str:
+    """Raise PackError for a setting out of range; returns the shard name (default: the folder's name)."""
+    name = shard_set_name(out, name, PackError)
     if shard_size < 1:
         raise PackError("--shard-size must be >= 1")
     if max_side is not None and max_side < 1:
@@ -316,20 +346,13 @@ def pack(
         raise PackError("--quality must be in 1..100")
     if not 0 <= max_error_rate <= 1:
         raise PackError("--max-error-rate must be in 0..1")
-    out = str(out)
-    name = name or out.rstrip("/").rsplit("/", 1)[-1]
-    if not name or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", name):
-        raise PackError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
-    m: Manifest = read_manifest(manifest, format, path_column, label_column, caption_column, key_column, root_dir,
-                                path_template, labels_from_subfolders, storage_options)
-    source = source or ("yfcc" if m.format == "yfcc" else "real")
-    rows = m.rows
-    total = m.total
-    order = np.random.default_rng(seed).permutation(len(rows))
-    width = max(9, len(str(total - 1)))
-    limit = max_error_rate * total
+    return name
 
-    config = {
+
+def _settings(m: Manifest, name: str, seed: int, shard_size: int, shard_bytes: int | None, source: str,
+              root_dir, max_side: int | None, quality: int, max_pixels: int, decode: bool, dedup: bool) -> dict:
+    """Everything that shapes the bytes written: its digest tells a resumable run from another one."""
+    return {
         "pack_version": PACK_VERSION,
         "manifest_sha256": m.sha256,
         "format": m.format,
@@ -350,175 +373,197 @@ def pack(
         "decode": decode,
         "dedup": dedup,
     }
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    opts = ImageOptions(max_pixels, decode, max_side, quality, dedup, storage_options)
-    if threads is None:
-        threads = 8 if rows and is_url(m.location(rows[0])) else 1
 
-    output = open_output(out, storage_options, tmp_dir)
-    try:
-        output.lock(f"pack.py --name {name}")
-        done = finished_index(output, "packing", digest, name)
-        if done is not None:
-            output.remove(_state_dir(name))  # left behind if a run was killed right after writing index.json
-            errors = read_errors(output, name)
-            return PackResult(done, done["num_samples"], count_by_kind(errors), errors, time.perf_counter() - start,
-                              total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True)
-        output.remove("index.json")  # the folder stops being a shard set until we finish
-        resume = _load_resume(output, name, digest)
-        remove_partial_shards(output, name, keep=len(resume.shards))
-        result = PackResult({}, resume.packed, rows=total, filtered=m.filtered, resumed_shards=len(resume.shards))
-        errors = list(m.errors) + resume.errors
-        hashes = dict(resume.hashes)
-        span: dict = {"errors": [], "hashes": []}  # what happened since the last published shard
-        position = resume.next
 
-        def save_state(info: ShardInfo, idx_text: str) -> None:
-            state = {
-                "config": digest,
-                "shard": vars(info),
-                "idx_sha256": hashlib.sha256(idx_text.encode()).hexdigest(),
-                "next": position,
-                "packed": result.packed,
-                "errors": span["errors"],
-                "hashes": span["hashes"],
-            }
-            output.write_bytes(_state_file(name, len(writer.shards) - 1), json.dumps(state).encode())
-            span["errors"], span["hashes"] = [], []
+@dataclass
+class _Run:
+    """One pack run in progress: where it is in the shuffled rows, what it skipped, what it wrote."""
 
-        writer = ShardWriter(output, name, shard_size, shard_bytes, shards=resume.shards, on_shard=save_state)
-        kill_after = int(os.environ.get(KILL_ENV, "-1"))
+    output: Output
+    m: Manifest
+    name: str
+    source: str
+    digest: str
+    order: np.ndarray  # the shuffled row order
+    limit: float  # failures allowed (--max-error-rate x rows)
+    max_error_rate: float
+    dedup: bool
+    result: PackResult
+    errors: list[tuple[int, str, str]]
+    hashes: dict[str, int]  # content hash -> first row (--dedup)
+    position: int  # in `order`: the next row to pack
+    failures: int = 0  # errors that count against --max-error-rate (kept up to date: errors can number millions)
+    span: dict = field(default_factory=lambda: {"errors": [], "hashes": []})  # since the last published shard
+    writer: ShardWriter | None = None
 
-        def fail(message: str) -> PackError:
-            write_errors(output, name, errors)
-            return PackError(f"{message}; see {output.location(f'{name}-errors.csv')}. No index.json was written")
+    @property
+    def width(self) -> int:
+        return max(9, len(str(self.m.total - 1)))
 
-        failures = _failures(errors)  # kept up to date below: errors can number millions
-        if failures > limit:
-            raise fail(f"{failures} of {total} rows are malformed ({failures / total:.1%} > "
+    def errors_file(self) -> str:
+        return self.output.location(f"{self.name}-errors.csv")
+
+    def fail(self, message: str) -> PackError:
+        write_errors(self.output, self.name, self.errors)
+        return PackError(f"{message}; see {self.errors_file()}. No index.json was written")
+
+    def skip(self, row, reason: str, counts: bool = True) -> None:
+        """Leave `row` out for `reason`; past --max-error-rate the run stops."""
+        self.errors.append((row.row, row.path, reason))
+        self.span["errors"].append((row.row, row.path, reason))
+        if counts:
+            self.failures += 1
+            if self.failures > self.limit:
+                raise self.fail(f"more than {self.max_error_rate:.1%} of {self.m.total} rows failed "
+                                f"(--max-error-rate): {self.failures} failures after {self.position + 1} of "
+                                f"{len(self.m.rows)} rows, stopped")
+
+    def save_state(self, info: ShardInfo, idx_text: str) -> None:
+        """The resume record of a published shard (the writer calls it)."""
+        state = {
+            "config": self.digest,
+            "shard": vars(info),
+            "idx_sha256": hashlib.sha256(idx_text.encode()).hexdigest(),
+            "next": self.position,
+            "packed": self.result.packed,
+            "errors": self.span["errors"],
+            "hashes": self.span["hashes"],
+        }
+        self.output.write_bytes(_state_file(self.name, len(self.writer.shards) - 1), json.dumps(state).encode())
+        self.span = {"errors": [], "hashes": []}
+
+
+def _start(output: Output, m: Manifest, name: str, source: str, seed: int, digest: str, shard_size: int,
+           shard_bytes: int | None, max_error_rate: float, dedup: bool) -> _Run:
+    """Take over the complete shards of an interrupted run with the same settings, or start afresh."""
+    output.remove("index.json")  # the folder stops being a shard set until we finish
+    resume = _load_resume(output, name, digest)
+    remove_partial_shards(output, name, keep=len(resume.shards))
+    result = PackResult({}, resume.packed, rows=m.total, filtered=m.filtered, resumed_shards=len(resume.shards))
+    run = _Run(output, m, name, source, digest, np.random.default_rng(seed).permutation(len(m.rows)),
+               max_error_rate * m.total, max_error_rate, dedup, result, list(m.errors) + resume.errors,
+               dict(resume.hashes), resume.next)
+    run.writer = ShardWriter(output, name, shard_size, shard_bytes, shards=resume.shards, on_shard=run.save_state)
+    run.failures = _failures(run.errors)
+    if run.failures > run.limit:
+        raise run.fail(f"{run.failures} of {m.total} rows are malformed ({run.failures / m.total:.1%} > "
                        f"--max-error-rate {max_error_rate:.1%})")
+    return run
 
-        todo = (m.location(rows[i]) for i in order[position:])
-        bar = tqdm(total=len(rows), initial=position, unit="img", file=sys.stderr, mininterval=0.5,
-                   disable=None if progress is None else not progress, desc=f"packing {name}")
-        stream = outcomes(todo, opts, workers, threads)
-        try:
-            for outcome in stream:
-                row = rows[order[position]]
-                if outcome[0]:
-                    kind, detail = outcome
-                    reason = f"{kind} ({detail})" if detail else kind
-                    errors.append((row.row, row.path, reason))
-                    span["errors"].append((row.row, row.path, reason))
-                    failures += 1
-                    if failures > limit:
-                        raise fail(f"more than {max_error_rate:.1%} of {total} rows failed (--max-error-rate): "
-                                   f"{failures} failures after {position + 1} of {len(rows)} rows, stopped")
-                    position += 1
-                    bar.update(1)
-                    continue
-                _, ext, data, w, h, ow, oh, content_hash = outcome
-                if dedup:
-                    first = hashes.get(content_hash)
-                    if first is not None:
-                        reason = f"duplicate (of row {first})"
-                        errors.append((row.row, row.path, reason))
-                        span["errors"].append((row.row, row.path, reason))
-                        position += 1
-                        bar.update(1)
-                        continue
-                    hashes[content_hash] = row.row
-                    span["hashes"].append((content_hash, row.row))
-                key = f"{result.packed:0{width}d}" + (f"_{row.key}" if row.key else "")
-                meta = {"source": source, "path": row.path, "row": row.row, "width": w, "height": h}
-                if (w, h) != (ow, oh):
-                    meta["original_width"], meta["original_height"] = ow, oh
-                if row.meta:
-                    meta.update(m.extra(row))
-                fields = {ext: data}
-                if row.label is not None:
-                    meta["label"] = row.label
-                    if m.label_names:
-                        meta["label_name"] = m.label_names[row.label]
-                    fields["cls"] = str(row.label).encode()
-                fields["json"] = json.dumps(meta, sort_keys=True).encode()
-                if not writer.fits(key, fields):
-                    writer.flush()  # `position` (this row) is where a resume continues
-                writer.add(key, fields, flush=False)
-                result.packed += 1
-                position += 1
-                bar.update(1)
-                if writer.full:
-                    writer.flush()
-                if kill_after >= 0 and len(writer.shards) >= kill_after and writer.pending == -(-shard_size // 2):
-                    os.kill(os.getpid(), signal.SIGKILL)
-            writer.flush()
-        finally:
-            stream.close()  # stops worker processes and threads, also on errors
-            bar.close()
-            writer.abort()
 
-        write_errors(output, name, errors)
-        if failures > limit:
-            raise PackError(f"{failures} of {total} rows failed ({failures / total:.1%} > --max-error-rate "
-                            f"{max_error_rate:.1%}); see {output.location(f'{name}-errors.csv')}. "
-                            "No index.json was written")
-        if result.packed == 0:
-            raise PackError(f"no usable rows in {manifest}; see {output.location(f'{name}-errors.csv')}")
-        result.errors = sorted(errors)
-        result.skipped = count_by_kind(errors)
-        result.duplicates = result.skipped.get("duplicate", 0)
-        remove_partial_shards(output, name, keep=len(writer.shards))
-        result.index = make_index(
-            name,
-            writer.shards,
-            source=source,
-            seed=seed,
-            manifest=str(manifest),
-            manifest_format=m.format,
-            manifest_sha256=m.sha256,
-            fields=["image", "json", *(["cls"] if m.label_column else [])],
-            labels={"column": m.label_column, "names": m.label_names},
-            rows=total,
-            skipped=result.skipped,
-            duplicates=result.duplicates,
-            filtered=m.filtered,
-            packing={**{k: config[k] for k in ("shard_size", "shard_bytes", "max_side", "quality", "max_pixels",
-                                               "decode", "dedup", "path_column", "caption_column", "key_column")},
-                     "config_sha256": digest},
-        )
-        write_index(output, result.index)
-        output.remove(_state_dir(name))
-        result.seconds = time.perf_counter() - start
-        return result
+def _sample(run: _Run, row, ext: str, data: bytes, size: tuple[int, int], original: tuple[int, int]) -> tuple:
+    """(key, fields) of the sample made of `row`'s image."""
+    m = run.m
+    key = f"{run.result.packed:0{run.width}d}" + (f"_{row.key}" if row.key else "")
+    meta = {"source": run.source, "path": row.path, "row": row.row, "width": size[0], "height": size[1]}
+    if size != original:
+        meta["original_width"], meta["original_height"] = original
+    if row.meta:
+        meta.update(m.extra(row))
+    fields = {ext: data}
+    if row.label is not None:
+        meta["label"] = row.label
+        if m.label_names:
+            meta["label_name"] = m.label_names[row.label]
+        fields["cls"] = str(row.label).encode()
+    fields["json"] = json.dumps(meta, sort_keys=True).encode()
+    return key, fields
+
+
+def _take(run: _Run, row, outcome: Outcome) -> bool:
+    """Add the sample of `row` to the writer (True), or record why it is left out (False)."""
+    if outcome[0]:
+        kind, detail = outcome
+        run.skip(row, f"{kind} ({detail})" if detail else kind)
+        return False
+    _, ext, data, w, h, ow, oh, content_hash = outcome
+    if run.dedup:
+        if content_hash in run.hashes:
+            run.skip(row, f"duplicate (of row {run.hashes[content_hash]})", counts=False)
+            return False
+        run.hashes[content_hash] = row.row
+        run.span["hashes"].append((content_hash, row.row))
+    key, fields = _sample(run, row, ext, data, (w, h), (ow, oh))
+    if not run.writer.fits(key, fields):
+        run.writer.flush()  # `position` (this row) is where a resume continues
+    run.writer.add(key, fields, flush=False)
+    run.result.packed += 1
+    return True
+
+
+def _write_rows(run: _Run, stream: Iterator[Outcome], progress: bool | None) -> None:
+    """Pack the outcome of every remaining row, in the shuffled order, publishing shards as they fill."""
+    writer, kill_after = run.writer, int(os.environ.get(KILL_ENV, "-1"))
+    bar = tqdm(total=len(run.m.rows), initial=run.position, unit="img", file=sys.stderr, mininterval=0.5,
+               disable=None if progress is None else not progress, desc=f"packing {run.name}")
+    try:
+        for outcome in stream:
+            added = _take(run, run.m.rows[run.order[run.position]], outcome)
+            run.position += 1
+            bar.update(1)
+            if not added:
+                continue
+            if writer.full:
+                writer.flush()
+            if kill_after >= 0 and len(writer.shards) >= kill_after and writer.pending == -(-writer.shard_size // 2):
+                os.kill(os.getpid(), signal.SIGKILL)
+        writer.flush()
     finally:
-        output.close()
+        stream.close()  # stops worker processes and threads, also on errors
+        bar.close()
+        writer.abort()
+
+
+def _finish(run: _Run, manifest, config: dict) -> PackResult:
+    """The errors file, the last checks, and index.json (written last: now the folder is a shard set)."""
+    output, name, m, result = run.output, run.name, run.m, run.result
+    write_errors(output, name, run.errors)
+    if run.failures > run.limit:
+        raise PackError(f"{run.failures} of {m.total} rows failed ({run.failures / m.total:.1%} > --max-error-rate "
+                        f"{run.max_error_rate:.1%}); see {run.errors_file()}. No index.json was written")
+    if result.packed == 0:
+        raise PackError(f"no usable rows in {manifest}; see {run.errors_file()}")
+    result.errors = sorted(run.errors)
+    result.skipped = count_by_kind(run.errors)
+    result.duplicates = result.skipped.get("duplicate", 0)
+    remove_partial_shards(output, name, keep=len(run.writer.shards))
+    packing = {k: config[k] for k in ("shard_size", "shard_bytes", "max_side", "quality", "max_pixels", "decode",
+                                      "dedup", "path_column", "caption_column", "key_column")}
+    result.index = make_index(
+        name, run.writer.shards, source=run.source, seed=config["seed"], manifest=str(manifest),
+        manifest_format=m.format, manifest_sha256=m.sha256,
+        fields=["image", "json", *(["cls"] if m.label_column else [])],
+        labels={"column": m.label_column, "names": m.label_names}, rows=m.total, skipped=result.skipped,
+        duplicates=result.duplicates, filtered=m.filtered, packing={**packing, "config_sha256": run.digest},
+    )
+    write_index(output, result.index)
+    output.remove(_state_dir(name))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
 # Command line.
 
 
-def parse_bytes(text: str) -> int:
-    """'500MB', '1G', '2.5GiB', '1048576' -> bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a size like 500MB or 1G, got {text!r}")
-    base = 1024 if m.group(3) else 1000
-    power = " kmgt".index(m.group(2).lower() or " ")
-    return int(float(m.group(1)) * base**power)
+def default_out(manifest: str) -> str:
+    """`shards/<manifest name>`: shards/pool for pool.csv, pool.csv.gz or the folder pool/."""
+    name = str(manifest).rstrip("/").rsplit("/", 1)[-1]
+    if is_url(str(manifest)) or not os.path.isdir(manifest):
+        name = Path(strip_compression(name)).stem
+    return os.path.join("shards", name)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pack.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("pack.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", help="CSV/TSV (header row), Parquet, YFCC100M metadata file, or a folder of images; "
                                     "local or an fsspec URL, optionally .gz/.bz2/.xz compressed")
-    p.add_argument("--out", required=True, help="output folder of the shard set, or an fsspec URL (s3://bucket/prefix)")
+    p.add_argument("--out", help="output folder of the shard set, or an fsspec URL (s3://bucket/prefix) (default: "
+                                 "shards/<manifest name>, e.g. shards/pool for pool.csv)")
     p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
     p.add_argument("--format", choices=FORMATS, help="manifest format (default: from the name; folder for a folder)")
-    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--shard-bytes", type=parse_bytes, help="also start a new shard before passing this size (500MB)")
+    p.add_argument("--shard-size", type=count_arg, default=1000, help=f"samples per shard, {COUNT_HELP} (default 1000)")
+    p.add_argument("--shard-bytes", type=size_arg, help=f"also start a new shard before passing this size; {SIZE_HELP}")
     p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     p.add_argument("--path-column", help=f"column with image paths or URLs (default: first of {', '.join(PATH_COLUMNS)}"
                                          ")")
@@ -529,40 +574,44 @@ def _parser() -> argparse.ArgumentParser:
                                       "yfcc, the local mirror holding the images")
     p.add_argument("--path-template", help="yfcc: mirror file name from the YFCC columns (default {id}.jpg; "
                                            "e.g. {hash3}/{hash6}/{hash}.jpg)")
-    p.add_argument("--labels-from-subfolders", action="store_true", help="folder input: label = top-level subfolder")
+    p.add_argument("--labels-from-subfolders", action=argparse.BooleanOptionalAction, default=False,
+                   help="folder input: label = top-level subfolder (default: off)")
     p.add_argument("--source", choices=SOURCES, help="recorded in index.json and each sample's json "
                                                      "(default: yfcc for --format yfcc, else real)")
     p.add_argument("--max-side", type=positive_int, help="re-encode images whose longer side is larger, down to this "
                                                       "(JPEG, aspect kept); others keep their original bytes")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
-    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
-                   help=f"refuse larger images as possible decompression bombs (default {MAX_PIXELS})")
-    p.add_argument("--decode", action="store_true", help="fully decode every image to catch damaged data (slower)")
-    p.add_argument("--dedup", action="store_true", help="drop exact duplicate images (content hash); listed in "
-                                                        "the errors file, not counted as errors")
+    p.add_argument("--max-pixels", type=count_arg, default=MAX_PIXELS,
+                   help=f"refuse larger images as possible decompression bombs, {COUNT_HELP} (default {MAX_PIXELS})")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=False,
+                   help="fully decode every image to catch damaged data (slower; default: off)")
+    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=False,
+                   help="drop exact duplicate images (content hash); listed in the errors file, not counted as errors "
+                        "(default: off)")
     p.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows (0.05)")
     p.add_argument("--workers", type=positive_int, default=1, help="processes checking/encoding images (default 1)")
     p.add_argument("--threads", type=positive_int, help="I/O threads per worker (default 8 for URLs, else 1)")
-    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON, flat or per protocol: "
-                                                              '\'{"s3": {"endpoint_url": "http://..."}}\'')
+    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     p.add_argument("--tmp-dir", help="local folder for staging shards of a remote --out (default: system temp)")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    progress_switch(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _parser()
-    a = p.parse_args(argv)
-    r = pack(a.manifest, a.out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir, a.source,
-             a.max_error_rate, format=a.format, caption_column=a.caption_column, key_column=a.key_column,
-             path_template=a.path_template, labels_from_subfolders=a.labels_from_subfolders,
-             shard_bytes=a.shard_bytes, max_side=a.max_side, quality=a.quality, max_pixels=a.max_pixels,
-             decode=a.decode, dedup=a.dedup, workers=a.workers, threads=a.threads,
-             storage_options=a.storage_options, tmp_dir=a.tmp_dir, progress=a.progress)
-    print(r.summary(a.out))
-    return 0
+    a = _parser().parse_args(argv)
+    out = a.out or default_out(a.manifest)
+
+    def run() -> int:
+        r = pack(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir, a.source,
+                 a.max_error_rate, format=a.format, caption_column=a.caption_column, key_column=a.key_column,
+                 path_template=a.path_template, labels_from_subfolders=a.labels_from_subfolders,
+                 shard_bytes=a.shard_bytes, max_side=a.max_side, quality=a.quality, max_pixels=a.max_pixels,
+                 decode=a.decode, dedup=a.dedup, workers=a.workers, threads=a.threads,
+                 storage_options=a.storage_options, tmp_dir=a.tmp_dir, progress=a.progress)
+        print(r.summary(out))
+        return 0
+
+    return run_main("pack", run, log_folder=out)
 
 
 if __name__ == "__main__":

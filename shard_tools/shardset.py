@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
+
+from shard_tools.storage import join, read_location, redact
 
 FORMAT = "stream-ssl-shards"
 VERSION = 1
@@ -40,35 +41,33 @@ class ShardSet:
     meta: dict
 
     def shard_url(self, i: int) -> str:
-        return join_url(self.url, self.shards[i].path)
+        return join(self.url, self.shards[i].path)
 
     def idx_url(self, i: int) -> str:
-        return join_url(self.url, idx_name(self.shards[i].path))
-
-
-def join_url(folder: str, name: str) -> str:
-    return folder.rstrip("/") + "/" + name
+        return join(self.url, idx_name(self.shards[i].path))
 
 
 def idx_name(tar_path: str) -> str:
     return tar_path[: -len(".tar")] + ".idx" if tar_path.endswith(".tar") else tar_path + ".idx"
 
 
-def load_shard_set(url: str, storage_options: dict | None = None) -> ShardSet:
-    """Read and check `index.json` of the shard set at `url`."""
-    index_url = join_url(url, "index.json")
+def load_shard_set(url: str, storage_options: dict | None = None, retries: int = 3) -> ShardSet:
+    """Read and check `index.json` of the shard set at `url` (local or any fsspec URL). `storage_options` are
+    the run's options (flat or per protocol, see shard_tools.storage); transient errors are retried."""
+    index_url = join(url, "index.json")
+    where = redact(index_url)
     try:
-        with fsspec.open(index_url, "r", **(storage_options or {})) as f:
-            meta = json.load(f)
+        meta = json.loads(read_location(index_url, storage_options, retries))
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{url}: not a shard set (no index.json). Pack a manifest with shard_tools/pack.py, "
+            f"{redact(url)}: not a shard set (no index.json). Pack a manifest with shard_tools/pack.py, "
             "or index existing tars with shard_tools/index.py"
         ) from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{index_url}: invalid JSON ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{index_url}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
+        raise ValueError(f"{where}: field 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     try:
         shards = tuple(
             ShardInfo(path=s["path"], samples=int(s["samples"]), bytes=int(s["bytes"]), sha256=s.get("sha256", ""))
@@ -76,9 +75,9 @@ def load_shard_set(url: str, storage_options: dict | None = None) -> ShardSet:
         )
         total = int(meta["num_samples"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{index_url}: malformed shard list or num_samples ({e!r})") from None
+        raise ValueError(f"{where}: malformed shard list or num_samples ({e!r})") from None
     if sum(s.samples for s in shards) != total:
-        raise ValueError(f"{index_url}: num_samples={total} but shards hold {sum(s.samples for s in shards)}")
+        raise ValueError(f"{where}: num_samples={total} but shards hold {sum(s.samples for s in shards)}")
     return ShardSet(
         url=url.rstrip("/"),
         name=str(meta.get("name", "")),

@@ -1,66 +1,54 @@
-"""Where shard sets are written and images are read: local folders or any fsspec URL (s3://, http(s)://).
+"""How every tool reaches storage: local folders and fsspec URLs (`s3://` through s3fs, `http(s)://`, ...).
 
-Outputs publish whole files only. A local output writes `NAME.tmp` and renames it; a remote output stages
-the file in a local temporary folder and uploads it when complete (an object store PUT is atomic: the object
-appears whole or not at all), so a reader never sees half a shard in either case.
+One module owns, for the shard tools and the trainer alike:
+- URLs: `protocol_of`, `is_url`, `join`, `parent`, `resolve`, `fs_path`, and `redact` for messages;
+- storage options: `parse_storage_options` (`--storage-options` as inline JSON or the path of a JSON file),
+  `options_for` (the options that apply to one URL) and `redact_options` (what a run may write down);
+- clients: `filesystem`, one fsspec client per process for a protocol, its options and the AWS environment;
+- errors: `http_status`, `is_transient` (worth retrying) and `is_not_found`;
+- whole-file reads: `read_location` (manifests, images, `index.json`), retried.
+Output folders (whole files published atomically) are in `shard_tools/outputs.py`.
+
+Storage options come in two shapes:
+- flat, for every remote URL: `{"anon": true}`;
+- per protocol: `{"s3": {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}, "https": {...}}`
+  (`http` and `https`, `s3` and `s3a` stand in for each other).
+For `s3://` the usual AWS environment variables work without any option: credentials through botocore
+(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, ...), the region from
+`AWS_REGION`/`AWS_DEFAULT_REGION`, and the endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`
+(S3-compatible stores: MinIO, Ceph, R2, ...). Options are never logged; URLs in messages are redacted.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
+import asyncio
+import copy
+import json
 import os
-import shutil
-import socket
-import tempfile
+import re
+import threading
 import time
 from pathlib import Path
 
 import fsspec
 
-from shard_tools.errors import ToolError
+PROTOCOL_KEYS = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https", "hf", "ftp", "sftp",
+                 "memory")
+_ALIASES = {"https": ("https", "http"), "http": ("http", "https"), "s3a": ("s3a", "s3"), "s3": ("s3", "s3a"),
+            "local": ("local", "file"), "file": ("file", "local")}
 
-LOCK_NAME = ".writer.lock"  # in a local output folder: held (flock) by the tool writing it
-PROTOCOL_KEYS = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https", "hf", "ftp", "sftp", "memory")
-TRANSIENT = (ConnectionError, TimeoutError, OSError)
-
-
-def is_url(location: str) -> bool:
-    return "://" in location and not location.startswith("file://")
+# ---------------------------------------------------------------------------------------------------
+# URLs.
 
 
 def protocol_of(url: str) -> str:
-    return url.split("://", 1)[0] if "://" in url else "file"
+    """`s3` for `s3://b/k`, `file` for a local path."""
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
 
 
-def options_for(storage_options: dict | None, protocol: str) -> dict:
-    """Storage options for `protocol`: either `{protocol: {...}, ...}` or one flat dict for every remote one."""
-    if not storage_options:
-        return {}
-    if any(k in PROTOCOL_KEYS and isinstance(v, dict) for k, v in storage_options.items()):
-        opts = storage_options.get(protocol, {})
-        if protocol == "https" and not opts:
-            opts = storage_options.get("http", {})
-        return dict(opts)
-    return {} if protocol == "file" else dict(storage_options)
-
-
-_FS: dict[tuple, fsspec.AbstractFileSystem] = {}
-
-
-# Environment that decides where an object store client connects and as whom: part of the cache key, so that
-# a process whose endpoint or credentials change (a test server restarted, another profile) gets a new client.
-_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID")
-
-
-def filesystem(url: str, storage_options: dict | None = None) -> fsspec.AbstractFileSystem:
-    protocol = protocol_of(url)
-    opts = options_for(storage_options, protocol)
-    key = (os.getpid(), protocol, repr(sorted(opts.items())), tuple(os.environ.get(k) for k in _CLIENT_ENV))
-    fs = _FS.get(key)
-    if fs is None:  # our own cache: fsspec's would hand back a client made for another endpoint
-        fs = _FS[key] = fsspec.filesystem(protocol, skip_instance_cache=True, **opts)
-    return fs
+def is_url(location: str) -> bool:
+    """Whether `location` is read through an fsspec filesystem (`file://` paths are local)."""
+    return "://" in location and not location.startswith("file://")
 
 
 def join(folder: str, name: str) -> str:
@@ -77,284 +65,245 @@ def parent(location: str) -> str:
 
 def resolve(location: str, root: str) -> str:
     """`location` as given when absolute or a URL, else relative to `root` (a folder or a URL)."""
-    if is_url(location) or location.startswith("file://"):
-        return location[len("file://"):] if location.startswith("file://") else location
-    if os.path.isabs(location):
+    if location.startswith("file://"):
+        return location[len("file://"):]
+    if is_url(location) or os.path.isabs(location):
         return location
     return join(root, location)
 
 
-def read_location(location: str, storage_options: dict | None = None, retries: int = 3,
-                  backoff: float = 0.5) -> bytes:
-    """All bytes of a local file or URL. Transient remote errors are retried; FileNotFoundError never is."""
-    if not is_url(location):
-        with open(location, "rb") as f:
-            return f.read()
-    fs = filesystem(location, storage_options)
-    for attempt in range(retries + 1):
+def fs_path(url: str) -> str:
+    """`url` as its filesystem names it: the bucket/key for s3, the whole URL for http(s), a local path."""
+    return fsspec.get_filesystem_class(protocol_of(url))._strip_protocol(url)
+
+
+_USERINFO = re.compile(r"([a-zA-Z][\w+.-]*://)[^/@\s]*@")
+_QUERY = re.compile(r"([a-zA-Z][\w+.-]*://[^\s?]*)\?[^\s'\"]*")
+_SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|session|signature", re.IGNORECASE)
+# `'aws_secret_access_key': 'X'`, `"token": "X"`, `password=X` in a message or a traceback.
+_SECRET_PAIR = re.compile(r"""(['"]?\b[\w-]*(?:secret|token|password|passwd|credential|signature|key_id|"""
+                          r"""access_key)[\w-]*['"]?\s*[:=]\s*|['"]key['"]\s*:\s*)(['"]?)[^'"\s,}&)]+""",
+                          re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Drop `user:password@` and query strings (pre-signed URLs carry signatures there) from every URL in
+    `text`, and the values of secret-looking `name: value` pairs (`'secret': '...'`, `token=...`)."""
+    text = _USERINFO.sub(r"\1", text)
+    text = _QUERY.sub(r"\1", text)
+    return _SECRET_PAIR.sub(r"\1\2<redacted>", text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Storage options.
+
+
+def parse_storage_options(value: str | dict | None) -> dict:
+    """`--storage-options`: JSON text, the path of a JSON file, or an already-parsed dict; {} when empty.
+    Raises ValueError naming `--storage-options`."""
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        return value
+    text = str(value)
+    if not text.lstrip().startswith(("{", "[")):
         try:
-            return fs.cat_file(location)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # fsspec backends raise many types (aiohttp, botocore, ...)
-            if _is_not_found(e):
-                raise FileNotFoundError(str(e)) from e
-            if attempt == retries or not _is_transient(e):
-                raise
-            time.sleep(backoff * 2**attempt)
-    raise AssertionError("unreachable")
+            text = Path(text).read_text()
+        except OSError as e:
+            raise ValueError(f"--storage-options: {value!r} is neither a JSON object nor a readable JSON file "
+                             f"({e.strerror or e})") from None
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        where = "" if text is value else f" in {value}"
+        raise ValueError(f"--storage-options: not valid JSON{where} ({e.msg} at {e.pos})") from None
+    if not isinstance(options, dict):
+        raise ValueError("--storage-options: expected a JSON object")
+    return options
 
 
-def _status(e: Exception) -> int | None:
-    for attr in ("status", "status_code", "code"):
+def storage_options_arg(text: str) -> dict:
+    """argparse type of `--storage-options` (inline JSON or a JSON file): a bad value is a usage error."""
+    import argparse
+
+    try:
+        return parse_storage_options(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--storage-options: ")) from None
+
+
+STORAGE_OPTIONS_HELP = ("fsspec options as inline JSON or the path of a JSON file, flat or per protocol: "
+                        '\'{"s3": {"client_kwargs": {"endpoint_url": "http://..."}}}\' (default: the AWS '
+                        "environment variables)")
+
+
+def redact_options(text: str) -> str:
+    """`--storage-options` as a run may write it down (config.json, checkpoints): JSON text with the value of
+    every secret-looking name (key, secret, token, password, ...) replaced by "<redacted>". A path to a JSON
+    file is kept as it is: the file's contents are never copied."""
+    if not text or os.path.exists(text):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return "<redacted: not valid JSON>"
+
+    def scrub(v):
+        if isinstance(v, dict):
+            return {k: "<redacted>" if _SECRET_NAME.search(str(k)) and not isinstance(x, (dict, list)) else scrub(x)
+                    for k, x in v.items()}
+        return [scrub(x) for x in v] if isinstance(v, list) else v
+
+    return json.dumps(scrub(value), sort_keys=True)
+
+
+def options_for(url: str, storage_options: dict | None = None) -> dict:
+    """The fsspec options for `url`: the per-protocol entry if options are given per protocol, else all of them
+    (for remote URLs only); for s3, the endpoint and region from the environment when the options name none."""
+    so = storage_options or {}
+    protocol = protocol_of(url)
+    if any(k in PROTOCOL_KEYS and isinstance(v, dict) for k, v in so.items()):
+        opts = next((so[name] for name in _ALIASES.get(protocol, (protocol,)) if name in so), {})
+    else:
+        opts = {} if protocol in ("file", "local") else so
+    opts = copy.deepcopy(opts)
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client_kwargs = opts.setdefault("client_kwargs", {})
+        if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:
+            client_kwargs["endpoint_url"] = endpoint
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region and "region_name" not in client_kwargs:
+            client_kwargs["region_name"] = region
+        if not client_kwargs:
+            opts.pop("client_kwargs")
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clients.
+
+# Environment that decides where an object store client connects and as whom: part of the cache key, so a
+# process whose endpoint or credentials change (a test server restarted, another profile) gets a new client.
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+_CLIENTS: dict[tuple, fsspec.AbstractFileSystem] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for `url`: one client per process for its protocol, its options (`options_for`)
+    and the AWS environment, shared by every reader and writer in the process.
+
+    The process id is part of the key, so a forked DataLoader worker makes its own client (an async client's
+    event loop and connections must not cross a fork), and fsspec's own instance cache is never used (it would
+    hand back a client made for another endpoint or another process)."""
+    protocol = protocol_of(url)
+    opts = options_for(url, storage_options)
+    key = (os.getpid(), protocol, json.dumps(opts, sort_keys=True, default=repr),
+           tuple(os.environ.get(k) for k in _CLIENT_ENV))
+    with _CLIENTS_LOCK:
+        fs = _CLIENTS.get(key)
+        if fs is None:
+            fs = _CLIENTS[key] = fsspec.filesystem(protocol, skip_instance_cache=True, **opts)
+    return fs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors.
+
+_TRANSIENT_NAME = re.compile(
+    r"Timeout|Connection|Incomplete|Streaming|Payload|Disconnected|Protocol|Endpoint|ReadError|Reset|Broken|"
+    r"Throttl|SlowDown|ServiceUnavailable|RemoteDisconnected|ChunkedEncoding|HTTPClient|ServerDisconnected"
+)
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "TooManyRequests"}
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_IO_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "http", "fsspec", "s3fs", "ssl",
+               "socket")
+
+
+def http_status(e: BaseException) -> int | None:
+    """The HTTP status an error carries (aiohttp, requests, urllib, botocore's response metadata), if any."""
+    for attr in ("status", "status_code"):  # not `code`: aiohttp's parser errors carry code 400 for a cut body
         v = getattr(e, attr, None)
-        if isinstance(v, int):
+        if isinstance(v, int) and not isinstance(v, bool):
             return v
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        meta = response.get("ResponseMetadata") or {}
+        if isinstance(meta.get("HTTPStatusCode"), int):
+            return meta["HTTPStatusCode"]
     return None
 
 
-def _is_not_found(e: Exception) -> bool:
-    return _status(e) in (404, 410)
+def _error_code(e: BaseException) -> str | None:
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        return str((response.get("Error") or {}).get("Code", ""))
+    return None
 
 
-def _is_transient(e: Exception) -> bool:
-    status = _status(e)
-    if status is not None:
-        return status in (408, 429) or status >= 500
-    return isinstance(e, TRANSIENT) or "timeout" in type(e).__name__.lower()
+def _chain(e: BaseException, depth: int = 5) -> list[BaseException]:
+    chain = [e]
+    cause = e.__cause__ or e.__context__
+    while cause is not None and len(chain) < depth:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return chain
 
 
-def sha256_stream(f, chunk: int = 1 << 22) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    while True:
-        b = f.read(chunk)
-        if not b:
-            return h.hexdigest(), n
-        h.update(b)
-        n += len(b)
+def is_not_found(e: BaseException) -> bool:
+    """Whether an error says the object does not exist (FileNotFoundError, HTTP 404/410, NoSuchKey)."""
+    if isinstance(e, FileNotFoundError):
+        return True
+    return http_status(e) in (404, 410) or _error_code(e) in _NOT_FOUND_CODES
 
 
-class Output:
-    """A folder that receives whole files."""
-
-    url: str
-
-    def staging(self, name: str) -> Path:
-        """A local path to write `name` to before `publish`."""
-        raise NotImplementedError
-
-    def publish(self, tmp: Path, name: str) -> None:
-        raise NotImplementedError
-
-    def write_bytes(self, name: str, data: bytes, durable: bool = False) -> None:
-        """Publish `data` as `name` at once. `durable`: also survive a power cut (fsync), not only a crash."""
-        raise NotImplementedError
-
-    def read_bytes(self, name: str) -> bytes | None:
-        raise NotImplementedError
-
-    def sha256(self, name: str) -> tuple[str, int] | None:
-        """(sha256, size) of a published file, None when it does not exist."""
-        raise NotImplementedError
-
-    def open_read(self, name: str):
-        """A binary file object (seekable) of a published file."""
-        raise NotImplementedError
-
-    def size(self, name: str) -> int | None:
-        raise NotImplementedError
-
-    def remove(self, name: str) -> None:
-        raise NotImplementedError
-
-    def list(self, prefix: str = "") -> list[str]:
-        """Names of the files directly in the folder (or in `prefix`, a subfolder), relative to it."""
-        raise NotImplementedError
-
-    def location(self, name: str) -> str:
-        return join(self.url, name)
-
-    def lock(self, holder: str) -> None:
-        """Be the only writer of this folder until `close`. Object stores have no locks: two writers of one
-        remote prefix are not detected (local folders: see LocalOutput.lock)."""
-
-    def close(self) -> None:
-        pass
+def is_transient(e: BaseException) -> bool:
+    """Whether an I/O error is worth retrying: reset connections, timeouts, truncated bodies, 5xx, throttling.
+    Missing objects, denied access and other 4xx answers are not."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return False
+    chain = _chain(e)
+    for err in chain:
+        status = http_status(err)
+        if status is not None:
+            return status >= 500 or status in (408, 429)
+        code = _error_code(err)
+        if code is not None:
+            return code in _TRANSIENT_CODES
+    for err in chain:
+        if isinstance(err, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+            return True
+        if any(t in str(err) for t in ("SlowDown", "reduce your request rate", "Throttl")):
+            return True
+        module = type(err).__module__ or ""
+        if module.split(".")[0] in _IO_MODULES and _TRANSIENT_NAME.search(type(err).__name__):
+            return True
+    # A plain OSError from a remote filesystem (EIO, short reads, s3fs's wrapped server errors) is usually a
+    # hiccup; a persistent one fails after the retries run out.
+    return isinstance(e, OSError)
 
 
-class LocalOutput(Output):
-    def __init__(self, folder: str | Path, create: bool = True):
-        self.root = Path(folder)
-        self.url = str(self.root)
-        if create:
-            self.root.mkdir(parents=True, exist_ok=True)
-        elif not self.root.is_dir():
-            raise FileNotFoundError(f"{folder}: no such folder")
+# ---------------------------------------------------------------------------------------------------
+# Whole-file reads.
 
-    def staging(self, name: str) -> Path:
-        path = self.root / (name + ".tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
 
-    def publish(self, tmp: Path, name: str) -> None:
-        os.replace(tmp, self.root / name)
-
-    def write_bytes(self, name: str, data: bytes, durable: bool = False) -> None:
-        tmp = self.staging(name)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, self.root / name)
-
-    def read_bytes(self, name: str) -> bytes | None:
+def read_location(url: str, storage_options: dict | None = None, retries: int = 3, backoff: float = 0.5) -> bytes:
+    """All bytes of a local file or URL. Transient remote errors are retried with exponential backoff; a missing
+    object raises FileNotFoundError at once (never retried), with the URL redacted."""
+    if not is_url(url):
+        with open(resolve(url, "."), "rb") as f:
+            return f.read()
+    fs, path = filesystem(url, storage_options), fs_path(url)
+    for attempt in range(retries + 1):
         try:
-            return (self.root / name).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    def sha256(self, name: str) -> tuple[str, int] | None:
-        try:
-            with open(self.root / name, "rb") as f:
-                return sha256_stream(f)
-        except (FileNotFoundError, IsADirectoryError):
-            return None
-
-    def open_read(self, name: str):
-        return open(self.root / name, "rb")
-
-    def size(self, name: str) -> int | None:
-        try:
-            return (self.root / name).stat().st_size
-        except FileNotFoundError:
-            return None
-
-    def remove(self, name: str) -> None:
-        path = self.root / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-
-    def list(self, prefix: str = "") -> list[str]:
-        folder = self.root / prefix if prefix else self.root
-        if not folder.is_dir():
-            return []
-        return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != LOCK_NAME)
-
-    _lock_fd: int | None = None
-
-    def lock(self, holder: str) -> None:
-        """An exclusive flock on FOLDER/.writer.lock until `close`, which removes the file; a second writer
-        fails at once, naming the first. The kernel drops a flock when its process dies, so a killed run
-        leaves no stale lock (only the file, which the next run takes over)."""
-        path = self.root / LOCK_NAME
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                who = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise ToolError(f"{self.root} is being written by {who}; wait for it to finish, or use another "
-                                "output folder") from None
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # locked a file its holder removed on release: take the one at the path now
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{holder} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
-        self._lock_fd = fd
-
-    def close(self) -> None:
-        if self._lock_fd is not None:
-            (self.root / LOCK_NAME).unlink(missing_ok=True)  # while still holding it
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-
-class RemoteOutput(Output):
-    """An fsspec folder (s3://bucket/prefix, ...): files are staged locally and uploaded when complete."""
-
-    def __init__(self, url: str, storage_options: dict | None = None, tmp_dir: str | Path | None = None):
-        self.url = url.rstrip("/")
-        self.fs = filesystem(self.url, storage_options)
-        self.fs.invalidate_cache(self.url)  # listings cached by an earlier use may be stale
-        self._stage = Path(tempfile.mkdtemp(prefix="shard-stage-", dir=tmp_dir))
-
-    def staging(self, name: str) -> Path:
-        path = self._stage / name.replace("/", "__")
-        return path
-
-    def publish(self, tmp: Path, name: str) -> None:
-        self.fs.put_file(str(tmp), self.location(name))
-        tmp.unlink(missing_ok=True)
-        self.fs.invalidate_cache(self.url)
-
-    def write_bytes(self, name: str, data: bytes, durable: bool = False) -> None:
-        self.fs.pipe_file(self.location(name), data)
-        self.fs.invalidate_cache(self.url)
-
-    def read_bytes(self, name: str) -> bytes | None:
-        try:
-            return self.fs.cat_file(self.location(name))
-        except FileNotFoundError:
-            return None
-
-    def sha256(self, name: str) -> tuple[str, int] | None:
-        self.fs.invalidate_cache(self.location(name))
-        try:
-            with self.fs.open(self.location(name), "rb", block_size=1 << 22) as f:
-                return sha256_stream(f)
-        except FileNotFoundError:
-            return None
-
-    def open_read(self, name: str):
-        self.fs.invalidate_cache(self.location(name))
-        return self.fs.open(self.location(name), "rb", block_size=1 << 22)
-
-    def size(self, name: str) -> int | None:
-        self.fs.invalidate_cache(self.location(name))
-        try:
-            return int(self.fs.size(self.location(name)))
-        except FileNotFoundError:
-            return None
-
-    def remove(self, name: str) -> None:
-        loc = self.location(name)
-        try:
-            if self.fs.isdir(loc):
-                self.fs.rm(loc, recursive=True)
-            else:
-                self.fs.rm_file(loc)
-        except FileNotFoundError:
-            pass
-        self.fs.invalidate_cache(self.url)
-
-    def list(self, prefix: str = "") -> list[str]:
-        folder = self.location(prefix) if prefix else self.url
-        self.fs.invalidate_cache(folder)
-        try:
-            entries = self.fs.ls(folder, detail=True)
-        except FileNotFoundError:
-            return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file")
-
-    def close(self) -> None:
-        shutil.rmtree(self._stage, ignore_errors=True)
-
-
-def open_output(out: str | Path, storage_options: dict | None = None, tmp_dir: str | Path | None = None,
-                create: bool = True) -> Output:
-    """The output folder `out` (local or URL). Without `create`, a missing local folder raises."""
-    out = str(out)
-    if out.startswith("file://"):
-        out = out[len("file://"):]
-    if is_url(out):
-        return RemoteOutput(out, storage_options, tmp_dir)
-    return LocalOutput(out, create)
+            return fs.cat_file(path)
+        except Exception as e:  # fsspec backends raise many types (aiohttp, botocore, ...)
+            if is_not_found(e):
+                raise FileNotFoundError(f"{redact(url)}: no such file") from e
+            if attempt == retries or not is_transient(e):
+                raise
+            time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")

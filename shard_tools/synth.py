@@ -33,14 +33,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+from shard_tools.cli import run_main, tool_prog
+from shard_tools.quantities import COUNT_HELP, count_arg
 
 DOMAINS = {"a": 0, "b": 1}
 FOLDER_SIZE = 1000
@@ -401,14 +402,21 @@ def render(index: int, label: int, size: int, domain: str, seed: int) -> Image.I
         raise ValueError(f"size must be >= 16, got {size}")
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
-    rng = np.random.default_rng([seed, index, DOMAINS[domain]])
-    name, kind, fn, free_rotation = FAMILIES[label]
-    px = 1.0 / size
+    rng = np.random.default_rng([seed, index, DOMAINS[domain]])  # every draw below, in this order
+    _, kind, fn, free_rotation = FAMILIES[label]
     x, y = _grid_coords(size)
-
     img = _background(rng, domain, x, y)  # (3, H, W) float32
+    _distractors(img, rng, x, y, size)
+    o = _object_layout(rng, kind, free_rotation, domain, size)
+    _paint_object(img, rng, x, y, o, fn, size)
+    if o.blur:
+        img = _blur(img, o.blur)
+    return _with_grain(img, rng, o.noise_sigma, size)
 
-    # Distractors: a few small blobs, well below the smallest object scale.
+
+def _distractors(img: Array, rng: Rng, x: Array, y: Array, size: int) -> None:
+    """A few small blobs, well below the smallest object scale."""
+    px = 1.0 / size
     for _ in range(int(rng.integers(0, 4))):
         cx, cy = rng.uniform(0.05, 0.95), rng.uniform(0.05, 0.95)
         rad = rng.uniform(0.02, 0.05)
@@ -419,50 +427,77 @@ def render(index: int, label: int, size: int, domain: str, seed: int) -> Image.I
         d = _norm(bx, by) - rad if disk else _box(bx, by, rad, rad)
         _paint(img[:, win[0], win[1]], colour, _coverage(d * size))
 
-    fill, second, outline = _object_colours(rng, domain)
+
+@dataclass
+class _Layout:
+    """Where and how the object of one image is drawn (units of the image side)."""
+
+    kind: str  # "shape" or "texture"
+    colours: tuple  # fill, second, outline
+    angle: float
+    cx: float
+    cy: float
+    reach: tuple[float, float]  # half extent of what the object can cover, x and y
+    radius: float = 0.0  # shapes
+    half: tuple[float, float] = (0.0, 0.0)  # textures: half width and height of the patch
+    ellipse: bool = False
+    corner: float = 0.0
+    outline_width: float = 0.0  # pixels
+    blur: float = 0.0  # pixels
+    noise_sigma: float = 0.0  # grey levels
+
+
+def _object_layout(rng: Rng, kind: str, free_rotation: bool, domain: str, size: int) -> _Layout:
+    colours = _object_colours(rng, domain)
     angle = rng.uniform(0, TAU) if free_rotation else rng.uniform(-0.17, 0.17)
-    ca, sa = math.cos(angle), math.sin(angle)
     if kind == "shape":
         radius = rng.uniform(0.2, 0.34)
         cx, cy = (rng.uniform(radius * 0.9, 1.0 - radius * 0.9) for _ in range(2))
-        reach_x = reach_y = SHAPE_REACH * radius
+        o = _Layout(kind, colours, angle, cx, cy, (SHAPE_REACH * radius,) * 2, radius=radius)
     else:
         cx, cy = rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65)
-        reach_x, reach_y = hx, hy = rng.uniform(0.26, 0.42), rng.uniform(0.26, 0.42)
+        half = rng.uniform(0.26, 0.42), rng.uniform(0.26, 0.42)
         ellipse = rng.random() < 0.5
-        corner = rng.uniform(0.03, 0.1)
-    outline_width = rng.uniform(1.2, 2.2) * size / 64 if domain == "b" else 0.0
-    blur = rng.uniform(0.4, 1.0) * size / 64 if domain == "b" else 0.0
-    noise_sigma = rng.uniform(10.0, 22.0) if domain == "b" else rng.uniform(2.0, 6.0)
+        o = _Layout(kind, colours, angle, cx, cy, half, half=half, ellipse=ellipse, corner=rng.uniform(0.03, 0.1))
+    o.outline_width = rng.uniform(1.2, 2.2) * size / 64 if domain == "b" else 0.0
+    o.blur = rng.uniform(0.4, 1.0) * size / 64 if domain == "b" else 0.0
+    o.noise_sigma = rng.uniform(10.0, 22.0) if domain == "b" else rng.uniform(2.0, 6.0)
+    return o
 
-    # Only the pixels the object (and its outline) can reach are computed and painted.
-    margin = (outline_width + 2.0) * px
-    win = _window(cx, cy, reach_x + margin, reach_y + margin, size)
+
+def _paint_object(img: Array, rng: Rng, x: Array, y: Array, o: _Layout, fn, size: int) -> None:
+    """Paint the object; only the pixels it (and its outline) can reach are computed."""
+    px = 1.0 / size
+    fill, second, outline = o.colours
+    ca, sa = math.cos(o.angle), math.sin(o.angle)
+    margin = (o.outline_width + 2.0) * px
+    win = _window(o.cx, o.cy, o.reach[0] + margin, o.reach[1] + margin, size)
     target = img[:, win[0], win[1]]
-    dx, dy = x[win] - cx, y[win] - cy
-    if kind == "shape":
-        u = (dx * ca + dy * sa) / radius
-        v = (dy * ca - dx * sa) / radius
-        sdf = fn(u, v, rng) * (radius * size)  # in pixels
+    dx, dy = x[win] - o.cx, y[win] - o.cy
+    if o.kind == "shape":
+        u = (dx * ca + dy * sa) / o.radius
+        v = (dy * ca - dx * sa) / o.radius
+        sdf = fn(u, v, rng) * (o.radius * size)  # in pixels
         _paint(target, fill, _coverage(sdf))
     else:
-        if ellipse:
+        hx, hy = o.half
+        if o.ellipse:
             sdf = (_norm(dx / hx, dy / hy) - 1.0) * (min(hx, hy) * size)
         else:
-            sdf = (_box(dx, dy, hx - corner, hy - corner) - corner) * size
+            sdf = (_box(dx, dy, hx - o.corner, hy - o.corner) - o.corner) * size
         pattern = fn(dx * ca + dy * sa, dy * ca - dx * sa, rng, px)
         coverage = _coverage(sdf)
         _paint(target, second, coverage)
         coverage *= pattern
         _paint(target, fill, coverage)
-    if outline_width:
-        _paint(target, outline, _coverage(np.abs(sdf) - outline_width / 2))
+    if o.outline_width:
+        _paint(target, outline, _coverage(np.abs(sdf) - o.outline_width / 2))
 
-    if blur:
-        img = _blur(img, blur)
-    # Grain: grey plus weaker colour noise, uniform with standard deviation noise_sigma (grey) and
-    # 0.35 * noise_sigma (colour). These draws depend on `size`, so they come last and the scene drawn
-    # above is the same at every size.
+
+def _with_grain(img: Array, rng: Rng, noise_sigma: float, size: int) -> Image.Image:
+    """Grain: grey plus weaker colour noise, uniform with standard deviation noise_sigma (grey) and
+    0.35 * noise_sigma (colour). These draws depend on `size`, so they come last and the scene drawn before
+    is the same at every size."""
     noise = rng.random((4, size, size), dtype=np.float32)
     noise -= 0.5
     noise *= math.sqrt(12.0) * noise_sigma / 255.0
@@ -551,11 +586,11 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="synth.py",
+        prog=tool_prog("synth.py"),
         description="Render a labeled procedural image set (shape/texture families) as JPEGs + manifest.csv.",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (created; files overwritten)")
-    p.add_argument("--samples", type=_int_at_least(1), required=True, help="number of images (>= 1)")
+    p.add_argument("--samples", type=count_arg, required=True, help=f"number of images, {COUNT_HELP}")
     p.add_argument(
         "--classes",
         type=_int_at_least(2),
@@ -576,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --classes: at most {MAX_CLASSES} (one class per family), got {args.classes}")
     if args.quality > 100:
         parser.error(f"argument --quality: must be <= 100, got {args.quality}")
+    return run_main("synth", lambda: _run(args), log_folder=args.out)
+
+
+def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     manifest = synthesize(
         args.out,

@@ -13,22 +13,17 @@ is wrong, 0 when the set is sound.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from shard_tools.cli import run_main, tool_prog
+from shard_tools.outputs import Output, open_output
 from shard_tools.scan import scan_shard
 from shard_tools.shardset import ShardInfo, idx_name, load_shard_set, parse_idx, sample_boundaries, split_member
-from shard_tools.storage import Output, open_output, options_for, protocol_of
+from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 
 
 @dataclass
@@ -99,7 +94,7 @@ def verify(url: str, decode: bool = False, workers: int = 4, storage_options: di
     """Print a report on the shard set at `url`; True when it is sound."""
     start = time.perf_counter()
     try:
-        shard_set = load_shard_set(url, options_for(storage_options, protocol_of(url)))
+        shard_set = load_shard_set(url, storage_options)
     except (FileNotFoundError, ValueError) as e:
         print(f"BAD {url}: {e}", file=out)
         return False
@@ -134,15 +129,16 @@ def verify(url: str, decode: bool = False, workers: int = 4, storage_options: di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="verify.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("verify.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="shard set folder or URL")
-    p.add_argument("--decode", action="store_true", help="also decode every image, parse every json and .cls")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=False,
+                   help="also decode every image, parse every json and .cls (default: off)")
     p.add_argument("--workers", type=int, default=4, help="shards checked at once (threads; default 4)")
-    p.add_argument("--storage-options", type=json.loads, help="fsspec options as JSON (flat or per protocol)")
+    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     a = p.parse_args(argv)
-    ok = verify(a.folder, a.decode, a.workers, a.storage_options)
-    return 0 if ok else 1
+    return run_main("verify", lambda: 0 if verify(a.folder, a.decode, a.workers, a.storage_options) else 1,
+                    log_folder=a.folder)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import tarfile
 import threading
 from pathlib import Path
 
+from shard_tools.outputs import LocalOutput, Output
 from shard_tools.shardset import FORMAT, TAR_BLOCK, VERSION, ShardInfo, format_idx, idx_name, shard_name
-from shard_tools.storage import LocalOutput, Output
 
 RECORD = tarfile.RECORDSIZE  # tarfile pads archives to whole 10 KiB records; we do the same
 END_OF_ARCHIVE = 2 * TAR_BLOCK

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from stream_ssl.data.storage import redact_options
+from shard_tools.quantities import COUNT_HELP, SIZE_HELP
+from shard_tools.storage import STORAGE_OPTIONS_HELP, redact_options
 
-COUNT_RULE = ("a count (12000, 500K, 1M, 2.5B: K/M/B are 10^3/10^6/10^9) or a fraction of the pool "
-              "(0.1, 10%; a number with a decimal point <= 1 is a fraction)")
-SIZE_RULE = "K/M/G/T are powers of 1000 (1G = 10^9 bytes), KiB/MiB/GiB/TiB powers of 1024"
+COUNT_RULE = f"{COUNT_HELP}, or a fraction of the pool (0.1, 10%; a number with a decimal point <= 1 is a fraction)"
 DECODERS = ("pil", "dali")
 PRECISIONS = ("no", "bf16", "fp16")
 OPTIMIZER_NAMES = ("lars", "sgd", "adamw")
@@ -52,13 +51,11 @@ class TrainConfig:
     decoder: str = setting("pil", "pil: workers decode and crop, colour augmentation batched on the device; "
                                   "dali: NVIDIA DALI pipeline", DECODERS)
     dali_threads: int = setting(2, "DALI CPU threads per process (--decoder dali)")
-    storage_options: str = setting("", "fsspec options as JSON, or the path of a JSON file, flat or per "
-                                       "protocol: '{\"s3\": {...}}' (credentials are never written down)")
+    storage_options: str = setting("", f"{STORAGE_OPTIONS_HELP}; credentials are never written down")
     cache_dir: str = setting("", "local folder that keeps what pass 1 read, so repeated passes skip the "
                                  "object store")
-    cache_size: str = setting("", f"bound of the cache (200G, 512MiB; {SIZE_RULE}); empty: what the plan's "
-                                  "repeats need")
-    read_ahead_bytes: str = setting("256MiB", f"memory per process for reads ahead of training ({SIZE_RULE}); "
+    cache_size: str = setting("", f"bound of the cache, {SIZE_HELP}; empty: what the plan's repeats need")
+    read_ahead_bytes: str = setting("256MiB", f"memory per process for reads ahead of training, {SIZE_HELP}; "
                                               "the reader plans the reads of the steps it covers together and "
                                               "keeps enough requests in flight to hide storage latency")
     shuffle_window: int = setting(8, "steps whose samples are mixed together (see stream_ssl/data/plan.py)")

@@ -45,12 +45,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from shard_tools.cli import progress_switch, run_main, tool_prog
+from shard_tools.quantities import COUNT_HELP, count_arg
 from shard_tools.shardset import ShardSet, load_shard_set
+from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 from stream_ssl.data.augment import center_view, decode_rgb, normalize, to_chw
 from stream_ssl.data.loader import image_bytes, sample_label
 from stream_ssl.data.plan import Slice
 from stream_ssl.data.reader import ShardReader
-from stream_ssl.data.storage import options_for, parse_storage_options
 from stream_ssl.models.backbone import create_backbone
 
 KNN_SETTINGS = ((20, 0.07), (200, 0.1))  # (k, temperature)
@@ -296,7 +298,7 @@ def spread(total: int, sizes: Sequence[int]) -> list[int]:
 
 
 def open_set(url: str, storage_options: dict | None = None) -> ShardSet:
-    return load_shard_set(url, options_for(url, storage_options))
+    return load_shard_set(url, storage_options)
 
 
 def run_pool(cfg: dict, whole_source: bool = False,
@@ -458,39 +460,41 @@ def markdown_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stream_ssl.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("python -m stream_ssl.evaluate"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder written by train.py")
     p.add_argument("--train", required=True, help="labeled shard set to fit the probes on (the downstream set)")
     p.add_argument("--test", required=True, help="labeled shard set to score")
-    p.add_argument("--knn", action="store_true", help="kNN top-1 at k=20, T=0.07 and k=200, T=0.1 (default)")
-    p.add_argument("--linear", action="store_true", help="linear probe (logistic regression, C chosen on a split)")
+    p.add_argument("--knn", action=argparse.BooleanOptionalAction,
+                   help="kNN top-1 at k=20, T=0.07 and k=200, T=0.1 (default: on unless --linear or --distance)")
+    p.add_argument("--linear", action=argparse.BooleanOptionalAction, default=False,
+                   help="linear probe (logistic regression, C chosen on a split; default: off)")
     p.add_argument("--distance", nargs="*", metavar="POOL",
                    help="Frechet distance between pool and --train features; no value: the run's own pool")
     p.add_argument("--distance-of", choices=("pool", "source"), default="pool",
                    help="without POOL sets: the run's N-sample pool (default) or the whole source it was drawn from")
-    p.add_argument("--distance-samples", type=int, default=DISTANCE_SAMPLES,
-                   help=f"samples per side for the distance (default {DISTANCE_SAMPLES}, capped by both sizes)")
+    p.add_argument("--distance-samples", type=count_arg, default=DISTANCE_SAMPLES,
+                   help=f"samples per side for the distance, {COUNT_HELP} (default {DISTANCE_SAMPLES}, capped by "
+                        "both sizes)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the distance subsets")
-    p.add_argument("--storage-options", default="",
-                   help="fsspec options for s3:// etc. as JSON or a JSON file, as train.py's (default: the AWS "
-                        "environment); a run's config.json holds them redacted, so give them again here")
-    p.add_argument("--markdown", action="store_true", help="print the markdown table instead of JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--storage-options", type=storage_options_arg, default={},
+                   help=f"{STORAGE_OPTIONS_HELP}; a run's config.json holds them redacted, so give them again here")
+    p.add_argument("--markdown", action=argparse.BooleanOptionalAction, default=False,
+                   help="print the markdown table instead of JSON (default: off)")
+    progress_switch(p, default=True)
     p.add_argument("--out", type=Path, help="also write the JSON here, and the markdown table next to it (.md)")
     a = p.parse_args(argv)
+    return run_main("evaluate", lambda: _run(a), log_folder=a.checkpoint, usage_errors=(ValueError, FileNotFoundError))
+
+
+def _run(a: argparse.Namespace) -> int:
     distance: bool | str | list[str] = False if a.distance is None else (a.distance or a.distance_of)
-    knn = a.knn or not (a.linear or a.distance is not None)
-    try:
-        result = evaluate(a.checkpoint, a.train, a.test, knn=knn, linear=a.linear, distance=distance,
-                          distance_samples=a.distance_samples, batch_size=a.batch_size, device=a.device,
-                          progress=not a.no_progress, seed=a.seed,
-                          storage_options=parse_storage_options(a.storage_options))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    knn = a.knn if a.knn is not None else not (a.linear or a.distance is not None)
+    result = evaluate(a.checkpoint, a.train, a.test, knn=knn, linear=a.linear, distance=distance,
+                      distance_samples=a.distance_samples, batch_size=a.batch_size, device=a.device,
+                      progress=a.progress, seed=a.seed, storage_options=a.storage_options)
     text = json.dumps(result, indent=1)
     table = markdown_table(result)
     print(table if a.markdown else text)

@@ -16,16 +16,19 @@ import argparse
 import json
 import sys
 
+from shard_tools.cli import run_main, tool_prog
+from shard_tools.quantities import COUNT_HELP
 from shard_tools.shardset import load_shard_set
+from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 from stream_ssl.data.plan import DEFAULT_SHUFFLE_BLOCK, DEFAULT_SHUFFLE_WINDOW, Plan, make_plan
 from stream_ssl.data.reader import ShardReader
-from stream_ssl.data.storage import options_for, parse_storage_options, redact
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="comma-separated shard-set folders (local, s3://, http(s)://)")
-    p.add_argument("--unique-samples", required=True, help="N: count (1M, 500K) or fraction of the pool (0.1)")
-    p.add_argument("--budget-samples", required=True, help="C: total samples seen in pretraining")
+    p.add_argument("--unique-samples", required=True,
+                   help=f"N: {COUNT_HELP}, or a fraction of the pool (0.1, 10%%)")
+    p.add_argument("--budget-samples", required=True, help=f"C: total samples seen in pretraining, {COUNT_HELP}")
     p.add_argument("--mix", help="per-source weights of the pool, e.g. real=0.7,generated=0.3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shuffle-window", type=int, default=DEFAULT_SHUFFLE_WINDOW,
@@ -33,11 +36,11 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shuffle-block", type=int, default=DEFAULT_SHUFFLE_BLOCK,
                    help="samples per contiguous block in the mixing (default: global batch / 16, at most 64; "
                         "0: no mixing)")
-    p.add_argument("--storage-options", help="fsspec options as JSON (or a JSON file), flat or per protocol")
+    p.add_argument("--storage-options", type=storage_options_arg, default={}, help=STORAGE_OPTIONS_HELP)
 
 
 def load_sets(data: str, storage_options: dict | None = None) -> list:
-    return [load_shard_set(u, options_for(u, storage_options)) for u in data.split(",") if u]
+    return [load_shard_set(u, storage_options) for u in data.split(",") if u]
 
 
 def print_keys(plan: Plan, rank: int, start_step: int = 0, end_step: int | None = None,
@@ -73,39 +76,42 @@ def print_keys(plan: Plan, rank: int, start_step: int = 0, end_step: int | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stream_ssl.plan", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("python -m stream_ssl.plan"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_arguments(p)
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
     p.add_argument("--batch-size", type=int, default=256, help="per-rank batch size")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--keys", action="store_true", help="print the sample keys --rank reads, one per line")
+    p.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
+                   help="print the summary as JSON (default: off)")
+    p.add_argument("--keys", action=argparse.BooleanOptionalAction, default=False,
+                   help="print the sample keys --rank reads, one per line (default: off)")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--start-step", type=int, default=0, help="first step (resume point) for --keys")
     p.add_argument("--end-step", type=int, help="stop --keys before this step")
-    p.add_argument("--long", action="store_true", help="--keys prints step, set name, shard and key")
-    p.add_argument("--check-headers", action="store_true", help="--keys also checks each member's tar header")
+    p.add_argument("--long", action=argparse.BooleanOptionalAction, default=False,
+                   help="--keys prints step, set name, shard and key (default: off)")
+    p.add_argument("--check-headers", action=argparse.BooleanOptionalAction, default=False,
+                   help="--keys also checks each member's tar header (default: off)")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="--keys in the order of a loader that splits each batch into this many micro-batches")
     a = p.parse_args(argv)
+    return run_main("plan", lambda: _run(a), usage_errors=(ValueError, FileNotFoundError))
+
+
+def _run(a: argparse.Namespace) -> int:
     try:
-        options = parse_storage_options(a.storage_options)
-        sets = load_sets(a.data, options)
+        sets = load_sets(a.data, a.storage_options)
         plan = make_plan(sets, a.unique_samples, a.budget_samples, a.mix, a.world_size, a.num_workers,
                          a.batch_size, a.seed, shuffle_window=a.shuffle_window, shuffle_block=a.shuffle_block)
         if a.keys:
-            print_keys(plan, a.rank, a.start_step, a.end_step, options, a.check_headers, a.long,
+            print_keys(plan, a.rank, a.start_step, a.end_step, a.storage_options, a.check_headers, a.long,
                        micro_batches=a.micro_batches)
             sys.stdout.flush()
         else:
             print(json.dumps(plan.summary(), indent=1) if a.json else plan.describe())
     except BrokenPipeError:  # `... --keys | head`
         sys.stderr.close()
-        return 0
-    except (ValueError, OSError) as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
     return 0
 
 

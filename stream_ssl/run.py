@@ -19,15 +19,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
+from shard_tools.quantities import parse_bytes, parse_count
 from shard_tools.shardset import load_shard_set
+from shard_tools.storage import parse_storage_options
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, config_json
 from stream_ssl.data.augment import ViewSpec
 from stream_ssl.data.plan import Plan, make_plan
-from stream_ssl.data.storage import options_for, parse_storage_options
 from stream_ssl.methods import SSLMethod, build_method
 from stream_ssl.models.backbone import create_backbone, is_vit
-from stream_ssl.numbers import parse_bytes, parse_count
 from stream_ssl.optim import build_optimizer
 from stream_ssl.schedules import cosine, warmup_cosine
 
@@ -175,7 +175,7 @@ def make_run_plan(cfg: TrainConfig, storage: dict, world_size: int) -> Plan:
     if budget < global_batch:
         raise RunError(f"--budget-samples {budget} is smaller than one global batch ({world_size} processes x "
                        f"{cfg.batch_size} x {cfg.grad_accum} accumulation = {global_batch})")
-    sets = [load_shard_set(u, options_for(u, storage)) for u in cfg.data.split(",") if u]
+    sets = [load_shard_set(u, storage) for u in cfg.data.split(",") if u]
     return make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, world_size, cfg.num_workers,
                      cfg.batch_size * cfg.grad_accum, cfg.seed, shuffle_window=cfg.shuffle_window,
                      shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
@@ -253,8 +253,9 @@ def make_run_loader(run: Run):
     already splits the data by rank)."""
     cfg = run.cfg
     options = dict(storage_options=run.storage, seed=cfg.seed, micro_batches=cfg.grad_accum,
-                   cache_dir=cfg.cache_dir or None, cache_size=parse_bytes(cfg.cache_size) if cfg.cache_size
-                   else None, skip_fraction=cfg.skip_fraction, read_ahead_bytes=parse_bytes(cfg.read_ahead_bytes))
+                   cache_dir=cfg.cache_dir or None, cache_size=parse_bytes(cfg.cache_size, "--cache-size"),
+                   skip_fraction=cfg.skip_fraction,
+                   read_ahead_bytes=parse_bytes(cfg.read_ahead_bytes, "--read-ahead-bytes"))
     if cfg.decoder == "dali":
         from stream_ssl.data.dali import make_dali_loader
 

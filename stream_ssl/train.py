@@ -26,12 +26,6 @@ gloo group (see `run.make_accelerator`).
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import contextlib
 import dataclasses
 import json
@@ -39,20 +33,18 @@ import math
 import os
 import sys
 import time
-import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from safetensors.torch import save_file
 
+from shard_tools.cli import run_main
 from shard_tools.shardset import load_shard_set
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, parse_config
 from stream_ssl.data.augment import device_views
 from stream_ssl.data.rng import batch_generator
-from stream_ssl.data.storage import options_for, redact
 from stream_ssl.metrics import KeysLog, Meter, MetricsLog, progress_bar
 from stream_ssl.run import Run, RunError, build_run, make_accelerator
 
@@ -173,7 +165,7 @@ def start_reporting(run: Run) -> Reporting:
     if cfg.log_keys:
         rep.keys = KeysLog(run.out, run.rank, run.start_step)
     if cfg.knn_train:
-        rep.knn_sets = tuple(load_shard_set(u, options_for(u, run.storage)) for u in (cfg.knn_train, cfg.knn_test))
+        rep.knn_sets = tuple(load_shard_set(u, run.storage) for u in (cfg.knn_train, cfg.knn_test))
     return rep
 
 
@@ -318,39 +310,18 @@ def export_backbone(run: Run) -> None:
 # The command.
 
 
-def log_traceback(cfg: TrainConfig, error: BaseException) -> Path | None:
-    """The traceback of a failed run, in OUT/logs/train-rank-R.log (redacted); None if it cannot be written."""
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        path = Path(cfg.out) / "logs" / f"train-rank-{rank}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(redact("".join(traceback.format_exception(error))) + "\n")
-        return path
-    except OSError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 0 done, 2 bad settings or data, 3 diverged, 1 anything else; one line on stderr."""
+    """Exit status 0 done, 2 bad settings or data, 3 diverged, 1 anything else: one line on stderr, the
+    traceback in OUT/.logs/train[-rank-R].log."""
     cfg = parse_config(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    tool = "train" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else f"train-rank-{rank}"
     try:
-        train(cfg)
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError) as e:  # RunError, plan and method errors, missing shard sets
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - one line here, the traceback in the run folder
-        log = log_traceback(cfg, e)
-        print(f"error: {type(e).__name__}: {redact(str(e)).splitlines()[0] if str(e) else ''}"
-              + (f" (traceback in {log})" if log else ""), file=sys.stderr)
-        return 1
+        return run_main(tool, lambda: train(cfg) and 0, log_folder=cfg.out,
+                        usage_errors=(ValueError, FileNotFoundError), exit_codes={Diverged: 3})
     finally:
         if dist.is_available() and dist.is_initialized():
             PartialState().destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

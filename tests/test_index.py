@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from shard_tools.index import index_folder
+from shard_tools.index import IndexingError, index_folder
 from shard_tools.shardset import load_shard_set, parse_idx
 from stream_ssl.data.plan import Slice
 from stream_ssl.data.reader import ShardReader
@@ -81,7 +81,7 @@ def test_truncated_and_empty_tars(tmp_path, capsys):
     data = (folder / "a.tar").read_bytes()
     (folder / "b.tar").write_bytes(data[: len(data) // 2])
     write_tar(folder / "c.tar", [])
-    with pytest.raises(SystemExit, match="1 of 3 shards are bad"):
+    with pytest.raises(IndexingError, match="1 of 3 shards are bad"):
         index_folder(str(folder))
     err = capsys.readouterr().err
     assert "BAD" in err and "b.tar" in err and "truncated" in err
@@ -89,9 +89,9 @@ def test_truncated_and_empty_tars(tmp_path, capsys):
     index = index_folder(str(folder), skip_bad=True, checksum=False)
     assert [s["path"] for s in index["shards"]] == ["a.tar"] and index["shards"][0]["sha256"] == ""
     assert len(parse_idx((folder / "a.idx").read_text())) == 3
-    with pytest.raises(SystemExit, match="no .tar files"):
+    with pytest.raises(IndexingError, match="no .tar files"):
         index_folder(str(tmp_path))
-    with pytest.raises(SystemExit, match="no such folder"):
+    with pytest.raises(IndexingError, match="no such folder"):
         index_folder(str(tmp_path / "nope"))
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import signal
 import subprocess
 
+from shard_tools.outputs import LOCK_NAME
 from shard_tools.pack import pack
-from shard_tools.storage import LOCK_NAME
 from tests.helpers import PYTHON, REPO
 from tests.helpers.packing import run_tool, write_csv, write_images
 
-HOLD = ("import sys; sys.path.insert(0, sys.argv[2]); from shard_tools.storage import LocalOutput; "
+HOLD = ("import sys; sys.path.insert(0, sys.argv[2]); from shard_tools.outputs import LocalOutput; "
         "o = LocalOutput(sys.argv[1]); o.lock('pack.py --name held'); print('locked', flush=True); "
         "sys.stdin.readline(); o.close()")
 
@@ -58,7 +58,7 @@ def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
 
 
 def test_lock_file_is_not_listed_as_output(tmp_path):
-    from shard_tools.storage import LocalOutput
+    from shard_tools.outputs import LocalOutput
 
     o = LocalOutput(tmp_path)
     o.lock("test")

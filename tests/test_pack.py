@@ -6,10 +6,13 @@ import io
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from shard_tools.errors import ToolError
+from shard_tools.manifest import ManifestError
 from shard_tools.pack import PackError, pack
 from shard_tools.shardset import load_shard_set, parse_idx, sample_boundaries
 from tests.helpers.packing import (
@@ -89,14 +92,14 @@ def test_tsv_integer_labels_root_dir_and_key_column(tmp_path):
 def test_unusable_manifest_fails_with_a_reason(tmp_path, content, kwargs, message):
     manifest = tmp_path / "m.csv"
     manifest.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(ToolError) as exc:  # an ordinary Exception: a library caller catches it
         pack(manifest, tmp_path / "out", **kwargs)
-    assert message in str(exc.value.code) and str(exc.value.code).startswith("error: ")
+    assert message in str(exc.value) and isinstance(exc.value, Exception)
     assert not (tmp_path / "out" / "index.json").exists()
 
 
 def test_missing_manifest_fails(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(ManifestError, match="does not exist"):
         pack(tmp_path / "nope.csv", tmp_path / "out")
 
 
@@ -186,8 +189,10 @@ def test_error_rate_limit_and_cli_failure_is_one_line(tmp_path):
     assert "skipped 2: missing file: 2" in proc.stdout and "packing cli" in proc.stderr  # summary + bar
     proc = run_tool("pack.py", manifest, "--out", tmp_path / "cli2", "--path-column", "nope")
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
-        f"error: {manifest}: --path-column 'nope' not found; columns are ['path']"]
+    [line] = proc.stderr.strip().splitlines()  # one line; the traceback is in the log it names
+    assert line.startswith(f"error: {manifest}: --path-column 'nope' not found; columns are ['path'] (traceback: ")
+    log = Path(line.rsplit("(traceback: ", 1)[1].rstrip(")"))
+    assert "Traceback (most recent call last)" in log.read_text() and "ManifestError" in log.read_text()
 
 
 def test_same_manifest_and_seed_give_identical_bytes_whatever_the_workers(tmp_path):
@@ -290,11 +295,3 @@ def test_idx_matches_tar_members(tmp_path):
         bounds = sample_boundaries(idx)
         assert bounds[0] == 0 and bounds[-1] <= len(data)
 
-
-def test_size_arguments():
-    from shard_tools.pack import parse_bytes
-
-    assert parse_bytes("500MB") == 500_000_000 and parse_bytes("1GiB") == 1 << 30 and parse_bytes("4096") == 4096
-    assert parse_bytes("1.5k") == 1500
-    with pytest.raises(Exception, match="expected a size"):
-        parse_bytes("lots")

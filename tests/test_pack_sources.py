@@ -145,5 +145,5 @@ def test_yfcc_hash_layout_and_download_urls(tmp_path):
 
 def test_yfcc_without_photos_is_unusable(tmp_path):
     (tmp_path / "v.tsv").write_text(yfcc_line(1, marker=1) + "\n")
-    with pytest.raises(SystemExit, match="no photo rows"):
+    with pytest.raises(ManifestError, match="no photo rows"):
         pack(tmp_path / "v.tsv", tmp_path / "out", format="yfcc")

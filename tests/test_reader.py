@@ -11,13 +11,13 @@ from collections import Counter
 import pytest
 
 from shard_tools.shardset import load_shard_set
+from shard_tools.storage import is_transient, options_for, redact
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.fetch import Fetcher, Policy
 from stream_ssl.data.loader import PlanDataset, TooManySkipped, make_loader
 from stream_ssl.data.plan import make_plan
 from stream_ssl.data.readahead import ReadAhead, _merge
 from stream_ssl.data.reader import ReadError, ShardReader
-from stream_ssl.data.storage import is_transient, options_for, redact
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
 from tests.helpers.servers import HttpServer

@@ -11,11 +11,11 @@ import logging
 import pytest
 
 from shard_tools.shardset import load_shard_set
+from shard_tools.storage import filesystem
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.plan import make_plan
 from stream_ssl.data.readahead import ReadAhead
 from stream_ssl.data.reader import ReadError, ShardReader
-from stream_ssl.data.storage import filesystem
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
 from tests.helpers.servers import KEY, REGION, SECRET, FaultProxy, MotoServer, fault_schedule, upload_folder
@@ -39,7 +39,7 @@ def local_folder(make_shard_set):
 
 @pytest.fixture(scope="module")
 def s3_url(moto, local_folder):
-    fs, _ = filesystem("s3://x", moto.options(), fresh=True)
+    fs = filesystem("s3://x", moto.options())
     fs.call_s3("create_bucket", Bucket=BUCKET)
     url = f"s3://{BUCKET}/sets/pool"
     upload_folder(fs, local_folder, url)
@@ -116,11 +116,12 @@ def test_cache_keeps_later_passes_off_the_object_store(moto, local_folder, s3_ur
         # a small read-ahead: later passes are planned after pass 1 was read (else one read serves them all)
         for step, samples in ReadAhead(reader, remote, 0, range(remote.steps), read_ahead_bytes=32 << 10):
             by_step.append((step, [(s["__key__"], s["jpg"], s.get("cls")) for s in samples]))
-            sent.append(proxy.bytes_down)
+            sent.append(proxy.requests)  # (counted when a request arrives; response bytes are counted late)
         assert by_step == _samples(local, 0, ShardReader(local.sets))
         later = [i for i in range(remote.steps) if i * remote.global_batch >= remote.unique_samples]
         assert later and all(sent[i] == sent[i - 1] for i in later), "a later pass went to the object store"
         assert reader.stats.cache_hits > 0
+        assert proxy.bytes_down <= sum(s.bytes for s in remote.sets[0].shards)  # the pool, read once
         first_pass_bytes = proxy.bytes_down
         # A second run (e.g. resumed, or the next job of a sweep) over the warm cache: no object store reads.
         again = ShardReader(remote.sets, options, cache=DiskCache(tmp_path / "c", 64 << 20), plan=remote)
@@ -207,7 +208,7 @@ def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(mo
 
 
 def test_redact_options_hides_secret_values_only(tmp_path):
-    from stream_ssl.data.storage import redact_options
+    from shard_tools.storage import redact_options
 
     text = json.dumps({"s3": {"key": "AK", "secret": "S", "anon": False, "client_kwargs": {
         "endpoint_url": "http://127.0.0.1:9000", "aws_session_token": "T"}}, "https": {"headers": [{"token": "x"}]}})
@@ -229,7 +230,7 @@ def test_evaluate_reads_downstream_sets_from_s3_like_local_ones(moto, make_shard
     from tests.helpers.trainer import run
 
     train_set, test_set = make_shard_set(60, shard_size=30, seed=21), make_shard_set(40, shard_size=20, seed=22)
-    fs, _ = filesystem("s3://x", moto.options(), fresh=True)
+    fs = filesystem("s3://x", moto.options())
     fs.call_s3("create_bucket", Bucket="downstream")
     for name, folder in (("train", train_set), ("test", test_set)):
         upload_folder(fs, folder, f"s3://downstream/{name}")

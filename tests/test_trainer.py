@@ -189,6 +189,7 @@ def test_help_explains_every_setting(capsys):
         assert "--" + f.name.replace("_", "-") in out
         assert " ".join(f.metadata["help"].split())[:40] in out
     assert "{barlow,byol,dino,mocov3,simclr,swav,vicreg}" in out and "1G = 10^9 bytes" in out
+    assert "KiB, MiB, GiB, TiB of 1024" in out and "or the path of a JSON file" in out
 
 
 CONFIGS = sorted((REPO / "configs" / "methods").glob("*.yaml"))

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from stream_ssl.data.storage import redact
+from shard_tools.storage import redact
 
 
 class DiskCache:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from stream_ssl.data.storage import filesystem, is_transient, protocol_of, redact
+from shard_tools.storage import filesystem, is_transient, protocol_of, redact
 
 LOCAL = ("file", "local")
 
@@ -218,7 +218,7 @@ class Fetcher:
 
     def filesystem(self, url: str):
         fs = self.filesystems.get(protocol_of(url))
-        return fs if fs is not None else _client(url, self.storage_options)
+        return fs if fs is not None else filesystem(url, self.storage_options)  # one client per process
 
     def run(self, fs, coro) -> Future:
         """Run a coroutine on the loop of `fs` (fsspec's loop for synchronous filesystems)."""
@@ -355,20 +355,6 @@ class Fetcher:
             self.stats.add(requests=1, bytes_read=len(data), request_seconds=time.perf_counter() - t0,
                            ttfb_seconds=ttfb or 0.0, cut=int(error is not None), throttled=int(throttled))
         return data, error
-
-
-_CLIENTS: dict[tuple, object] = {}
-
-
-def _client(url: str, storage_options: dict):
-    """One filesystem per process, protocol and options (a forked loader worker makes its own)."""
-    import os
-
-    key = (os.getpid(), protocol_of(url), repr(sorted(storage_options.items())))
-    fs = _CLIENTS.get(key)
-    if fs is None:
-        fs = _CLIENTS[key] = filesystem(url, storage_options, fresh=True)[0]
-    return fs
 
 
 def _fsspec_loop():

@@ -45,8 +45,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from shard_tools.quantities import format_bytes, format_count, parse_count
 from shard_tools.shardset import ShardSet
-from stream_ssl.numbers import format_bytes, format_count, parse_count
 
 # Seed-stream tags: pool selection, pass permutations, window block orders and in-batch orders never share
 # random numbers.

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from shard_tools.shardset import SAFE_EXTS, TAR_BLOCK, ShardSet, parse_idx, sample_boundaries
+from shard_tools.storage import protocol_of, redact
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.fetch import Fetcher, Policy, ReadError, ReadStats
 from stream_ssl.data.plan import Plan, Slice
-from stream_ssl.data.storage import protocol_of, redact
 
 __all__ = ["ReadError", "ReadStats", "ShardIndex", "ShardReader", "member_key", "parse_tar_bytes"]
 
