@@ -19,15 +19,8 @@ from tests.helpers.images import corrupt_copy, photo_like
 
 pytest.importorskip("nvidia.dali")
 
-from stream_ssl.data.dali import (
-    DaliAugment,
-    DaliLoader,
-    EncodedBatch,
-    check_encoded,
-    draw_views,
-    make_dali_loader,
-    require_dali,
-)
+from stream_ssl.data.dali import DaliAugment, DaliLoader, make_dali_loader, require_dali
+from stream_ssl.data.encoded import EncodedBatch, check_encoded, draw_views
 
 pytestmark = pytest.mark.dali
 

@@ -466,22 +466,25 @@ def gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int | None = None,
-                  by_radius: bool | None = None) -> torch.Tensor:
+                  by_radius: bool | None = None, full: bool = False) -> torch.Tensor:
     """Blur each image with its own sigma: separable, reflect padding (torchvision's gaussian_blur).
     Kernel side `kernel` (odd), default ~10% of the image side; at most 2 x side - 1 (reflect padding).
 
     Outer taps that together weigh less than BLUR_TAIL are skipped (`blur_radii`), so the cost follows sigma:
     at k = 23 a sigma of 1 needs 11 taps, not 23, and the output moves by at most ~BLUR_TAIL x the largest
     |pixel| per pass. `by_radius` (default: on the CPU) blurs images in groups of equal radius; otherwise
-    the whole batch is blurred at the largest radius in one go (fewer, larger kernel launches on a GPU)."""
+    the whole batch is blurred at the largest radius in one go (fewer, larger kernel launches on a GPU).
+    `full`: every tap of the kernel (no radius read back from the device)."""
     n, c, hgt, wid = x.shape
     k = kernel or blur_kernel_size(min(hgt, wid))
     k = min(k, 2 * min(hgt, wid) - 1)
     if k < 3 or n == 0:
         return x
     kern = gaussian_kernels(sigma, k).to(x.dtype)  # (n, k)
-    radii = blur_radii(kern)
     r = k // 2
+    if full:  # every tap, no data-dependent radius (no host synchronization)
+        return _separable_blur(x, kern)
+    radii = blur_radii(kern)
     by_radius = x.device.type == "cpu" if by_radius is None else by_radius
     groups = radii.unique().tolist() if by_radius else [int(radii.max())]
     if len(groups) == 1:
@@ -571,7 +574,8 @@ def photometric(x: torch.Tensor, spec: ViewSpec, g: torch.Generator) -> torch.Te
     return photometric_with(x, sample_params(spec, x.shape[0], g, x.device), spec)
 
 
-def photometric_with(x: torch.Tensor, p: PhotometricParams, spec: ViewSpec, chunk: int | None = None) -> torch.Tensor:
+def photometric_with(x: torch.Tensor, p: PhotometricParams, spec: ViewSpec, chunk: int | None = None,
+                     sync_free: bool | None = None) -> torch.Tensor:
     """uint8 (N,3,H,W) -> normalized float: `normalize(apply_photometric(x / 255, p, spec))`, computed in
     normalized space with fewer passes over the batch (fused mode): the 1/255 scaling and the normalization
     are folded into the per-sample color matrix, the clamp uses per-channel bounds, and grayscale and
@@ -580,8 +584,10 @@ def photometric_with(x: torch.Tensor, p: PhotometricParams, spec: ViewSpec, chun
     `chunk`: samples processed together (default on the CPU: as many as hold CPU_CHUNK_PIXELS, 8 views at
     224 px or 43 at 96 px, so temporaries stay in cache and per-call overhead stays small; the whole batch
     on an accelerator). On the CPU the output lives in memory reused from an earlier batch that nothing
-    refers to any more (`batch_memory`)."""
+    refers to any more (`batch_memory`). `sync_free` (default: on accelerators) avoids every host
+    synchronization: masked steps run on the whole batch and are selected with `where`, blur uses all taps."""
     n, dev = x.shape[0], x.device
+    sync_free = dev.type != "cpu" if sync_free is None else sync_free
     if spec.jitter == "exact" or n == 0:
         return normalize(apply_photometric(x / 255.0, p, spec), inplace=True)
     chunk = chunk or (max(1, CPU_CHUNK_PIXELS // (x.shape[2] * x.shape[3])) if dev.type == "cpu" else n)
@@ -602,17 +608,23 @@ def photometric_with(x: torch.Tensor, p: PhotometricParams, spec: ViewSpec, chun
         m = xf.shape[0]
         torch.baddbmm(pm[part] @ xf.mean((2, 3)).unsqueeze(2) - shift, a[part], xf.view(m, 3, -1),
                       out=y.view(m, 3, -1))
-        if bool(q.jitter.any()):
+        if sync_free or bool(q.jitter.any()):
             torch.maximum(y, lo, out=y)
             torch.minimum(y, hi, out=y)
-        _subset_(y, q.gray, lambda v, j: _gray_normalized(v, w, mean, std))
-        _subset_(y, q.blur, lambda v, j, q=q: gaussian_blur(v, q.sigma[j], spec.kernel_size()))
-        _subset_(y, q.solarize, lambda v, j: torch.where(v >= thr, flipped - v, v))
+        _subset_(y, q.gray, lambda v, j: _gray_normalized(v, w, mean, std), sync_free)
+        _subset_(y, q.blur, lambda v, j, q=q: gaussian_blur(v, q.sigma[j], spec.kernel_size(), full=sync_free),
+                 sync_free)
+        _subset_(y, q.solarize, lambda v, j: torch.where(v >= thr, flipped - v, v), sync_free)
     return out
 
 
-def _subset_(y: torch.Tensor, mask: torch.Tensor, fn) -> None:
-    """In place: y[mask] = fn(y[mask], indices)."""
+def _subset_(y: torch.Tensor, mask: torch.Tensor, fn, sync_free: bool = False) -> None:
+    """In place: y[mask] = fn(y[mask], indices): only the masked samples are computed, or (`sync_free`) the
+    whole batch, selected with `where`, with no host synchronization (on a GPU a `nonzero` stops the queue of
+    kernels at every call)."""
+    if sync_free:
+        torch.where(mask.view(-1, 1, 1, 1), fn(y, slice(None)), y, out=y)
+        return
     idx = mask.nonzero().flatten()
     if idx.numel() == mask.numel():
         y.copy_(fn(y, slice(None)))

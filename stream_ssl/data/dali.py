@@ -37,7 +37,7 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,17 +51,15 @@ from stream_ssl.data.augment import (
     ViewSpec,
     decode_views,
     draw_geometry,
-    jitter_affine,
     photometric,
-    sample_params,
     to_chw,
 )
-from stream_ssl.data.loader import Batch, PlanDataset, TooManySkipped, image_bytes, sample_label
+from stream_ssl.data.encoded import UNDECODABLE, EncodedBatch, EncodedDataset, ViewDraws
+from stream_ssl.data.loader import Batch, TooManySkipped
 from stream_ssl.data.plan import Plan
 from stream_ssl.data.rng import FALLBACK, REPLACEMENT, batch_generator, batch_rng
 
 DALI_PACKAGES = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")
-UNDECODABLE = (OSError, ValueError, SyntaxError)  # ImageError is a ValueError
 
 
 def require_dali():
@@ -87,95 +85,6 @@ def dali_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Random draws (in the workers).
-
-
-@dataclass
-class ViewDraws:
-    """The pipeline inputs of one view for a batch of n images (numpy, per sample along axis 0)."""
-
-    roi_start: np.ndarray  # float32 (n, 2): top, left (full-image pixels)
-    roi_end: np.ndarray  # float32 (n, 2): bottom, right
-    flip: np.ndarray  # int32 (n,)
-    a: np.ndarray  # float32 (n, 3, 3): color jitter matrix
-    p: np.ndarray  # float32 (n, 3, 3): color jitter offset matrix (times the mean RGB)
-    gray: np.ndarray  # bool (n,)
-    blur: np.ndarray  # bool (n,)
-    sigma: np.ndarray  # float32 (n,)
-    solarize: np.ndarray  # bool (n,)
-
-    def take(self, idx) -> ViewDraws:
-        return ViewDraws(**{k: v[idx] for k, v in vars(self).items()})
-
-
-def draw_views(sizes: list[tuple[int, int]], specs: list[ViewSpec], rng: np.random.Generator,
-               g: torch.Generator) -> list[ViewDraws]:
-    """Every view's draws for images of `sizes` (w, h): geometry image by image (the order `decode_views`
-    draws in), then the photometric parameters view by view (the order the trainer draws in)."""
-    geometry = [draw_geometry(w, h, specs, rng) for w, h in sizes]
-    out = []
-    for v, spec in enumerate(specs):
-        params = sample_params(spec, len(sizes), g, "cpu")
-        a, pm = jitter_affine(params)
-        boxes = np.array([geo[v].box for geo in geometry], dtype=np.float32).reshape(-1, 4)
-        out.append(ViewDraws(
-            roi_start=np.ascontiguousarray(boxes[:, [1, 0]]), roi_end=np.ascontiguousarray(boxes[:, [3, 2]]),
-            flip=np.array([geo[v].flip for geo in geometry], dtype=np.int32),
-            a=a.numpy().astype(np.float32), p=pm.numpy().astype(np.float32), gray=params.gray.numpy(),
-            blur=params.blur.numpy(), sigma=params.sigma.numpy().astype(np.float32),
-            solarize=params.solarize.numpy()))
-    return out
-
-
-def check_encoded(data: bytes) -> tuple[int, int]:
-    """(width, height) of an image DALI can be fed, or ImageError/ValueError: header, pixel cap and the
-    structural end checks of `shard_tools.images.check_image` (no pixel is decoded)."""
-    checked = check_image(data, max_pixels=MAX_DECODE_PIXELS)
-    return checked.width, checked.height
-
-
-@dataclass
-class EncodedBatch(Batch):
-    """A batch before decoding: encoded images and every random draw (views stays empty)."""
-
-    data: list[np.ndarray] = field(default_factory=list)  # uint8 encoded bytes per sample
-    sizes: list[tuple[int, int]] = field(default_factory=list)
-    draws: list[ViewDraws] = field(default_factory=list)  # one per view
-
-
-class EncodedDataset(PlanDataset):
-    """The plan's batches of one rank as EncodedBatch: read, checked, drawn; not decoded."""
-
-    def make_batch(self, step: int, samples: list[dict], micro: int = 0) -> EncodedBatch:
-        datas, sizes, labels, keys, bad = [], [], [], [], 0
-        for s in samples:
-            try:
-                if "__error__" in s:
-                    raise ValueError(s["__error__"])
-                data = image_bytes(s)
-                sizes.append(check_encoded(data))
-                datas.append(np.frombuffer(data, dtype=np.uint8))
-                labels.append(sample_label(s))
-                keys.append(s["__key__"])
-            except UNDECODABLE as e:
-                self._last_error = f"{s.get('__url__', '?')} {s.get('__key__', '?')}: {e}"
-                bad += 1
-        if not datas:
-            raise RuntimeError(f"step {step}: no decodable image among {len(samples)} samples")
-        # Keep the batch full: an undecodable sample becomes another view of a good one (fresh draws).
-        for j in range(bad):
-            k = j % len(keys)
-            datas.append(datas[k])
-            sizes.append(sizes[k])
-            labels.append(labels[k])
-            keys.append(keys[k])
-        draws = draw_views(sizes, self.views, batch_rng(self.seed, step, self.rank, micro),
-                           batch_generator(self.seed, step, self.rank, micro))
-        return EncodedBatch(step, [], torch.tensor(labels, dtype=torch.int64), keys, bad, micro=micro,
-                            data=datas, sizes=sizes, draws=draws)
 
 
 # ----------------------------------------------------------------------------------------------------------
