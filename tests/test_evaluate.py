@@ -13,11 +13,9 @@ from scipy.linalg import sqrtm
 
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.plan import make_plan
+from stream_ssl.distance import feature_stats, frechet_distance, frechet_from_stats
 from stream_ssl.evaluate import (
     evaluate,
-    feature_stats,
-    frechet_distance,
-    frechet_from_stats,
     knn_accuracy,
     linear_probe,
     main,
