@@ -22,8 +22,8 @@ Per pair:
 - `kid`, `kid_std`: Kernel Inception Distance (Binkowski et al., ICLR 2018): the unbiased estimate of MMD^2 with
   the kernel k(x, y) = (x.y / d + 1)^3, averaged over `--kid-subsets` random subsets of `--kid-subset-size`
   samples per side (at most half the sample, so that draws differ); `kid_std` is the standard deviation over
-  the subsets (the standard error of the mean is kid_std / sqrt(subsets)). Unbiased at any m, so it is the one to trust at small sample sizes; it can come out
-  slightly negative when the sets are alike.
+  the subsets (the standard error of the mean is kid_std / sqrt(subsets)). Unbiased at any m, so it is the one
+  to trust at small sample sizes; it can come out slightly negative when the sets are alike.
 - `vdna`: a VisualDNA-style distance (Ramtoula et al., "Visual DNA", CVPR 2023): per feature dimension
   ("neuron"), histograms of both sets over a shared range (`--bins`, 1000 as in the paper) compared with the 1-D
   earth mover's distance, averaged over dimensions. With shared bins the 1-D EMD is the L1 distance between the

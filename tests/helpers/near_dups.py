@@ -61,8 +61,8 @@ def jpeg(im: Image.Image, quality: int = 90) -> bytes:
 
 def _crop(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     w, h = im.size
-    l, t, r, b = (float(v) for v in rng.uniform(0.02, 0.06, size=4))
-    return im.crop((round(l * w), round(t * h), w - round(r * w), h - round(b * h)))
+    left, top, right, bottom = (float(v) for v in rng.uniform(0.02, 0.06, size=4))
+    return im.crop((round(left * w), round(top * h), w - round(right * w), h - round(bottom * h)))
 
 
 def _colour(im: Image.Image, rng: np.random.Generator) -> Image.Image:
