@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update(seconds=seconds, workers=a.workers, images_per_second=sum(report["images"].values()) / seconds)
     if a.write_filtered:
         drops = dropped_keys(pool, report)
-        provenance = {"threshold": a.threshold, "against": a.against, "report": str(a.report)}
+        provenance = {"threshold": a.threshold, "against": a.against, "hash": HASH_VERSION}
         report["filtered"] = []
         for s, drop, (out, name) in zip(pool, drops, filtered_outputs(pool, a.write_filtered)):
             index = write_filtered(s, out, drop, a.shard_size, name, so, provenance)
