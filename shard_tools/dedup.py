@@ -101,7 +101,7 @@ def hash_pixels(gray: np.ndarray) -> np.ndarray:
     bit set where the coefficient is above the median of the 64; bit 63 (the highest) is coefficient (0, 0),
     then row-major."""
     d = dct_matrix(HASH_SIDE)[:LOW]
-    low = np.einsum("ai,kij,bj->kab", d, np.asarray(gray, dtype=np.float64), d).reshape(len(gray), LOW * LOW)
+    low = (d @ np.asarray(gray, dtype=np.float64) @ d.T).reshape(len(gray), LOW * LOW)
     bits = low > np.median(low, axis=1, keepdims=True)
     return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
 

@@ -27,10 +27,10 @@ from tests.helpers.packing import write_csv
 VARIANTS = ("reencode", "resize", "crop", "colour", "mixed")
 
 
-def photo(seed: int) -> Image.Image:
-    """A random photo-like RGB scene, 96-256 px per side."""
+def photo(seed: int, size: tuple[int, int] | None = None) -> Image.Image:
+    """A random photo-like RGB scene, 96-256 px per side (or `size`, (w, h))."""
     rng = np.random.default_rng([seed, 0xD0])
-    w, h = (int(v) for v in rng.integers(96, 257, size=2))
+    w, h = size or (int(v) for v in rng.integers(96, 257, size=2))
     fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
     amp = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / max(w, h)) ** 1.1
     channels = []
