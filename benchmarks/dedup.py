@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from shard_tools.dedup import DEFAULT_THRESHOLD, ZOOMS, hash_graph, hash_samples  # noqa: E402
+from shard_tools.dedup import DEFAULT_THRESHOLD, DEFAULT_VERIFY, VIEWS, WORDS, hash_graph, hash_samples  # noqa: E402
 from tests.helpers.near_dups import VARIANTS, jpeg, origin_of, photo, planted_sets, scores  # noqa: E402
 
 
@@ -84,17 +84,19 @@ def quality(a: argparse.Namespace, root: Path) -> tuple[Path, int]:
     keys = pool_keys(planted.pool)
     print(f"planted set: pool {planted.pool_images} images ({len(planted.groups)} originals with 1-2 variants, "
           f"{a.leaked} leaked variants), downstream {planted.down_images}; made in {time.perf_counter() - t0:.0f} s")
-    print("| threshold | group precision | group recall | leak precision | leak recall | "
+    print("| threshold (of 64) | verify (of 256) | group precision | group recall | leak precision | leak recall | "
           + " | ".join(f"recall {v}" for v in VARIANTS) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(VARIANTS))
-    for t in (6, 8, DEFAULT_THRESHOLD, 12):
-        path = root / f"report{t}.json"
+    print("|---|---|---|---|---|---|" + "---|" * len(VARIANTS))
+    settings = [(6, DEFAULT_VERIFY), (8, DEFAULT_VERIFY), (DEFAULT_THRESHOLD, 256), (DEFAULT_THRESHOLD, 64),
+                (DEFAULT_THRESHOLD, DEFAULT_VERIFY), (12, DEFAULT_VERIFY)]
+    for t, v in settings:
+        path = root / f"report{t}-{v}.json"
         run_dedup([str(planted.pool), "--against", str(planted.down), "--report", str(path), "--threshold", str(t),
-                   "--cache-dir", str(root / "cache")])
+                   "--verify-threshold", str(v), "--cache-dir", str(root / "cache")])
         report = json.loads(path.read_text())
         s = scores(report, planted, keys)
         per = per_variant_recall(report, keys, planted.leaked_origins)
-        print(f"| {t} | {s['group_precision']:.3f} ({s['found_pairs']} pairs) | {s['group_recall']:.3f} "
+        print(f"| {t} | {v} | {s['group_precision']:.3f} ({s['found_pairs']} pairs) | {s['group_recall']:.3f} "
               f"({s['true_pairs']} planted) | {s['leak_precision']:.3f} | {s['leak_recall']:.3f} "
               f"({s['true_leaked']} planted) | " + " | ".join(f"{per[v]:.3f}" for v in VARIANTS) + " |")
     return planted.pool, planted.pool_images
@@ -116,17 +118,16 @@ def hashing_speed(n: int) -> None:
     print(f"\nhashing 500x375 JPEGs (~{kb:.0f} KB, q90), {n} images, CPU time per image (best of 3):")
     print(f"  baseline: full PIL decode to RGB   {best['decode'] * 1e3:.2f} ms  "
           f"({1 / best['decode']:.0f} img/s per core)")
-    print(f"  dedup: draft decode + {1 + len(ZOOMS)} pHashes     {best['hash'] * 1e3:.2f} ms  "
+    print(f"  dedup: draft decode + {VIEWS} views x (64 + 256)-bit pHashes  {best['hash'] * 1e3:.2f} ms  "
           f"({1 / best['hash']:.0f} img/s per core)")
     print(f"  ratio hash / full decode (img/s): {best['decode'] / best['hash']:.2f}")
 
 
 def search_speed(n: int) -> None:
     rng = np.random.default_rng(0)
-    print(f"\nexact banded search, random signatures ({1 + len(ZOOMS)} hashes an image), threshold "
-          f"{DEFAULT_THRESHOLD}:")
+    print(f"\nexact banded search, random signatures ({VIEWS} views an image), threshold {DEFAULT_THRESHOLD}:")
     for m in (n // 10, n):
-        sig = rng.integers(0, 2**64 - 1, size=(m, 1 + len(ZOOMS)), dtype=np.uint64)
+        sig = rng.integers(0, 2**64 - 1, size=(m, VIEWS, WORDS), dtype=np.uint64)
         c = time.process_time()
         g = hash_graph(sig, DEFAULT_THRESHOLD)
         s = time.process_time() - c

@@ -782,6 +782,7 @@ def gain_plot(rows: list[dict], path: Path, metric: str = "knn", title: str = ""
             text = f"{r['method']} ({r['source']}) → {r['downstream']}" if several else f"→ {r['downstream']}"
             ax.annotate(text, (r[d], r["gain"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.axhline(0.0, color="gray", linewidth=0.8)
+        ax.margins(x=0.3, y=0.15)  # room for the labels
         ax.set_xlabel(f"{name} (source vs downstream)")
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel(f"gain in {label},\nsmallest to largest N")

@@ -224,3 +224,15 @@ def test_a_run_trains_on_the_filtered_set(report, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 64 // 16 and summary["plan"]["unique_samples"] == len(pool_keys(root / "filtered"))
+
+
+def test_a_candidate_far_on_the_256_bit_hash_is_not_a_near_copy():
+    from shard_tools.dedup import VIEWS, WORDS, hash_graph
+
+    sig = np.zeros((3, VIEWS, WORDS), np.uint64)
+    sig[:, :, 0] = np.uint64(0xFFFF)  # every view of every image: the same 64-bit hash
+    sig[1, :, 1:] = np.uint64(1)  # image 1: 4 bits from image 0 on the 256-bit hash
+    sig[2, :, 1:] = np.uint64(2**40 - 1)  # image 2: 160 bits from image 0, 164 from image 1
+    g = hash_graph(sig, threshold=0, verify=72)
+    assert (g.size, g.a.tolist(), g.b.tolist(), g.fine.tolist()) == (3, [0], [1], [4])
+    assert hash_graph(sig, threshold=0, verify=256).a.tolist() == [0, 0, 1]
