@@ -61,6 +61,7 @@ from stream_ssl.evaluate import (
     open_set,
     resolve_device,
     sample_set,
+    write_result,
 )
 from stream_ssl.models.backbone import create_backbone
 
@@ -388,12 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text, table = json.dumps(result, indent=1), markdown_table(result)
-    print(table if a.markdown else text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-        a.out.with_suffix(".md").write_text(table + "\n")
+    write_result(result, markdown_table(result), a.markdown, a.out)
     return 0
 
 

@@ -534,14 +534,19 @@ def main(argv: list[str] | None = None) -> int:
     if lin.get("unconverged_C"):
         print(f"note: the linear probe stopped at its cap of {lin['max_iter']} L-BFGS iterations for C = "
               f"{_c_list(lin['unconverged_C'])} (chosen: C = {lin['C']:g})", file=sys.stderr)
-    text = json.dumps(result, indent=1)
-    table = markdown_table(result)
-    print(table if a.markdown else text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-        a.out.with_suffix(".md").write_text(table + "\n")
+    write_result(result, markdown_table(result), a.markdown, a.out)
     return 0
+
+
+def write_result(result: dict, table: str, markdown: bool, out: Path | None) -> None:
+    """A command's result: JSON (or with `markdown` the table) on stdout; with `out`, the JSON there and the
+    table next to it (.md)."""
+    text = json.dumps(result, indent=1)
+    print(table if markdown else text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        out.with_suffix(".md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

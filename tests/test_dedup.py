@@ -236,3 +236,18 @@ def test_a_candidate_far_on_the_256_bit_hash_is_not_a_near_copy():
     g = hash_graph(sig, threshold=0, verify=72)
     assert (g.size, g.a.tolist(), g.b.tolist(), g.fine.tolist()) == (3, [0], [1], [4])
     assert hash_graph(sig, threshold=0, verify=256).a.tolist() == [0, 0, 1]
+
+
+def test_several_pool_sets_are_one_pool_and_filter_into_one_folder_each(planted, report, tmp_path):
+    _, root, _ = report
+    path = tmp_path / "r.json"
+    assert main([str(planted.pool), str(planted.down), "--report", str(path), "--cache-dir", str(root / "cache"),
+                 "--write-filtered", str(tmp_path / "out"), "--no-progress"]) == 0
+    r = json.loads(path.read_text())
+    # the leaked variants now pair with their downstream originals inside the pool, across the two sets
+    across = [sets for sets in r["group_sets"] if len(set(sets)) == 2]
+    assert len(across) == 10 and all(sets[0] == str(planted.pool) for sets in across)
+    assert r["leaked"] == [] and r["against"] == []
+    assert verify(str(tmp_path / "out" / "pool")) and verify(str(tmp_path / "out" / "down"))
+    # the first of each group (set order: the pool's variant) stays, its downstream original goes
+    assert len(pool_keys(tmp_path / "out" / "down")) == planted.down_images - 10
