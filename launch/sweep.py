@@ -5,7 +5,8 @@ seed), evaluate every run on every downstream set, and collect the study's table
     python launch/sweep.py configs/sweeps/demo.yaml --dry-run    # list cells (done / to do) and their commands
     python launch/sweep.py configs/sweeps/demo.yaml --slurm      # write OUT/sweep.sbatch (one array task a cell)
     python launch/sweep.py configs/sweeps/demo.yaml --cell 3     # one cell: train + evaluate (what a task runs)
-    python launch/sweep.py configs/sweeps/demo.yaml --collect    # results.csv, results.md, diversity.png
+    python launch/sweep.py configs/sweeps/demo.yaml --collect    # results.csv, results.md, diversity.png,
+                                                                 # gain_vs_distance.png
 
 A sweep file (YAML; relative paths are taken from the current folder, normally the repository root):
 
@@ -74,7 +75,9 @@ SLURM_DEFAULTS = {"partition": None, "account": None, "time": "24:00:00", "gpus"
                   "max_parallel": None, "setup": [], "extra": []}
 CSV_COLUMNS = ("cell", "method", "source", "data", "mix", "backbone", "image_size", "unique", "N", "C", "D", "passes",
                "steps", "global_batch", "seed", "downstream", "knn_k20", "knn_k200", "linear_top1", "linear_top5",
-               "frechet", "distance_samples", "final_loss", "train_seconds", "eval_seconds", "run")
+               "frechet", "kid", "kid_std", "vdna", "distance_samples", "final_loss", "train_seconds",
+               "eval_seconds", "run")
+DISTANCES = (("frechet", "Frechet distance"), ("kid", "KID"), ("vdna", "VisualDNA EMD"))
 
 
 class SweepError(ValueError):
@@ -290,8 +293,13 @@ def train_command(sweep: Sweep, cell: Cell, python: str | None = None) -> list[s
     return [python or sys.executable, str(TRAIN), "--config", str(config)]
 
 
-def eval_signature(sweep: Sweep) -> dict:
-    return {"downstream": sweep.downstream, "evaluate": sweep.evaluate}
+def eval_signature(sweep: Sweep, distance: bool = True) -> dict:
+    """What an evaluation's results depend on: a saved eval.json with another signature is redone. The
+    protocol (evaluation view, probe cap, distances) is part of it, so a changed protocol re-evaluates."""
+    from stream_ssl.evaluate import EVAL_PROTOCOL
+
+    evaluate = sweep.evaluate if distance else {**sweep.evaluate, "distance": False}
+    return json.loads(json.dumps({"downstream": sweep.downstream, "evaluate": evaluate, "protocol": EVAL_PROTOCOL}))
 
 
 def trained(cell: Cell) -> bool:
@@ -313,7 +321,7 @@ def evaluated(sweep: Sweep, cell: Cell) -> bool:
         saved = json.loads(cell.eval_path.read_text())
     except json.JSONDecodeError:
         return False
-    return saved.get("signature") == json.loads(json.dumps(eval_signature(sweep)))
+    return saved.get("signature") == eval_signature(sweep)
 
 
 def cell_done(sweep: Sweep, cell: Cell) -> bool:
@@ -461,8 +469,7 @@ def ensure_baselines(sweep: Sweep, log=print) -> None:
     from stream_ssl.models.backbone import create_backbone
 
     names = list(sweep.downstream)
-    signature = {"downstream": sweep.downstream, "evaluate": {**sweep.evaluate, "distance": False}}
-    signature = json.loads(json.dumps(signature))
+    signature = eval_signature(sweep, distance=False)
     for method in sweep.methods:
         for seed in sweep.seeds:
             run = baseline_run(sweep, method, seed)
@@ -611,7 +618,8 @@ def result_rows(sweep: Sweep) -> tuple[list[dict], list[Cell]]:
             dist = r.get("distance", {})
             rows.append({**base, "downstream": down, "knn_k20": knn.get("k20_t0.07"), "knn_k200": knn.get("k200_t0.1"),
                          "linear_top1": lin.get("top1"), "linear_top5": lin.get("top5"),
-                         "frechet": dist.get("frechet"), "distance_samples": dist.get("samples"),
+                         "frechet": dist.get("frechet"), "kid": dist.get("kid"), "kid_std": dist.get("kid_std"),
+                         "vdna": dist.get("vdna"), "distance_samples": dist.get("samples"),
                          "eval_seconds": r.get("seconds")})
     return rows, missing
 
@@ -642,8 +650,8 @@ def grouped(rows: list[dict]) -> list[dict]:
     for (down, method, source, n), rs in groups.items():
         g = {"downstream": down, "method": method, "source": source, "N": n, "seeds": len(rs),
              "baseline": bool(rs[0].get("baseline"))}
-        for key in ("D", "passes", "steps", "knn_k20", "knn_k200", "linear_top1", "linear_top5", "frechet",
-                    "final_loss", "train_seconds"):
+        for key in ("D", "passes", "steps", "knn_k20", "knn_k200", "linear_top1", "linear_top5", "frechet", "kid",
+                    "vdna", "final_loss", "train_seconds"):
             g[key], g[key + "_std"] = _mean_std([r.get(key) for r in rs])
         out.append(g)
     out.sort(key=lambda g: (g["downstream"], g["baseline"], g["method"], g["source"], g["N"] or 0))
@@ -659,16 +667,20 @@ def _fmt(value, std=None, digits=3) -> str:
     return text
 
 
+def _sci(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
+
+
 def markdown(groups: list[dict]) -> str:
     cols = ["downstream", "method", "source", "N", "D", "passes", "steps", "final loss", "kNN k=20", "kNN k=200",
-            "linear top-1", "Frechet", "seeds"]
+            "linear top-1", "Frechet", "KID", "VisualDNA", "seeds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for g in groups:
         cells = [g["downstream"], g["method"], g["source"], str(g["N"]), _fmt(g["D"], digits=4),
                  _fmt(g["passes"], digits=1), _fmt(g["steps"], digits=0), _fmt(g["final_loss"], digits=3),
                  _fmt(g["knn_k20"], g["knn_k20_std"]),
                  _fmt(g["knn_k200"], g["knn_k200_std"]), _fmt(g["linear_top1"], g["linear_top1_std"]),
-                 _fmt(g["frechet"], g["frechet_std"], digits=2), str(g["seeds"])]
+                 _fmt(g["frechet"], g["frechet_std"], digits=2), _sci(g["kid"]), _sci(g["vdna"]), str(g["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -679,8 +691,7 @@ def plot(groups: list[dict], path: Path, metric: str = "knn", title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "knn_k20" if metric == "knn" else "linear_top1"
-    label = "kNN top-1 (k=20, T=0.07)" if metric == "knn" else "linear probe top-1"
+    key, label = _metric_key(metric)
     lines: dict[tuple, list[dict]] = {}
     baselines = [g for g in groups if g["baseline"] and not math.isnan(g[key])]
     for g in groups:
@@ -717,8 +728,77 @@ def plot(groups: list[dict], path: Path, metric: str = "knn", title: str = "") -
     plt.close(fig)
 
 
+def _metric_key(metric: str) -> tuple[str, str]:
+    return ("knn_k20", "kNN top-1 (k=20, T=0.07)") if metric == "knn" else ("linear_top1", "linear probe top-1")
+
+
+def _nan(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def gains(groups: list[dict], metric: str = "knn") -> list[dict]:
+    """Per (method, source, downstream): accuracy (mean over seeds) at the smallest and the largest N, the gain
+    between them, and the distances from the source to the downstream set measured with the largest-N encoder."""
+    key, _ = _metric_key(metric)
+    lines: dict[tuple, list[dict]] = {}
+    for g in groups:
+        if not g["baseline"] and g["N"] is not None and not _nan(g[key]):
+            lines.setdefault((g["method"], g["source"], g["downstream"]), []).append(g)
+    out = []
+    for (method, source, down), gs in sorted(lines.items()):
+        if len(gs) < 2:
+            continue
+        lo, hi = min(gs, key=lambda g: g["N"]), max(gs, key=lambda g: g["N"])
+        out.append({"method": method, "source": source, "downstream": down, "N_small": lo["N"], "N_large": hi["N"],
+                    "acc_small": lo[key], "acc_large": hi[key], "gain": hi[key] - lo[key],
+                    **{d: hi[d] for d, _ in DISTANCES}})
+    return out
+
+
+def gains_markdown(rows: list[dict], metric: str = "knn") -> str:
+    _, label = _metric_key(metric)
+    lines = [f"| method | source | downstream | N small → large | {label} small → large | gain | Frechet | KID | "
+             "VisualDNA |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['source']} | {r['downstream']} | {r['N_small']} → {r['N_large']} | "
+                     f"{_fmt(r['acc_small'])} → {_fmt(r['acc_large'])} | {r['gain']:+.3f} | "
+                     f"{_fmt(r['frechet'], digits=2)} | {_sci(r['kid'])} | {_sci(r['vdna'])} |")
+    return "\n".join(lines)
+
+
+def gain_plot(rows: list[dict], path: Path, metric: str = "knn", title: str = "") -> None:
+    """Gain from the smallest to the largest N against the distance to the downstream set: one point per
+    method x source x downstream, one panel per distance (those the sweep measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, label = _metric_key(metric)
+    panels = [(d, name) for d, name in DISTANCES if any(not _nan(r[d]) for r in rows)] or [DISTANCES[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), dpi=120, squeeze=False)
+    several = len({(r["method"], r["source"]) for r in rows}) > 1
+    for ax, (d, name) in zip(axes[0], panels):
+        for r in rows:
+            if _nan(r[d]):
+                continue
+            ax.scatter([r[d]], [r["gain"]], s=36)
+            text = f"{r['method']} ({r['source']}) → {r['downstream']}" if several else f"→ {r['downstream']}"
+            ax.annotate(text, (r[d], r["gain"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        ax.margins(x=0.3, y=0.15)  # room for the labels
+        ax.set_xlabel(f"{name} (source vs downstream)")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel(f"gain in {label},\nsmallest to largest N")
+    fig.suptitle(title or "accuracy gain from more unique samples vs distance", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def collect(sweep: Sweep, log=print) -> dict:
-    """results.csv (one row per cell and downstream set), results.md (mean ± std over seeds), diversity.png."""
+    """results.csv (one row per cell and downstream set), results.md (mean ± std over seeds, and the gain from
+    the smallest to the largest N with the distances), diversity.png, gain_vs_distance.png."""
     sweep.out.mkdir(parents=True, exist_ok=True)
     rows, missing = result_rows(sweep)
     for c in missing:
@@ -728,12 +808,18 @@ def collect(sweep: Sweep, log=print) -> dict:
     write_csv(rows, sweep.out / "results.csv")
     groups = grouped(rows)
     table = markdown(groups)
+    gain_rows = gains(groups, sweep.metric)
     header = (f"{sweep.name}: budget C = {sweep.budget}, {len(sweep.cells) - len(missing)} of {len(sweep.cells)} "
               f"cells; accuracy mean ± std over seeds")
-    (sweep.out / "results.md").write_text(f"{header}\n\n{table}\n")
-    plot(groups, sweep.out / "diversity.png", sweep.metric, title=f"{sweep.name}: budget C = {sweep.budget}")
-    return {"rows": rows, "groups": groups, "table": table, "missing": [c.name for c in missing],
-            "csv": sweep.out / "results.csv", "markdown": sweep.out / "results.md", "plot": sweep.out / "diversity.png"}
+    gain_text = (f"Gain from the smallest to the largest N (means over seeds) and the distances from the source to "
+                 f"the downstream set (largest-N encoder):\n\n{gains_markdown(gain_rows, sweep.metric)}\n")
+    (sweep.out / "results.md").write_text(f"{header}\n\n{table}\n\n{gain_text}")
+    title = f"{sweep.name}: budget C = {sweep.budget}"
+    plot(groups, sweep.out / "diversity.png", sweep.metric, title=title)
+    gain_plot(gain_rows, sweep.out / "gain_vs_distance.png", sweep.metric, title=title)
+    return {"rows": rows, "groups": groups, "table": table, "gains": gain_rows, "missing": [c.name for c in missing],
+            "csv": sweep.out / "results.csv", "markdown": sweep.out / "results.md", "plot": sweep.out / "diversity.png",
+            "gain_plot": sweep.out / "gain_vs_distance.png"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -748,7 +834,7 @@ def describe(sweep: Sweep, config_arg: str) -> str:
         status = "done" if cell_done(sweep, c) else ("trained, to evaluate" if trained(c) else "to do")
         lines.append(f"cell {c.index} {c.name} [{status}]: {shlex.join(train_command(sweep, c))}")
     lines.append(f"# then: evaluate on {', '.join(sweep.downstream) or 'nothing'}; collect into "
-                 f"{sweep.out}/results.csv, results.md, diversity.png")
+                 f"{sweep.out}/results.csv, results.md, diversity.png, gain_vs_distance.png")
     return "\n".join(lines)
 
 
@@ -795,7 +881,7 @@ def _run(a: argparse.Namespace) -> int:
     result = collect(sweep)
     print()
     print(result["table"])
-    print(f"\n[sweep] {result['csv']}, {result['markdown']}, {result['plot']}")
+    print(f"\n[sweep] {result['csv']}, {result['markdown']}, {result['plot']}, {result['gain_plot']}")
     return 1 if failed or result["missing"] else 0
 
 

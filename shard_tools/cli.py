@@ -111,6 +111,7 @@ SHARD_TOOLS: Commands = {
     "generate": ("shard_tools.generate", "diffusion-generated images (made here or ingested) as a shard set"),
     "manifest": ("shard_tools.manifest", "list a folder of images as a manifest CSV"),
     "synth": ("shard_tools.synth", "render a labeled procedural image set and its manifest"),
+    "dedup": ("shard_tools.dedup", "near-duplicates within shard sets and leakage into downstream sets (pHash)"),
 }
 
 

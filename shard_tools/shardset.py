@@ -137,6 +137,32 @@ def shard_name(name: str, i: int) -> str:
     return f"{name}-{i:06d}.tar"
 
 
+def parse_tar_bytes(data: bytes, where: str) -> list[dict]:
+    """Group the members of a tar fragment into samples: [{'__key__': key, ext: bytes, ...}] in order.
+    (For tars without an `.idx`; the reader itself cuts samples with the `.idx`.)"""
+    import io
+    import tarfile
+
+    samples: list[dict] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                key, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                key = m.name[: len(m.name) - len(base)] + key
+                if not samples or samples[-1]["__key__"] != key:
+                    samples.append({"__key__": key})
+                if ext.lower() in SAFE_EXTS:
+                    samples[-1][ext.lower()] = tar.extractfile(m).read()
+    except tarfile.TarError as e:
+        raise OSError(f"{where}: corrupt tar data ({e})") from e
+    return samples
+
+
 def split_member(name: str) -> tuple[str, str] | None:
     """(key, ext) of a tar member the way readers group samples: the key is the folder plus the file name up
     to its first dot, the extension everything after it. None for members without an extension."""

@@ -10,7 +10,8 @@ COMMANDS: Commands = {
     "train": ("stream_ssl.train", "pretrain at a fixed budget C with N unique samples (one process; many: "
                                   "accelerate launch stream_ssl/train.py)"),
     "plan": ("stream_ssl.plan", "print the plan of a run (passes, steps, reads, cache) or the keys a rank reads"),
-    "evaluate": ("stream_ssl.evaluate", "kNN, linear probe and Frechet distance of a trained backbone"),
+    "evaluate": ("stream_ssl.evaluate", "kNN, linear probe and distances of a trained backbone"),
+    "distance": ("stream_ssl.distance", "Frechet, KID and VisualDNA distances between shard sets, before training"),
     "sweep": ("launch.sweep", "the diversity sweep: train and evaluate every N (x method x source x seed), "
                               "then the table and plot"),
 }

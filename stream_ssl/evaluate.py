@@ -3,25 +3,29 @@
     python -m stream_ssl.evaluate --checkpoint runs/simclr --train shards/down_train --test shards/down_test \
         --knn --linear --distance --out runs/simclr/eval_down.json
 
-Features are the frozen backbone's pooled outputs on one center view per image (resize the shorter side,
-center crop to the run's image size), read straight from the shard sets (local, s3://, http(s)://).
+Features are the frozen backbone's pooled outputs, in float32, on one view per image, read straight from the
+shard sets (local, s3://, http(s)://). The view is the standard ImageNet evaluation view (torchvision's and
+timm's): a full decode (no reduced-resolution JPEG decoding, which training uses), the shorter side resized to
+floor(S / 0.875) (bilinear, antialiased), center crop S x S, S the run's image size (`EVAL_VIEW`).
 
 - kNN (`--knn`, also the default when nothing else is asked): L2-normalized features, cosine similarity, the k
   nearest training samples vote for their class with weight exp(sim / T); reported at k=20, T=0.07 (DINO) and
   k=200, T=0.1 (the CIFAR-style setting).
-- Linear probe (`--linear`): multinomial logistic regression (L-BFGS) on standardized features (mean and
-  scale from the training set). The inverse regularization C is chosen from a grid on a stratified 20%
-  held-out split of `--train`, then the probe is refitted on all of `--train` and scored on `--test`: top-1,
-  and top-5 when there are at least 10 classes.
-- Distribution distance (`--distance [POOL ...]`): Frechet distance |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)
-  between the features (same encoder) of the pretraining pool and of the downstream set, the study's proxy for
-  how far the downstream data is from what the model was trained on. Without arguments the pool is the run's
-  own pool of N unique samples, rebuilt from its config.json by the plan (same data, N, mix and seed), or with
-  `--distance-of source` the whole data that pool is drawn from (the largest pool its data and mix allow; the
-  sweep uses this, so runs with different N are compared on the same samples); with shard sets as arguments,
-  the pool is those sets. The downstream set is `--train`. Both sides use the same
-  number of samples m = min(--distance-samples, pool size, downstream size), because the estimate depends on
-  the sample count (it is biased upwards for small m): compare distances computed with the same m. The m pool
+- Linear probe (`--linear`): multinomial logistic regression (L-BFGS, at most 1000 iterations) on standardized
+  features (mean and scale from the training set). The inverse regularization C is chosen from a grid on a
+  stratified 20% held-out split of `--train`, then the probe is refitted on all of `--train` and scored on
+  `--test`: top-1, and top-5 when there are at least 10 classes. A fit that stops at the iteration cap is
+  reported (`converged`, `unconverged_C`), not hidden.
+- Distribution distance (`--distance [POOL ...]`): between the features (same encoder) of the pretraining pool
+  and of the downstream set, the study's proxy for how far the downstream data is from what the model was
+  trained on: Frechet distance |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), KID (with its std over subsets)
+  and the VisualDNA-style EMD, all computed by `stream_ssl.distance.distances` (see there). Without arguments
+  the pool is the run's own pool of N unique samples, rebuilt from its config.json by the plan (same data, N,
+  mix and seed), or with `--distance-of source` the whole data that pool is drawn from (the largest pool its
+  data and mix allow; the sweep uses this, so runs with different N are compared on the same samples); with
+  shard sets as arguments, the pool is those sets. The downstream set is `--train`. Both sides use the same
+  number of samples m = min(--distance-samples, pool size, downstream size), because the estimates depend on
+  the sample count (Frechet is biased upwards for small m): compare distances computed with the same m. The m pool
   samples are spread over the pool's shard slices in proportion to their sizes (a prefix of each slice, which
   is a uniform random subset because packing shuffles), the m downstream samples are a seeded random subset.
 
@@ -57,7 +61,15 @@ from stream_ssl.models.backbone import create_backbone
 
 KNN_SETTINGS = ((20, 0.07), (200, 0.1))  # (k, temperature)
 LINEAR_C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # inverse L2 strength, chosen on the held-out split
+LINEAR_MAX_ITER = 1000
 DISTANCE_SAMPLES = 5000
+CROP_FRACTION = 0.875
+# The evaluation view (see the module docstring).
+EVAL_VIEW = {"decode": "full", "resize": f"shorter side to floor(S / {CROP_FRACTION}), bilinear, antialiased",
+             "crop": "center, S x S", "normalize": "ImageNet mean/std", "features": "float32"}
+# What evaluation results depend on besides the sweep's settings (a sweep re-evaluates its cells when it changes).
+EVAL_PROTOCOL = {"view": EVAL_VIEW, "linear_max_iter": LINEAR_MAX_ITER, "distances": ["frechet", "kid", "vdna"]}
+SAMPLE_RUN = 64  # the distance sample of a shard set: runs of about this many consecutive samples
 
 
 def load_backbone(run: Path) -> tuple[torch.nn.Module, dict]:
@@ -96,7 +108,9 @@ def features_of_slices(model: torch.nn.Module, sets: Sequence[ShardSet], pieces:
                        storage_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (float32, CPU) and labels (-1 where a sample has none) of the samples in `pieces`, in order.
 
-    Images are decoded by `workers` threads (default: the CPU count - 1, at most 8; PIL releases the GIL)."""
+    Each image is fully decoded and cut to the evaluation view (`EVAL_VIEW`); the model runs in float32 even
+    when called under autocast. Images are decoded by `workers` threads (default: the CPU count - 1, at most 8;
+    PIL releases the GIL)."""
     reader = ShardReader(tuple(sets), storage_options)
     total = sum(len(p) for p in pieces)
     bar = _progress(total, progress if isinstance(progress, str) else "features", bool(progress))
@@ -105,12 +119,13 @@ def features_of_slices(model: torch.nn.Module, sets: Sequence[ShardSet], pieces:
     feats, labels, pending = [], [], []
 
     def view(data: bytes) -> np.ndarray:
-        return center_view(decode_rgb(data, image_size), image_size)
+        return center_view(decode_rgb(data), image_size, CROP_FRACTION)
 
     def flush():
         images = list(pool.map(view, [d for d, _ in pending]) if pool else map(view, [d for d, _ in pending]))
         x = normalize(to_chw(images).to(device).float() / 255.0)
-        feats.append(model(x).float().cpu())
+        with torch.autocast(torch.device(device).type, enabled=False):
+            feats.append(model(x).float().cpu())
         labels.extend(y for _, y in pending)
         if bar is not None:
             bar.update(len(pending))
@@ -162,7 +177,12 @@ def extract_features(model: torch.nn.Module, shard_set: ShardSet, image_size: in
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
-    """Weighted kNN on cosine similarity: each of the k nearest votes exp(sim / T) for its class."""
+    """Weighted kNN on cosine similarity: each of the k nearest votes exp(sim / T) for its class.
+
+    The weights are computed as exp((sim - max sim) / T), the same votes up to a positive factor per test
+    sample, so small temperatures neither overflow (inf votes) nor underflow (all-zero votes)."""
+    if not temperature > 0:
+        raise ValueError(f"the kNN temperature must be > 0, got {temperature}")
     dev = train_x.device  # runs where the features are (the evaluation moves them to the GPU when it has one)
     train_x = F.normalize(train_x.float(), dim=1)
     test_x = F.normalize(test_x.float().to(dev), dim=1)
@@ -175,7 +195,7 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         sim = test_x[i:i + chunk] @ train_x.T
         top, idx = sim.topk(k, dim=1)
         votes = torch.zeros(len(top), classes, device=dev)
-        votes.scatter_add_(1, train_y[idx], (top / temperature).exp())
+        votes.scatter_add_(1, train_y[idx], ((top - top[:, :1]) / temperature).exp())  # top-k is sorted
         correct += (votes.argmax(1) == test_y[i:i + chunk]).sum().item()
     return correct / len(test_x)
 
@@ -193,28 +213,32 @@ def _topk(proba: np.ndarray, classes: np.ndarray, y: np.ndarray, k: int) -> floa
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
+    """A fitted multinomial logistic regression and whether L-BFGS converged before `max_iter` iterations
+    (sklearn's ConvergenceWarning is caught and turned into that flag)."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     clf = LogisticRegression(C=c, max_iter=max_iter, tol=1e-4)  # lbfgs: multinomial for > 2 classes
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
         clf.fit(x, y)
-    return clf
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return clf, converged and int(np.max(clf.n_iter_)) < max_iter
 
 
 def linear_probe(train_x: torch.Tensor | np.ndarray, train_y: torch.Tensor | np.ndarray,
                  test_x: torch.Tensor | np.ndarray, test_y: torch.Tensor | np.ndarray,
                  c_grid: Sequence[float] = LINEAR_C_GRID, val_fraction: float = 0.2, seed: int = 0,
-                 max_iter: int = 500) -> dict:
+                 max_iter: int = LINEAR_MAX_ITER) -> dict:
     """Multinomial logistic regression on standardized frozen features.
 
     C (inverse L2 strength) is picked from `c_grid` by top-1 on a stratified `val_fraction` split of the
     training set (standardized with the fitting part's statistics); the probe is then refitted with that C on
-    the whole training set. Returns top-1 (and top-5 with >= 10 classes) on the test set, the chosen C and the
-    held-out accuracy of every C."""
+    the whole training set. Returns top-1 (and top-5 with >= 10 classes) on the test set, the chosen C, the
+    held-out accuracy of every C, whether the final fit converged within `max_iter` L-BFGS iterations
+    (`converged`) and every C whose fit (held-out or final) stopped at the cap (`unconverged_C`)."""
     from sklearn.model_selection import train_test_split
 
     xtr, ytr = np.asarray(train_x, dtype=np.float64), np.asarray(train_y)
@@ -227,57 +251,25 @@ def linear_probe(train_x: torch.Tensor | np.ndarray, train_y: torch.Tensor | np.
     n_val = max(len(classes), int(round(val_fraction * len(ytr))))
     fit_i, val_i = train_test_split(np.arange(len(ytr)), test_size=n_val, random_state=seed, stratify=stratify)
     a, b = _standardize(xtr[fit_i], xtr[val_i])
-    scores = {}
+    scores, unconverged = {}, []
     for c in c_grid:
-        clf = _fit_logistic(a, ytr[fit_i], c, max_iter)
+        clf, ok = _fit_logistic(a, ytr[fit_i], c, max_iter)
         scores[c] = float((clf.predict(b) == ytr[val_i]).mean())
+        unconverged += [] if ok else [c]
     best = max(c_grid, key=lambda c: (scores[c], -c))  # ties: the stronger regularization
     a, b = _standardize(xtr, xte)
-    clf = _fit_logistic(a, ytr, best, max_iter)
+    clf, converged = _fit_logistic(a, ytr, best, max_iter)
     proba = clf.predict_proba(b)
     out = {"top1": _topk(proba, clf.classes_, yte, 1), "C": best, "val_top1": scores[best],
-           "val_top1_by_C": {f"{c:g}": s for c, s in scores.items()}}
+           "val_top1_by_C": {f"{c:g}": s for c, s in scores.items()}, "converged": converged,
+           "max_iter": max_iter, "unconverged_C": sorted(set(unconverged + ([] if converged else [best])))}
     if len(classes) >= 10:
         out["top5"] = _topk(proba, clf.classes_, yte, 5)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Frechet distance.
-
-
-def feature_stats(x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (unbiased) covariance of the rows of `x`, in float64."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or len(x) < 2:
-        raise ValueError("need a 2-D array with at least 2 rows")
-    return x.mean(0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
-
-
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-
-def frechet_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) for covariance matrices S1, S2 (symmetric PSD).
-
-    Tr((S1 S2)^1/2) is the sum of the square roots of the eigenvalues of S1 S2, which are those of the symmetric
-    PSD matrix S1^1/2 S2 S1^1/2: computed with symmetric eigendecompositions only (no complex sqrtm residue)."""
-    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
-    s1, s2 = np.atleast_2d(np.asarray(s1, dtype=np.float64)), np.atleast_2d(np.asarray(s2, dtype=np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"shape mismatch: means {mu1.shape}, {mu2.shape}; covariances {s1.shape}, {s2.shape}")
-    r = _psd_sqrt(s1)
-    m = r @ s2 @ r
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
-    return max(d, 0.0)
-
-
-def frechet_distance(x1: torch.Tensor | np.ndarray, x2: torch.Tensor | np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (rows are samples)."""
-    return frechet_from_stats(*feature_stats(x1), *feature_stats(x2))
+# Pools and samples.
 
 
 def spread(total: int, sizes: Sequence[int]) -> list[int]:
@@ -347,11 +339,35 @@ def sample_pieces(pieces: Sequence[Slice], m: int) -> list[Slice]:
     return [Slice(p.source, p.shard, p.start, p.start + t) for p, t in zip(pieces, take) if t > 0]
 
 
+def sample_set(shard_set: ShardSet, m: int, seed: int = 0, run: int = SAMPLE_RUN) -> list[Slice]:
+    """A seeded sample of min(m, size) samples of a shard set, as slices (source 0) in shard order.
+
+    Shards are taken in a seeded random order until they hold m samples and number at least m / `run`; m is
+    spread over them in proportion to their sizes, and each takes a window at a seeded random position. Few,
+    long reads (good for object stores); a uniform random subset when the set was packed (packing shuffles
+    globally), else runs of about `run` consecutive samples from random shards."""
+    sizes = np.array([s.samples for s in shard_set.shards], dtype=np.int64)
+    m = int(min(m, sizes.sum()))
+    if m <= 0:
+        return []
+    rng = np.random.default_rng([seed, 0x5E7])
+    order = rng.permutation(len(sizes))
+    enough = int(np.searchsorted(np.cumsum(sizes[order]), m)) + 1
+    chosen = np.sort(order[:max(enough, min(len(sizes), -(-m // run)))])
+    take = spread(m, sizes[chosen].tolist())
+    pieces = []
+    for shard, t in zip(chosen.tolist(), take):
+        if t > 0:
+            start = int(rng.integers(0, int(sizes[shard]) - t + 1))
+            pieces.append(Slice(0, shard, start, start + t))
+    return pieces
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The evaluation of one run.
 
 
-def _resolve_device(device: str | None) -> str:
+def resolve_device(device: str | None) -> str:
     if device:
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -368,20 +384,11 @@ def evaluate_sets(run: Path, downstream: Sequence[tuple[str, str]], knn: bool = 
     fsspec options for every URL (as train.py's --storage-options; default: the environment's)."""
     so = storage_options
     t0 = time.perf_counter()
-    device = _resolve_device(device)
+    device = resolve_device(device)
     model, cfg = load_backbone(run)
     model.to(device)
     size = int(cfg["image_size"])
-    pool = None
-    if distance:
-        if distance is True or distance in ("pool", "source"):
-            sets, pieces, desc = run_pool(cfg, whole_source=distance == "source", storage_options=so)
-        elif isinstance(distance, str):
-            raise ValueError(f"distance: expected pool, source or shard sets, got {distance!r}")
-        else:
-            sets, pieces, desc = sets_pool(list(distance), so)
-        pool = {"sets": sets, "pieces": pieces, "desc": desc, "size": sum(len(p) for p in pieces), "feats": None}
-
+    pool = _distance_pool(cfg, distance, so)
     results = []
     for train, test in downstream:
         t1 = time.perf_counter()
@@ -406,24 +413,45 @@ def evaluate_sets(run: Path, downstream: Sequence[tuple[str, str]], knn: bool = 
             result["linear"] = linear_probe(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(),
                                             seed=seed)
         if pool is not None:
-            m = min(distance_samples, pool["size"], len(train_y))
-            if m < 2:
-                raise ValueError("the distance needs at least 2 samples on each side")
-            if pool["feats"] is None or len(pool["feats"]) < m:
-                want = min(distance_samples, pool["size"])
+            if "feats" not in pool:
                 pool["feats"], _ = features_of_slices(
-                    model, pool["sets"], sample_pieces(pool["pieces"], want), size, batch_size, device,
-                    progress="features pool" if progress else False, require_labels=False, storage_options=so)
-                pool["feats"] = pool["feats"][torch.from_numpy(np.random.default_rng(seed).permutation(want))]
-            down = train_x[torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(train_x))[:m])]
-            result["distance"] = {"frechet": frechet_distance(pool["feats"][:m].numpy(), down.numpy()),
-                                  "samples": m, "pool": pool["desc"], "pool_samples": pool["size"],
+                    model, pool["sets"], sample_pieces(pool["pieces"], min(distance_samples, pool["size"])), size,
+                    batch_size, device, progress="features pool" if progress else False, require_labels=False,
+                    storage_options=so)
+            result["distance"] = {**pool_distance(pool, train_x, distance_samples, seed, device),
                                   "downstream": train}
         result["seconds"] = time.perf_counter() - t1
         results.append(result)
     for r in results:
         r["total_seconds"] = time.perf_counter() - t0
     return results
+
+
+def _distance_pool(cfg: dict, distance: bool | str | Sequence[str], storage_options: dict | None) -> dict | None:
+    """The pool the distance is measured from (see `evaluate_sets`), features not yet extracted; None for none."""
+    if not distance:
+        return None
+    if distance is True or distance in ("pool", "source"):
+        sets, pieces, desc = run_pool(cfg, whole_source=distance == "source", storage_options=storage_options)
+    elif isinstance(distance, str):
+        raise ValueError(f"distance: expected pool, source or shard sets, got {distance!r}")
+    else:
+        sets, pieces, desc = sets_pool(list(distance), storage_options)
+    return {"sets": sets, "pieces": pieces, "desc": desc, "size": sum(len(p) for p in pieces)}
+
+
+def pool_distance(pool: dict, down_x: torch.Tensor, distance_samples: int, seed: int, device: str) -> dict:
+    """`stream_ssl.distance.distances` between m = min(distance_samples, pool size, len(down_x)) pool features
+    (the pool's sample, seeded order) and m downstream features (a seeded random subset)."""
+    from stream_ssl.distance import distances  # that module builds on this one's feature extraction
+
+    m = min(distance_samples, pool["size"], len(down_x))
+    if m < 4:
+        raise ValueError("the distance needs at least 4 samples on each side")
+    feats = pool["feats"]
+    feats = feats[torch.from_numpy(np.random.default_rng(seed).permutation(len(feats)))[:m]]
+    down = down_x[torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(down_x))[:m])]
+    return {**distances(feats, down, seed=seed, device=device), "pool": pool["desc"], "pool_samples": pool["size"]}
 
 
 def evaluate(run: Path, train: str, test: str, knn: bool = True, linear: bool = False,
@@ -434,6 +462,10 @@ def evaluate(run: Path, train: str, test: str, knn: bool = True, linear: bool = 
     return evaluate_sets(run, [(train, test)], knn=knn, linear=linear, distance=distance,
                          distance_samples=distance_samples, batch_size=batch_size, device=device, progress=progress,
                          seed=seed, storage_options=storage_options)[0]
+
+
+def _c_list(values: Sequence[float]) -> str:
+    return ", ".join(f"{c:g}" for c in values)
 
 
 def markdown_table(result: dict) -> str:
@@ -450,9 +482,14 @@ def markdown_table(result: dict) -> str:
         rows.append((f"linear top-1 (C={lin['C']:g})", f"{lin['top1']:.4f}"))
         if "top5" in lin:
             rows.append(("linear top-5", f"{lin['top5']:.4f}"))
+        if lin.get("unconverged_C"):
+            rows.append(("linear: stopped at the iteration cap", f"C = {_c_list(lin['unconverged_C'])} "
+                                                                  f"({lin['max_iter']} iterations)"))
     if "distance" in result:
         d = result["distance"]
         rows.append((f"Frechet distance ({d['samples']} samples each)", f"{d['frechet']:.4f}"))
+        rows.append(("KID (± std over subsets)", f"{d['kid']:.4g} ± {d['kid_std']:.2g}"))
+        rows.append(("VisualDNA EMD (mean over feature dimensions)", f"{d['vdna']:.4g}"))
         rows.append(("pool", d["pool"]))
     lines = ["| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
@@ -470,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--linear", action=argparse.BooleanOptionalAction, default=False,
                    help="linear probe (logistic regression, C chosen on a split; default: off)")
     p.add_argument("--distance", nargs="*", metavar="POOL",
-                   help="Frechet distance between pool and --train features; no value: the run's own pool")
+                   help="Frechet, KID and VisualDNA distances between pool and --train features "
+                        "(stream_ssl.distance); no value: the run's own pool")
     p.add_argument("--distance-of", choices=("pool", "source"), default="pool",
                    help="without POOL sets: the run's N-sample pool (default) or the whole source it was drawn from")
     p.add_argument("--distance-samples", type=count_arg, default=DISTANCE_SAMPLES,
@@ -495,14 +533,23 @@ def _run(a: argparse.Namespace) -> int:
     result = evaluate(a.checkpoint, a.train, a.test, knn=knn, linear=a.linear, distance=distance,
                       distance_samples=a.distance_samples, batch_size=a.batch_size, device=a.device,
                       progress=a.progress, seed=a.seed, storage_options=a.storage_options)
-    text = json.dumps(result, indent=1)
-    table = markdown_table(result)
-    print(table if a.markdown else text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-        a.out.with_suffix(".md").write_text(table + "\n")
+    lin = result.get("linear", {})
+    if lin.get("unconverged_C"):
+        print(f"note: the linear probe stopped at its cap of {lin['max_iter']} L-BFGS iterations for C = "
+              f"{_c_list(lin['unconverged_C'])} (chosen: C = {lin['C']:g})", file=sys.stderr)
+    write_result(result, markdown_table(result), a.markdown, a.out)
     return 0
+
+
+def write_result(result: dict, table: str, markdown: bool, out: Path | None) -> None:
+    """A command's result: JSON (or with `markdown` the table) on stdout; with `out`, the JSON there and the
+    table next to it (.md)."""
+    text = json.dumps(result, indent=1)
+    print(table if markdown else text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        out.with_suffix(".md").write_text(table + "\n")
 
 
 if __name__ == "__main__":

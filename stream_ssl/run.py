@@ -160,6 +160,8 @@ def check_settings(cfg: TrainConfig) -> None:
         raise RunError("--batch-size and --grad-accum must be >= 1")
     if bool(cfg.knn_train) != bool(cfg.knn_test):
         raise RunError("the kNN monitor needs both --knn-train and --knn-test")
+    if not cfg.knn_temperature > 0:
+        raise RunError(f"--knn-temperature must be > 0, got {cfg.knn_temperature}")
     if cfg.decoder == "dali":
         from stream_ssl.data.dali import require_dali
 

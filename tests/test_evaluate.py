@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -13,11 +14,9 @@ from scipy.linalg import sqrtm
 
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.plan import make_plan
+from stream_ssl.distance import feature_stats, frechet_distance, frechet_from_stats
 from stream_ssl.evaluate import (
     evaluate,
-    feature_stats,
-    frechet_distance,
-    frechet_from_stats,
     knn_accuracy,
     linear_probe,
     main,
@@ -99,6 +98,21 @@ def test_knn_weighted_vote_known_answer():
     assert knn_accuracy(train_x, train_y, test_x[:2], test_y[:2], k=50, temperature=0.07) == 1.0
 
 
+def test_knn_at_a_tiny_temperature_is_the_nearest_neighbour():
+    """exp(sim / T) overflows float32 below T ~ 0.011 (every vote inf: the lowest class id wins) and underflows
+    for negative similarities; with the row maximum subtracted, T = 1e-3 is 1-NN."""
+    g = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(300, 16, generator=g), torch.randn(200, 16, generator=g)
+    train_y, test_y = torch.randint(0, 7, (300,), generator=g), torch.randint(0, 7, (200,), generator=g)
+    one_nn = knn_accuracy(train_x, train_y, test_x, test_y, k=1, temperature=0.07)
+    assert knn_accuracy(train_x, train_y, test_x, test_y, k=20, temperature=1e-3) == one_nn
+    assert knn_accuracy(-train_x, train_y, test_x, test_y, k=20, temperature=1e-3) == knn_accuracy(
+        -train_x, train_y, test_x, test_y, k=1, temperature=1.0)  # mostly negative similarities
+    for bad in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            knn_accuracy(train_x, train_y, test_x, test_y, temperature=bad)
+
+
 def _blobs(n_per: int, classes: int, dim: int, sep: float, seed: int):
     centers = np.random.default_rng(0).normal(size=(classes, dim)) * sep  # the same classes for every seed
     rng = np.random.default_rng(seed)
@@ -116,6 +130,15 @@ def test_linear_probe_beats_chance_on_separable_features():
     assert out["top5"] >= out["top1"]
     assert out["C"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     assert set(out["val_top1_by_C"]) == {"0.001", "0.01", "0.1", "1", "10"}
+
+
+def test_linear_probe_reports_fits_that_stop_at_the_iteration_cap():
+    xtr, ytr = _blobs(20, 5, 16, 1.0, seed=1)
+    xte, yte = _blobs(10, 5, 16, 1.0, seed=2)
+    capped = linear_probe(xtr, ytr, xte, yte, max_iter=2)
+    assert capped["converged"] is False and capped["unconverged_C"] == [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    free = linear_probe(xtr, ytr, xte, yte)
+    assert free["max_iter"] == 1000 and free["converged"] is True and free["unconverged_C"] == []
 
 
 def test_linear_probe_at_chance_on_random_labels_and_no_top5_below_ten_classes():
@@ -143,6 +166,42 @@ def test_run_pool_is_the_plans_pool_and_distance_samples_spread_over_it(make_sha
     assert sum(len(p) for p in sub) == 100
     for s, p in zip(sub, pieces):
         assert s.shard == p.shard and s.start == 0 and s.stop <= p.stop
+
+
+def test_evaluation_view_is_torchvision_resize_then_center_crop():
+    from PIL import Image
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Resize
+
+    from stream_ssl.data.augment import center_view
+    from tests.helpers.images import photo_like
+
+    for w, h, size in ((96, 72, 32), (72, 96, 32), (500, 375, 224), (64, 64, 24), (33, 100, 32)):
+        im = Image.open(io.BytesIO(photo_like(w, h, seed=w))).convert("RGB")
+        reference = Compose([Resize(int(size / 0.875), InterpolationMode.BILINEAR), CenterCrop(size)])(im)
+        diff = np.abs(np.asarray(reference, dtype=int) - center_view(im, size).astype(int))
+        assert diff.max() <= 1, (w, h, size)  # rounding only
+
+
+def test_features_are_float32_under_autocast_and_from_a_full_decode(make_shard_set, tmp_path, monkeypatch):
+    from stream_ssl import evaluate as ev
+    from stream_ssl.data.augment import decode_rgb
+    from stream_ssl.evaluate import extract_features, load_backbone
+
+    s = load_shard_set(str(make_shard_set(40, shard_size=20, seed=15, size=64)))
+    model, _ = load_backbone(make_run(tmp_path / "run"))
+    plain, _ = extract_features(model, s, 32, batch_size=16, workers=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, _ = extract_features(model, s, 32, batch_size=16, workers=1)
+    assert plain.dtype == torch.float32 and torch.equal(plain, auto)
+    calls = []
+
+    def spy(data, min_side=None):
+        calls.append(min_side)
+        return decode_rgb(data)
+
+    monkeypatch.setattr(ev, "decode_rgb", spy)
+    extract_features(model, s, 32, batch_size=16, workers=1, limit=5)
+    assert calls == [None] * 5  # no reduced-resolution (draft) decode
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +234,10 @@ def test_cli_writes_json_and_markdown(tiny_eval):
     dist = result["distance"]
     assert dist["samples"] == 120 and dist["pool_samples"] == 150  # N = 0.5 of the 300-sample pool
     assert dist["frechet"] > 0 and math.isfinite(dist["frechet"])
+    assert dist["vdna"] > 0 and math.isfinite(dist["kid"]) and dist["kid_std"] > 0 and dist["kid_subset_size"] == 60
     table = out.with_suffix(".md").read_text()
     assert "| kNN top-1 (k=20, T=0.07) |" in table and "| linear top-5 |" in table and "Frechet" in table
+    assert "| KID (± std over subsets) |" in table and "VisualDNA" in table
     assert "features" in proc.stderr  # the progress bar
     assert dist["pool"].startswith("run pool: 150 unique samples")
     assert table.strip() == markdown_table(result)

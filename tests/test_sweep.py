@@ -104,13 +104,16 @@ def test_sweep_runs_collects_and_skips_finished_cells(sweep_file, capsys):
             assert 0.0 <= float(r[key]) <= 1.0
     cells = [r for r in rows if r not in base]
     assert all(float(r["frechet"]) > 0 and float(r["train_seconds"]) > 0 for r in cells)
+    assert all(float(r["vdna"]) > 0 and float(r["kid_std"]) > 0 and r["kid"] != "" for r in cells)
     assert all(int(r["distance_samples"]) == 100 for r in cells)  # samples of the whole source, for every N
-    png = (out / "diversity.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    for name in ("diversity.png", "gain_vs_distance.png"):
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     table = (out / "results.md").read_text()
-    assert "| downstream | method | source | N | D |" in table and table.count("| simclr |") == 4
+    assert "| downstream | method | source | N | D |" in table and table.split("\n\n")[1].count("| simclr |") == 4
     assert table.count("| simclr: random init |") == 2
-    assert table.split("\n\n", 1)[1].strip() in proc.stdout  # the table is printed too
+    assert table.split("\n\n")[1].strip() in proc.stdout  # the table is printed too
+    assert "| simclr | gen_a | a | 16 → 200 |" in table and "gain_vs_distance.png" in proc.stdout
 
     stamps = {c: (out / "runs" / c / "summary.json").stat().st_mtime_ns
               for c in ("simclr-gen_a-N16-s0", "simclr-gen_a-N100pct-s0")}
@@ -141,6 +144,22 @@ def test_sweep_runs_collects_and_skips_finished_cells(sweep_file, capsys):
     # SLURM: every cell is finished, nothing to submit
     assert main([str(path2), "--slurm"]) == 2
     assert "nothing to submit" in capsys.readouterr().err
+
+
+def test_gains_from_smallest_to_largest_n_with_the_largest_n_distances():
+    from launch.sweep import gains
+
+    def g(down, n, acc, fd, baseline=False):
+        return {"method": "m", "source": "s", "downstream": down, "N": n, "knn_k20": acc, "linear_top1": acc / 2,
+                "frechet": fd, "kid": fd / 100, "vdna": fd / 10, "baseline": baseline}
+
+    groups = [g("a", 40, 0.5, 1.0), g("a", 4000, 0.7, 2.0), g("a", 400, 0.6, 9.0), g("b", 40, 0.4, 5.0),
+              g("b", 4000, 0.45, 6.0), g("a", 0, 0.2, float("nan"), baseline=True), g("c", 40, 0.3, 1.0)]
+    rows = gains(groups, "knn")
+    assert [(r["downstream"], r["N_small"], r["N_large"]) for r in rows] == [("a", 40, 4000), ("b", 40, 4000)]
+    assert [r["gain"] for r in rows] == pytest.approx([0.2, 0.05])
+    assert [(r["frechet"], r["kid"], r["vdna"]) for r in rows] == [(2.0, 0.02, 0.2), (6.0, 0.06, 0.6)]
+    assert gains(groups, "linear")[0]["gain"] == pytest.approx(0.1)
 
 
 def test_slurm_array_script(sweep_file, tmp_path, capsys):

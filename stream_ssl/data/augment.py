@@ -288,11 +288,19 @@ def crop_view(im: Image.Image, spec: ViewSpec, rng: np.random.Generator) -> np.n
     return render_view(im, g, spec.size)
 
 
-def center_view(im: Image.Image, size: int) -> np.ndarray:
-    """Evaluation view: resize the shorter side to `size`, center crop."""
+def center_view(im: Image.Image, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+    """Evaluation view, the standard ImageNet one (torchvision's and timm's default): resize the shorter side to
+    floor(size / crop_fraction) (bilinear, antialiased), then center crop size x size (224 from 256 at the default
+    0.875; crop_fraction 1 resizes the shorter side to `size`). Done as one resize of the crop's source box, which
+    gives the pixels of the resize-then-crop (same scale and sample positions)."""
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
     w, h = im.size
-    s = min(w, h)
-    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+    short = max(size, math.floor(size / crop_fraction))
+    rw, rh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # torchvision's Resize(int)
+    left, top = int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))  # torchvision's CenterCrop
+    sx, sy = w / rw, h / rh
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
     return np.asarray(im.resize((size, size), Image.BILINEAR, box=box), dtype=np.uint8)
 
 

@@ -17,8 +17,6 @@ Only whitelisted member types are returned; nothing from a shard is ever unpickl
 
 from __future__ import annotations
 
-import io
-import tarfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -32,7 +30,7 @@ from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.fetch import Fetcher, Policy, ReadError, ReadStats
 from stream_ssl.data.plan import Plan, Slice
 
-__all__ = ["ReadError", "ReadStats", "ShardIndex", "ShardReader", "member_key", "parse_tar_bytes"]
+__all__ = ["ReadError", "ReadStats", "ShardIndex", "ShardReader", "member_key"]
 
 
 @dataclass(frozen=True)
@@ -54,29 +52,6 @@ class ShardIndex:
 def member_key(name: str) -> str:
     base = name.rsplit("/", 1)[-1]
     return name[: len(name) - len(base)] + base.partition(".")[0]
-
-
-def parse_tar_bytes(data: bytes, where: str) -> list[dict]:
-    """Group the members of a tar fragment into samples: [{'__key__': key, ext: bytes, ...}] in order.
-    (For tars without an `.idx`; the reader itself cuts samples with the `.idx`.)"""
-    samples: list[dict] = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                key, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                key = m.name[: len(m.name) - len(base)] + key
-                if not samples or samples[-1]["__key__"] != key:
-                    samples.append({"__key__": key})
-                if ext.lower() in SAFE_EXTS:
-                    samples[-1][ext.lower()] = tar.extractfile(m).read()
-    except tarfile.TarError as e:
-        raise OSError(f"{where}: corrupt tar data ({e})") from e
-    return samples
 
 
 def _header_mismatch(header, name: str, size: int) -> str | None:
