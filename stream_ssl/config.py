@@ -26,7 +26,7 @@ from shard_tools.quantities import COUNT_HELP, SIZE_HELP
 from shard_tools.storage import STORAGE_OPTIONS_HELP, redact_options
 
 COUNT_RULE = f"{COUNT_HELP}, or a fraction of the pool (0.1, 10%; a number with a decimal point <= 1 is a fraction)"
-DECODERS = ("pil", "dali")
+DECODERS = ("pil", "nvjpeg", "dali")
 PRECISIONS = ("no", "bf16", "fp16")
 OPTIMIZER_NAMES = ("lars", "sgd", "adamw")
 
@@ -49,7 +49,8 @@ class TrainConfig:
                                     "(default: proportional to size)")
     num_workers: int = setting(2, "loader worker processes per training process")
     decoder: str = setting("pil", "pil: workers decode and crop, colour augmentation batched on the device; "
-                                  "dali: NVIDIA DALI pipeline", DECODERS)
+                                  "nvjpeg: workers send JPEG bytes and crop boxes, the GPU decodes (torchvision, "
+                                  "no extra package); dali: an NVIDIA DALI pipeline", DECODERS)
     dali_threads: int = setting(2, "DALI CPU threads per process (--decoder dali)")
     storage_options: str = setting("", f"{STORAGE_OPTIONS_HELP}; credentials are never written down")
     cache_dir: str = setting("", "local folder that keeps what pass 1 read, so repeated passes skip the "

@@ -265,6 +265,12 @@ def make_run_loader(run: Run):
         device_id = (device.index or 0) if device.type == "cuda" else None  # None: CPU-only pipeline
         return make_dali_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
                                 device_id=device_id, num_threads=cfg.dali_threads, **options)
+    if cfg.decoder == "nvjpeg":
+        from stream_ssl.data.nvjpeg import make_nvjpeg_loader
+
+        return make_nvjpeg_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
+                                  device=run.acc.device, **options)
     from stream_ssl.data.loader import make_loader
 
-    return make_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers, **options)
+    return make_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
+                       pin_memory=run.acc.device.type == "cuda", **options)

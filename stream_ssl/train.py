@@ -292,8 +292,8 @@ def run_summary(run: Run, rep: Reporting) -> dict:
         "knn": rep.knn,
         "decoder": cfg.decoder,
     }
-    if cfg.decoder == "dali":  # this process's DALI counters (batches, decode-error retries, PIL fallbacks)
-        summary["dali"] = dataclasses.asdict(run.loader.stats)
+    if cfg.decoder in ("dali", "nvjpeg"):  # this process's decoder counters (batches, fallbacks, replaced)
+        summary[cfg.decoder] = dataclasses.asdict(run.loader.stats)
     return summary
 
 

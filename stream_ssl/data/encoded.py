@@ -31,33 +31,37 @@ class ViewDraws:
     roi_start: np.ndarray  # float32 (n, 2): top, left (full-image pixels)
     roi_end: np.ndarray  # float32 (n, 2): bottom, right
     flip: np.ndarray  # int32 (n,)
-    a: np.ndarray  # float32 (n, 3, 3): color jitter matrix
-    p: np.ndarray  # float32 (n, 3, 3): color jitter offset matrix (times the mean RGB)
-    gray: np.ndarray  # bool (n,)
-    blur: np.ndarray  # bool (n,)
-    sigma: np.ndarray  # float32 (n,)
-    solarize: np.ndarray  # bool (n,)
+    # the photometric draws (DALI); None when the trainer draws them on the device (nvJPEG)
+    a: np.ndarray | None = None  # float32 (n, 3, 3): color jitter matrix
+    p: np.ndarray | None = None  # float32 (n, 3, 3): color jitter offset matrix (times the mean RGB)
+    gray: np.ndarray | None = None  # bool (n,)
+    blur: np.ndarray | None = None  # bool (n,)
+    sigma: np.ndarray | None = None  # float32 (n,)
+    solarize: np.ndarray | None = None  # bool (n,)
 
     def take(self, idx) -> ViewDraws:
-        return ViewDraws(**{k: v[idx] for k, v in vars(self).items()})
+        return ViewDraws(**{k: None if v is None else v[idx] for k, v in vars(self).items()})
 
 
 def draw_views(sizes: list[tuple[int, int]], specs: list[ViewSpec], rng: np.random.Generator,
-               g: torch.Generator) -> list[ViewDraws]:
+               g: torch.Generator | None) -> list[ViewDraws]:
     """Every view's draws for images of `sizes` (w, h): geometry image by image (the order `decode_views`
-    draws in), then the photometric parameters view by view (the order the trainer draws in)."""
+    draws in), then (unless `g` is None) the photometric parameters view by view (the order the trainer draws
+    in)."""
     geometry = [draw_geometry(w, h, specs, rng) for w, h in sizes]
     out = []
     for v, spec in enumerate(specs):
-        params = sample_params(spec, len(sizes), g, "cpu")
-        a, pm = jitter_affine(params)
         boxes = np.array([geo[v].box for geo in geometry], dtype=np.float32).reshape(-1, 4)
-        out.append(ViewDraws(
-            roi_start=np.ascontiguousarray(boxes[:, [1, 0]]), roi_end=np.ascontiguousarray(boxes[:, [3, 2]]),
-            flip=np.array([geo[v].flip for geo in geometry], dtype=np.int32),
-            a=a.numpy().astype(np.float32), p=pm.numpy().astype(np.float32), gray=params.gray.numpy(),
-            blur=params.blur.numpy(), sigma=params.sigma.numpy().astype(np.float32),
-            solarize=params.solarize.numpy()))
+        draws = ViewDraws(roi_start=np.ascontiguousarray(boxes[:, [1, 0]]),
+                          roi_end=np.ascontiguousarray(boxes[:, [3, 2]]),
+                          flip=np.array([geo[v].flip for geo in geometry], dtype=np.int32))
+        if g is not None:
+            params = sample_params(spec, len(sizes), g, "cpu")
+            a, pm = jitter_affine(params)
+            draws.a, draws.p = a.numpy().astype(np.float32), pm.numpy().astype(np.float32)
+            draws.gray, draws.blur = params.gray.numpy(), params.blur.numpy()
+            draws.sigma, draws.solarize = params.sigma.numpy().astype(np.float32), params.solarize.numpy()
+        out.append(draws)
     return out
 
 
@@ -78,7 +82,10 @@ class EncodedBatch(Batch):
 
 
 class EncodedDataset(PlanDataset):
-    """The plan's batches of one rank as EncodedBatch: read, checked, drawn; not decoded."""
+    """The plan's batches of one rank as EncodedBatch: read, checked, drawn; not decoded. `photometric`:
+    also draw the colour augmentation (DALI applies it; otherwise the trainer draws it on the device)."""
+
+    photometric = True
 
     def make_batch(self, step: int, samples: list[dict], micro: int = 0) -> EncodedBatch:
         datas, sizes, labels, keys, bad = [], [], [], [], 0
@@ -103,7 +110,7 @@ class EncodedDataset(PlanDataset):
             sizes.append(sizes[k])
             labels.append(labels[k])
             keys.append(keys[k])
-        draws = draw_views(sizes, self.views, batch_rng(self.seed, step, self.rank, micro),
-                           batch_generator(self.seed, step, self.rank, micro))
+        g = batch_generator(self.seed, step, self.rank, micro) if self.photometric else None
+        draws = draw_views(sizes, self.views, batch_rng(self.seed, step, self.rank, micro), g)
         return EncodedBatch(step, [], torch.tensor(labels, dtype=torch.int64), keys, bad, micro=micro,
                             data=datas, sizes=sizes, draws=draws)

@@ -44,6 +44,11 @@ class Batch:
     worker: int = 0
     micro: int = 0  # micro-batch index within the step (gradient accumulation), 0 without
 
+    def pin_memory(self) -> Batch:
+        """Page-locked views (the DataLoader's pin-memory thread calls this), so copies to the GPU overlap."""
+        self.views = [v.pin_memory() for v in self.views]
+        return self
+
     @property
     def bytes_read(self) -> int:  # from storage; cache hits not counted
         return self.io.get("bytes_read", 0)
@@ -172,17 +177,19 @@ def make_loader(plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 
                 storage_options: dict | None = None, seed: int = 0, prefetch: int = 2,
                 cache_dir: str | Path | None = None, cache_size: int | None = None,
                 read_ahead_bytes: int = DEFAULT_READ_AHEAD, skip_fraction: float = 0.01, skip_grace: int = 32,
-                micro_batches: int = 1, cache_local: bool = False) -> DataLoader:
+                micro_batches: int = 1, cache_local: bool = False, pin_memory: bool = False) -> DataLoader:
     """The loader of one rank, from plan step `start_step` on.
 
     `cache_dir`/`cache_size`: the repeat-aware local cache (default size: what the plan's repeats need);
     `read_ahead_bytes`: memory for reads ahead of the consumer, per process (split between workers);
     `micro_batches`: split every step's batch into that many micro-batches (gradient accumulation with a plan
     whose batch_size is the per-rank batch of one optimizer step), yielded in order with `Batch.micro` = 0, 1,
-    ...; `cache_local`: use the cache for local paths too (shard sets on a network file system)."""
+    ...; `cache_local`: use the cache for local paths too (shard sets on a network file system); `pin_memory`:
+    batches in page-locked memory (training on a GPU)."""
     ds = PlanDataset(plan, rank, views, start_step, storage_options, seed, cache_dir=cache_dir,
                      cache_size=cache_size, read_ahead_bytes=read_ahead_bytes,
                      skip_fraction=skip_fraction, skip_grace=skip_grace, micro_batches=micro_batches,
                      cache_local=cache_local)
     kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity, **kwargs)
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory,
+                      **kwargs)
