@@ -77,7 +77,9 @@ class Meter:
     `add_result` (the method's loss and extra scalars, kept on the device until a row is due). `row` reduces
     the window over processes (one all_reduce) into the values of a metrics row and starts a new window."""
 
-    IO = ("bytes_read", "cache_hits", "retries")
+    # storage counters of this process's reads (fetch.ReadStats), per row and over the run
+    IO = ("bytes_read", "requests", "retries", "cut", "throttled", "cache_hits", "cache_bytes", "index_fetches",
+          "ttfb_seconds")
 
     def __init__(self, world_size: int, global_batch: int):
         self.world_size, self.global_batch = world_size, global_batch
@@ -85,7 +87,8 @@ class Meter:
         self.losses: list = []
         self.extra: dict[str, list] = {}
         self.seen, self.wait, self.wait_total, self.skipped = 0, 0.0, 0.0, 0
-        self.io = dict.fromkeys(self.IO, 0)
+        self.io = dict.fromkeys(self.IO, 0)  # since the last row
+        self.io_total = dict.fromkeys(self.IO, 0)
         self.logged: list[tuple[int, float]] = []
         self.last_finite: dict | None = None  # {step, loss, lr} of the last row with a finite loss
         self.skipped_steps = 0  # optimizer steps the fp16 gradient scaler skipped
@@ -96,7 +99,9 @@ class Meter:
         self.seen += len(batch.keys)
         self.skipped += batch.skipped
         for name in self.IO:
-            self.io[name] += getattr(batch, name)
+            value = batch.io.get(name, 0)
+            self.io[name] += value
+            self.io_total[name] += value
 
     def add_result(self, result: dict) -> None:
         for k, v in result.items():
@@ -115,10 +120,21 @@ class Meter:
         span = max(now - self.t_last, 1e-9)
         values = {"loss": vals[0], **dict(zip(keys, vals[1:])), **info}
         values.update(samples=step * self.global_batch, samples_per_s=self.seen * self.world_size / span,
-                      data_wait=self.wait / span, skipped=self.skipped, skipped_steps=self.skipped_steps, **self.io)
+                      data_wait=self.wait / span, skipped=self.skipped, skipped_steps=self.skipped_steps,
+                      **storage_figures(self.io, span))
         self.losses, self.extra, self.t_last, self.wait, self.seen = [], {}, now, 0.0, 0
+        self.io = dict.fromkeys(self.IO, 0)
         self.logged.append((step, values["loss"]))
         return values
+
+
+def storage_figures(io: dict, seconds: float) -> dict:
+    """What a metrics row or the summary says of storage: bytes, requests, retries, cut responses, throttling,
+    cache hits, .idx fetches, the mean time to first byte (ms) and the read rate (MB/s) of this process."""
+    out = {k: v for k, v in io.items() if k != "ttfb_seconds"}
+    out["ttfb_ms"] = 1e3 * io["ttfb_seconds"] / io["requests"] if io["requests"] else 0.0
+    out["read_MBps"] = io["bytes_read"] / max(seconds, 1e-9) / 1e6
+    return out
 
 
 class KeysLog:

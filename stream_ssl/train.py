@@ -45,7 +45,7 @@ from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, parse_config
 from stream_ssl.data.augment import device_views
 from stream_ssl.data.rng import batch_generator
-from stream_ssl.metrics import KeysLog, Meter, MetricsLog, progress_bar
+from stream_ssl.metrics import KeysLog, Meter, MetricsLog, progress_bar, storage_figures
 from stream_ssl.run import Run, RunError, build_run, make_accelerator
 
 
@@ -202,7 +202,7 @@ def log_row(run: Run, rep: Reporting, step: int, info: dict) -> None:
     if rep.progress is not None:
         rep.progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}",
                                  sps=f"{values['samples_per_s']:.0f}", wait=f"{values['data_wait']:.0%}",
-                                 refresh=False)
+                                 MBps=f"{values['read_MBps']:.0f}", refresh=False)
 
 
 def check_finite(run: Run, meter: Meter, values: dict, step: int) -> None:
@@ -289,6 +289,7 @@ def run_summary(run: Run, rep: Reporting) -> dict:
         "wall_seconds": wall,
         "samples_per_s": trained * run.global_batch / wall if wall > 0 else None,
         "data_wait": meter.wait_total / wall if wall > 0 else None,
+        "storage": storage_figures(meter.io_total, wall),  # this process's reads (the main process's loader)
         "knn": rep.knn,
         "decoder": cfg.decoder,
     }

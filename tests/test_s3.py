@@ -203,6 +203,9 @@ def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(mo
     cached, direct = runs["cached"][-1], runs["direct"][-1]
     assert cached["step"] == direct["step"] == "15"  # 240 // 16 steps
     assert int(cached["cache_hits"]) > 0 and int(direct["cache_hits"]) == 0
+    storage = json.loads((tmp_path / "direct" / "summary.json").read_text())["storage"]  # what storage gave
+    assert storage["requests"] > 0 and storage["bytes_read"] > 0 and storage["ttfb_ms"] > 0
+    assert storage["read_MBps"] > 0 and storage["retries"] == 0 and "ttfb_ms" in direct and "read_MBps" in direct
     # 4 passes over the pool: with the cache, about one pass (plus read-ahead) comes from the object store
     assert int(cached["bytes_read"]) < 0.5 * int(direct["bytes_read"])
 
