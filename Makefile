@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install clean
+.PHONY: demo test quick lint install clean gpu-bundle gpu-check bench-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,31 @@ demo: $(VENV)/.installed
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
+# The whole suite, on two processes (pytest-xdist); `make quick` is the loop without the slow kinds.
 test: $(VENV)/.installed-test lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
+
+quick: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# What the GPU machine lacks, as wheels for its Python 3.12 (see docs/performance.md): carry .gpu-bundle along
+# and run `make gpu-check` there, or benchmarks/gpu_check.py directly (it needs none of them).
+GPU_PY ?= 3.12
+gpu-bundle: $(BIN)/python
+	rm -rf .gpu-bundle && mkdir -p .gpu-bundle
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .gpu-bundle webdataset braceexpand
+	du -sh .gpu-bundle
+
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --target /tmp/stream-ssl-site .gpu-bundle/*.whl 2>/dev/null; \
+	PYTHONPATH=/tmp/stream-ssl-site:. python3 benchmarks/gpu_check.py --out gpu_check.md
+
+# LitData and MosaicML Streaming for benchmarks/stream.py, in their own environment (their pins clash with ours).
+bench-venv:
+	$(PY) -m venv .venv-bench
+	.venv-bench/bin/pip install -q torch==2.14.1 litdata mosaicml-streaming
 
 clean:
 	rm -rf demo_out sweeps bench_out .pytest_cache .ruff_cache

@@ -101,7 +101,7 @@ def test_corrupt_images_are_skipped_counted_and_batches_stay_full(folder, tmp_pa
 def test_batches_dali_refuses_fall_back_to_the_pil_path(augment, monkeypatch):
     datas = [np.frombuffer(photo_like(64, 48, seed=i), np.uint8) for i in range(4)]
     sizes = [(64, 48)] * 4
-    batch = EncodedBatch(7, [], torch.zeros(4, dtype=torch.int64), list("abcd"), 0, 0, data=datas, sizes=sizes,
+    batch = EncodedBatch(7, [], torch.zeros(4, dtype=torch.int64), list("abcd"), 0, data=datas, sizes=sizes,
                          draws=draw_views(sizes, SPECS, batch_rng(0, 7, 0), batch_generator(0, 7, 0)))
     before = augment.stats.pil_batches
 
@@ -114,6 +114,17 @@ def test_batches_dali_refuses_fall_back_to_the_pil_path(augment, monkeypatch):
     assert replaced == 0 and augment.stats.pil_batches == before + 1
     assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32), (4, 3, 24, 24)]
     assert all(v.dtype == torch.float32 for v in views)
+    assert augment.stats.rebuilds >= 1  # a refused batch can leave the pipeline broken: it was built anew
+    pipe = augment.pipe
+    with pytest.warns(UserWarning):
+        augment(batch)
+    assert augment.pipe is not pipe
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="refused 8 batches in a row"):
+        for _ in range(10):  # a pipeline that keeps failing stops the run instead of crawling on the CPU path
+            augment(batch)
+    monkeypatch.undo()
+    augment.stats.fallbacks_in_a_row = 0
+    assert augment(batch)[1] == 0 and augment.stats.fallbacks_in_a_row == 0  # and a good batch resets the count
 
 
 def test_missing_dali_names_the_packages(monkeypatch):

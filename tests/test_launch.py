@@ -104,15 +104,16 @@ def test_slurm_batch_script_dry_run_prints_the_command_of_each_node(tmp_path):
     # A long host list: reading only its first line through `| head` under pipefail dies of SIGPIPE (exit 141).
     (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'gpu07\\ngpu08\\n'\n"
                                       "for i in $(seq 10 5000); do echo gpu$i; done\n")
-    (bin_dir / "srun").write_text("#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\n"
+    (bin_dir / "srun").write_text("#!/bin/bash\necho \"srun options: $*\" >&2\nwhile [[ $1 == -* ]]; do shift; done\n"
                                   "for i in 0 1; do SLURM_NODEID=$i \"$@\" || exit 1; done\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env = child_env(PATH=f"{bin_dir}:{REPO / '.venv' / 'bin'}:/usr/bin:/bin", SLURM_JOB_NODELIST="gpu[07-08]",
-                    SLURM_NNODES="2", SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(REPO))
+                    SLURM_NNODES="2", SLURM_GPUS_ON_NODE="8", SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="24")
     proc = subprocess.run(["bash", str(REPO / "launch" / "slurm_train.sbatch"), "--dry-run", *TRAIN_ARGS],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--cpus-per-task=24" in proc.stderr  # srun is told the job's cores per task (not one core for all)
     mine = [ln for ln in proc.stdout.splitlines() if ln.endswith("# this node")]
     assert len(mine) == 2  # each of the two tasks marks its own line
     for rank, line in enumerate(mine):

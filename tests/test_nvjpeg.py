@@ -137,3 +137,17 @@ def test_a_run_trains_through_the_nvjpeg_decoder(jpeg_set, tmp_path):
     summary = train(cfg)
     assert summary["decoder"] == "nvjpeg" and summary["nvjpeg"]["images"] == 48
     assert summary["nvjpeg"]["cpu_decoded"] == 1 and np.isfinite(summary["final_loss"])
+
+
+def test_images_over_the_gpu_pixel_cap_are_scaled_down_in_the_workers(jpeg_set, monkeypatch):
+    from stream_ssl.data import nvjpeg
+    from stream_ssl.data.encoded import shrink
+
+    data, size = shrink(photo_like(120, 90, seed=1), 3000)
+    assert size[0] * size[1] <= 3000 and Image.open(io.BytesIO(data)).size == size and size[0] / size[1] == \
+        pytest.approx(120 / 90, rel=0.05)
+    monkeypatch.setattr(nvjpeg.NvjpegDataset, "max_pixels", 3000)
+    loader = make_nvjpeg_loader(_plan(jpeg_set), 0, VIEWS, seed=5)
+    batch = next(iter(loader.loader))
+    assert all(w * h <= 3000 for w, h in batch.sizes) and len(batch.data) == 12
+    assert all(Image.open(io.BytesIO(d.tobytes())).size == s for d, s in zip(batch.data, batch.sizes))

@@ -34,6 +34,7 @@ DALI is optional: `pip install nvidia-dali-cuda130` (or `-cuda120`, `-cuda110` t
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import warnings
@@ -54,7 +55,7 @@ from stream_ssl.data.augment import (
     photometric,
     to_chw,
 )
-from stream_ssl.data.encoded import UNDECODABLE, EncodedBatch, EncodedDataset, ViewDraws
+from stream_ssl.data.encoded import GPU_DECODE_MAX_PIXELS, UNDECODABLE, EncodedBatch, EncodedDataset, ViewDraws
 from stream_ssl.data.loader import Batch, TooManySkipped
 from stream_ssl.data.plan import Plan
 from stream_ssl.data.rng import FALLBACK, REPLACEMENT, batch_generator, batch_rng
@@ -91,12 +92,17 @@ def dali_available() -> bool:
 # The pipeline.
 
 
+MAX_FALLBACKS_IN_A_ROW = 8  # batches in a row that DALI refuses before the run stops (a broken pipeline, not data)
+
+
 @dataclass
 class DaliStats:
     batches: int = 0
     retried_batches: int = 0  # batches DALI refused, retried with PIL-undecodable samples replaced
     replaced: int = 0  # samples replaced after a DALI decode error
     pil_batches: int = 0  # batches DALI refused even then, augmented by the PIL/torch path
+    rebuilds: int = 0  # pipelines rebuilt after a refused batch (a failed batch can leave one broken)
+    fallbacks_in_a_row: int = 0
     last_error: str = ""
 
 
@@ -108,9 +114,17 @@ class DaliAugment:
 
     def __init__(self, specs: list[ViewSpec], batch_size: int, device_id: int | None = None, num_threads: int = 2,
                  seed: int = 0, hw_decoder_load: float | None = None):
-        dali, fn, types, dmath = require_dali()
         self.specs, self.batch_size, self.device_id = list(specs), batch_size, device_id
         self.stats = DaliStats()
+        self._settings = (num_threads, seed, hw_decoder_load)
+        # GPU outputs are copied on a stream of their own: the copy waits for DALI, not for the training queue.
+        self.copy_stream = torch.cuda.Stream(device_id) if device_id is not None else None
+        self._build()
+
+    def _build(self) -> None:
+        dali, fn, types, dmath = require_dali()
+        num_threads, seed, hw_decoder_load = self._settings
+        batch_size, device_id = self.batch_size, self.device_id
         decoder_device = "cpu" if device_id is None else "mixed"
         mean = [255 * m for m in IMAGENET_MEAN]
         std = [255 * s for s in IMAGENET_STD]
@@ -161,22 +175,27 @@ class DaliAugment:
                 self.pipe.feed_input(f"{name}{i}", value)
         outs = self.pipe.run()
         device = torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
-        stream = torch.cuda.current_stream(device) if self.device_id is not None else None
+        stream = self.copy_stream
         views = []
-        for out in outs:
-            t = out.as_tensor()
-            views.append(feed_ndarray(t, torch.empty(t.shape(), dtype=torch.float32, device=device), stream))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for out in outs:
+                t = out.as_tensor()
+                views.append(feed_ndarray(t, torch.empty(t.shape(), dtype=torch.float32, device=device), stream))
         if stream is not None:
-            stream.synchronize()  # the copies are done before DALI reuses its output buffers
+            stream.synchronize()  # this stream only: the copies are done before DALI reuses its buffers
+            for v in views:  # made on the copy stream, used on the training one: keep the allocator honest
+                v.record_stream(torch.cuda.current_stream(device))
         self.stats.batches += 1
         return views
 
     def __call__(self, batch: EncodedBatch, seed: int = 0, rank: int = 0) -> tuple[list[torch.Tensor], int]:
         """Views of an EncodedBatch and the number of samples replaced here (decode errors the check missed)."""
         try:
-            return self.run(batch.data, batch.draws), 0
+            views = self.run(batch.data, batch.draws)
+            self.stats.fallbacks_in_a_row = 0
+            return views, 0
         except RuntimeError as e:
-            self.stats.last_error = f"step {batch.step}: {str(e).strip().splitlines()[0][:300]}"
+            self._failed(batch.step, e)
         # Find what PIL cannot decode, replace it by another view of a good sample, and try once more.
         self.stats.retried_batches += 1
         good = [i for i, d in enumerate(batch.data) if _pil_decodes(d)]
@@ -187,13 +206,25 @@ class DaliAugment:
         self.stats.replaced += replaced
         if replaced:
             try:
-                return self.run(data, draws), replaced
+                views = self.run(data, draws)
+                self.stats.fallbacks_in_a_row = 0
+                return views, replaced
             except RuntimeError as e:
-                self.stats.last_error = f"step {batch.step}: {str(e).strip().splitlines()[0][:300]}"
+                self._failed(batch.step, e)
         self.stats.pil_batches += 1
+        self.stats.fallbacks_in_a_row += 1
+        if self.stats.fallbacks_in_a_row >= MAX_FALLBACKS_IN_A_ROW:
+            raise RuntimeError(f"DALI refused {self.stats.fallbacks_in_a_row} batches in a row, rebuilt or not "
+                               f"(last: {self.stats.last_error}); use --decoder nvjpeg or pil")
         warnings.warn(f"DALI refused a batch that PIL decodes; augmented it with the PIL/torch path instead "
                       f"({self.stats.pil_batches} so far). DALI said: {self.stats.last_error}", stacklevel=2)
         return self._pil_views(data, batch.step, batch.micro, seed, rank), replaced
+
+    def _failed(self, step: int, error: Exception) -> None:
+        """Note a refused batch and rebuild the pipeline: after a failed batch it may stay broken."""
+        self.stats.last_error = f"step {step}: {str(error).strip().splitlines()[0][:300]}"
+        self.stats.rebuilds += 1
+        self._build()
 
     def _pil_views(self, data: list[np.ndarray], step: int, micro: int, seed: int, rank: int) -> list[torch.Tensor]:
         rng = batch_rng(seed, step, rank, micro, FALLBACK)
@@ -259,6 +290,8 @@ class DaliLoader:
 
         self.dataset = EncodedDataset(plan, rank, views, start_step, storage_options, seed,
                                       skip_fraction=skip_fraction, skip_grace=skip_grace, **dataset_options)
+        if device_id is not None:  # nvJPEG decodes in DALI's own memory pool: bound what one image can take
+            self.dataset.max_pixels = GPU_DECODE_MAX_PIXELS
         kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
                                  **kwargs)

@@ -11,6 +11,8 @@ the same boxes) and, for DALI, the photometric parameters.
 
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +24,7 @@ from stream_ssl.data.loader import Batch, PlanDataset, image_bytes, sample_label
 from stream_ssl.data.rng import batch_generator, batch_rng
 
 UNDECODABLE = (OSError, ValueError, SyntaxError)  # ImageError is a ValueError
+GPU_DECODE_MAX_PIXELS = 16_000_000  # a GPU decoder gets images up to this size; larger ones are scaled down first
 
 
 @dataclass
@@ -81,11 +84,28 @@ class EncodedBatch(Batch):
     draws: list[ViewDraws] = field(default_factory=list)  # one per view
 
 
+def shrink(data: bytes, max_pixels: int) -> tuple[bytes, tuple[int, int]]:
+    """An image as a JPEG of at most `max_pixels` (q95): decoded at the coarsest JPEG DCT scale that keeps at
+    least the target size, then resized to it. (A GPU decoder's memory grows with the largest image it meets.)"""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    scale = math.sqrt(max_pixels / (im.width * im.height))
+    target = (max(1, int(im.width * scale)), max(1, int(im.height * scale)))
+    im.draft("RGB", target)
+    im = im.convert("RGB").resize(target, Image.BILINEAR)
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=95)
+    return out.getvalue(), im.size
+
+
 class EncodedDataset(PlanDataset):
     """The plan's batches of one rank as EncodedBatch: read, checked, drawn; not decoded. `photometric`:
-    also draw the colour augmentation (DALI applies it; otherwise the trainer draws it on the device)."""
+    also draw the colour augmentation (DALI applies it; otherwise the trainer draws it on the device).
+    `max_pixels`: larger images are scaled down to it here (crops are then drawn on the smaller image)."""
 
     photometric = True
+    max_pixels: int | None = None
 
     def make_batch(self, step: int, samples: list[dict], micro: int = 0) -> EncodedBatch:
         datas, sizes, labels, keys, bad = [], [], [], [], 0
@@ -94,7 +114,10 @@ class EncodedDataset(PlanDataset):
                 if "__error__" in s:
                     raise ValueError(s["__error__"])
                 data = image_bytes(s)
-                sizes.append(check_encoded(data))
+                size = check_encoded(data)
+                if self.max_pixels and size[0] * size[1] > self.max_pixels:
+                    data, size = shrink(data, self.max_pixels)
+                sizes.append(size)
                 datas.append(np.frombuffer(data, dtype=np.uint8))
                 labels.append(sample_label(s))
                 keys.append(s["__key__"])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from stream_ssl.data.augment import ViewSpec, decode_rgb
-from stream_ssl.data.encoded import UNDECODABLE, EncodedBatch, EncodedDataset, ViewDraws
+from stream_ssl.data.encoded import GPU_DECODE_MAX_PIXELS, UNDECODABLE, EncodedBatch, EncodedDataset, ViewDraws
 from stream_ssl.data.loader import Batch, TooManySkipped
 from stream_ssl.data.plan import Plan
 
@@ -43,9 +43,11 @@ class NvjpegStats:
 
 
 class NvjpegDataset(EncodedDataset):
-    """Encoded batches with their crop draws; the colour draws are the trainer's (on the device)."""
+    """Encoded batches with their crop draws; the colour draws are the trainer's (on the device). Images over
+    GPU_DECODE_MAX_PIXELS are scaled down here, so one huge image cannot take the GPU's memory."""
 
     photometric = False
+    max_pixels = GPU_DECODE_MAX_PIXELS
 
 
 def decode_images(datas: list[np.ndarray], device: torch.device, stats: NvjpegStats) -> list[torch.Tensor | None]:
