@@ -202,13 +202,16 @@ class Bench:
                 self.start_s3()
             proxy = FaultProxy(self.moto.port, latency=shaping[0], rate=shaping[1])
         try:
-            for reader in READERS:
-                before = proxy.requests if proxy else 0
-                r = self.measure(name, reader, proxy.endpoint if proxy else None)
-                if proxy and "error" not in r:
-                    r["requests"] = proxy.requests - before
-                self.results[(name, reader)] = r
-                print(f"  {name:<9} {reader:<13} {describe(r)}", flush=True)
+            for _ in range(self.a.repeats):  # readers alternate, so each sees the same load; best kept
+                for reader in READERS:
+                    before = proxy.requests if proxy else 0
+                    r = self.measure(name, reader, proxy.endpoint if proxy else None)
+                    if proxy and "error" not in r:
+                        r["requests"] = proxy.requests - before
+                    best = self.results.get((name, reader))
+                    if best is None or "error" in best or ("seconds" in r and r["seconds"] < best["seconds"]):
+                        self.results[(name, reader)] = r
+                    print(f"  {name:<9} {reader:<13} {describe(r)}", flush=True)
         finally:
             if proxy:
                 proxy.close()
@@ -231,7 +234,8 @@ def ratio(results: dict, scenario: str, a: str, b: str) -> str:
 
 def report(bench: Bench) -> None:
     a, res = bench.a, bench.results
-    print(f"\n{a.samples} samples of ~{a.sample_kb} KB in {a.shards} shards; one process; {os.cpu_count()} CPUs")
+    print(f"\n{a.samples} samples of ~{a.sample_kb} KB in {a.shards} shards; one process; {os.cpu_count()} CPUs; "
+          f"samples/s, best of {a.repeats}")
     print("| scenario | " + " | ".join(READERS) + " | ours/ceiling | ours/litdata | ours/webdataset | "
           "ours GETs per pass (shards) |")
     print("|---" * (len(READERS) + 5) + "|")
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-kb", type=int, default=52, help="mean sample size in KB (default 52)")
     p.add_argument("--shards", type=int, default=16, help="shards (default 16)")
     p.add_argument("--batch", type=int, default=64, help="batch of our plan (default 64)")
+    p.add_argument("--repeats", type=int, default=2, help="passes per reader, alternating; the best is kept (2)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
     p.add_argument("--peers-python", default=sys.executable,
                    help="a Python with litdata and mosaicml-streaming installed (default: this one)")

@@ -66,6 +66,12 @@ def measure(reader: str, where: str, endpoint: str, cache: str) -> dict:
         options = {"endpoint_url": endpoint, "aws_access_key_id": KEY, "aws_secret_access_key": SECRET} \
             if endpoint else {}
         os.environ["DISABLE_S5CMD"] = "1"
+        if endpoint.startswith("http://"):  # its obstore client refuses plain http; real stores speak https
+            from litdata.streaming import downloader
+
+            options_of = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
+            if isinstance(options_of, dict):
+                options_of["allow_http"] = "true"
         ds = StreamingDataset(where, cache_dir=cache if where.startswith("s3://") else None, storage_options=options)
     elif reader == "mosaic":
         from streaming import StreamingDataset

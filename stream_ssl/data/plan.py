@@ -499,13 +499,7 @@ def make_plan(
     sets = tuple(sets)
     if not sets:
         raise ValueError("no shard sets given")
-    available = sum(s.num_samples for s in sets)
-    n = parse_count(unique_samples, available, "--unique-samples")
-    c = parse_count(budget_samples, None, "--budget-samples")
-    where = ", ".join(s.url for s in sets)
-    if n > available:
-        raise ValueError(f"--unique-samples {n} is more than the {available} samples available in {where}"
-                         + (f" ({', '.join(f'{s.name}: {s.num_samples}' for s in sets)})" if len(sets) > 1 else ""))
+    n, c = _counts(sets, unique_samples, budget_samples)
     if world_size < 1 or batch_size < 1 or num_workers < 0:
         raise ValueError("world_size and batch_size must be >= 1, num_workers >= 0")
     if shuffle_block is None:
@@ -515,7 +509,27 @@ def make_plan(
     if c < world_size * batch_size:
         raise ValueError(f"--budget-samples {c} is smaller than one global batch "
                          f"({world_size} ranks x {batch_size} = {world_size * batch_size})")
+    per_source = _per_source(sets, n, mix)
+    src, shard, stop, nbytes = _pool_units(sets, per_source, seed)
+    return Plan(sets=sets, unique_samples=n, budget_samples=c, world_size=world_size, num_workers=num_workers,
+                batch_size=batch_size, seed=seed, per_source=tuple(per_source), unit_source=src, unit_shard=shard,
+                unit_stop=stop, unit_bytes=nbytes, shuffle_window=shuffle_window, shuffle_block=shuffle_block)
 
+
+def _counts(sets: tuple[ShardSet, ...], unique_samples, budget_samples) -> tuple[int, int]:
+    """(N, C) as counts; N at most what the sets hold."""
+    available = sum(s.num_samples for s in sets)
+    n = parse_count(unique_samples, available, "--unique-samples")
+    c = parse_count(budget_samples, None, "--budget-samples")
+    if n > available:
+        where = ", ".join(s.url for s in sets)
+        raise ValueError(f"--unique-samples {n} is more than the {available} samples available in {where}"
+                         + (f" ({', '.join(f'{s.name}: {s.num_samples}' for s in sets)})" if len(sets) > 1 else ""))
+    return n, c
+
+
+def _per_source(sets: tuple[ShardSet, ...], n: int, mix: dict[str, float] | str | None) -> list[int]:
+    """The N unique samples split over the sources by the mix weights (default: proportional to size)."""
     mix = parse_mix(mix) if isinstance(mix, str) else mix
     if mix:
         names = [s.name for s in sets]
@@ -533,7 +547,12 @@ def make_plan(
         if k > s.num_samples:
             raise ValueError(f"--mix asks {k} of the {n} unique samples from {s.name} ({s.url}), which has only "
                              f"{s.num_samples}; lower --unique-samples or that weight")
+    return per_source
 
+
+def _pool_units(sets: tuple[ShardSet, ...], per_source: list[int], seed: int) -> tuple[np.ndarray, ...]:
+    """The pool's units (source, shard, samples taken from its start, estimated bytes): per source a seeded
+    prefix of its shards, the last one partial."""
     src, shard, stop, nbytes = [], [], [], []
     for i, (s, k) in enumerate(zip(sets, per_source)):
         order = np.random.default_rng([seed, _POOL, i]).permutation(len(s.shards))
@@ -550,19 +569,4 @@ def make_plan(
         shard.append(chosen.astype(np.int64))
         stop.append(take)
         nbytes.append(sizes[chosen] * take / np.maximum(samples[chosen], 1))
-    return Plan(
-        sets=sets,
-        unique_samples=n,
-        budget_samples=c,
-        world_size=world_size,
-        num_workers=num_workers,
-        batch_size=batch_size,
-        seed=seed,
-        per_source=tuple(per_source),
-        unit_source=np.concatenate(src),
-        unit_shard=np.concatenate(shard),
-        unit_stop=np.concatenate(stop),
-        unit_bytes=np.concatenate(nbytes),
-        shuffle_window=shuffle_window,
-        shuffle_block=shuffle_block,
-    )
+    return tuple(np.concatenate(x) for x in (src, shard, stop, nbytes))
