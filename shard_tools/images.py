@@ -109,6 +109,7 @@ def check_image(data: bytes, max_pixels: int = MAX_PIXELS, decode: bool = False,
     """
     if not data:
         raise ImageError("empty file")
+    data = data if isinstance(data, bytes) else bytes(data)  # a memoryview of a memory-mapped shard
     if data[:3] == b"\xff\xd8\xff":  # JPEG, the common case: checked without PIL
         w, h, sos = jpeg_header(data)
         if w * h > max_pixels:

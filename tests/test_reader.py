@@ -75,7 +75,7 @@ def test_stream_yields_the_planned_samples_with_their_bytes(shards, truth):
 
 
 class Recording:
-    """A local filesystem that records the byte ranges asked of it (the reader then skips memory maps)."""
+    """A local filesystem that records the byte ranges asked of it (the reader then skips its own pread path)."""
 
     def __init__(self, fs):
         self.fs, self.requests = fs, []
@@ -92,7 +92,7 @@ def _recording_reader(plan, **kw):
     import fsspec
 
     rec = Recording(fsspec.filesystem("file"))
-    fetcher = Fetcher(filesystems={"file": rec}, mmap_local=False, policy=Policy(backoff=0.0, **kw))
+    fetcher = Fetcher(filesystems={"file": rec}, direct_local=False, policy=Policy(backoff=0.0, **kw))
     return ShardReader(plan.sets, fetcher=fetcher), rec
 
 
@@ -164,7 +164,7 @@ def _flaky_reader(plan, pattern, **kw):
     import fsspec
 
     flaky = Flaky(fsspec.filesystem("file"), pattern)
-    fetcher = Fetcher(filesystems={"file": flaky}, mmap_local=False, policy=Policy(backoff=0.0, **kw))
+    fetcher = Fetcher(filesystems={"file": flaky}, direct_local=False, policy=Policy(backoff=0.0, **kw))
     return ShardReader(plan.sets, fetcher=fetcher), flaky
 
 

@@ -10,7 +10,7 @@ guarantees, whatever the store does:
 - Retries count failures *without progress*: a request that brought at least one whole sample resets the
   count. After `retries` failed attempts in a row the read fails with one line naming the shard and the bytes.
 - Missing objects, denied access and other 4xx answers are not retried.
-- Local files are memory-mapped: a local read is a zero-copy view of the page cache.
+- Local files are read with one pread per request (the page cache copied once); members are views of it.
 
 Every source runs on fsspec's event loop (one thread per process, shared with s3fs): many requests are in
 flight at once without a thread each. `Fetcher.submit(...)` returns a `concurrent.futures.Future`.
@@ -19,7 +19,7 @@ flight at once without a thread each. `Fetcher.submit(...)` returns a `concurren
 from __future__ import annotations
 
 import asyncio
-import mmap
+import os
 import random
 import threading
 import time
@@ -161,44 +161,46 @@ class Fetcher:
     `set_concurrency`); the rest wait in submission order."""
 
     def __init__(self, storage_options: dict | None = None, policy: Policy = Policy(), concurrency: int = 8,
-                 mmaps: int = 64, stats: ReadStats | None = None, filesystems: dict | None = None,
-                 mmap_local: bool = True):
+                 max_files: int = 64, stats: ReadStats | None = None, filesystems: dict | None = None,
+                 direct_local: bool = True):
         self.storage_options = storage_options or {}
         self.policy = policy
         self.stats = stats if stats is not None else ReadStats()
         self.filesystems = dict(filesystems or {})  # protocol -> filesystem, instead of storage.filesystem (tests)
-        self.mmap_local = mmap_local
+        self.direct_local = direct_local  # local files by pread here, not through an fsspec filesystem
         self._lock = threading.Lock()
         self._concurrency = max(1, concurrency)
         self._running = 0
         self._waiting: deque[tuple[Future, tuple]] = deque()
-        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
-        self._max_maps = mmaps
+        self._files: OrderedDict[str, int] = OrderedDict()  # open local shards (file descriptors)
+        self._max_files = max_files
 
     # -- local files ------------------------------------------------------------------------------
 
-    def _map(self, path: str) -> memoryview:
+    def _fd(self, path: str) -> int:
         with self._lock:
-            m = self._maps.get(path)
-            if m is not None:
-                self._maps.move_to_end(path)
-                return memoryview(m)
-        with open(path, "rb") as f:
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = self._files.get(path)
+            if fd is not None:
+                self._files.move_to_end(path)
+                return fd
+        fd = os.open(path, os.O_RDONLY)
         with self._lock:
-            self._maps[path] = m
-            while len(self._maps) > self._max_maps:
-                self._maps.popitem(last=False)  # views still in use keep their map alive
-        return memoryview(m)
+            self._files[path] = fd
+            while len(self._files) > self._max_files:
+                os.close(self._files.popitem(last=False)[1])
+        return fd
 
     def read_local(self, path: str, bounds: np.ndarray, first: int, stop: int) -> memoryview:
+        """One pread of the samples' bytes (the page cache copied once; members are then zero-copy views of
+        it). Not a memory map: a file truncated or rewritten in place under a map kills the process (SIGBUS)."""
         start, end = int(bounds[first]), int(bounds[stop])
-        view = self._map(path)
-        if len(view) < end:
-            raise ReadError(f"{path}: file has {len(view)} bytes, the .idx needs {end} (truncated or replaced?)")
+        data = os.pread(self._fd(path), end - start, start)
+        if len(data) != end - start:
+            raise ReadError(f"{path}: {len(data)} bytes at {start}, the .idx needs {end - start} (truncated or "
+                            "replaced?)")
         with self._lock:
             self.stats.add(bytes_read=end - start)
-        return view[start:end]
+        return memoryview(data)
 
     # -- remote ------------------------------------------------------------------------------------
 
@@ -228,7 +230,7 @@ class Fetcher:
     def submit(self, url: str, bounds: np.ndarray, first: int, stop: int) -> Future:
         protocol = protocol_of(url)
         fut: Future = Future()
-        if protocol in LOCAL and self.mmap_local:
+        if protocol in LOCAL and self.direct_local:
             try:
                 fut.set_result(self.read_local(url.split("://", 1)[-1], bounds, first, stop))
             except BaseException as e:  # noqa: BLE001 - delivered through the future

@@ -1,6 +1,6 @@
 """Read plan slices from shard sets: the `.idx` says where every sample's bytes are; `fetch.py` brings them.
 
-- Any fsspec URL: local paths (memory-mapped), `s3://` (s3fs; endpoint and credentials from the AWS
+- Any fsspec URL: local paths (one pread per request), `s3://` (s3fs; endpoint and credentials from the AWS
   environment variables or storage options, see `storage.py`), `http(s)://`, other fsspec protocols.
 - A slice's bytes come from one or more ranged GETs (fetch.py: streamed, resumed after the last complete
   sample on a break, retried on lack of progress).
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shard_tools.shardset import SAFE_EXTS, TAR_BLOCK, ShardSet, parse_idx, sample_boundaries
+from shard_tools.shardset import IMAGE_EXTS, SAFE_EXTS, TAR_BLOCK, ShardSet, parse_idx, sample_boundaries
 from shard_tools.storage import protocol_of, redact
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.fetch import Fetcher, Policy, ReadError, ReadStats
@@ -38,12 +38,15 @@ class ShardIndex:
     bounds: np.ndarray  # n + 1 byte offsets
     members: list  # per sample [(ext, offset, size, name)]
     keys: list[str]  # per sample
-    headers: list  # per sample, per member: (name bytes, size field) as a ustar header of ours starts
+    parts: list  # per sample, per member: (ext, offset, size, name, name bytes, size field of a ustar header,
+    #              whether the reader returns it (SAFE_EXTS), whether it is an image)
 
     @classmethod
     def of(cls, members: list) -> ShardIndex:
-        headers = [[(name.encode()[:100], b"%011o\0" % size) for _, _, size, name in m] for m in members]
-        return cls(sample_boundaries(members), members, [member_key(m[0][3]) for m in members], headers)
+        parts = [[(ext.lower(), offset, size, name, name.encode()[:100], b"%011o\0" % size,
+                   ext.lower() in SAFE_EXTS, ext.lower() in IMAGE_EXTS) for ext, offset, size, name in m]
+                 for m in members]
+        return cls(sample_boundaries(members), members, [member_key(m[0][3]) for m in members], parts)
 
     def key(self, i: int) -> str:
         return self.keys[i]
@@ -253,29 +256,32 @@ class ShardReader:
 
     def split(self, data, source: int, shard: int, first: int, stop: int, data_first: int | None = None) -> list[dict]:
         """Cut samples [first, stop) out of `data`, the bytes of samples [data_first (default first), ...), with
-        the `.idx` offsets. Members are `bytes` (copied out of the buffer, which can then be dropped)."""
+        the `.idx` offsets. Images are zero-copy views when `data` is a memoryview (a local read of ours);
+        other members, and everything from remote reads, are `bytes`."""
         idx = self.index(source, shard)
         base = int(idx.bounds[first if data_first is None else data_first])
         url = self.sets[source].shard_url(shard)
+        view = isinstance(data, memoryview)
         out = []
         for i in range(first, stop):
             sample = {"__key__": idx.keys[i], "__url__": url, "__source__": source, "__shard__": shard, "__index__": i}
-            for (ext, offset, size, name), (name_b, size_field) in zip(idx.members[i], idx.headers[i]):
+            for ext, offset, size, name, name_b, size_field, safe, image in idx.parts[i]:
                 a = offset - base
                 if self.check_headers:
                     header = data[a - TAR_BLOCK: a]
-                    fast = header[124:136] == size_field and header[: len(name_b)] == name_b
-                    why = None if fast else _header_mismatch(header, name, size)
-                    if why:
-                        sample = {k: v for k, v in sample.items() if k.startswith("__")}
-                        sample["__error__"] = f"{redact(url)} sample {i}: {why}"
-                        self._count(corrupt=1)
-                        break
-                ext = ext.lower()
-                if ext in SAFE_EXTS:
-                    sample[ext] = bytes(data[a: a + size])
+                    if not (header[124:136] == size_field and header[: len(name_b)] == name_b):
+                        why = _header_mismatch(header, name, size)
+                        if why:
+                            sample = self._corrupt(sample, f"{redact(url)} sample {i}: {why}")
+                            break
+                if safe:
+                    sample[ext] = data[a: a + size] if view and image else bytes(data[a: a + size])
             out.append(sample)
         return out
+
+    def _corrupt(self, sample: dict, why: str) -> dict:
+        self._count(corrupt=1)
+        return {**{k: v for k, v in sample.items() if k.startswith("__")}, "__error__": why}
 
     def read(self, piece: Slice, store: bool | None = None) -> list[dict]:
         """The samples of one slice, in shard order."""
