@@ -155,6 +155,7 @@ class Bench:
         self.peers = tmp / "peers"
         self.results: dict[tuple[str, str], dict] = {}
         self.moto = None
+        self.runs = 0
 
     def setup(self) -> None:
         write_set(self.folder, self.a.samples, self.a.sample_kb, self.a.shards)
@@ -177,6 +178,7 @@ class Bench:
 
     def measure(self, scenario: str, reader: str, endpoint: str | None) -> dict:
         a, me = self.a, str(Path(__file__).resolve())
+        self.runs += 1  # every pass starts with an empty cache: each is a first epoch
         options = self.moto.options(endpoint) if endpoint else {}
         remote = endpoint is not None
         folder = f"s3://{BUCKET}/set" if remote else str(self.folder)
@@ -187,7 +189,7 @@ class Bench:
             where = f"s3://{BUCKET}/{reader}" if remote else str(self.peers / reader)
             return run_child(a.peers_python, [str(REPO / "benchmarks" / "stream_peers.py"), "measure", reader,
                                               "--where", where, "--endpoint", endpoint or "",
-                                              "--cache", str(self.tmp / f"cache-{scenario}-{reader}")])
+                                              "--cache", str(self.tmp / f"cache-{scenario}-{reader}-{self.runs}")])
         return run_child(sys.executable, [me, "--measure", reader, "--folder", folder, "--urls", ",".join(urls),
                                           "--options", json.dumps(options), "--batch", str(a.batch),
                                           "--samples", str(a.samples)])
