@@ -137,7 +137,7 @@ def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
     check_settings(cfg)
     storage = parse_storage_options(cfg.storage_options)
     plan = make_run_plan(cfg, storage, acc.num_processes)
-    check_output_folder(cfg, Path(cfg.out), plan.global_batch)
+    check_output_folder(cfg, Path(cfg.out), plan.global_batch, plan.shuffle_block)
     set_seed(cfg.seed)
     backbone, dim = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_options)
     method = build_method(cfg.method, backbone, dim, **cfg.method_options)
@@ -183,7 +183,7 @@ def make_run_plan(cfg: TrainConfig, storage: dict, world_size: int) -> Plan:
                      shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
 
 
-def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int) -> None:
+def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int, shuffle_block: int | None = None) -> None:
     """Refuse to mix two different runs in one folder (read-only: every process runs it)."""
     ckpt = checkpoint.latest_checkpoint(out)
     if ckpt is not None and cfg.resume == "never":
@@ -197,9 +197,13 @@ def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int) -> None:
              for k in TrainConfig.IDENTITY if old.get(k) != getattr(cfg, k)]
     run_info = out / "run.json"
     if run_info.exists():
-        old_g = json.loads(run_info.read_text()).get("global_batch")
+        info = json.loads(run_info.read_text())
+        old_g, old_block = info.get("global_batch"), info.get("shuffle_block")
         if old_g is not None and old_g != global_batch:
             diffs.append(f"global batch: {old_g} there vs {global_batch} now")
+        if old_block is not None and shuffle_block is not None and old_block != shuffle_block:
+            diffs.append(f"shuffle block: {old_block} there vs {shuffle_block} now (pass --shuffle-block "
+                         f"{old_block} to continue that run)")
     if diffs:
         raise RunError(f"{out} holds a different run ({'; '.join(diffs)}); choose another --out or delete it")
 

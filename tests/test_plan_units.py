@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import numpy as np
@@ -115,3 +116,15 @@ def test_micro_batches_split_a_rank_batch_for_gradient_accumulation():
     assert merged[:6] == [(5, 0), (5, 1), (5, 2), (6, 0), (6, 1), (6, 2)]
     with pytest.raises(ValueError, match="equal parts"):
         plan.rank_slices(0, 0, 0, 5)
+
+
+def test_the_default_shuffle_block_is_worth_a_request():
+    from stream_ssl.data.plan import BLOCK_BYTES, auto_shuffle_block
+
+    assert auto_shuffle_block(256) == 16 and auto_shuffle_block(4096) == 64  # G/16, at most 64 when sizes unknown
+    assert auto_shuffle_block(4096, 52_000) == math.ceil(BLOCK_BYTES / 52_000)  # photos: ~4 MB of them
+    assert auto_shuffle_block(4096, 5_000) == 256  # thumbnails: G/16 (the mixing bound) before 4 MB
+    assert auto_shuffle_block(4096, 2_000_000) == 2 and auto_shuffle_block(8) == 1
+    plan = make_plan([fake_set([100] * 10, bytes_per_sample=100_000)], 1000, 2048, batch_size=1024 // 4,
+                     world_size=4)
+    assert plan.shuffle_block == 40  # 4 MB of 100 KB samples, under G/16 = 64

@@ -20,11 +20,13 @@ Vocabulary (see DESIGN.md): budget C = samples seen; unique samples N = the pool
   sequence. Rank r takes the samples [rB, (r+1)B) of its step, then puts them in a seeded order of its own
   (the in-worker shuffle). Every block is a contiguous run of a shard, so reads stay ranged and sequential.
   A window of 8 steps mixes samples up to 8 global batches apart, and every pass brings a sample new batch
-  mates: with the default block of G/16 samples (1 to 64) it keeps at most ~1/16 of them from one pass to
-  the next. Windows never cross a pass boundary (a step that straddles one is read in stream order), so
-  mixing cannot put two passes' copies of a sample in one step. `shuffle_block=0` switches mixing off:
+  mates: with the default block of at most G/16 samples it keeps at most ~1/16 of them from one pass to the
+  next. The default block is also at most ~4 MB of samples (from the sets' mean sample size in index.json):
+  a block is one ranged read when several readers share a window, and 4 MB is worth its request latency.
+  Windows never cross a pass boundary (a step that straddles one is read in stream order), so mixing cannot
+  put two passes' copies of a sample in one step. `shuffle_block=0` switches mixing off:
   step j is then positions [jG, (j+1)G) in stream order.
-- The global batch of a step (as a set) depends on G and the seed only: a run can resume on another world
+- The global batch of a step (as a set) depends on G, the seed and the data only: a run can resume on another world
   size with the same global batch and see the same samples at every step. With gradient accumulation,
   plan the per-rank batch of one optimizer step and split it into micro-batches (`rank_slices(step, rank,
   part, parts)`): 8 ranks x 32 and 4 ranks x (2 x 32) then see the same samples.
@@ -52,13 +54,15 @@ from shard_tools.shardset import ShardSet
 # random numbers.
 _POOL, _PASS, _WINDOW, _ORDER = 1, 2, 3, 4
 DEFAULT_SHUFFLE_WINDOW = 8
-DEFAULT_SHUFFLE_BLOCK = None  # auto: G / 16 samples, between 1 and 64 (a function of G: world-size independent)
+DEFAULT_SHUFFLE_BLOCK = None  # auto: G / 16 samples, at most ~4 MB (world-size independent: a function of G, data)
+BLOCK_BYTES = 4_000_000  # a default block holds about this much: one read worth its latency (S3: 1-4 MB+)
 
 
-def auto_shuffle_block(global_batch: int) -> int:
+def auto_shuffle_block(global_batch: int, sample_bytes: float | None = None) -> int:
     """Blocks of G/16 samples: a sample shares at most ~1/16 of its batch with its own block (the mates it keeps
-    across passes); capped at 64 samples, which is already several MB per read for photos."""
-    return max(1, min(64, global_batch // 16))
+    across passes); and at most BLOCK_BYTES of samples of `sample_bytes` (64 samples when it is unknown)."""
+    cap = 64 if not sample_bytes else max(1, math.ceil(BLOCK_BYTES / sample_bytes))
+    return max(1, min(cap, global_batch // 16))
 
 
 @dataclass(frozen=True)
@@ -503,7 +507,7 @@ def make_plan(
     if world_size < 1 or batch_size < 1 or num_workers < 0:
         raise ValueError("world_size and batch_size must be >= 1, num_workers >= 0")
     if shuffle_block is None:
-        shuffle_block = auto_shuffle_block(world_size * batch_size)
+        shuffle_block = auto_shuffle_block(world_size * batch_size, _mean_sample_bytes(sets))
     if shuffle_window < 1 or shuffle_block < 0:
         raise ValueError("shuffle_window must be >= 1 and shuffle_block >= 0 (0: no mixing)")
     if c < world_size * batch_size:
@@ -514,6 +518,12 @@ def make_plan(
     return Plan(sets=sets, unique_samples=n, budget_samples=c, world_size=world_size, num_workers=num_workers,
                 batch_size=batch_size, seed=seed, per_source=tuple(per_source), unit_source=src, unit_shard=shard,
                 unit_stop=stop, unit_bytes=nbytes, shuffle_window=shuffle_window, shuffle_block=shuffle_block)
+
+
+def _mean_sample_bytes(sets: tuple[ShardSet, ...]) -> float | None:
+    samples = sum(s.num_samples for s in sets)
+    total = sum(x.bytes for s in sets for x in s.shards)
+    return total / samples if samples and total else None
 
 
 def _counts(sets: tuple[ShardSet, ...], unique_samples, budget_samples) -> tuple[int, int]:
