@@ -304,7 +304,7 @@ class Fetcher:
 
     def read_whole(self, url: str) -> bytes:
         """All bytes of a small object (an `.idx`), retried on transient errors; no HEAD request."""
-        if protocol_of(url) in LOCAL:
+        if protocol_of(url) in LOCAL and self.direct_local:
             with open(url.split("://", 1)[-1], "rb") as f:
                 data = f.read()
             with self._lock:
