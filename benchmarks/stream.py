@@ -59,13 +59,13 @@ def measure_ours(folder: str, options: dict, unmixed: bool, batch: int) -> dict:
     n = sets[0].num_samples
     plan = make_plan(sets, n, n, batch_size=batch, shuffle_block=0 if unmixed else None)
     reader = ShardReader(plan.sets, options)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     count = nbytes = 0
     for _, samples in ReadAhead(reader, plan, 0, range(plan.steps)):
         count += len(samples)
         nbytes += sum(len(s["jpg"]) for s in samples)
     stats = reader.stats.snapshot()
-    return {"samples": count, "bytes": nbytes, "seconds": time.perf_counter() - t0, "gets": stats["requests"],
+    return {"samples": count, "bytes": nbytes, **_times(t0, c0), "gets": stats["requests"],
             "concurrency": reader.fetcher.concurrency}
 
 
@@ -83,12 +83,12 @@ def measure_webdataset(urls: list[str], options: dict) -> dict:
     if urls[0].startswith("s3://"):
         fs = _s3fs(options)
         wds.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: fs.open(url, "rb")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     count = nbytes = 0
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         count += 1
         nbytes += len(sample["jpg"])
-    return {"samples": count, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+    return {"samples": count, "bytes": nbytes, **_times(t0, c0)}
 
 
 def measure_ceiling(urls: list[str], options: dict, samples: int, threads: int = 8) -> dict:
@@ -99,10 +99,14 @@ def measure_ceiling(urls: list[str], options: dict, samples: int, threads: int =
         get = fs.cat_file
     else:
         get = lambda path: Path(path).read_bytes()  # noqa: E731
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(threads) as pool:
         nbytes = sum(len(b) for b in pool.map(get, urls))
-    return {"samples": samples, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+    return {"samples": samples, "bytes": nbytes, **_times(t0, c0)}
+
+
+def _times(t0: float, c0: float) -> dict:
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
 def child_main(a) -> int:
@@ -224,7 +228,8 @@ def describe(r: dict) -> str:
         return f"n/a ({r['error']})"
     rate = r["samples"] / r["seconds"]
     extra = f", {r['requests']} requests" if "requests" in r else ""
-    return f"{rate:>9,.0f} samples/s {r['bytes'] / r['seconds'] / 1e6:>7.1f} MB/s{extra}"
+    cpu = f", {r['samples'] / r['cpu_seconds']:,.0f} per CPU second" if r.get("cpu_seconds") else ""
+    return f"{rate:>9,.0f} samples/s {r['bytes'] / r['seconds'] / 1e6:>7.1f} MB/s{extra}{cpu}"
 
 
 def ratio(results: dict, scenario: str, a: str, b: str) -> str:
@@ -250,6 +255,12 @@ def report(bench: Bench) -> None:
         print(f"| {name} | " + " | ".join(cells) + f" | {ratio(res, name, 'ours', 'ceiling')} | "
               f"{ratio(res, name, 'ours', 'litdata')} | {ratio(res, name, 'ours', 'webdataset')} | "
               f"{gets} ({a.shards}) |")
+    if "local" in a.scenarios:  # local reads are CPU work: per CPU second holds up on a loaded machine
+        cpu = {r: res.get(("local", r), {}) for r in ("ours", "ours unmixed", "litdata", "webdataset")}
+        per = {r: v["samples"] / v["cpu_seconds"] for r, v in cpu.items() if v.get("cpu_seconds")}
+        if "ours" in per and "litdata" in per:
+            print(f"local, samples per CPU second: ours {per['ours']:,.0f}, LitData {per['litdata']:,.0f} "
+                  f"(ratio {per['ours'] / per['litdata']:.2f})")
     if bench.peer_error:
         print(f"LitData / Mosaic: {bench.peer_error} (pass --peers-python with them installed)")
 

@@ -82,12 +82,16 @@ def measure(reader: str, where: str, endpoint: str, cache: str) -> dict:
         ds = StreamingDataset(remote=remote, local=local, shuffle=False, batch_size=64)
     else:
         raise SystemExit(f"unknown reader {reader}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     count = nbytes = 0
     for item in ds:
         count += 1
         nbytes += len(item["jpg"])
-    return {"samples": count, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+    return {"samples": count, "bytes": nbytes, **_times(t0, c0)}
+
+
+def _times(t0: float, c0: float) -> dict:
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
 def main() -> int:
