@@ -1,4 +1,4 @@
-"""Start train.py on one node or many: builds the `accelerate launch` (or `torchrun`) command of each node.
+r"""Start train.py on one node or many: builds the `accelerate launch` (or `torchrun`) command of each node.
 
     # on every node (rank 0 and 1), or let SLURM do it (launch/slurm_train.sbatch):
     python launch/launch.py --nodes 2 --gpus-per-node 8 --node-rank 0 --main-address node001 -- \

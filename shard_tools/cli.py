@@ -88,6 +88,9 @@ def run_main(tool: str, body: Callable[[], int | None], log_folder: str | Path |
     type their own status, any other exception 1. SystemExit (argparse) passes through."""
     try:
         return body() or 0
+    except BrokenPipeError:  # the reader of our output went away (`| head`): nothing is wrong with the run
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return INTERRUPTED

@@ -21,7 +21,7 @@ a re-run with other settings stops with a message instead of mixing two crawls (
 Shards that img2dataset could not finish (after its retries) leave the run without `index.json` and exit 1:
 run again to retry them, or pass --allow-incomplete to index the finished ones.
 
-img2dataset is an optional dependency (`pip install img2dataset`, see the README for the webdataset pin).
+img2dataset is an optional dependency (`pip install img2dataset`; docs/sources.md explains the webdataset pin).
 It runs in a child process; its own log goes to `OUT/.NAME-crawl/img2dataset.log` (--verbose: to stderr).
 """
 
@@ -292,8 +292,8 @@ def _img2dataset_version() -> str:
     try:
         return version("img2dataset")
     except PackageNotFoundError:
-        raise CrawlError("crawling needs img2dataset: pip install img2dataset (see the README: "
-                         "'Crawled and generated sources')") from None
+        raise CrawlError("crawling needs img2dataset: pip install -e '.[crawl]' && pip install --no-deps "
+                         "img2dataset==1.47.0 (docs/sources.md)") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shard_tools.cli import progress_switch, run_main
+from shard_tools.cli import progress_switch, run_main, tool_prog
 from shard_tools.errors import ToolError, positive_int, remove_partial_shards
 from shard_tools.images import MAX_PIXELS
 from shard_tools.outputs import open_output
@@ -535,7 +535,7 @@ def _bits(top: int, of: int):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dedup.py", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("dedup.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sets", nargs="+", metavar="SET", help="pool shard sets (folders or URLs), checked together")
     p.add_argument("--against", nargs="+", default=[], metavar="DOWNSTREAM",

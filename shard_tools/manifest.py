@@ -10,8 +10,8 @@ ids match torchvision's ImageFolder.
 
 Every reader returns a `Manifest`: the usable rows (with their file line or row number, where to read the
 image, label, key and extra json fields), the rows that could not be used (malformed), and the columns,
-so the packer never guesses. A manifest that cannot be used at all raises `ManifestError` (a SystemExit
-with a one-line reason): unreadable file, no rows, or a named column that does not exist.
+so the packer never guesses. A manifest that cannot be used at all raises `ManifestError` (an ordinary
+exception with a one-line reason): unreadable file, no rows, or a named column that does not exist.
 """
 
 from __future__ import annotations

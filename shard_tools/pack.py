@@ -298,10 +298,13 @@ def pack(
     storage_options: dict | None = None,
     tmp_dir: str | Path | None = None,
     progress: bool | None = False,
+    overwrite: bool = False,
 ) -> PackResult:
     """Pack `manifest` into the shard set `out` (a folder or an fsspec URL such as s3://bucket/prefix).
 
     `source` defaults to 'yfcc' for --format yfcc, else 'real'. `progress` None shows the bar on a terminal.
+    A finished shard set of other settings (another manifest, seed, ...) in `out` is replaced only with
+    `overwrite`.
     Raises ManifestError / PackError (ToolError: ordinary exceptions with a one-line message) when the run
     fails as a whole. The phases: check the settings, read the manifest, resume or start, write, finish.
     """
@@ -324,6 +327,9 @@ def pack(
             errors = read_errors(output, name)
             return PackResult(done, done["num_samples"], count_by_kind(errors), errors, time.perf_counter() - start,
                               m.total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True)
+        if not overwrite and output.read_bytes("index.json") is not None:
+            raise PackError(f"{out} holds a finished shard set packed from another manifest or with other settings; "
+                            "use --overwrite to replace it, or choose another --out")
         run = _start(output, m, name, source, seed, digest, shard_size, shard_bytes, max_error_rate, dedup)
         _write_rows(run, outcomes((m.location(m.rows[i]) for i in run.order[run.position:]), opts, workers, threads),
                     progress)
@@ -593,6 +599,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, help="I/O threads per worker (default 8 for URLs, else 1)")
     p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     p.add_argument("--tmp-dir", help="local folder for staging shards of a remote --out (default: system temp)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace a finished shard set of other settings in --out (default: off: stop)")
     progress_switch(p)
     return p
 
@@ -607,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                  path_template=a.path_template, labels_from_subfolders=a.labels_from_subfolders,
                  shard_bytes=a.shard_bytes, max_side=a.max_side, quality=a.quality, max_pixels=a.max_pixels,
                  decode=a.decode, dedup=a.dedup, workers=a.workers, threads=a.threads,
-                 storage_options=a.storage_options, tmp_dir=a.tmp_dir, progress=a.progress)
+                 storage_options=a.storage_options, tmp_dir=a.tmp_dir, progress=a.progress, overwrite=a.overwrite)
         print(r.summary(out))
         return 0
 

@@ -60,7 +60,8 @@ class TrainConfig:
                                               "the reader plans the reads of the steps it covers together and "
                                               "keeps enough requests in flight to hide storage latency")
     shuffle_window: int = setting(8, "steps whose samples are mixed together (see stream_ssl/data/plan.py)")
-    shuffle_block: int = setting(-1, "samples moved together when mixing; 0: no mixing, -1: automatic")
+    shuffle_block: int = setting(-1, "samples moved together when mixing; 0: no mixing, -1: automatic (global "
+                                     "batch / 16, at most ~4 MB of samples)")
     skip_fraction: float = setting(0.01, "fail when more than this share of samples (past 32) cannot be decoded")
     # model
     method: str = setting("simclr", "SSL method")  # choices: the method registry (see `choices`)

@@ -1,4 +1,4 @@
-"""Distances between shard sets, measured on the features of one backbone, before any training on them.
+r"""Distances between shard sets, measured on the features of one backbone, before any training on them.
 
     python -m stream_ssl.distance shards/pool shards/down_a shards/down_b --checkpoint runs/simclr \
         --samples 5000 --out distances.json
@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shard_tools.cli import progress_switch, run_main
+from shard_tools.cli import progress_switch, run_main, tool_prog
 from shard_tools.shardset import ShardSet
 from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 from stream_ssl.evaluate import (
@@ -346,7 +346,7 @@ def markdown_table(result: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m stream_ssl.distance", description=__doc__,
+    p = argparse.ArgumentParser(prog=tool_prog("python -m stream_ssl.distance"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ref", metavar="REF", help="shard set every other set is compared with (e.g. the pool)")
     p.add_argument("others", metavar="OTHER", nargs="+", help="shard sets to compare with REF")

@@ -1,4 +1,4 @@
-"""Evaluate a pretrained backbone on labeled shard sets: kNN, linear probe, and distribution distance.
+r"""Evaluate a pretrained backbone on labeled shard sets: kNN, linear probe, and distribution distance.
 
     python -m stream_ssl.evaluate --checkpoint runs/simclr --train shards/down_train --test shards/down_test \
         --knn --linear --distance --out runs/simclr/eval_down.json

@@ -34,8 +34,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shuffle-window", type=int, default=DEFAULT_SHUFFLE_WINDOW,
                    help="steps whose samples are mixed together")
     p.add_argument("--shuffle-block", type=int, default=DEFAULT_SHUFFLE_BLOCK,
-                   help="samples per contiguous block in the mixing (default: global batch / 16, at most 64; "
-                        "0: no mixing)")
+                   help="samples per contiguous block in the mixing (default: global batch / 16, at most ~4 MB of "
+                        "samples; 0: no mixing)")
     p.add_argument("--storage-options", type=storage_options_arg, default={}, help=STORAGE_OPTIONS_HELP)
 
 

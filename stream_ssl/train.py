@@ -39,7 +39,7 @@ import torch.distributed as dist
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from safetensors.torch import save_file
 
-from shard_tools.cli import run_main
+from shard_tools.cli import run_main, tool_prog
 from shard_tools.shardset import load_shard_set
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, parse_config
@@ -314,7 +314,7 @@ def export_backbone(run: Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0 done, 2 bad settings or data, 3 diverged, 1 anything else: one line on stderr, the
     traceback in OUT/.logs/train[-rank-R].log."""
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, prog=tool_prog("train.py"))
     rank = int(os.environ.get("RANK", "0"))
     tool = "train" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else f"train-rank-{rank}"
     try:

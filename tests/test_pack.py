@@ -295,3 +295,17 @@ def test_idx_matches_tar_members(tmp_path):
         bounds = sample_boundaries(idx)
         assert bounds[0] == 0 and bounds[-1] <= len(data)
 
+
+
+def test_a_finished_set_of_other_settings_is_not_replaced_without_overwrite(tmp_path):
+    rows = [[p] for p in write_images(tmp_path / "img", 6)]
+    first = write_csv(tmp_path / "img" / "first.csv", ["path"], rows[:4])
+    second = write_csv(tmp_path / "img" / "second.csv", ["path"], rows[2:])
+    out = tmp_path / "shards"
+    pack(first, out, shard_size=2)
+    before = tree(out)
+    with pytest.raises(PackError, match="use --overwrite"):
+        pack(second, out, shard_size=2)
+    assert tree(out) == before  # nothing of the finished set was touched
+    assert pack(first, out, shard_size=2).already_complete  # the same run again: nothing to do
+    assert pack(second, out, shard_size=2, overwrite=True).packed == 4 and tree(out) != before

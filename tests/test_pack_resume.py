@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from shard_tools.pack import KILL_ENV, pack
+from shard_tools.pack import KILL_ENV, PackError, pack
 from tests.helpers.packing import run_tool, tree, write_csv, write_images
 
 
@@ -65,8 +65,12 @@ def test_rerun_of_complete_set_rewrites_nothing_and_changed_options_start_over(t
     r = pack(manifest, out, name="set", shard_size=4, max_error_rate=0.2)
     assert r.already_complete and r.packed == 30 and r.skipped == {"missing file": 1, "not an image": 1}
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
-    # Different shard size: nothing of the old run is reused, and no shard of it is left behind.
-    r = pack(manifest, out, name="set", shard_size=7, max_error_rate=0.2)
+    # Different shard size: refused without --overwrite (as crawl and generate do); with it, nothing of the old
+    # run is reused and no shard of it is left behind.
+    with pytest.raises(PackError, match="--overwrite"):
+        pack(manifest, out, name="set", shard_size=7, max_error_rate=0.2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    r = pack(manifest, out, name="set", shard_size=7, max_error_rate=0.2, overwrite=True)
     assert not r.already_complete and r.resumed_shards == 0
     assert tree(out, hidden=True) == clean_run(manifest, tmp_path / "clean7", shard_size=7)
     assert sorted(p.name for p in out.glob("*.tar")) == [f"set-00000{i}.tar" for i in range(5)]

@@ -1,6 +1,6 @@
 """The diversity controller: a pure, deterministic description of what every rank reads, for the whole run.
 
-Vocabulary (see DESIGN.md): budget C = samples seen; unique samples N = the pool; passes E = C / N.
+Vocabulary (docs/design.md): budget C = samples seen; unique samples N = the pool; passes E = C / N.
 
 - Pool: N samples split over the sources by `mix` weights (default: proportional to size) with a
   house-monotone apportionment (sequential Sainte-Lague), then taken per source as a seeded prefix of
@@ -449,7 +449,8 @@ class Plan:
             f"passes: {s['passes']:.3f} ({s['full_passes']} full + {s['partial_pass_samples']} samples)",
             f"steps: {s['steps']} of global batch {s['global_batch']} "
             f"({s['world_size']} ranks x {s['batch_size']}); {s['samples_per_rank']} samples per rank",
-            f"dropped: {s['dropped']} samples (budget not a multiple of the global batch)",
+            f"dropped: {s['dropped']} samples" + (" (the budget is not a multiple of the global batch)"
+                                                  if s["dropped"] else ""),
             f"mixing: {mixing}",
             f"reads: ~{format_bytes(s['bytes_to_read'])} (~{format_bytes(s['bytes_per_rank'])} per rank); "
             f"cache for repeats: ~{format_bytes(s['cache_needed_bytes'])}",
