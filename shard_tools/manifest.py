@@ -56,6 +56,8 @@ YFCC_COLUMNS = (
 YFCC_COLUMNS_LONG = ("line_number", "id", "hash", *YFCC_COLUMNS[1:])
 YFCC_DEFAULT_TEMPLATE = "{id}.jpg"
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
+_COMPACT = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # one encoder for every row: json.dumps with
+# options builds a new one per call, a fifth of the time a row takes
 
 
 class ManifestError(ToolError):
@@ -223,7 +225,7 @@ class _Builder:
             if not key:
                 self.m.errors.append((row, path, f"malformed row (empty {self.m.key_column or 'key'})"))
                 return
-        meta_text = json.dumps(meta, sort_keys=True, separators=(",", ":")) if meta else None
+        meta_text = _COMPACT.encode(meta) if meta else None
         self.m.usable += 1
         if self.m.label_column is not None:
             self.labels.add(label)
