@@ -71,6 +71,7 @@ from shard_tools.parts import (
     Assigner,
     Layout,
     Part,
+    block_of,
     clean_part,
     errors_stem,
     kept_blocks,
@@ -346,15 +347,17 @@ def pack(
     output = open_output(out, storage_options, tmp_dir)
     try:
         output.lock(f"pack.py --name {name}" + ("" if part.whole else f" --part {part}"), part.scope)
-        done = finished_index(output, "packing", digest, name)
-        if done is not None:
+        if not m.usable:
+            write_errors(output, errors_stem(name, part), m.errors)
+            raise PackError(f"no usable rows in {manifest}: all {m.total} are malformed; see "
+                            f"{output.location(errors_stem(name, part) + '-errors.csv')}")
+        layout = Layout(m.usable, shard_size, part)
+        done = finished_index(output, "packing", digest, name, lambda path: layout.writes(block_of(name, path)))
+        if done is not None:  # a part checks its own shards only: the others' are theirs to check
             output.remove(state_dir(name))  # left behind if a run was killed right after writing index.json
             errors = read_errors(output, name)
             return PackResult(done, done["num_samples"], count_by_kind(errors), errors, time.perf_counter() - start,
                               m.total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True)
-        if not m.usable:
-            raise PackError(f"no usable rows in {manifest}: all {m.total} are malformed")
-        layout = Layout(m.usable, shard_size, part)
         positions, rows = _owned_rows(m, read, seed, layout)
         run = _start(output, m, layout, name, source, digest, shard_bytes, max_error_rate, dedup)
         _write_part(run, positions, rows, opts, workers, threads, progress)

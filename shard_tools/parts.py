@@ -103,6 +103,9 @@ class Layout:
         """The shuffled positions [lo, hi) the part packs."""
         return self.first * self.shard_size, min(self.stop * self.shard_size, self.rows)
 
+    def writes(self, block: int | None) -> bool:
+        return block is not None and self.first <= block < self.stop
+
     def owns_files_of(self, block: int) -> bool:
         """Whether the part writes (and so may clean up) the files of `block`; the last part also owns the
         blocks past the end, left by an earlier run with more rows or smaller shards."""
@@ -164,6 +167,12 @@ def errors_stem(name: str, part: Part) -> str:
     """`write_errors`'s name for the rows a run skipped: NAME (NAME-errors.csv) for the whole run; a part that
     stops on --max-error-rate lists its own in NAME.part-K-of-N-errors.csv (the merge writes NAME-errors.csv)."""
     return name if part.whole else f"{name}.{part.scope}"
+
+
+def block_of(name: str, path: str) -> int | None:
+    """The block a shard file (`NAME-000012.tar`, `NAME-000012_1.tar`, their .idx) belongs to."""
+    m = _shard_file(name).match(path)
+    return int(m.group(1)) if m else None
 
 
 def part_errors_file(name: str) -> re.Pattern:

@@ -84,6 +84,17 @@ def test_missing_parts_are_named_and_a_new_part_count_keeps_finished_shards(tmp_
     assert sorted(p.name for p in (out / ".set-pack").glob("part-*")) == [f"part-{k}-of-4.json" for k in (1, 2, 3, 4)]
     assert merge(out, "set").merged == 4
     assert tree(out, hidden=True) == expected
+    # A part of the finished set checks its own shards only: part 4 does not notice a damaged shard of part 1.
+    (out / "set-000000.tar").write_bytes(b"damaged")
+    assert pack(manifest, out, caption_column="caption", **KW, part=Part(4, 4)).already_complete
+    redo = pack(manifest, out, caption_column="caption", **KW, part=Part(1, 4))
+    assert not redo.already_complete and not (out / "index.json").exists()  # no longer a shard set
+    with pytest.raises(PackError, match=r"^parts 2/4, 3/4, 4/4 of set have not finished"):
+        merge(out, "set")  # the merge dropped the parts' records: every part runs again (as a whole run would)
+    for k in (2, 3, 4):
+        pack(manifest, out, caption_column="caption", **KW, part=Part(k, 4))
+    merge(out, "set")
+    assert tree(out, hidden=True) == expected
     index = json.loads(expected["index.json"])
     counts = [s["samples"] for s in index["shards"]]  # 42 usable rows: 10 blocks of 4, one of 2
     assert len(counts) == 11 and sum(counts) == 40 and max(counts) == 4 and counts[-1] <= 2  # 2 failed: short
@@ -152,3 +163,12 @@ def test_a_streamed_manifest_gives_each_part_exactly_its_rows(tmp_path, manifest
         assert positions.tolist() == list(range(*layout.span))
         got += [streamed.label_id(r) for r in rows]
     assert got == order and whole.total == 43 and n == 42
+
+
+def test_a_manifest_without_a_usable_row_fails_listing_its_rows(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n,1\na.jpg,\n")
+    with pytest.raises(PackError, match=r"no usable rows in .*m.csv: all 2 are malformed; see .*out-errors.csv"):
+        pack(manifest, tmp_path / "out", max_error_rate=1.0)
+    assert (tmp_path / "out" / "out-errors.csv").read_text().count("\n") == 3 and not (tmp_path / "out" /
+                                                                                      "index.json").exists()
