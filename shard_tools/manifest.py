@@ -74,7 +74,10 @@ class Row(NamedTuple):
     meta: str | None  # extra json fields (caption, yfcc title/tags...) as a compact JSON object
 
 
-RowSink = Callable[[Row], None]  # receives the usable rows of a streamed manifest, in file order
+RowSink = Callable[[Row], None]  # receives the usable rows of a streamed manifest, in file order. A sink with a
+# method `wants(index) -> bool` is asked first, for every usable row (index: 0, 1, ... in file order), and gets
+# only the rows it wants: the others are counted but never built (no json of their fields), which is most of a
+# row's cost
 
 
 @dataclass
@@ -207,6 +210,7 @@ class _Builder:
         self.m = m
         m.root = root
         self.sink = m.rows.append if sink is None else sink
+        self.wants = getattr(sink, "wants", None)
         self.labels: set[str] = set()
 
     def add(self, row: int, path: str, label: str | None = None, key: str | None = None,
@@ -225,11 +229,13 @@ class _Builder:
             if not key:
                 self.m.errors.append((row, path, f"malformed row (empty {self.m.key_column or 'key'})"))
                 return
-        meta_text = _COMPACT.encode(meta) if meta else None
+        index = self.m.usable
         self.m.usable += 1
         if self.m.label_column is not None:
             self.labels.add(label)
-        self.sink(Row(row, path, label, key, meta_text))  # the label as written, until done()
+        if self.wants is None or self.wants(index):
+            meta_text = _COMPACT.encode(meta) if meta else None
+            self.sink(Row(row, path, label, key, meta_text))  # the label as written, until done()
 
     def done(self) -> Manifest:
         m = self.m

@@ -261,8 +261,14 @@ def outcomes(locations: Iterable[str], opts: ImageOptions, workers: int = 1, thr
 # Reading the manifest: the whole run keeps every row; a part reads it twice, the second time keeping its own.
 
 
-def _count_only(row) -> None:
-    """The first read of a part: rows are counted (and their labels collected) by the reader, not kept."""
+class _CountOnly:
+    """The sink of a part's first read: the reader counts the rows and collects their labels, building none."""
+
+    def wants(self, index: int) -> bool:
+        return False
+
+    def __call__(self, row) -> None:
+        raise AssertionError("a row nobody wanted")
 
 
 def _owned_rows(m: Manifest, read: Callable[..., Manifest], seed: int, layout: Layout) -> tuple[np.ndarray, list]:
@@ -271,8 +277,7 @@ def _owned_rows(m: Manifest, read: Callable[..., Manifest], seed: int, layout: L
     lo, hi = layout.span
     assign = Assigner(Shuffle(m.usable, seed), lo, hi)
     if m.rows:
-        for row in m.rows:
-            assign(row)
+        assign.extend(m.rows)
         m.rows = []  # the assigner holds them now, in shuffled order
         return assign.result()
     again = read(rows=assign)
@@ -338,7 +343,7 @@ def pack(
     name = _check_settings(out, name, shard_size, max_side, quality, max_error_rate, dedup, part)
     read = _reader(manifest, format, path_column, label_column, caption_column, key_column, root_dir, path_template,
                    labels_from_subfolders, storage_options)
-    m: Manifest = read() if part.whole else read(rows=_count_only)
+    m: Manifest = read() if part.whole else read(rows=_CountOnly())
     source = source or ("yfcc" if m.format == "yfcc" else "real")
     config = _settings(m, name, seed, shard_size, shard_bytes, source, root_dir, max_side, quality, max_pixels,
                        decode, dedup)
@@ -748,7 +753,7 @@ def plan(manifest: str | Path, out: str | Path, name: str | None = None, shard_s
     read = _reader(manifest, format, path_column, label_column, caption_column, key_column, root_dir, path_template,
                    labels_from_subfolders, storage_options)
     t0 = time.perf_counter()
-    m = read() if part.whole else read(rows=_count_only)
+    m = read() if part.whole else read(rows=_CountOnly())
     t1 = time.perf_counter()
     if not m.usable:
         raise PackError(f"no usable rows in {manifest}: all {m.total} are malformed")

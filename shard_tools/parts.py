@@ -113,35 +113,41 @@ class Layout:
 
 
 class Assigner:
-    """A manifest row sink that keeps the rows whose shuffled position lies in [lo, hi): positions are
-    computed a chunk of rows at a time, so memory is the kept rows plus one chunk."""
+    """A manifest row sink (see shard_tools.manifest.RowSink) that keeps the rows whose shuffled position lies
+    in [lo, hi). The reader asks `wants(index)` for every usable row; positions are computed for a chunk of
+    indices at a time, so memory is the kept rows plus one chunk, and rows it does not want are never built."""
 
     def __init__(self, shuffle: Shuffle, lo: int, hi: int, chunk: int = 1 << 16):
         self.shuffle, self.lo, self.hi, self.chunk = shuffle, lo, hi, chunk
-        self.seen = 0
-        self.buffer: list[Row] = []
-        self.positions: list[np.ndarray] = []
+        self._start, self._pos = 0, np.zeros(0, np.int64)
+        self._next = -1  # position of the row wanted last, which the reader hands over next
+        self.positions: list[int] = []
         self.rows: list[Row] = []
 
-    def __call__(self, row: Row) -> None:
-        self.buffer.append(row)
-        if len(self.buffer) >= self.chunk:
-            self._flush()
+    def wants(self, index: int) -> bool:
+        if not self._start <= index < self._start + len(self._pos):
+            self._start = index - index % self.chunk
+            stop = min(self._start + self.chunk, self.shuffle.n)
+            self._pos = self.shuffle(np.arange(self._start, stop, dtype=np.uint64))
+        self._next = int(self._pos[index - self._start])
+        return self.lo <= self._next < self.hi
 
-    def _flush(self) -> None:
-        if not self.buffer:
-            return
-        pos = self.shuffle(np.arange(self.seen, self.seen + len(self.buffer), dtype=np.uint64))
-        keep = np.flatnonzero((pos >= self.lo) & (pos < self.hi))
-        self.positions.append(pos[keep])
-        self.rows.extend(self.buffer[i] for i in keep)
-        self.seen += len(self.buffer)
-        self.buffer = []
+    def __call__(self, row: Row) -> None:
+        if self._next < 0:
+            raise RuntimeError("Assigner: a row handed over without wants(index) first")
+        self.positions.append(self._next)
+        self.rows.append(row)
+        self._next = -1
+
+    def extend(self, rows: list[Row]) -> None:
+        """Offer rows held in memory (indices 0, 1, ...), as a reader offers those it reads."""
+        for index, row in enumerate(rows):
+            if self.wants(index):
+                self(row)
 
     def result(self) -> tuple[np.ndarray, list[Row]]:
         """(positions, rows) of the kept rows, in position order."""
-        self._flush()
-        positions = np.concatenate(self.positions) if self.positions else np.zeros(0, np.int64)
+        positions = np.array(self.positions, dtype=np.int64)
         order = np.argsort(positions, kind="stable")
         return positions[order], [self.rows[i] for i in order]
 
