@@ -819,8 +819,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tmp-dir", help="local folder for staging shards of a remote --out (default: system temp)")
     g = p.add_argument_group("packing in parts (many machines: see docs/packing-at-scale.md)")
     g.add_argument("--part", type=part_arg, help="K/N: write only the shards of part K of N (counted from 1), e.g. "
-                                                 "3/16 or ${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}; every "
-                                                 "part gets the same other options. Then --merge")
+                                                 "3/16; every part gets the same other options, then --merge "
+                                                 "(launch/slurm_pack.sbatch runs the parts as a SLURM array)")
     g.add_argument("--merge", action=argparse.BooleanOptionalAction, default=False,
                    help="write index.json of --out once all its parts are done (no manifest; names the parts still "
                         "missing otherwise; checks the highest --max-error-rate the parts ran with; default: off)")

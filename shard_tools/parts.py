@@ -18,6 +18,7 @@ part records only: N small files, however many shards there are.
 from __future__ import annotations
 
 import argparse
+import array
 import hashlib
 import json
 import re
@@ -121,7 +122,7 @@ class Assigner:
         self.shuffle, self.lo, self.hi, self.chunk = shuffle, lo, hi, chunk
         self._start, self._pos = 0, np.zeros(0, np.int64)
         self._next = -1  # position of the row wanted last, which the reader hands over next
-        self.positions: list[int] = []
+        self.positions = array.array("q")  # 8 bytes a kept row
         self.rows: list[Row] = []
 
     def wants(self, index: int) -> bool:
@@ -140,14 +141,17 @@ class Assigner:
         self._next = -1
 
     def extend(self, rows: list[Row]) -> None:
-        """Offer rows held in memory (indices 0, 1, ...), as a reader offers those it reads."""
-        for index, row in enumerate(rows):
-            if self.wants(index):
-                self(row)
+        """Offer rows held in memory (indices 0, 1, ...): the same rows kept as a reader offering them one by
+        one would leave, a chunk at a time."""
+        for start in range(0, len(rows), self.chunk):
+            pos = self.shuffle(np.arange(start, min(start + self.chunk, len(rows)), dtype=np.uint64))
+            keep = np.flatnonzero((pos >= self.lo) & (pos < self.hi))
+            self.positions.extend(pos[keep].tolist())
+            self.rows.extend(rows[start + i] for i in keep.tolist())
 
     def result(self) -> tuple[np.ndarray, list[Row]]:
         """(positions, rows) of the kept rows, in position order."""
-        positions = np.array(self.positions, dtype=np.int64)
+        positions = np.frombuffer(self.positions, dtype=np.int64) if self.positions else np.zeros(0, np.int64)
         order = np.argsort(positions, kind="stable")
         return positions[order], [self.rows[i] for i in order]
 

@@ -133,6 +133,12 @@ def test_settings_that_parts_cannot_honour_are_refused_in_one_line(tmp_path, man
     proc = run_tool("pack.py", "--out", tmp_path / "empty", "--merge")
     assert proc.returncode == 1 and "error: no part of empty has finished" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    script = str(REPO / "launch" / "slurm_pack.sbatch")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", script, "many", manifest], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "the first argument is the number of parts N, got 'many'" in proc.stderr
+    proc = subprocess.run(["bash", script, "4", manifest], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "not an array task: submit with sbatch --array=1-4" in proc.stderr
 
 
 def test_plan_only_assigns_rows_to_shards_without_images_or_output(tmp_path):
