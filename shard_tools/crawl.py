@@ -787,26 +787,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-aspect-ratio", type=float, help="drop images whose side ratio is larger")
     g.add_argument("--exif", dest="extract_exif", action=argparse.BooleanOptionalAction, default=True,
                    help="keep EXIF in the json (default: on)")
-    d = p.add_argument_group("downloading")
-    d.add_argument("--processes", type=positive_int, default=1, help="img2dataset processes (default 1)")
-    d.add_argument("--threads", type=positive_int, default=64, help="download threads per process (default 64)")
-    d.add_argument("--distributor", choices=DISTRIBUTORS, default="multiprocessing",
-                   help="who runs the shard downloads: multiprocessing (--processes here; default), ray (a local Ray "
-                        "instance of --processes CPUs, or --ray-address), pyspark (local[--processes], or "
-                        "--spark-master); on a cluster --out must be storage every worker reaches")
-    d.add_argument("--ray-address", metavar="ADDRESS",
-                         help="with --distributor ray: the cluster to join ('auto': the one this machine is a node "
-                              "of; ray://HOST:10001 for a remote head); default: a local instance")
-    d.add_argument("--spark-master", metavar="URL",
-                         help="with --distributor pyspark: the master (spark://HOST:7077, yarn, k8s://...); other "
-                              "settings from SPARK_CONF_DIR/spark-defaults.conf; default: local[--processes]")
-    d.add_argument("--timeout", type=float, default=10, help="seconds per request (default 10)")
-    d.add_argument("--retries", type=int, default=0, help="retries per URL (default 0)")
-    d.add_argument("--max-shard-retry", type=int, default=1, help="img2dataset retries of a failed shard (default 1)")
-    d.add_argument("--user-agent-token", help="token added to the user agent (and matched in X-Robots-Tag)")
-    d.add_argument("--img2dataset-option", dest="img2dataset_options", type=_option, action="append", default=[],
-                   metavar="KEY=VALUE", help="any other img2dataset.download() option (value parsed as YAML), e.g. "
-                                             "compute_hash=md5; repeatable")
+    _download_options(p.add_argument_group("downloading"))
     p.add_argument("--allow-incomplete", action=argparse.BooleanOptionalAction, default=False,
                    help="index the finished shards even when some did not finish (default: off)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -816,6 +797,29 @@ def _parser() -> argparse.ArgumentParser:
                    help="show img2dataset's own output instead of logging it (default: off)")
     progress_switch(p)
     return p
+
+
+def _download_options(d) -> None:
+    """The options of the "downloading" group: processes, threads, the distributor, requests."""
+    d.add_argument("--processes", type=positive_int, default=1, help="img2dataset processes (default 1)")
+    d.add_argument("--threads", type=positive_int, default=64, help="download threads per process (default 64)")
+    d.add_argument("--distributor", choices=DISTRIBUTORS, default="multiprocessing",
+                   help="who runs the shard downloads: multiprocessing (--processes here; default), ray (a local Ray "
+                        "instance of --processes CPUs, or --ray-address), pyspark (local[--processes], or "
+                        "--spark-master); on a cluster --out must be storage every worker reaches")
+    d.add_argument("--ray-address", metavar="ADDRESS",
+                   help="with --distributor ray: the cluster to join ('auto': the one this machine is a node of; "
+                        "ray://HOST:10001 for a remote head); default: a local instance")
+    d.add_argument("--spark-master", metavar="URL",
+                   help="with --distributor pyspark: the master (spark://HOST:7077, yarn, k8s://...); other settings "
+                        "from SPARK_CONF_DIR/spark-defaults.conf; default: local[--processes]")
+    d.add_argument("--timeout", type=float, default=10, help="seconds per request (default 10)")
+    d.add_argument("--retries", type=int, default=0, help="retries per URL (default 0)")
+    d.add_argument("--max-shard-retry", type=int, default=1, help="img2dataset retries of a failed shard (default 1)")
+    d.add_argument("--user-agent-token", help="token added to the user agent (and matched in X-Robots-Tag)")
+    d.add_argument("--img2dataset-option", dest="img2dataset_options", type=_option, action="append", default=[],
+                   metavar="KEY=VALUE", help="any other img2dataset.download() option (value parsed as YAML), e.g. "
+                                             "compute_hash=md5; repeatable")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,11 +72,13 @@ from shard_tools.parts import (
     Layout,
     Part,
     block_of,
+    block_record_path,
     clean_part,
     errors_stem,
     kept_blocks,
     part_arg,
     part_errors_file,
+    part_record_path,
     piece_name,
     read_record,
     state_dir,
@@ -482,7 +484,7 @@ class _Run:
         shards = [vars(s) for s in self.writer.shards]
         record = {"config": self.digest, "block": self.block, "shards": shards, "idx_sha256": self.idx_sha256,
                   "packed": sum(s["samples"] for s in shards), **self.span}
-        write_record(self.output, f"{state_dir(self.name)}/{self.block:06d}.json", record)
+        write_record(self.output, block_record_path(self.name, self.block), record)
         self.blocks[self.block] = record
         self.span, self.writer = {"errors": [], "hashes": []}, None
         self.published += 1
@@ -587,7 +589,7 @@ def _record_part(run: _Run, manifest, config: dict) -> dict:
         "shards": [s for b in blocks for s in b["shards"]], "packed": sum(b["packed"] for b in blocks),
         "errors": sorted([int(a), str(b), str(c)] for a, b, c in errors),
     }
-    write_record(run.output, f"{state_dir(run.name)}/part-{layout.part.index}-of-{layout.part.count}.json", record)
+    write_record(run.output, part_record_path(run.name, layout.part), record)
     return record
 
 

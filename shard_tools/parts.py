@@ -164,6 +164,14 @@ def state_dir(name: str) -> str:
     return f".{name}-pack"
 
 
+def block_record_path(name: str, block: int) -> str:
+    return f"{state_dir(name)}/{block:06d}.json"
+
+
+def part_record_path(name: str, part: Part) -> str:
+    return f"{state_dir(name)}/part-{part.index}-of-{part.count}.json"
+
+
 def piece_name(name: str, block: int, piece: int) -> str:
     """The file of piece `piece` of block `block`: `NAME-000012.tar`, then `NAME-000012_1.tar`, ..."""
     return shard_name(name, block) if piece == 0 else f"{name}-{block:06d}_{piece}.tar"
@@ -204,7 +212,7 @@ def write_record(output: Output, path: str, record: dict) -> None:
 
 def block_record(output: Output, name: str, digest: str, block: int) -> dict | None:
     """The record of a finished block made with the settings `digest` whose files are intact, else None."""
-    record = read_record(output, f"{state_dir(name)}/{block:06d}.json")
+    record = read_record(output, block_record_path(name, block))
     try:
         if record is None or record["config"] != digest or record["block"] != block:
             return None
