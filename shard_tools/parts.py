@@ -146,8 +146,11 @@ class Assigner:
         for start in range(0, len(rows), self.chunk):
             pos = self.shuffle(np.arange(start, min(start + self.chunk, len(rows)), dtype=np.uint64))
             keep = np.flatnonzero((pos >= self.lo) & (pos < self.hi))
-            self.positions.extend(pos[keep].tolist())
-            self.rows.extend(rows[start + i] for i in keep.tolist())
+            self.positions.frombytes(pos[keep].astype(np.int64).tobytes())
+            if len(keep) == len(pos):  # the whole run keeps every row
+                self.rows.extend(rows[start:start + len(pos)])
+            else:
+                self.rows.extend([rows[start + i] for i in keep.tolist()])
 
     def result(self) -> tuple[np.ndarray, list[Row]]:
         """(positions, rows) of the kept rows, in position order."""

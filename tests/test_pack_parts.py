@@ -168,6 +168,9 @@ def test_a_streamed_manifest_gives_each_part_exactly_its_rows(tmp_path, manifest
         assert streamed.rows == [] and streamed.usable == n and streamed.label_names == whole.label_names
         assert positions.tolist() == list(range(*layout.span))
         got += [streamed.label_id(r) for r in rows]
+        held = Assigner(Shuffle(n, seed), *layout.span, chunk=7)  # rows in memory, offered a chunk at a time
+        held.extend(whole.rows)
+        assert held.result()[1] == got[-len(rows):]
     assert got == order and whole.total == 43 and n == 42
 
 
