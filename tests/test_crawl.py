@@ -205,18 +205,21 @@ def test_a_cluster_crawl_gives_the_samples_of_a_local_one(crawled, tmp_path, dis
     assert {k: v for k, v in index.items() if k != "shards"} == {k: v for k, v in local.items() if k != "shards"}
 
 
-def test_distributor_settings_are_checked_before_anything_runs(crawled, tmp_path, monkeypatch):
-    proc = run_tool("crawl.py", crawled["manifest"], "--out", tmp_path / "x", "--ray-address", "auto")
+def test_distributor_settings_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    manifest = write_csv(tmp_path / "urls.csv", ["url"], [["http://127.0.0.1:9/img/0.jpg"]])
+    proc = run_tool("crawl.py", manifest, "--out", tmp_path / "x", "--ray-address", "auto")
     assert proc.returncode == 2 and "--ray-address goes with --distributor ray" in proc.stderr
-    proc = run_tool("crawl.py", crawled["manifest"], "--out", tmp_path / "x", "--distributor", "dask")
+    proc = run_tool("crawl.py", manifest, "--out", tmp_path / "x", "--distributor", "dask")
     assert proc.returncode == 2 and "invalid choice: 'dask'" in proc.stderr
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(CrawlError, match=r"--distributor ray needs ray: pip install 'stream-ssl\[ray\]'"):
-        crawl(crawled["manifest"], tmp_path / "y", distributor="ray")
-    assert not (tmp_path / "y").exists()
+        crawl(manifest, tmp_path / "y", distributor="ray")
+    with pytest.raises(CrawlError, match=r"a cluster address \(--ray-address, --spark-master\) needs"):
+        crawl(manifest, tmp_path / "y", cluster_address="spark://head:7077")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_failure_kinds():
