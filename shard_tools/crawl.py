@@ -23,6 +23,14 @@ run again to retry them, or pass --allow-incomplete to index the finished ones.
 
 img2dataset is an optional dependency (`pip install img2dataset`; docs/sources.md explains the webdataset pin).
 It runs in a child process; its own log goes to `OUT/.NAME-crawl/img2dataset.log` (--verbose: to stderr).
+
+On a cluster: --distributor passes img2dataset's own distributors through. `multiprocessing` (the default) runs
+--processes on this machine; `ray` runs one Ray task per shard, on a local Ray instance of --processes CPUs or
+on the cluster at --ray-address (pip install 'stream-ssl[ray]'); `pyspark` runs them as Spark tasks, on
+local[--processes] or the cluster at --spark-master (pip install 'stream-ssl[spark]', Java 17+). The workers
+write the shards straight into --out, so on a cluster it must be storage they all reach (s3://..., or a
+shared file system), and each node needs this environment (stream-ssl, img2dataset). Resuming and the
+indexing of the finished shards are the same whichever distributor ran, and so are the samples.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,13 +69,14 @@ from shard_tools.manifest import FORMATS, Manifest, read_manifest
 from shard_tools.outputs import Output, open_output
 from shard_tools.quantities import COUNT_HELP, count_arg
 from shard_tools.shardset import finished_index, format_idx
+from shard_tools.shuffle import Shuffle
 from shard_tools.storage import STORAGE_OPTIONS_HELP, filesystem, fs_path, is_url, storage_options_arg
 from shard_tools.writer import TarStream, make_index, write_index
 
 __all__ = ["CrawlError", "CrawlResult", "CrawlSampleWriter", "crawl", "failure_kind", "main"]
 
 SOURCE = "crawled"
-CRAWL_VERSION = 1  # bump when the bytes written for the same inputs and options change
+CRAWL_VERSION = 2  # bump when the bytes written for the same inputs and options change (2: shard_tools.shuffle)
 URL_SCHEMES = ("http://", "https://", "ftp://")
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 INTERPOLATIONS = ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4")
@@ -75,6 +85,7 @@ EXTRA = "crawl_extra"  # input column carrying the manifest's extra json fields 
 MANAGED = {"url_list", "output_folder", "output_format", "input_format", "url_col", "caption_col",
            "save_additional_columns", "number_sample_per_shard", "oom_shard_count", "incremental_mode",
            "enable_wandb", "processes_count", "thread_count", "distributor"}
+DISTRIBUTORS = ("multiprocessing", "ray", "pyspark")
 
 
 class CrawlError(ToolError):
@@ -202,9 +213,11 @@ class CrawlSampleWriter:
 
 
 def _run_job(job_path: str) -> None:
-    """Entry point of the child process: run img2dataset.download() with our sample writer."""
+    """Entry point of the child process: run img2dataset.download() with our sample writer, on the cluster the
+    job names (a Ray instance or a Spark session made here, so that img2dataset's distributor uses it)."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import otherwise
     job = json.loads(Path(job_path).read_text())
+    cluster = job.pop("cluster", {})
     import importlib
 
     i2d = importlib.import_module("img2dataset.main")  # the package re-exports a function named `main`
@@ -212,7 +225,41 @@ def _run_job(job_path: str) -> None:
         raise SystemExit("error: this img2dataset version has no main.WebDatasetSampleWriter/download; "
                          "crawl.py is tested with img2dataset 1.47")
     i2d.WebDatasetSampleWriter = CrawlSampleWriter  # output_format='webdataset' now writes our layout
-    i2d.download(**job)
+    with _cluster(job["distributor"], cluster.get("address"), job["processes_count"]):
+        i2d.download(**job)
+
+
+@contextmanager
+def _cluster(distributor: str, address: str | None, processes: int):
+    """Ray or Spark for img2dataset's distributor, started here and stopped after the download. Local ones
+    (no `address`) take `processes` CPUs and stay on the loopback interface."""
+    if distributor == "ray":
+        import ray
+
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=processes, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    elif distributor == "pyspark":
+        from pyspark.sql import SparkSession
+
+        builder = SparkSession.builder.appName("stream-ssl crawl").master(address or f"local[{processes}]")
+        if not address:
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers run this Python
+            for key, value in (("spark.driver.bindAddress", "127.0.0.1"), ("spark.driver.host", "127.0.0.1"),
+                               ("spark.ui.enabled", "false")):
+                builder = builder.config(key, value)
+        spark = builder.getOrCreate()
+        try:
+            yield
+        finally:
+            spark.stop()
+    else:
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,6 +374,8 @@ def crawl(
     extract_exif: bool = True,
     processes: int = 1,
     threads: int = 64,
+    distributor: str = "multiprocessing",
+    cluster_address: str | None = None,
     timeout: float = 10,
     retries: int = 0,
     max_shard_retry: int = 1,
@@ -340,12 +389,15 @@ def crawl(
 ) -> CrawlResult:
     """Crawl the URLs of `manifest` into the shard set `out` (a folder or an fsspec URL); see the module doc.
 
-    `progress` None shows the bar on a terminal. Raises ManifestError / CrawlError (ToolError: ordinary
+    `distributor` is img2dataset's (multiprocessing, ray or pyspark) and `cluster_address` the Ray address or
+    Spark master it joins (None: a local one of `processes` CPUs). `progress` None shows the bar on a terminal.
+    Raises ManifestError / CrawlError (ToolError: ordinary
     exceptions with a one-line message) when the crawl fails as a whole. The phases: check the settings, plan
     the job (usable rows, shuffled, cut into shards), claim the folder, download, index the finished shards."""
     start = time.perf_counter()
     extra_options = _check_settings(shard_size, processes, threads, resize_mode, upscale_interpolation,
                                     downscale_interpolation, encode_format, img2dataset_options)
+    _check_distributor(distributor, cluster_address)
     out = str(out).rstrip("/")
     name = shard_set_name(out, name, CrawlError)
     version = _img2dataset_version()
@@ -362,7 +414,8 @@ def crawl(
     }
     job = _plan_job(m, manifest, name, seed, shard_size, options, version)
     fetch = dict(processes=processes, threads=threads, timeout=timeout, retries=retries,
-                 max_shard_retry=max_shard_retry, progress=progress, verbose=verbose)
+                 max_shard_retry=max_shard_retry, progress=progress, verbose=verbose,
+                 cluster={"distributor": distributor, "address": cluster_address})
     output = open_output(out, storage_options)
     try:
         output.lock(f"crawl.py --name {name}")
@@ -405,6 +458,23 @@ def _check_settings(shard_size: int, processes: int, threads: int, resize_mode: 
     if managed:
         raise CrawlError(f"--img2dataset-option cannot set {managed}: crawl.py manages them")
     return extra_options
+
+
+def _check_distributor(distributor: str, address: str | None) -> None:
+    """Raise CrawlError unless the distributor can run here (img2dataset's ray distributor silently downloads
+    nothing when Ray is missing, hence the check)."""
+    import importlib.util
+    import shutil
+
+    if distributor not in DISTRIBUTORS:
+        raise CrawlError(f"--distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
+    if address and distributor == "multiprocessing":
+        raise CrawlError("a cluster address (--ray-address, --spark-master) needs --distributor ray or pyspark")
+    module, extra = {"ray": ("ray", "ray"), "pyspark": ("pyspark", "spark")}.get(distributor, (None, None))
+    if module and importlib.util.find_spec(module) is None:
+        raise CrawlError(f"--distributor {distributor} needs {module}: pip install 'stream-ssl[{extra}]'")
+    if distributor == "pyspark" and not address and shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        raise CrawlError("--distributor pyspark runs Spark, which needs Java 17 or later (java on PATH or JAVA_HOME)")
 
 
 @dataclass
@@ -451,7 +521,7 @@ def _plan_job(m: Manifest, manifest, name: str, seed: int, shard_size: int, opti
         "options": {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in options.items()},
     }
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    return _Job(m, name, usable, np.random.default_rng(seed).permutation(len(usable)),
+    return _Job(m, name, usable, Shuffle(len(usable), seed).order(),
                 [f"{i:0{oom_shard_count}d}" for i in range(shards_total)], shard_size, options, config, digest,
                 version, seed, errors)
 
@@ -571,7 +641,7 @@ def _input_table(job: _Job) -> tuple[bytes, list[str]]:
 
 
 def _download(output: Output, job: _Job, todo: list[str], processes: int, threads: int, timeout: float,
-              retries: int, max_shard_retry: int, progress: bool | None, verbose: bool) -> None:
+              retries: int, max_shard_retry: int, progress: bool | None, verbose: bool, cluster: dict) -> None:
     """Write img2dataset's input (the shuffled rows) and run it in a child process, showing a bar over shards."""
     table, extra_cols = _input_table(job)
     output.write_bytes(f"{job.state}/input.parquet", table)
@@ -593,7 +663,8 @@ def _download(output: Output, job: _Job, todo: list[str], processes: int, thread
         "timeout": timeout,
         "retries": retries,
         "max_shard_retry": max_shard_retry,
-        "distributor": "multiprocessing",
+        "distributor": cluster["distributor"],
+        "cluster": cluster,
         **job.options,
     }
     for key in ("max_image_area", "max_aspect_ratio"):
@@ -716,16 +787,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-aspect-ratio", type=float, help="drop images whose side ratio is larger")
     g.add_argument("--exif", dest="extract_exif", action=argparse.BooleanOptionalAction, default=True,
                    help="keep EXIF in the json (default: on)")
-    d = p.add_argument_group("downloading")
-    d.add_argument("--processes", type=positive_int, default=1, help="img2dataset processes (default 1)")
-    d.add_argument("--threads", type=positive_int, default=64, help="download threads per process (default 64)")
-    d.add_argument("--timeout", type=float, default=10, help="seconds per request (default 10)")
-    d.add_argument("--retries", type=int, default=0, help="retries per URL (default 0)")
-    d.add_argument("--max-shard-retry", type=int, default=1, help="img2dataset retries of a failed shard (default 1)")
-    d.add_argument("--user-agent-token", help="token added to the user agent (and matched in X-Robots-Tag)")
-    d.add_argument("--img2dataset-option", dest="img2dataset_options", type=_option, action="append", default=[],
-                   metavar="KEY=VALUE", help="any other img2dataset.download() option (value parsed as YAML), e.g. "
-                                             "compute_hash=md5; repeatable")
+    _download_options(p.add_argument_group("downloading"))
     p.add_argument("--allow-incomplete", action=argparse.BooleanOptionalAction, default=False,
                    help="index the finished shards even when some did not finish (default: off)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -737,8 +799,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _download_options(d) -> None:
+    """The options of the "downloading" group: processes, threads, the distributor, requests."""
+    d.add_argument("--processes", type=positive_int, default=1, help="img2dataset processes (default 1)")
+    d.add_argument("--threads", type=positive_int, default=64, help="download threads per process (default 64)")
+    d.add_argument("--distributor", choices=DISTRIBUTORS, default="multiprocessing",
+                   help="who runs the shard downloads: multiprocessing (--processes here; default), ray (a local Ray "
+                        "instance of --processes CPUs, or --ray-address), pyspark (local[--processes], or "
+                        "--spark-master); on a cluster --out must be storage every worker reaches")
+    d.add_argument("--ray-address", metavar="ADDRESS",
+                   help="with --distributor ray: the cluster to join ('auto': the one this machine is a node of; "
+                        "ray://HOST:10001 for a remote head); default: a local instance")
+    d.add_argument("--spark-master", metavar="URL",
+                   help="with --distributor pyspark: the master (spark://HOST:7077, yarn, k8s://...); other settings "
+                        "from SPARK_CONF_DIR/spark-defaults.conf; default: local[--processes]")
+    d.add_argument("--timeout", type=float, default=10, help="seconds per request (default 10)")
+    d.add_argument("--retries", type=int, default=0, help="retries per URL (default 0)")
+    d.add_argument("--max-shard-retry", type=int, default=1, help="img2dataset retries of a failed shard (default 1)")
+    d.add_argument("--user-agent-token", help="token added to the user agent (and matched in X-Robots-Tag)")
+    d.add_argument("--img2dataset-option", dest="img2dataset_options", type=_option, action="append", default=[],
+                   metavar="KEY=VALUE", help="any other img2dataset.download() option (value parsed as YAML), e.g. "
+                                             "compute_hash=md5; repeatable")
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    p = _parser()
+    a = p.parse_args(argv)
+    for option, value, needs in (("--ray-address", a.ray_address, "ray"), ("--spark-master", a.spark_master,
+                                                                          "pyspark")):
+        if value and a.distributor != needs:
+            p.error(f"{option} goes with --distributor {needs}")
     return run_main("crawl", lambda: _run(a), log_folder=a.out)
 
 
@@ -751,7 +841,8 @@ def _run(a: argparse.Namespace) -> int:
               encode_quality=a.encode_quality, skip_reencode=a.skip_reencode,
               disable_all_reencoding=a.disable_all_reencoding, min_image_size=a.min_image_size,
               max_image_area=a.max_image_area, max_aspect_ratio=a.max_aspect_ratio, extract_exif=a.extract_exif,
-              processes=a.processes, threads=a.threads, timeout=a.timeout, retries=a.retries,
+              processes=a.processes, threads=a.threads, distributor=a.distributor,
+              cluster_address=a.ray_address or a.spark_master, timeout=a.timeout, retries=a.retries,
               max_shard_retry=a.max_shard_retry, user_agent_token=a.user_agent_token,
               img2dataset_options=dict(a.img2dataset_options), allow_incomplete=a.allow_incomplete,
               overwrite=a.overwrite, storage_options=a.storage_options, progress=a.progress, verbose=a.verbose)

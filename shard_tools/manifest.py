@@ -12,6 +12,10 @@ Every reader returns a `Manifest`: the usable rows (with their file line or row 
 image, label, key and extra json fields), the rows that could not be used (malformed), and the columns,
 so the packer never guesses. A manifest that cannot be used at all raises `ManifestError` (an ordinary
 exception with a one-line reason): unreadable file, no rows, or a named column that does not exist.
+
+Streaming: `read_manifest(..., rows=callback)` hands every usable row to `callback` as it is read instead of
+keeping it (labels as written; `Manifest.label_id` maps them), and returns the counts, label names, errors and
+checksum only, so a manifest of any size is read in bounded memory (pack.py --part reads it this way).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import re
 import string
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -32,7 +37,8 @@ from urllib.parse import unquote_plus
 
 from shard_tools.cli import run_main, tool_prog
 from shard_tools.errors import ToolError
-from shard_tools.storage import filesystem, fs_path, is_url, parent, read_location, resolve
+from shard_tools.outputs import sha256_stream
+from shard_tools.storage import filesystem, fs_path, is_url, parent, resolve
 
 PATH_COLUMNS = ("path", "image_path", "filepath", "file", "url", "image", "image_url", "filename", "file_name")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -50,6 +56,8 @@ YFCC_COLUMNS = (
 YFCC_COLUMNS_LONG = ("line_number", "id", "hash", *YFCC_COLUMNS[1:])
 YFCC_DEFAULT_TEMPLATE = "{id}.jpg"
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
+_COMPACT = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # one encoder for every row: json.dumps with
+# options builds a new one per call, a fifth of the time a row takes
 
 
 class ManifestError(ToolError):
@@ -64,6 +72,12 @@ class Row(NamedTuple):
     label: int | None
     key: str | None  # extra part of the sample key (yfcc photo id, --key-column)
     meta: str | None  # extra json fields (caption, yfcc title/tags...) as a compact JSON object
+
+
+RowSink = Callable[[Row], None]  # receives the usable rows of a streamed manifest, in file order. A sink with a
+# method `wants(index) -> bool` is asked first, for every usable row (index: 0, 1, ... in file order), and gets
+# only the rows it wants: the others are counted but never built (no json of their fields), which is most of a
+# row's cost
 
 
 @dataclass
@@ -81,6 +95,12 @@ class Manifest:
     filtered: dict[str, int] = field(default_factory=dict)  # rows left out on purpose (yfcc videos)
     label_names: list[str] = field(default_factory=list)
     root: str = ""  # folder or URL that relative paths start from
+    usable: int = 0  # usable rows: len(rows), or the count handed to the callback of a streamed read
+    label_map: dict[str, int] = field(default_factory=dict)  # label as written -> id
+
+    def label_id(self, row: Row) -> Row:
+        """A streamed row (label as written) with its label id, as `rows` of a kept manifest have it."""
+        return row if self.label_column is None else row._replace(label=self.label_map[row.label])
 
     def location(self, row: Row) -> str:
         """Where to read the row's image: an absolute path or a URL."""
@@ -92,7 +112,7 @@ class Manifest:
     @property
     def total(self) -> int:
         """Rows that should have become samples: usable plus malformed (filtered ones are not counted)."""
-        return len(self.rows) + len(self.errors)
+        return self.usable + len(self.errors)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,7 +157,7 @@ def detect_format(source: str, storage_options: dict | None = None) -> str:
     return "csv"
 
 
-def label_ids(values: list[str]) -> tuple[dict[str, int], list[str]]:
+def label_ids(values: Iterable[str]) -> tuple[dict[str, int], list[str]]:
     """Integer labels stay as they are; class names map to ids in sorted order (stable across runs)."""
     present = sorted({v for v in values if v != ""})
     if all(re.fullmatch(r"-?\d+", v) for v in present):
@@ -183,11 +203,15 @@ def _detect_path_column(columns: list[str], source: str) -> str:
 
 
 class _Builder:
-    """Turns raw records into rows: resolves paths, collects labels, captions and keys."""
+    """Turns raw records into rows (labels, captions and keys checked) for `sink`: by default the manifest's
+    own row list; with a callback, the rows stream through and only their count and label names stay."""
 
-    def __init__(self, m: Manifest, root: str):
+    def __init__(self, m: Manifest, root: str, sink: RowSink | None = None):
         self.m = m
         m.root = root
+        self.sink = m.rows.append if sink is None else sink
+        self.wants = getattr(sink, "wants", None)
+        self.labels: set[str] = set()
 
     def add(self, row: int, path: str, label: str | None = None, key: str | None = None,
             meta: dict | None = None) -> None:
@@ -205,16 +229,21 @@ class _Builder:
             if not key:
                 self.m.errors.append((row, path, f"malformed row (empty {self.m.key_column or 'key'})"))
                 return
-        meta_text = json.dumps(meta, sort_keys=True, separators=(",", ":")) if meta else None
-        self.m.rows.append(Row(row, path, label, key, meta_text))  # the label as written, until done()
+        index = self.m.usable
+        self.m.usable += 1
+        if self.m.label_column is not None:
+            self.labels.add(label)
+        if self.wants is None or self.wants(index):
+            meta_text = _COMPACT.encode(meta) if meta else None
+            self.sink(Row(row, path, label, key, meta_text))  # the label as written, until done()
 
     def done(self) -> Manifest:
         m = self.m
-        if m.label_column is not None and m.rows:
-            ids, m.label_names = label_ids([r.label for r in m.rows])
+        if m.label_column is not None and m.usable:
+            m.label_map, m.label_names = label_ids(self.labels)
             rows = m.rows
             for i, r in enumerate(rows):  # in place: peak memory stays at one copy of the rows
-                rows[i] = r._replace(label=ids[r.label])
+                rows[i] = m.label_id(r)
         return m
 
 
@@ -224,7 +253,7 @@ class _Builder:
 
 def read_csv(source: str, delimiter: str = ",", path_column: str | None = None, label_column: str | None = None,
              caption_column: str | None = None, key_column: str | None = None, root_dir: str | None = None,
-             storage_options: dict | None = None, fmt: str = "csv") -> Manifest:
+             storage_options: dict | None = None, fmt: str = "csv", sink: RowSink | None = None) -> Manifest:
     hashing, text = _open_text(source, storage_options)
     csv.field_size_limit(1 << 24)
     try:
@@ -248,7 +277,7 @@ def read_csv(source: str, delimiter: str = ",", path_column: str | None = None, 
             m.caption_column = _choose_column("--caption-column", caption_column, header, source)
             m.key_column = _choose_column("--key-column", key_column, header, source)
             col = {c: i for i, c in enumerate(header)}
-            b = _Builder(m, root_dir or parent(source))
+            b = _Builder(m, root_dir or parent(source), sink)
             line = reader.line_num
             while True:
                 start = line + 1
@@ -284,22 +313,48 @@ def read_csv(source: str, delimiter: str = ",", path_column: str | None = None, 
 
 def read_parquet(source: str, path_column: str | None = None, label_column: str | None = None,
                  caption_column: str | None = None, key_column: str | None = None, root_dir: str | None = None,
-                 storage_options: dict | None = None) -> Manifest:
+                 storage_options: dict | None = None, sink: RowSink | None = None) -> Manifest:
+    """Parquet, read in record batches of the columns in use (memory: one batch, whatever the file's size)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ManifestError("reading parquet manifests needs pyarrow (pip install pyarrow)") from None
+    fs, path = filesystem(source, storage_options), fs_path(source)
     try:
-        data = read_location(source, storage_options)
-        table = pq.read_table(io.BytesIO(data))
+        with fs.open(path, "rb") as f:
+            digest, _ = sha256_stream(f)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            m = _parquet_columns(source, pf.schema_arrow.names, digest, path_column, label_column, caption_column,
+                                 key_column)
+            if pf.metadata.num_rows == 0:
+                raise ManifestError(f"manifest {source} has no rows")
+            b = _Builder(m, root_dir or parent(source), sink)
+            wanted = list(dict.fromkeys(c for c in (m.path_column, m.label_column, m.caption_column, m.key_column)
+                                        if c is not None))
+            number = 0
+            for batch in pf.iter_batches(batch_size=1 << 16, columns=wanted):
+                cols = {c: [_cell(v) for v in batch.column(c).to_pylist()] for c in wanted}
+                for i in range(batch.num_rows):
+                    number += 1
+                    caption = cols[m.caption_column][i].strip() if m.caption_column else ""
+                    b.add(number, cols[m.path_column][i], cols[m.label_column][i] if m.label_column else None,
+                          cols[m.key_column][i] if m.key_column else None, {"caption": caption} if caption else None)
     except FileNotFoundError:
         raise ManifestError(f"manifest {source} does not exist") from None
+    except ManifestError:
+        raise
     except Exception as e:  # pyarrow raises ArrowInvalid and friends
         raise ManifestError(f"cannot read parquet manifest {source}: {e}") from None
-    columns = list(table.column_names)
+    return b.done()
+
+
+def _parquet_columns(source: str, columns: list[str], digest: str, path_column: str | None, label_column: str | None,
+                     caption_column: str | None, key_column: str | None) -> Manifest:
+    """The manifest header of a parquet file: its columns chosen (or detected) and checked."""
     if not columns:
         raise ManifestError(f"manifest {source} is empty (no columns)")
-    m = Manifest(source, "parquet", hashlib.sha256(data).hexdigest(), columns, None)
+    m = Manifest(source, "parquet", digest, list(columns), None)
     m.path_column = _choose_column("--path-column", path_column, columns, source) or _detect_path_column(
         columns, source)
     if label_column is None and "label" in columns:
@@ -307,21 +362,7 @@ def read_parquet(source: str, path_column: str | None = None, label_column: str 
     m.label_column = _choose_column("--label-column", label_column, columns, source)
     m.caption_column = _choose_column("--caption-column", caption_column, columns, source)
     m.key_column = _choose_column("--key-column", key_column, columns, source)
-    if table.num_rows == 0:
-        raise ManifestError(f"manifest {source} has no rows")
-
-    def values(name: str | None) -> list:
-        if name is None:
-            return [None] * table.num_rows
-        return [_cell(v) for v in table.column(name).to_pylist()]
-
-    paths, labels, captions, keys = (values(c) for c in (m.path_column, m.label_column, m.caption_column,
-                                                          m.key_column))
-    b = _Builder(m, root_dir or parent(source))
-    for i in range(table.num_rows):
-        meta = {"caption": captions[i].strip()} if captions[i] and captions[i].strip() else None
-        b.add(i + 1, paths[i], labels[i], keys[i], meta)
-    return b.done()
+    return m
 
 
 def _cell(v) -> str:
@@ -340,7 +381,8 @@ def _floats(text: str) -> float | None:
 
 
 def read_yfcc(source: str, path_column: str | None = None, root_dir: str | None = None,
-              path_template: str | None = None, storage_options: dict | None = None) -> Manifest:
+              path_template: str | None = None, storage_options: dict | None = None,
+              sink: RowSink | None = None) -> Manifest:
     """YFCC100M metadata: photos only, photo id as key, title/description/tags kept for the sample json.
 
     Images come from `path_column` (a YFCC column, relative to `root_dir`), else from a local mirror under
@@ -349,7 +391,7 @@ def read_yfcc(source: str, path_column: str | None = None, root_dir: str | None 
     """
     path_column, template = _yfcc_image_source(source, path_column, root_dir, path_template)
     m = Manifest(source, "yfcc", "", list(YFCC_COLUMNS), path_column or f"template {template}", key_column="id")
-    b = _Builder(m, root_dir or parent(source))
+    b = _Builder(m, root_dir or parent(source), sink)
     hashing, text = _open_text(source, storage_options)
     try:
         with text:
@@ -484,14 +526,14 @@ def folder_csv(folder: str | Path, labels_from_subfolders: bool = False, relativ
     return buf.getvalue(), ignored
 
 
-def read_folder(folder: str, labels_from_subfolders: bool = False) -> Manifest:
+def read_folder(folder: str, labels_from_subfolders: bool = False, sink: RowSink | None = None) -> Manifest:
     if not os.path.isdir(folder):
         raise ManifestError(f"{folder} is not a folder")
     text, _ = folder_csv(folder, labels_from_subfolders, relative=True)
     columns = ["path", "label"] if labels_from_subfolders else ["path"]
     m = Manifest(folder, "folder", hashlib.sha256(text.encode()).hexdigest(), columns, "path",
                  label_column="label" if labels_from_subfolders else None)
-    b = _Builder(m, str(Path(folder).resolve()))
+    b = _Builder(m, str(Path(folder).resolve()), sink)
     for number, values in enumerate(csv.reader(io.StringIO(text)), start=1):
         if number == 1:
             continue
@@ -505,26 +547,28 @@ def read_manifest(source: str | Path, format: str | None = None, path_column: st
                   label_column: str | None = None, caption_column: str | None = None,
                   key_column: str | None = None, root_dir: str | Path | None = None,
                   path_template: str | None = None, labels_from_subfolders: bool = False,
-                  storage_options: dict | None = None) -> Manifest:
-    """Read any supported manifest. `format` is one of FORMATS, or None to infer it from the name."""
+                  storage_options: dict | None = None, rows: RowSink | None = None) -> Manifest:
+    """Read any supported manifest. `format` is one of FORMATS, or None to infer it from the name. With `rows`,
+    the usable rows stream through that callback instead of being kept (see the module doc)."""
     source = str(source)
     root = str(root_dir) if root_dir is not None else None
     fmt = format or detect_format(source, storage_options)
     if fmt not in FORMATS:
         raise ManifestError(f"unknown manifest format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "folder":
-        return read_folder(source, labels_from_subfolders)
+        return read_folder(source, labels_from_subfolders, rows)
     if fmt == "parquet":
-        return read_parquet(source, path_column, label_column, caption_column, key_column, root, storage_options)
+        return read_parquet(source, path_column, label_column, caption_column, key_column, root, storage_options,
+                            rows)
     if fmt == "yfcc":
         for option, value in (("--label-column", label_column), ("--caption-column", caption_column),
                               ("--key-column", key_column)):
             if value is not None:
                 raise ManifestError(f"{option} does not apply to --format yfcc (title and tags go to the json, "
                                     "the photo id is the key)")
-        return read_yfcc(source, path_column, root, path_template, storage_options)
+        return read_yfcc(source, path_column, root, path_template, storage_options, rows)
     return read_csv(source, "\t" if fmt == "tsv" else ",", path_column, label_column, caption_column, key_column,
-                    root, storage_options, fmt)
+                    root, storage_options, fmt, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,16 @@ from shard_tools.storage import filesystem, is_url, join
 LOCK_NAME = ".writer.lock"  # in a local output folder: held (flock) by the tool writing it
 
 
+def lock_name(scope: str = "") -> str:
+    """The lock file of one writer of a folder: `.writer.lock` for the whole folder, `.writer.SCOPE.lock` for a
+    writer that shares it with others writing other files (pack.py --part K/N: scope part-K-of-N)."""
+    return f".writer.{scope}.lock" if scope else LOCK_NAME
+
+
+def is_lock_file(name: str) -> bool:
+    return name.startswith(".writer.") and name.endswith(".lock")
+
+
 def sha256_stream(f, chunk: int = 1 << 22) -> tuple[str, int]:
     h = hashlib.sha256()
     n = 0
@@ -73,9 +83,9 @@ class Output:
     def location(self, name: str) -> str:
         return join(self.url, name)
 
-    def lock(self, holder: str) -> None:
-        """Be the only writer of this folder until `close`. Object stores have no locks: two writers of one
-        remote prefix are not detected (local folders: see LocalOutput.lock)."""
+    def lock(self, holder: str, scope: str = "") -> None:
+        """Be the only writer of this folder (or, with `scope`, of that part of it) until `close`. Object stores
+        have no locks: two writers of one remote prefix are not detected (local folders: see LocalOutput.lock)."""
 
     def close(self) -> None:
         pass
@@ -140,15 +150,16 @@ class LocalOutput(Output):
         folder = self.root / prefix if prefix else self.root
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != LOCK_NAME)
+        return sorted(p.name for p in folder.iterdir() if p.is_file() and not is_lock_file(p.name))
 
     _lock_fd: int | None = None
+    _lock_path: Path | None = None
 
-    def lock(self, holder: str) -> None:
+    def lock(self, holder: str, scope: str = "") -> None:
         """An exclusive flock on FOLDER/.writer.lock until `close`, which removes the file; a second writer
         fails at once, naming the first. The kernel drops a flock when its process dies, so a killed run
-        leaves no stale lock (only the file, which the next run takes over)."""
-        path = self.root / LOCK_NAME
+        leaves no stale lock (only the file, which the next run takes over). `scope`: see Output.lock."""
+        path = self.root / lock_name(scope)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -167,11 +178,11 @@ class LocalOutput(Output):
             os.close(fd)  # locked a file its holder removed on release: take the one at the path now
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{holder} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd, self._lock_path = fd, path
 
     def close(self) -> None:
         if self._lock_fd is not None:
-            (self.root / LOCK_NAME).unlink(missing_ok=True)  # while still holding it
+            self._lock_path.unlink(missing_ok=True)  # while still holding it
             os.close(self._lock_fd)
             self._lock_fd = None
 

@@ -10,15 +10,29 @@ packed (missing or unreadable file, empty file, not an image, corrupt image, ove
 row, missing label) are skipped, never fatal alone, and listed in `OUT/NAME-errors.csv` (row, path,
 reason); the run fails with a one-line reason when they pass --max-error-rate.
 
-Crash safety: each shard is written under a temporary name and published whole, with a small progress
-record in `OUT/.NAME-pack/`; `index.json` is written last. Running the same command again after a crash
-keeps the complete shards whose checksums still match and continues after them; the result is byte for
+Shards: the shuffled order is cut into blocks of --shard-size positions, and block k becomes shard k
+(`NAME-00000k.tar`) holding the block's rows that could be packed, so a skipped row leaves its shard one
+sample short. Sample keys are the shuffled positions.
+
+Crash safety: each shard is written under a temporary name and published whole, with a small record of its
+block in `OUT/.NAME-pack/`; `index.json` is written last. Running the same command again after a crash
+keeps the complete blocks whose checksums still match and writes the others; the result is byte for
 byte what an uninterrupted run writes. The output does not depend on --workers or --threads.
+
+Many machines: `--part K/N` writes only the shards of part K of N (reading the manifest twice, holding only
+its own rows), each part resumable as above, and `--merge` writes `index.json` once all N are done:
+
+    pack.py manifest.csv --out /shared/pool --part 3/16 ...     # parts 1/16 .. 16/16, anywhere, any order
+    pack.py --out /shared/pool --merge
+
+The result is byte for byte what one run writes (launch/slurm_pack.sbatch runs the parts as a SLURM array).
+`--plan-only` reads the manifest and assigns rows to shards without writing or opening images.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -46,22 +60,41 @@ from shard_tools.errors import (
     error_kind,
     positive_int,
     read_errors,
-    remove_partial_shards,
     shard_set_name,
     write_errors,
 )
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest, strip_compression
 from shard_tools.outputs import Output, open_output
-from shard_tools.quantities import COUNT_HELP, SIZE_HELP, count_arg, size_arg
+from shard_tools.parts import (
+    PART_RECORD,
+    Assigner,
+    Layout,
+    Part,
+    block_of,
+    block_record_path,
+    clean_part,
+    errors_stem,
+    kept_blocks,
+    part_arg,
+    part_errors_file,
+    part_record_path,
+    piece_name,
+    read_record,
+    state_dir,
+    write_record,
+)
+from shard_tools.quantities import COUNT_HELP, SIZE_HELP, count_arg, format_bytes, size_arg
 from shard_tools.shardset import ShardInfo, finished_index, idx_name, shard_name
+from shard_tools.shuffle import Shuffle
 from shard_tools.storage import STORAGE_OPTIONS_HELP, is_url, read_location, storage_options_arg
 from shard_tools.writer import ShardWriter, make_index, write_index
 
-__all__ = ["PATH_COLUMNS", "MAX_PIXELS", "PackError", "PackResult", "inspect_image", "label_ids", "pack", "main"]
+__all__ = ["PATH_COLUMNS", "MAX_PIXELS", "PackError", "PackResult", "Part", "PartPlan", "inspect_image", "label_ids",
+           "merge", "pack", "plan", "main"]
 
 SOURCES = ("real", "yfcc", "crawled", "generated", "downstream")
-PACK_VERSION = 2  # bump when the bytes written for the same inputs change
+PACK_VERSION = 3  # bump when the bytes written for the same inputs change (3: shards are blocks of positions)
 KILL_ENV = "SHARD_TOOLS_TEST_KILL_AFTER_SHARDS"  # tests: SIGKILL ourselves mid-way through the next shard
 NOT_ERRORS = ("duplicate",)  # skipped on purpose: listed, but not counted against --max-error-rate
 
@@ -82,19 +115,31 @@ class PackResult(ShardSetTotals):
     filtered: dict[str, int] = field(default_factory=dict)
     resumed_shards: int = 0
     already_complete: bool = False
+    part: str = ""  # "K/N" for one part of a run in parts: then `index` is the part's record (its shards)
+    merged: int = 0  # parts whose records made index.json (1 for the whole run)
 
     def summary(self, out: str = "") -> str:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
-        line = (f"packed {self.packed} of {self.rows} rows into {self.shards} shards ({self.bytes / 1e6:.1f} MB)"
-                f"{' at ' + out if out else ''} in {self.seconds:.1f}s "
-                f"({self.packed / max(self.seconds, 1e-9):.0f} images/s); skipped {sum(self.skipped.values())}: "
-                f"{skipped}")
+        where = f" at {out}" if out else ""
+        if self.merged > 1:
+            line = (f"merged {self.merged} parts: {self.packed} of {self.rows} rows in {self.shards} shards "
+                    f"({self.bytes / 1e6:.1f} MB){where}; skipped {sum(self.skipped.values())}: {skipped}")
+        else:
+            rows = f"{self.rows} rows"
+            if self.part:
+                lo, hi = self.index["positions"]
+                rows = f"the {hi - lo} rows of part {self.part} (of {self.rows})"
+            line = (f"packed {self.packed} of {rows} into {self.shards} shards ({self.bytes / 1e6:.1f} MB){where} in "
+                    f"{self.seconds:.1f}s ({self.packed / max(self.seconds, 1e-9):.0f} images/s); skipped "
+                    f"{sum(self.skipped.values())}: {skipped}")
         if self.filtered:
             line += "; left out: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.filtered.items()))
         if self.resumed_shards:
             line += f"; resumed after {self.resumed_shards} complete shards"
         if self.already_complete:
             line += " (already complete: nothing rewritten)"
+        if self.part:
+            line += f"; once all {self.part.split('/')[1]} parts are done: pack.py --out {out or 'OUT'} --merge"
         return line
 
 
@@ -215,52 +260,40 @@ def outcomes(locations: Iterable[str], opts: ImageOptions, workers: int = 1, thr
 
 
 # ---------------------------------------------------------------------------------------------------
-# Resume records.
+# Reading the manifest: the whole run keeps every row; a part reads it twice, the second time keeping its own.
 
 
-def _state_dir(name: str) -> str:
-    return f".{name}-pack"
+class _CountOnly:
+    """The sink of a part's first read: the reader counts the rows and collects their labels, building none."""
+
+    def wants(self, index: int) -> bool:
+        return False
+
+    def __call__(self, row) -> None:
+        raise AssertionError("a row nobody wanted")
 
 
-def _state_file(name: str, k: int) -> str:
-    return f"{_state_dir(name)}/{k:06d}.json"
+def _owned_rows(m: Manifest, read: Callable[..., Manifest], seed: int, layout: Layout) -> tuple[np.ndarray, list]:
+    """(positions, rows) of the rows the run packs, in shuffled order. The whole run hands its rows over from
+    memory; a part reads the manifest again, keeping only the rows whose positions fall in its blocks."""
+    lo, hi = layout.span
+    assign = Assigner(Shuffle(m.usable, seed), lo, hi)
+    if m.rows:
+        assign.extend(m.rows)
+        m.rows = []  # the assigner holds them now, in shuffled order
+        return assign.result()
+    again = read(rows=assign)
+    positions, rows = assign.result()
+    if (again.sha256, again.usable) != (m.sha256, m.usable) or len(positions) != hi - lo:
+        raise PackError(f"{m.source} changed between two reads; pack it again once it stays the same")
+    return positions, [m.label_id(r) for r in rows]
 
 
-@dataclass
-class Resume:
-    shards: list[ShardInfo] = field(default_factory=list)
-    next: int = 0  # position in the shuffled row order where packing continues
-    packed: int = 0
-    errors: list[tuple[int, str, str]] = field(default_factory=list)
-    hashes: dict[str, int] = field(default_factory=dict)
-
-
-def _load_resume(output: Output, name: str, config: str) -> Resume:
-    """The complete shards of an interrupted run with the same configuration whose checksums still match."""
-    r = Resume()
-    present = set(output.list(_state_dir(name)))
-    k = 0
-    while f"{k:06d}.json" in present:
-        try:
-            st = json.loads(output.read_bytes(_state_file(name, k)) or b"")
-            info = ShardInfo(**st["shard"])
-        except (ValueError, TypeError, KeyError):
-            break
-        if st.get("config") != config or info.path != shard_name(name, k):
-            break
-        idx = output.read_bytes(idx_name(info.path))
-        if idx is None or hashlib.sha256(idx).hexdigest() != st.get("idx_sha256"):
-            break
-        if output.sha256(info.path) != (info.sha256, info.bytes):
-            break
-        r.shards.append(info)
-        r.next, r.packed = int(st["next"]), int(st["packed"])
-        r.errors.extend((int(a), str(b), str(c)) for a, b, c in st.get("errors", []))
-        r.hashes.update((h, int(row)) for h, row in st.get("hashes", []))
-        k += 1
-    for stale in present - {f"{i:06d}.json" for i in range(k)}:
-        output.remove(f"{_state_dir(name)}/{stale}")
-    return r
+def _reader(manifest, format, path_column, label_column, caption_column, key_column, root_dir, path_template,
+            labels_from_subfolders, storage_options) -> Callable[..., Manifest]:
+    """read(rows=None): the manifest read with these options (see read_manifest)."""
+    return functools.partial(read_manifest, manifest, format, path_column, label_column, caption_column, key_column,
+                             root_dir, path_template, labels_from_subfolders, storage_options)
 
 
 def _failures(errors: list[tuple[int, str, str]]) -> int:
@@ -297,51 +330,69 @@ def pack(
     threads: int | None = None,
     storage_options: dict | None = None,
     tmp_dir: str | Path | None = None,
+    part: Part | None = None,
     progress: bool | None = False,
     overwrite: bool = False,
 ) -> PackResult:
     """Pack `manifest` into the shard set `out` (a folder or an fsspec URL such as s3://bucket/prefix).
 
-    `source` defaults to 'yfcc' for --format yfcc, else 'real'. `progress` None shows the bar on a terminal.
-    A finished shard set of other settings (another manifest, seed, ...) in `out` is replaced only with
-    `overwrite`.
-    Raises ManifestError / PackError (ToolError: ordinary exceptions with a one-line message) when the run
-    fails as a whole. The phases: check the settings, read the manifest, resume or start, write, finish.
+    `source` defaults to 'yfcc' for --format yfcc, else 'real'. `progress` None shows the bar on a terminal. A
+    finished shard set of other settings (another manifest, seed, ...) in `out` is replaced only with `overwrite`.
+    `part` (Part(K, N)) writes only the shards of part K of N (see shard_tools/parts.py); `merge` then writes
+    index.json once every part is done. Raises ManifestError / PackError (ToolError: ordinary exceptions with a one-
+    line message) when the run fails as a whole. The phases: check the settings, read the manifest, resume or start,
+    write, record the part, merge (the whole run).
     """
-    start, out = time.perf_counter(), str(out)
-    name = _check_settings(out, name, shard_size, max_side, quality, max_error_rate)
-    m: Manifest = read_manifest(manifest, format, path_column, label_column, caption_column, key_column, root_dir,
-                                path_template, labels_from_subfolders, storage_options)
+    start, out, part = time.perf_counter(), str(out), part or Part()
+    name = _check_settings(out, name, shard_size, max_side, quality, max_error_rate, dedup, part)
+    read = _reader(manifest, format, path_column, label_column, caption_column, key_column, root_dir, path_template,
+                   labels_from_subfolders, storage_options)
+    m: Manifest = read() if part.whole else read(rows=_CountOnly())
     source = source or ("yfcc" if m.format == "yfcc" else "real")
     config = _settings(m, name, seed, shard_size, shard_bytes, source, root_dir, max_side, quality, max_pixels,
                        decode, dedup)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     opts = ImageOptions(max_pixels, decode, max_side, quality, dedup, storage_options)
-    threads = threads or (8 if m.rows and is_url(m.location(m.rows[0])) else 1)
     output = open_output(out, storage_options, tmp_dir)
     try:
-        output.lock(f"pack.py --name {name}")
-        done = finished_index(output, "packing", digest, name)
-        if done is not None:
-            output.remove(_state_dir(name))  # left behind if a run was killed right after writing index.json
+        output.lock(f"pack.py --name {name}" + ("" if part.whole else f" --part {part}"), part.scope)
+        if not m.usable:
+            write_errors(output, errors_stem(name, part), m.errors)
+            raise PackError(f"no usable rows in {manifest}: all {m.total} are malformed; see "
+                            f"{output.location(errors_stem(name, part) + '-errors.csv')}")
+        layout = Layout(m.usable, shard_size, part)
+        done = finished_index(output, "packing", digest, name, lambda path: layout.writes(block_of(name, path)))
+        if done is not None:  # a part checks its own shards only: the others' are theirs to check
+            output.remove(state_dir(name))  # left behind if a run was killed right after writing index.json
             errors = read_errors(output, name)
             return PackResult(done, done["num_samples"], count_by_kind(errors), errors, time.perf_counter() - start,
                               m.total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True)
-        if not overwrite and output.read_bytes("index.json") is not None:
+        if not overwrite and _other_settings(output, digest):
             raise PackError(f"{out} holds a finished shard set packed from another manifest or with other settings; "
                             "use --overwrite to replace it, or choose another --out")
-        run = _start(output, m, name, source, seed, digest, shard_size, shard_bytes, max_error_rate, dedup)
-        _write_rows(run, outcomes((m.location(m.rows[i]) for i in run.order[run.position:]), opts, workers, threads),
-                    progress)
-        result = _finish(run, manifest, config)
+        positions, rows = _owned_rows(m, read, seed, layout)
+        run = _start(output, m, layout, name, source, digest, shard_bytes, max_error_rate, dedup)
+        _write_part(run, positions, rows, opts, workers, threads, progress)
+        record = _record_part(run, manifest, config)
+        result = _merge(output, name) if part.whole else _part_result(record, m)
+        result.resumed_shards = sum(len(r["shards"]) for r in run.kept.values())
         result.seconds = time.perf_counter() - start
         return result
     finally:
         output.close()
 
 
+def _other_settings(output: Output, digest: str) -> bool:
+    """Whether `output` holds a finished shard set whose settings digest is not `digest`."""
+    data = output.read_bytes("index.json")
+    try:
+        return data is not None and (json.loads(data).get("packing") or {}).get("config_sha256") != digest
+    except ValueError:
+        return False  # a damaged index.json is no finished set
+
+
 def _check_settings(out: str, name: str | None, shard_size: int, max_side: int | None, quality: int,
-                    max_error_rate: float) -> str:
+                    max_error_rate: float, dedup: bool = False, part: Part | None = None) -> str:
     """Raise PackError for a setting out of range; returns the shard name (default: the folder's name)."""
     name = shard_set_name(out, name, PackError)
     if shard_size < 1:
@@ -352,6 +403,9 @@ def _check_settings(out: str, name: str | None, shard_size: int, max_side: int |
         raise PackError("--quality must be in 1..100")
     if not 0 <= max_error_rate <= 1:
         raise PackError("--max-error-rate must be in 0..1")
+    if dedup and part is not None and not part.whole:
+        raise PackError(f"--dedup with --part {part}: a duplicate is judged against every image before it in the "
+                        "whole shuffled order, which no part sees; pack with --dedup in one run, or without it")
     return name
 
 
@@ -383,34 +437,39 @@ def _settings(m: Manifest, name: str, seed: int, shard_size: int, shard_bytes: i
 
 @dataclass
 class _Run:
-    """One pack run in progress: where it is in the shuffled rows, what it skipped, what it wrote."""
+    """One pack run (the whole manifest or one part) in progress: its blocks, what it skipped and wrote."""
 
     output: Output
     m: Manifest
     name: str
     source: str
     digest: str
-    order: np.ndarray  # the shuffled row order
+    layout: Layout
+    shard_bytes: int | None
     limit: float  # failures allowed (--max-error-rate x rows)
     max_error_rate: float
     dedup: bool
-    result: PackResult
-    errors: list[tuple[int, str, str]]
+    kept: dict[int, dict]  # blocks finished by an earlier run (their records), by number
+    errors: list[tuple[int, str, str]]  # skipped rows so far (part 1 also lists the manifest's malformed rows)
     hashes: dict[str, int]  # content hash -> first row (--dedup)
-    position: int  # in `order`: the next row to pack
+    blocks: dict[int, dict] = field(default_factory=dict)  # every finished block's record: kept, then written
     failures: int = 0  # errors that count against --max-error-rate (kept up to date: errors can number millions)
-    span: dict = field(default_factory=lambda: {"errors": [], "hashes": []})  # since the last published shard
+    done: int = 0  # rows handled, those of kept blocks included
+    published: int = 0  # blocks finished by this process (the KILL_ENV test hook counts them)
+    span: dict = field(default_factory=lambda: {"errors": [], "hashes": []})  # of the block being written
+    block: int = -1  # the block being written
     writer: ShardWriter | None = None
+    idx_sha256: list[str] = field(default_factory=list)
 
     @property
     def width(self) -> int:
         return max(9, len(str(self.m.total - 1)))
 
     def errors_file(self) -> str:
-        return self.output.location(f"{self.name}-errors.csv")
+        return self.output.location(f"{errors_stem(self.name, self.layout.part)}-errors.csv")
 
     def fail(self, message: str) -> PackError:
-        write_errors(self.output, self.name, self.errors)
+        write_errors(self.output, errors_stem(self.name, self.layout.part), self.errors)
         return PackError(f"{message}; see {self.errors_file()}. No index.json was written")
 
     def skip(self, row, reason: str, counts: bool = True) -> None:
@@ -420,47 +479,53 @@ class _Run:
         if counts:
             self.failures += 1
             if self.failures > self.limit:
+                lo, hi = self.layout.span
+                where = "" if self.layout.part.whole else f" of part {self.layout.part}"
                 raise self.fail(f"more than {self.max_error_rate:.1%} of {self.m.total} rows failed "
-                                f"(--max-error-rate): {self.failures} failures after {self.position + 1} of "
-                                f"{len(self.m.rows)} rows, stopped")
+                                f"(--max-error-rate): {self.failures} failures after {self.done + 1} of {hi - lo} "
+                                f"rows{where}, stopped")
 
-    def save_state(self, info: ShardInfo, idx_text: str) -> None:
-        """The resume record of a published shard (the writer calls it)."""
-        state = {
-            "config": self.digest,
-            "shard": vars(info),
-            "idx_sha256": hashlib.sha256(idx_text.encode()).hexdigest(),
-            "next": self.position,
-            "packed": self.result.packed,
-            "errors": self.span["errors"],
-            "hashes": self.span["hashes"],
-        }
-        self.output.write_bytes(_state_file(self.name, len(self.writer.shards) - 1), json.dumps(state).encode())
-        self.span = {"errors": [], "hashes": []}
+    def begin_block(self, block: int) -> None:
+        self.block, self.idx_sha256 = block, []
+        self.writer = ShardWriter(self.output, self.name, self.layout.shard_size, self.shard_bytes,
+                                  on_shard=lambda info, idx: self.idx_sha256.append(hashlib.sha256(idx.encode())
+                                                                                    .hexdigest()),
+                                  names=lambda i: piece_name(self.name, block, i))
+
+    def finish_block(self) -> None:
+        """Publish the block's last shard, then its record: from now on a resumed run keeps the block."""
+        self.writer.flush()
+        shards = [vars(s) for s in self.writer.shards]
+        record = {"config": self.digest, "block": self.block, "shards": shards, "idx_sha256": self.idx_sha256,
+                  "packed": sum(s["samples"] for s in shards), **self.span}
+        write_record(self.output, block_record_path(self.name, self.block), record)
+        self.blocks[self.block] = record
+        self.span, self.writer = {"errors": [], "hashes": []}, None
+        self.published += 1
 
 
-def _start(output: Output, m: Manifest, name: str, source: str, seed: int, digest: str, shard_size: int,
+def _start(output: Output, m: Manifest, layout: Layout, name: str, source: str, digest: str,
            shard_bytes: int | None, max_error_rate: float, dedup: bool) -> _Run:
-    """Take over the complete shards of an interrupted run with the same settings, or start afresh."""
-    output.remove("index.json")  # the folder stops being a shard set until we finish
-    resume = _load_resume(output, name, digest)
-    remove_partial_shards(output, name, keep=len(resume.shards))
-    result = PackResult({}, resume.packed, rows=m.total, filtered=m.filtered, resumed_shards=len(resume.shards))
-    run = _Run(output, m, name, source, digest, np.random.default_rng(seed).permutation(len(m.rows)),
-               max_error_rate * m.total, max_error_rate, dedup, result, list(m.errors) + resume.errors,
-               dict(resume.hashes), resume.next)
-    run.writer = ShardWriter(output, name, shard_size, shard_bytes, shards=resume.shards, on_shard=run.save_state)
-    run.failures = _failures(run.errors)
+    """Keep the intact blocks of an interrupted run with the same settings, clear the rest of the part's share."""
+    output.remove("index.json")  # the folder stops being a shard set until the merge
+    kept = kept_blocks(output, name, digest, layout, prefix_only=dedup)
+    clean_part(output, name, digest, layout, kept)
+    kept_errors = [(int(a), str(b), str(c)) for r in kept.values() for a, b, c in r["errors"]]
+    run = _Run(output, m, name, source, digest, layout, shard_bytes, max_error_rate * m.total, max_error_rate, dedup,
+               kept, (list(m.errors) if layout.part.index == 1 else []) + kept_errors,
+               {h: int(row) for r in kept.values() for h, row in r["hashes"]}, dict(kept))
+    run.failures = _failures(m.errors) + _failures(kept_errors)
     if run.failures > run.limit:
         raise run.fail(f"{run.failures} of {m.total} rows are malformed ({run.failures / m.total:.1%} > "
                        f"--max-error-rate {max_error_rate:.1%})")
     return run
 
 
-def _sample(run: _Run, row, ext: str, data: bytes, size: tuple[int, int], original: tuple[int, int]) -> tuple:
-    """(key, fields) of the sample made of `row`'s image."""
+def _sample(run: _Run, position: int, row, ext: str, data: bytes, size: tuple[int, int],
+            original: tuple[int, int]) -> tuple:
+    """(key, fields) of the sample made of `row`'s image; the key is its shuffled position."""
     m = run.m
-    key = f"{run.result.packed:0{run.width}d}" + (f"_{row.key}" if row.key else "")
+    key = f"{position:0{run.width}d}" + (f"_{row.key}" if row.key else "")
     meta = {"source": run.source, "path": row.path, "row": row.row, "width": size[0], "height": size[1]}
     if size != original:
         meta["original_width"], meta["original_height"] = original
@@ -476,75 +541,243 @@ def _sample(run: _Run, row, ext: str, data: bytes, size: tuple[int, int], origin
     return key, fields
 
 
-def _take(run: _Run, row, outcome: Outcome) -> bool:
-    """Add the sample of `row` to the writer (True), or record why it is left out (False)."""
+def _take(run: _Run, position: int, row, outcome: Outcome) -> None:
+    """Add the sample of `row` to its block's shard, or record why it is left out."""
     if outcome[0]:
         kind, detail = outcome
         run.skip(row, f"{kind} ({detail})" if detail else kind)
-        return False
+        return
     _, ext, data, w, h, ow, oh, content_hash = outcome
     if run.dedup:
         if content_hash in run.hashes:
             run.skip(row, f"duplicate (of row {run.hashes[content_hash]})", counts=False)
-            return False
+            return
         run.hashes[content_hash] = row.row
         run.span["hashes"].append((content_hash, row.row))
-    key, fields = _sample(run, row, ext, data, (w, h), (ow, oh))
-    if not run.writer.fits(key, fields):
-        run.writer.flush()  # `position` (this row) is where a resume continues
-    run.writer.add(key, fields, flush=False)
-    run.result.packed += 1
-    return True
+    run.writer.add(*_sample(run, position, row, ext, data, (w, h), (ow, oh)))
 
 
-def _write_rows(run: _Run, stream: Iterator[Outcome], progress: bool | None) -> None:
-    """Pack the outcome of every remaining row, in the shuffled order, publishing shards as they fill."""
-    writer, kill_after = run.writer, int(os.environ.get(KILL_ENV, "-1"))
-    bar = tqdm(total=len(run.m.rows), initial=run.position, unit="img", file=sys.stderr, mininterval=0.5,
+def _write_part(run: _Run, positions: np.ndarray, rows: list, opts: ImageOptions, workers: int,
+                threads: int | None, progress: bool | None) -> None:
+    """Pack the rows of every block not kept from an earlier run, in shuffled order, block after block."""
+    size = run.layout.shard_size
+    todo = np.flatnonzero(~np.isin(positions // size, np.fromiter(run.kept, np.int64, len(run.kept))))
+    run.done = len(rows) - len(todo)
+    threads = threads or (8 if rows and is_url(run.m.location(rows[0])) else 1)
+    stream = outcomes((run.m.location(rows[i]) for i in todo), opts, workers, threads)
+    kill_after, half = int(os.environ.get(KILL_ENV, "-1")), -(-size // 2)
+    bar = tqdm(total=len(rows), initial=run.done, unit="img", file=sys.stderr, mininterval=0.5,
                disable=None if progress is None else not progress, desc=f"packing {run.name}")
     try:
-        for outcome in stream:
-            added = _take(run, run.m.rows[run.order[run.position]], outcome)
-            run.position += 1
+        for i, outcome in zip(todo, stream):
+            position = int(positions[i])
+            if position // size != run.block:
+                if run.writer is not None:
+                    run.finish_block()
+                run.begin_block(position // size)
+            _take(run, position, rows[i], outcome)
+            run.done += 1
             bar.update(1)
-            if not added:
-                continue
-            if writer.full:
-                writer.flush()
-            if kill_after >= 0 and len(writer.shards) >= kill_after and writer.pending == -(-writer.shard_size // 2):
+            if 0 <= kill_after <= run.published and run.writer.pending == half:
                 os.kill(os.getpid(), signal.SIGKILL)
-        writer.flush()
+        if run.writer is not None:
+            run.finish_block()
     finally:
         stream.close()  # stops worker processes and threads, also on errors
         bar.close()
-        writer.abort()
+        if run.writer is not None:
+            run.writer.abort()
 
 
-def _finish(run: _Run, manifest, config: dict) -> PackResult:
-    """The errors file, the last checks, and index.json (written last: now the folder is a shard set)."""
-    output, name, m, result = run.output, run.name, run.m, run.result
-    write_errors(output, name, run.errors)
-    if run.failures > run.limit:
-        raise PackError(f"{run.failures} of {m.total} rows failed ({run.failures / m.total:.1%} > --max-error-rate "
-                        f"{run.max_error_rate:.1%}); see {run.errors_file()}. No index.json was written")
-    if result.packed == 0:
-        raise PackError(f"no usable rows in {manifest}; see {run.errors_file()}")
-    result.errors = sorted(run.errors)
-    result.skipped = count_by_kind(run.errors)
-    result.duplicates = result.skipped.get("duplicate", 0)
-    remove_partial_shards(output, name, keep=len(run.writer.shards))
-    packing = {k: config[k] for k in ("shard_size", "shard_bytes", "max_side", "quality", "max_pixels", "decode",
-                                      "dedup", "path_column", "caption_column", "key_column")}
-    result.index = make_index(
-        name, run.writer.shards, source=run.source, seed=config["seed"], manifest=str(manifest),
-        manifest_format=m.format, manifest_sha256=m.sha256,
-        fields=["image", "json", *(["cls"] if m.label_column else [])],
-        labels={"column": m.label_column, "names": m.label_names}, rows=m.total, skipped=result.skipped,
-        duplicates=result.duplicates, filtered=m.filtered, packing={**packing, "config_sha256": run.digest},
+def _record_part(run: _Run, manifest, config: dict) -> dict:
+    """The part's record (what the merge needs of it), written once its last block is finished."""
+    m, layout = run.m, run.layout
+    blocks = [run.blocks[b] for b in range(layout.first, layout.stop)]
+    errors = (list(m.errors) if layout.part.index == 1 else []) + [e for b in blocks for e in b["errors"]]
+    record = {
+        "config": run.digest, "part": layout.part.index, "parts": layout.part.count,
+        "blocks": [layout.first, layout.stop], "positions": list(layout.span), "settings": config,
+        "max_error_rate": run.max_error_rate, "manifest": str(manifest),
+        "summary": {"format": m.format, "sha256": m.sha256, "rows": m.total, "usable": m.usable,
+                    "label_column": m.label_column, "label_names": m.label_names, "filtered": m.filtered},
+        "shards": [s for b in blocks for s in b["shards"]], "packed": sum(b["packed"] for b in blocks),
+        "errors": sorted([int(a), str(b), str(c)] for a, b, c in errors),
+    }
+    write_record(run.output, part_record_path(run.name, layout.part), record)
+    return record
+
+
+def _part_result(record: dict, m: Manifest) -> PackResult:
+    errors = [(a, b, c) for a, b, c in record["errors"]]
+    skipped = count_by_kind(errors)
+    return PackResult(record, record["packed"], skipped, errors, rows=m.total, duplicates=skipped.get("duplicate", 0),
+                      filtered=m.filtered, part=f"{record['part']}/{record['parts']}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The merge: index.json from the records of the parts.
+
+
+def merge(out: str | Path, name: str | None = None, storage_options: dict | None = None,
+          tmp_dir: str | Path | None = None) -> PackResult:
+    """Write `index.json` (and NAME-errors.csv) of the shard set that the parts of a `pack(..., part=...)` run
+    wrote into `out`, once every part is done; raises PackError naming the parts still missing otherwise.
+    The error rate is checked against the highest --max-error-rate the parts ran with."""
+    start, out = time.perf_counter(), str(out)
+    name = shard_set_name(out, name, PackError)
+    try:
+        output = open_output(out, storage_options, tmp_dir, create=False)
+    except FileNotFoundError:
+        raise PackError(f"{out}: no such folder; pack the parts into it first (--part K/N)") from None
+    try:
+        output.lock(f"pack.py --merge --name {name}")
+        result = _merge(output, name)
+        result.seconds = time.perf_counter() - start
+        return result
+    finally:
+        output.close()
+
+
+def _merge(output: Output, name: str) -> PackResult:
+    records = _part_records(output, name)
+    if records is None:
+        return _merged_before(output, name)
+    first = records[0]
+    shards = [ShardInfo(**s) for r in records for s in r["shards"]]
+    _check_files(output, records)
+    errors = sorted((int(a), str(b), str(c)) for r in records for a, b, c in r["errors"])
+    failures, total = _failures(errors), first["summary"]["rows"]
+    rate = max(r["max_error_rate"] for r in records)
+    errors_file = output.location(f"{name}-errors.csv")
+    write_errors(output, name, errors)
+    if failures > rate * total:
+        raise PackError(f"{failures} of {total} rows failed ({failures / total:.1%} > --max-error-rate {rate:.1%}); "
+                        f"see {errors_file}. No index.json was written")
+    packed = sum(r["packed"] for r in records)
+    if packed == 0:
+        raise PackError(f"no usable rows in {first['manifest']}; see {errors_file}")
+    skipped = count_by_kind(errors)
+    index = _index(name, shards, first, skipped)
+    write_index(output, index)
+    output.remove(state_dir(name))
+    leftovers = part_errors_file(name)
+    for entry in output.list():
+        if leftovers.match(entry):
+            output.remove(entry)
+    return PackResult(index, packed, skipped, errors, rows=total, duplicates=skipped.get("duplicate", 0),
+                      filtered=first["summary"]["filtered"], merged=len(records))
+
+
+def _part_records(output: Output, name: str) -> list[dict] | None:
+    """The records of parts 1..N of one run, in order; None when there are none. Raises PackError naming the
+    parts that have not finished, or when the records come from different runs."""
+    state = state_dir(name)
+    records = [read_record(output, f"{state}/{n}") for n in output.list(state) if PART_RECORD.match(n)]
+    records = [r for r in records if r is not None]
+    if not records:
+        return None
+    runs = sorted({(r["parts"], r["config"][:12]) for r in records})
+    if len(runs) > 1:
+        raise PackError(f"{output.url} holds finished parts of {len(runs)} different runs (parts, settings: "
+                        f"{', '.join(f'{n} parts with settings {d}' for n, d in runs)}); run every part with one "
+                        "command line, then --merge")
+    count = records[0]["parts"]
+    by_index = {r["part"]: r for r in records}
+    missing = [f"{k}/{count}" for k in range(1, count + 1) if k not in by_index]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise PackError(f"parts {shown} of {name} have not finished in {output.url}: run them (pack.py MANIFEST "
+                        f"--out {output.url} --part K/{count} ...), then --merge again. No index.json was written")
+    return [by_index[k] for k in range(1, count + 1)]
+
+
+def _check_files(output: Output, records: list[dict]) -> None:
+    """Every shard the parts recorded is in the folder with its .idx (a listing, not a checksum: each part
+    checked its own shards as it wrote or resumed them)."""
+    present = set(output.list())
+    lost = {r["part"] for r in records for s in r["shards"]
+            if s["path"] not in present or idx_name(s["path"]) not in present}
+    if lost:
+        parts = ", ".join(f"{k}/{records[0]['parts']}" for k in sorted(lost))
+        raise PackError(f"shards of parts {parts} are missing from {output.url}; run those parts again, then --merge")
+
+
+def _merged_before(output: Output, name: str) -> PackResult:
+    """The result of a merge that already happened (index.json of a packed set named `name`), else PackError."""
+    data = output.read_bytes("index.json")
+    index = json.loads(data) if data else {}
+    if not isinstance(index, dict) or "packing" not in index or index.get("name") != name:
+        raise PackError(f"no part of {name} has finished in {output.url} (no records in "
+                        f"{output.location(state_dir(name))}); run the parts (--part K/N) first")
+    errors = read_errors(output, name)
+    return PackResult(index, index["num_samples"], count_by_kind(errors), errors, rows=index.get("rows", 0),
+                      duplicates=index.get("duplicates", 0), filtered=index.get("filtered", {}), already_complete=True)
+
+
+def _index(name: str, shards: list[ShardInfo], record: dict, skipped: dict[str, int]) -> dict:
+    """index.json of the set, from part 1's record (every part has the same settings and manifest summary)."""
+    settings, summary = record["settings"], record["summary"]
+    packing = {k: settings[k] for k in ("shard_size", "shard_bytes", "max_side", "quality", "max_pixels", "decode",
+                                        "dedup", "path_column", "caption_column", "key_column")}
+    return make_index(
+        name, shards, source=settings["source"], seed=settings["seed"], manifest=record["manifest"],
+        manifest_format=summary["format"], manifest_sha256=summary["sha256"],
+        fields=["image", "json", *(["cls"] if summary["label_column"] else [])],
+        labels={"column": summary["label_column"], "names": summary["label_names"]}, rows=summary["rows"],
+        skipped=skipped, duplicates=skipped.get("duplicate", 0), filtered=summary["filtered"],
+        packing={**packing, "config_sha256": record["config"]},
     )
-    write_index(output, result.index)
-    output.remove(_state_dir(name))
-    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# A dry run: which rows and shards a part gets, what reading the manifest costs.
+
+
+@dataclass
+class PartPlan:
+    name: str
+    part: Part
+    rows: int  # manifest rows (malformed ones included)
+    usable: int
+    layout: Layout
+    part_rows: int
+    seconds: tuple[float, float]  # first read, then the assignment (a second read for a part)
+    peak_bytes: int  # the process's peak resident memory so far
+
+    def summary(self) -> str:
+        lay, total = self.layout, sum(self.seconds)
+        shards = (f"shards {lay.first}..{lay.stop - 1} of {lay.blocks} ({shard_name(self.name, lay.first)} .. "
+                  f"{shard_name(self.name, lay.stop - 1)})" if lay.stop > lay.first else f"none of the {lay.blocks} "
+                  "shards")
+        return (f"part {self.part}: {self.part_rows} of {self.usable} usable rows ({self.rows} rows, "
+                f"{lay.shard_size} per shard) -> {shards}; read {self.seconds[0]:.1f}s + assign "
+                f"{self.seconds[1]:.1f}s ({self.rows / max(total, 1e-9):.0f} manifest rows/s); peak memory "
+                f"{format_bytes(self.peak_bytes)}")
+
+
+def plan(manifest: str | Path, out: str | Path, name: str | None = None, shard_size: int = 1000, seed: int = 0,
+         path_column: str | None = None, label_column: str | None = None, root_dir: str | Path | None = None, *,
+         format: str | None = None, caption_column: str | None = None, key_column: str | None = None,
+         path_template: str | None = None, labels_from_subfolders: bool = False, part: Part | None = None,
+         storage_options: dict | None = None) -> PartPlan:
+    """Read the manifest and assign the rows of `part` to its shards as pack() does, writing nothing (images
+    are not opened: their paths need not exist). Times both steps and reports the peak memory."""
+    import resource
+
+    part = part or Part()
+    name = _check_settings(str(out), name, shard_size, None, 90, 0.0)
+    read = _reader(manifest, format, path_column, label_column, caption_column, key_column, root_dir, path_template,
+                   labels_from_subfolders, storage_options)
+    t0 = time.perf_counter()
+    m = read() if part.whole else read(rows=_CountOnly())
+    t1 = time.perf_counter()
+    if not m.usable:
+        raise PackError(f"no usable rows in {manifest}: all {m.total} are malformed")
+    layout = Layout(m.usable, shard_size, part)
+    positions, _ = _owned_rows(m, read, seed, layout)
+    t2 = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return PartPlan(name, part, m.total, m.usable, layout, len(positions), (t1 - t0, t2 - t1), peak)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -562,8 +795,9 @@ def default_out(manifest: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=tool_prog("pack.py"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("manifest", help="CSV/TSV (header row), Parquet, YFCC100M metadata file, or a folder of images; "
-                                    "local or an fsspec URL, optionally .gz/.bz2/.xz compressed")
+    p.add_argument("manifest", nargs="?", help="CSV/TSV (header row), Parquet, YFCC100M metadata file, or a folder of "
+                                               "images; local or an fsspec URL, optionally .gz/.bz2/.xz compressed "
+                                               "(not with --merge)")
     p.add_argument("--out", help="output folder of the shard set, or an fsspec URL (s3://bucket/prefix) (default: "
                                  "shards/<manifest name>, e.g. shards/pool for pool.csv)")
     p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
@@ -593,7 +827,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="fully decode every image to catch damaged data (slower; default: off)")
     p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=False,
                    help="drop exact duplicate images (content hash); listed in the errors file, not counted as errors "
-                        "(default: off)")
+                        "(default: off; not with --part)")
     p.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows (0.05)")
     p.add_argument("--workers", type=positive_int, default=1, help="processes checking/encoding images (default 1)")
     p.add_argument("--threads", type=positive_int, help="I/O threads per worker (default 8 for URLs, else 1)")
@@ -601,25 +835,48 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tmp-dir", help="local folder for staging shards of a remote --out (default: system temp)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace a finished shard set of other settings in --out (default: off: stop)")
+    g = p.add_argument_group("packing in parts (many machines: see docs/packing-at-scale.md)")
+    g.add_argument("--part", type=part_arg, help="K/N: write only the shards of part K of N (counted from 1), e.g. "
+                                                 "3/16; every part gets the same other options, then --merge "
+                                                 "(launch/slurm_pack.sbatch runs the parts as a SLURM array)")
+    g.add_argument("--merge", action=argparse.BooleanOptionalAction, default=False,
+                   help="write index.json of --out once all its parts are done (no manifest; names the parts still "
+                        "missing otherwise; checks the highest --max-error-rate the parts ran with; default: off)")
+    g.add_argument("--plan-only", action=argparse.BooleanOptionalAction, default=False,
+                   help="read the manifest and assign the rows (of --part) to shards, write nothing, print the "
+                        "shards, the time and the peak memory (image paths need not exist; default: off)")
     progress_switch(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.merge and (a.manifest or not a.out or a.plan_only):
+        p.error("--merge takes --out (and --name) only: it reads the records the parts left there")
+    if not a.merge and not a.manifest:
+        p.error("the manifest is required (except with --merge)")
     out = a.out or default_out(a.manifest)
+    reading = dict(format=a.format, caption_column=a.caption_column, key_column=a.key_column,
+                   path_template=a.path_template, labels_from_subfolders=a.labels_from_subfolders,
+                   part=a.part, storage_options=a.storage_options)
 
     def run() -> int:
-        r = pack(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir, a.source,
-                 a.max_error_rate, format=a.format, caption_column=a.caption_column, key_column=a.key_column,
-                 path_template=a.path_template, labels_from_subfolders=a.labels_from_subfolders,
-                 shard_bytes=a.shard_bytes, max_side=a.max_side, quality=a.quality, max_pixels=a.max_pixels,
-                 decode=a.decode, dedup=a.dedup, workers=a.workers, threads=a.threads,
-                 storage_options=a.storage_options, tmp_dir=a.tmp_dir, progress=a.progress, overwrite=a.overwrite)
+        if a.plan_only:
+            print(plan(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir,
+                       **reading).summary())
+            return 0
+        if a.merge:
+            r = merge(out, a.name, a.storage_options, a.tmp_dir)
+        else:
+            r = pack(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir,
+                     a.source, a.max_error_rate, shard_bytes=a.shard_bytes, max_side=a.max_side, quality=a.quality,
+                     max_pixels=a.max_pixels, decode=a.decode, dedup=a.dedup, workers=a.workers, threads=a.threads,
+                     tmp_dir=a.tmp_dir, progress=a.progress, overwrite=a.overwrite, **reading)
         print(r.summary(out))
         return 0
 
-    return run_main("pack", run, log_folder=out)
+    return run_main("pack", run, log_folder=None if a.plan_only else out)
 
 
 if __name__ == "__main__":

@@ -226,10 +226,11 @@ def check_tar_end(members: list[tuple[str, int, int]], end: int, size: int, wher
         raise ValueError(f"{where}: truncated: no end-of-archive blocks after byte {end} (file has {size})")
 
 
-def finished_index(output, section: str, digest: str, name: str | None = None) -> dict | None:
+def finished_index(output, section: str, digest: str, name: str | None = None, mine=None) -> dict | None:
     """The index.json of `output` (a shard_tools.storage.Output) when the run that wrote it had the settings
     hashing to `digest` (recorded as index[section]["config_sha256"]), the same `name` if given, and every
-    shard still has its recorded sha256 and size; else None. Lets a re-run of a finished job do nothing."""
+    shard (every shard whose path `mine(path)` accepts, if given) still has its recorded sha256 and size; else
+    None. Lets a re-run of a finished job (or of one part of it) do nothing."""
     data = output.read_bytes("index.json")
     if not data:
         return None
@@ -237,14 +238,16 @@ def finished_index(output, section: str, digest: str, name: str | None = None) -
         index = json.loads(data)
         if (index.get(section) or {}).get("config_sha256") != digest or name not in (None, index.get("name")):
             return None
-        if not shards_intact(output, index):
+        if not shards_intact(output, index, mine):
             return None
     except (ValueError, KeyError, TypeError):
         return None
     return index
 
 
-def shards_intact(output, index: dict) -> bool:
-    """Every shard listed in `index` is in `output` with its recorded sha256 and size."""
-    return all(output.sha256(s["path"]) == (s["sha256"], s["bytes"]) for s in index["shards"])
+def shards_intact(output, index: dict, mine=None) -> bool:
+    """Every shard listed in `index` (that `mine(path)` accepts, if given) is in `output` with its recorded
+    sha256 and size."""
+    return all(output.sha256(s["path"]) == (s["sha256"], s["bytes"]) for s in index["shards"]
+               if mine is None or mine(s["path"]))
 

@@ -15,6 +15,7 @@ import os
 import queue
 import tarfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from shard_tools.outputs import LocalOutput, Output
@@ -199,11 +200,12 @@ class ShardWriter:
     before a sample that would take the shard past `shard_bytes` (a shard always holds at least one sample).
 
     `out` is a local folder or an `Output` (see storage.py). `shards` continues an earlier, verified run.
-    `on_shard(info, idx_text)` is called after each shard is published.
+    `on_shard(info, idx_text)` is called after each shard is published. `names(i)` is the file name of the
+    writer's shard i (default `NAME-%06d.tar`).
     """
 
     def __init__(self, out: Path | Output, name: str, shard_size: int = 1000, shard_bytes: int | None = None,
-                 shards: list[ShardInfo] | None = None, on_shard=None):
+                 shards: list[ShardInfo] | None = None, on_shard=None, names: Callable[[int], str] | None = None):
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         if shard_bytes is not None and shard_bytes < RECORD:
@@ -213,6 +215,7 @@ class ShardWriter:
         self.name, self.shard_size, self.shard_bytes = name, shard_size, shard_bytes
         self.shards: list[ShardInfo] = list(shards or [])
         self.on_shard = on_shard
+        self.names = names or (lambda i: shard_name(name, i))
         self._file = None
         self._tmp: Path | None = None
         self._tar: TarStream | None = None
@@ -236,7 +239,7 @@ class ShardWriter:
         if flush and not self.fits(key, fields):
             self.flush()
         if self._tar is None:
-            self._tmp = self.output.staging(shard_name(self.name, len(self.shards)))
+            self._tmp = self.output.staging(self.names(len(self.shards)))
             self._file = open(self._tmp, "wb", buffering=1 << 20)
             self._tar = TarStream(self._file, background=True)
         self._tar.add(key, fields)
@@ -251,7 +254,7 @@ class ShardWriter:
         self._tar = self._file = self._tmp = None
         tar.close()
         f.close()  # no fsync: a resumed run re-verifies every kept shard's sha256 (and index.json is synced)
-        tar_name = shard_name(self.name, len(self.shards))
+        tar_name = self.names(len(self.shards))
         idx_text = format_idx(tar.index)
         self.output.write_bytes(idx_name(tar_name), idx_text.encode())
         self.output.publish(tmp, tar_name)

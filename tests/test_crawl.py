@@ -176,6 +176,52 @@ def test_cli_summary_and_refusals(crawled, tmp_path):
     assert (packed / "index.json").exists()
 
 
+def _by_key(out) -> dict[str, dict[str, bytes]]:
+    return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")} for s in _samples(out)}
+
+
+def _cluster_ready(distributor: str) -> None:
+    """Skip (with the reason) where the distributor cannot run: its package or, for Spark, Java is missing."""
+    module, extra = {"ray": ("ray", "ray"), "pyspark": ("pyspark", "spark")}[distributor]
+    pytest.importorskip(module, reason=f"--distributor {distributor} needs {module}: pip install "
+                                       f"'stream-ssl[{extra}]'")
+    if distributor == "pyspark" and shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        pytest.skip("--distributor pyspark needs Java 17+ (no java on PATH, no JAVA_HOME)")
+
+
+@pytest.mark.parametrize("distributor", ["ray", "pyspark"])
+def test_a_cluster_crawl_gives_the_samples_of_a_local_one(crawled, tmp_path, distributor):
+    """img2dataset's ray and pyspark distributors on a local instance (2 CPUs): the same samples, byte for byte,
+    the same failures and the same index as the multiprocessing crawl of the fixture."""
+    _cluster_ready(distributor)
+    out = tmp_path / "crawled"
+    result = crawl(crawled["manifest"], out, caption_column="caption", **SETTINGS, distributor=distributor,
+                   processes=2)
+    assert result.downloaded == len(GOOD) and result.failed == crawled["result"].failed
+    assert _by_key(out) == _by_key(crawled["out"])
+    assert (out / "crawled-errors.csv").read_bytes() == (crawled["out"] / "crawled-errors.csv").read_bytes()
+    index, local = (json.loads((o / "index.json").read_text()) for o in (out, crawled["out"]))
+    assert [s["samples"] for s in index["shards"]] == [s["samples"] for s in local["shards"]]
+    assert {k: v for k, v in index.items() if k != "shards"} == {k: v for k, v in local.items() if k != "shards"}
+
+
+def test_distributor_settings_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    manifest = write_csv(tmp_path / "urls.csv", ["url"], [["http://127.0.0.1:9/img/0.jpg"]])
+    proc = run_tool("crawl.py", manifest, "--out", tmp_path / "x", "--ray-address", "auto")
+    assert proc.returncode == 2 and "--ray-address goes with --distributor ray" in proc.stderr
+    proc = run_tool("crawl.py", manifest, "--out", tmp_path / "x", "--distributor", "dask")
+    assert proc.returncode == 2 and "invalid choice: 'dask'" in proc.stderr
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(CrawlError, match=r"--distributor ray needs ray: pip install 'stream-ssl\[ray\]'"):
+        crawl(manifest, tmp_path / "y", distributor="ray")
+    with pytest.raises(CrawlError, match=r"a cluster address \(--ray-address, --spark-master\) needs"):
+        crawl(manifest, tmp_path / "y", cluster_address="spark://head:7077")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_failure_kinds():
     assert failure_kind("failed_to_download", "HTTP Error 503: Service Unavailable") == "http 503"
     assert failure_kind("failed_to_download", "<urlopen error timed out>") == "timeout"

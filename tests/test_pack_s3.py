@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from shard_tools.index import index_folder
-from shard_tools.pack import KILL_ENV, pack
+from shard_tools.pack import KILL_ENV, Part, merge, pack
 from shard_tools.shardset import load_shard_set
 from shard_tools.verify import verify
 from tests.helpers.packing import moto_server, run_tool, shard_samples, tree, write_csv, write_images
@@ -76,6 +76,18 @@ def test_killed_s3_pack_resumes(tmp_path, s3, manifest):
     pack(manifest, tmp_path / "clean", name="set", shard_size=3, max_error_rate=0.1)
     s3.invalidate_cache()
     remote = {p.rsplit("/", 1)[-1]: s3.cat_file(p) for p in s3.find("bucket/resume/set")}
+    assert remote == tree(tmp_path / "clean")
+
+
+def test_parts_on_s3_merge_to_one_runs_bytes(tmp_path, s3, manifest):
+    """Object stores have no locks and no renames: the parts and the merge still leave one run's objects."""
+    pack(manifest, tmp_path / "clean", name="set", shard_size=4, max_error_rate=0.1)
+    url = "s3://bucket/parts/set"
+    for k in (2, 1):
+        pack(manifest, url, name="set", shard_size=4, max_error_rate=0.1, part=Part(k, 2), tmp_dir=tmp_path)
+    assert merge(url).merged == 2
+    s3.invalidate_cache()
+    remote = {p.rsplit("/", 1)[-1]: s3.cat_file(p) for p in s3.find("bucket/parts/set")}
     assert remote == tree(tmp_path / "clean")
 
 

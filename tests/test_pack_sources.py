@@ -147,3 +147,29 @@ def test_yfcc_without_photos_is_unusable(tmp_path):
     (tmp_path / "v.tsv").write_text(yfcc_line(1, marker=1) + "\n")
     with pytest.raises(ManifestError, match="no photo rows"):
         pack(tmp_path / "v.tsv", tmp_path / "out", format="yfcc")
+
+
+def test_every_format_streams_the_rows_it_would_keep(tmp_path):
+    """read_manifest(rows=callback) hands over the rows a kept read holds (labels as written, mapped by
+    label_id), with the same counts, label names, errors and checksum, and keeps none itself."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    make_class_folders(tmp_path / "data")
+    table = pa.table({"image": ["a.jpg", "", "c.jpg", "d.jpg"] * 20000, "label": ["x", "y", "", "z"] * 20000,
+                      "text": ["one", None, "three", "four"] * 20000})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=30000)  # several batches and row groups
+    ids = [6985418911 + 17 * i for i in range(5)]
+    (tmp_path / "yfcc100m_dataset").write_text("\n".join([yfcc_line(p) for p in ids] + [yfcc_line(9, marker=1),
+                                                                                         "a\tb"]) + "\n")
+    cases = [(tmp_path / "m.parquet", dict(caption_column="text")), (tmp_path / "yfcc100m_dataset", {}),
+             (tmp_path / "data", dict(labels_from_subfolders=True))]
+    for source, options in cases:
+        kept = read_manifest(source, **options)
+        streamed_rows = []
+        streamed = read_manifest(source, **options, rows=streamed_rows.append)
+        assert streamed.rows == [] and [streamed.label_id(r) for r in streamed_rows] == kept.rows, source
+        for field in ("usable", "total", "errors", "filtered", "label_names", "sha256", "format"):
+            assert getattr(streamed, field) == getattr(kept, field), (source, field)
+    parquet = read_manifest(tmp_path / "m.parquet", caption_column="text")
+    assert parquet.usable == 40000 and parquet.total == 80000 and parquet.label_names == ["x", "z"]
+    assert parquet.sha256 == hashlib.sha256((tmp_path / "m.parquet").read_bytes()).hexdigest()
