@@ -1,0 +1,72 @@
+"""Training runs for the fault suite (tests/faults): train.py, or tests/helpers/fault_driver.py when a fault is
+injected, on the suite's small shard set; and the comparison of the keys a run trained on with a reference."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from shard_tools.shardset import load_shard_set
+from stream_ssl.data.plan import make_plan
+from tests.helpers import PYTHON, REPO
+from tests.helpers.faults import lost_and_duplicated
+from tests.helpers.trainer import TRAIN, accelerate_cmd, child_env, train_args
+
+DRIVER = REPO / "tests" / "helpers" / "fault_driver.py"
+# 8 shards of 30 samples (~120 KB each); 2 passes of 240 unique samples in 30 steps of 16.
+SET = dict(samples=240, shard_size=30, seed=11)
+RUN = dict(unique_samples="240", budget_samples="480", tensorboard="false", log_keys="true", log_every=1)
+
+
+@dataclass
+class Trained:
+    out: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def keys(self, rank: int = 0) -> list[str]:
+        return (self.out / "keys" / f"rank-{rank}.txt").read_text().splitlines()
+
+    def summary(self) -> dict:
+        return json.loads((self.out / "summary.json").read_text())
+
+    def last_row(self) -> dict:
+        with open(self.out / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))[-1]
+
+    def errors(self) -> list[str]:
+        """The lines on stderr a user reads as the outcome: errors and tracebacks (not progress or warnings)."""
+        return [ln for ln in self.stderr.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+
+
+def train(data, out: Path, processes: int = 1, env: dict | None = None, timeout: float = 600, **flags) -> Trained:
+    """train.py (through the fault driver when `env` injects a fault) on `data` with the suite's settings."""
+    script = DRIVER if env else TRAIN
+    cmd = accelerate_cmd(script, processes) if processes > 1 else [PYTHON, script]
+    args = train_args(data, out, **{**RUN, **flags})
+    proc = subprocess.run([str(c) for c in [*cmd, *args]], cwd=REPO, env=child_env(**(env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+    return Trained(Path(out), proc.returncode, proc.stdout, proc.stderr)
+
+
+def compare_keys(run: Trained, reference: Trained, ranks: int = 1) -> tuple[int, int, int]:
+    """(samples trained on, lost, duplicated) of `run` against `reference`, rank by rank."""
+    total = lost = dup = 0
+    for rank in range(ranks):
+        missing, extra = lost_and_duplicated(run.keys(rank), reference.keys(rank))
+        total, lost, dup = total + len(run.keys(rank)), lost + missing, dup + extra
+    return total, lost, dup
+
+
+def read_late(folder) -> int:
+    """The shard the suite's run reads first at the latest step (so it can be deleted before anything opens it)."""
+    plan = make_plan([load_shard_set(str(folder))], RUN["unique_samples"], RUN["budget_samples"], batch_size=16)
+    first: dict[int, int] = {}
+    for step in range(plan.steps):
+        for piece in plan.rank_slices(step, 0):
+            first.setdefault(piece.shard, step)
+    return max(first, key=first.get)
