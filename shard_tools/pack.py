@@ -53,6 +53,7 @@ from shard_tools.errors import (
 from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import FORMATS, PATH_COLUMNS, Manifest, label_ids, read_manifest, strip_compression
 from shard_tools.outputs import Output, open_output
+from shard_tools.processes import KILL_ENV, die_with_parent
 from shard_tools.quantities import COUNT_HELP, SIZE_HELP, count_arg, size_arg
 from shard_tools.shardset import ShardInfo, finished_index, idx_name, shard_name
 from shard_tools.storage import STORAGE_OPTIONS_HELP, is_url, read_location, storage_options_arg
@@ -62,7 +63,6 @@ __all__ = ["PATH_COLUMNS", "MAX_PIXELS", "PackError", "PackResult", "inspect_ima
 
 SOURCES = ("real", "yfcc", "crawled", "generated", "downstream")
 PACK_VERSION = 2  # bump when the bytes written for the same inputs change
-KILL_ENV = "SHARD_TOOLS_TEST_KILL_AFTER_SHARDS"  # tests: SIGKILL ourselves mid-way through the next shard
 NOT_ERRORS = ("duplicate",)  # skipped on purpose: listed, but not counted against --max-error-rate
 
 
@@ -148,15 +148,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(opts: ImageOptions, threads: int, parent: int) -> None:
-    if sys.platform.startswith("linux"):  # die with the parent, even when it is SIGKILLed
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-        if os.getppid() != parent:  # it died before we asked
-            os._exit(1)
+    die_with_parent(parent)  # even when it is SIGKILLed
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _WORKER["opts"] = opts
     _WORKER["pool"] = ThreadPoolExecutor(threads) if threads > 1 else None
