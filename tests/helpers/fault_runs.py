@@ -43,13 +43,17 @@ class Trained:
         return [ln for ln in self.stderr.splitlines() if ln.startswith("error:") or "Traceback" in ln]
 
 
-def train(data, out: Path, processes: int = 1, env: dict | None = None, timeout: float = 600, **flags) -> Trained:
-    """train.py (through the fault driver when `env` injects a fault) on `data` with the suite's settings."""
-    script = DRIVER if env else TRAIN
+def train_command(data, out: Path, processes: int = 1, faults: bool = False, **flags) -> list[str]:
+    """train.py (the fault driver with `faults`) on `data` with the suite's settings, as a command line."""
+    script = DRIVER if faults else TRAIN
     cmd = accelerate_cmd(script, processes) if processes > 1 else [PYTHON, script]
-    args = train_args(data, out, **{**RUN, **flags})
-    proc = subprocess.run([str(c) for c in [*cmd, *args]], cwd=REPO, env=child_env(**(env or {})),
-                          capture_output=True, text=True, timeout=timeout)
+    return [str(c) for c in [*cmd, *train_args(data, out, **{**RUN, **flags})]]
+
+
+def train(data, out: Path, processes: int = 1, env: dict | None = None, timeout: float = 600, **flags) -> Trained:
+    """A training run; `env` injects faults through the fault driver (see fault_driver.py)."""
+    proc = subprocess.run(train_command(data, out, processes, bool(env), **flags), cwd=REPO,
+                          env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     return Trained(Path(out), proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -70,3 +74,27 @@ def read_late(folder) -> int:
         for piece in plan.rank_slices(step, 0):
             first.setdefault(piece.shard, step)
     return max(first, key=first.get)
+
+
+def small_disks() -> str | None:
+    """Why a size-limited tmpfs cannot be mounted here (None when it can): `on_small_disk` needs unprivileged
+    user namespaces (`unshare --user --map-root-user --mount`)."""
+    try:
+        probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+                               text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unshare is not usable here ({e})"
+    return None if probe.returncode == 0 else f"no user namespaces here ({probe.stderr.strip()})"
+
+
+def on_small_disk(size: str, disk: Path, keep: Path, command: list, timeout: float = 600):
+    """Run `command` with a fresh tmpfs of `size` (e.g. "5m") mounted at `disk`, in a private user and mount
+    namespace: a real file system that fills up (ENOSPC from the kernel), no root needed, invisible to every
+    other process. Afterwards its files are copied to `keep`, so the test can look at what was left."""
+    script = ('mount -t tmpfs -o "size=$0" tmpfs "$1" || exit 97; disk=$1; keep=$2; shift 2; "$@"; rc=$?; '
+              'cp -a "$disk/." "$keep/"; exit $rc')
+    disk.mkdir(parents=True, exist_ok=True)
+    keep.mkdir(parents=True, exist_ok=True)
+    cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, size, disk, keep, *command]
+    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout)
