@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install clean
+.PHONY: demo test faults lint install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q
+
+# The fault suite (docs/reliability.md): end-to-end fault scenarios, one line each at the end of the run;
+# FAULT_TABLE=FILE also writes the table as markdown. `make test` runs them too (marker faults).
+faults: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests -m faults -q -n 2
 
 clean:
 	rm -rf demo_out sweeps bench_out .pytest_cache .ruff_cache
