@@ -16,7 +16,8 @@ from tests.helpers.fault_runs import Trained, compare_keys, train
 
 pytestmark = [pytest.mark.faults, pytest.mark.multiprocess]
 
-FLAGS = dict(batch_size=8, save_every=4, keep_checkpoints=0, num_workers=0)  # 2 x 8: 30 steps, a checkpoint per 4
+# 2 processes x 8: 30 steps of 2 passes, a checkpoint every 4
+FLAGS = dict(batch_size=8, save_every=4, keep_checkpoints=0, num_workers=0, budget_samples="480")
 STEPS = 30
 
 
