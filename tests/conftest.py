@@ -57,3 +57,13 @@ def make_shard_set(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """A moto S3 server on loopback for the tests of one module (tests/helpers/servers.py)."""
+    from tests.helpers.servers import MotoServer
+
+    server = MotoServer()
+    yield server
+    server.close()

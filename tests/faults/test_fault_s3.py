@@ -11,7 +11,7 @@ from shard_tools.listing import check_shards
 from shard_tools.shardset import load_shard_set
 from shard_tools.storage import filesystem
 from tests.helpers.fault_runs import compare_keys, read_late, train
-from tests.helpers.servers import FaultProxy, MotoServer, fault_schedule, upload_folder
+from tests.helpers.servers import FaultProxy, fault_schedule, upload_folder
 
 pytestmark = [pytest.mark.faults, pytest.mark.s3]
 
@@ -19,13 +19,6 @@ BUCKET = "faults"
 # botocore's own retries off, so that the reader's retries (which resume at sample boundaries) do the work;
 # short timeouts, so that a connection the proxy left hanging costs seconds, not minutes.
 CLIENT = {"retries": {"max_attempts": 0}, "connect_timeout": 5, "read_timeout": 10}
-
-
-@pytest.fixture(scope="module")
-def moto():
-    server = MotoServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
