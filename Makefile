@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test quick lint install clean gpu-bundle gpu-check bench-venv
+.PHONY: demo test quick faults lint install clean gpu-bundle gpu-check bench-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,11 @@ gpu-check:
 bench-venv:
 	$(PY) -m venv .venv-bench
 	.venv-bench/bin/pip install -q torch==2.14.1 litdata mosaicml-streaming
+
+# The fault suite (docs/reliability.md): end-to-end fault scenarios, one line each at the end of the run;
+# FAULT_TABLE=FILE also writes the table as markdown. `make test` runs them too (marker faults).
+faults: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests -m faults -q -n 2
 
 clean:
 	rm -rf demo_out sweeps bench_out .pytest_cache .ruff_cache

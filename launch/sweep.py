@@ -63,7 +63,7 @@ from pathlib import Path
 
 import yaml
 
-from shard_tools.cli import run_main, tool_prog
+from shard_tools.cli import DIVERGED, run_main, tool_prog
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "stream_ssl" / "train.py"
@@ -73,10 +73,10 @@ CELL_FIELDS = ("data", "mix", "unique_samples", "budget_samples", "method", "see
 EVAL_DEFAULTS = {"knn": True, "linear": True, "distance": "source", "distance_samples": 2000, "batch_size": 256}
 SLURM_DEFAULTS = {"partition": None, "account": None, "time": "24:00:00", "gpus": 1, "cpus": 8, "mem": None,
                   "max_parallel": None, "setup": [], "extra": []}
-CSV_COLUMNS = ("cell", "method", "source", "data", "mix", "backbone", "image_size", "unique", "N", "C", "D", "passes",
-               "steps", "global_batch", "seed", "downstream", "knn_k20", "knn_k200", "linear_top1", "linear_top5",
-               "frechet", "kid", "kid_std", "vdna", "distance_samples", "final_loss", "train_seconds",
-               "eval_seconds", "run")
+CSV_COLUMNS = ("cell", "status", "method", "source", "data", "mix", "backbone", "image_size", "unique", "N", "C", "D",
+               "passes", "steps", "global_batch", "seed", "downstream", "knn_k20", "knn_k200", "linear_top1",
+               "linear_top5", "frechet", "kid", "kid_std", "vdna", "distance_samples", "final_loss", "train_seconds",
+               "eval_seconds", "run", "reason")
 DISTANCES = (("frechet", "Frechet distance"), ("kid", "KID"), ("vdna", "VisualDNA EMD"))
 
 
@@ -106,6 +106,10 @@ class Cell:
     @property
     def eval_path(self) -> Path:
         return self.run / "eval.json"
+
+    @property
+    def diverged_path(self) -> Path:
+        return self.run / "diverged.json"
 
 
 @dataclass
@@ -324,8 +328,30 @@ def evaluated(sweep: Sweep, cell: Cell) -> bool:
     return saved.get("signature") == eval_signature(sweep)
 
 
+def diverged(cell: Cell) -> dict | None:
+    """The record of a cell whose training diverged (train.py exit status 3) with its current settings, if any."""
+    try:
+        record = json.loads(cell.diverged_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if record.get("settings") == json.loads(json.dumps(cell.settings)) else None
+
+
+def record_divergence(cell: Cell) -> dict:
+    """Write RUN/diverged.json: the settings and train.py's one-line reason (the last line of its log)."""
+    reason = ""
+    for log in sorted((cell.run / ".logs").glob("train*.log"))[:1]:  # train.log, or train-rank-0.log
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        reason = lines[-1].split(": ", 1)[-1] if lines else ""
+    record = {"cell": cell.name, "status": "diverged", "exit_status": DIVERGED, "reason": reason,
+              "settings": cell.settings}
+    cell.diverged_path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
 def cell_done(sweep: Sweep, cell: Cell) -> bool:
-    return trained(cell) and evaluated(sweep, cell)
+    """Trained and evaluated, or diverged with the same settings (a result too: re-running diverges again)."""
+    return diverged(cell) is not None or (trained(cell) and evaluated(sweep, cell))
 
 
 def _env(sweep: Sweep, extra: dict | None = None) -> dict:
@@ -338,7 +364,10 @@ def _env(sweep: Sweep, extra: dict | None = None) -> dict:
 
 
 def run_cell(sweep: Sweep, cell: Cell, log=print) -> str:
-    """Train (unless trained) and evaluate (unless evaluated) one cell. Returns what it did."""
+    """Train (unless trained) and evaluate (unless evaluated) one cell. Returns what it did. A run that diverges
+    (train.py exit status 3) is recorded in RUN/diverged.json and is a result, not a failure."""
+    if diverged(cell) is not None:
+        return "skipped (diverged; delete the run folder to try again)"
     if cell_done(sweep, cell):
         return "skipped (finished)"
     did = []
@@ -347,6 +376,8 @@ def run_cell(sweep: Sweep, cell: Cell, log=print) -> str:
         cmd = train_command(sweep, cell)
         log(f"[sweep] cell {cell.index} {cell.name}: training ({shlex.join(cmd)})")
         proc = subprocess.run(cmd, cwd=os.getcwd(), env=_env(sweep))
+        if proc.returncode == DIVERGED:
+            return f"diverged ({record_divergence(cell)['reason'] or 'see its log'})"
         if proc.returncode != 0 or not cell.summary_path.exists():
             raise SweepError(f"cell {cell.name}: training failed (exit status {proc.returncode})")
         did.append("trained")
@@ -404,7 +435,7 @@ def run_local(sweep: Sweep, config_arg: str | None, log=print) -> int:
     todo = [c for c in sweep.cells if not cell_done(sweep, c)]
     for c in sweep.cells:
         if c not in todo:
-            log(f"[sweep] cell {c.index} {c.name}: finished, skipped")
+            log(f"[sweep] cell {c.index} {c.name}: {'diverged' if diverged(c) else 'finished'}, skipped")
     gpus = gpu_count()
     if len(todo) > 1 and gpus > 1 and int(sweep.launch.get("processes", 1)) == 1 and config_arg:
         return _run_parallel(sweep, todo, gpus, config_arg, log)
@@ -513,7 +544,8 @@ def baseline_rows(sweep: Sweep) -> list[dict]:
                              "unique": "0", "N": 0, "C": 0, "D": None, "passes": None, "steps": 0, "seed": seed,
                              "downstream": down, "knn_k20": knn.get("k20_t0.07"), "knn_k200": knn.get("k200_t0.1"),
                              "linear_top1": lin.get("top1"), "linear_top5": lin.get("top5"),
-                             "eval_seconds": r.get("seconds"), "run": str(path.parent), "baseline": True})
+                             "eval_seconds": r.get("seconds"), "run": str(path.parent), "baseline": True,
+                             "status": "done"})
     return rows
 
 
@@ -595,6 +627,13 @@ def collect_script(sweep: Sweep, config_arg: str) -> str:
 def result_rows(sweep: Sweep) -> tuple[list[dict], list[Cell]]:
     rows, missing = [], []
     for c in sweep.cells:
+        record = diverged(c)
+        if record is not None:
+            rows.append({"cell": c.name, "status": "diverged", "method": c.method, "source": c.source,
+                         "data": c.settings.get("data"), "mix": c.settings.get("mix"), "unique": c.unique,
+                         "C": sweep.budget, "seed": c.seed, "downstream": "", "run": str(c.run),
+                         "reason": record.get("reason")})
+            continue
         if not (c.summary_path.exists() and c.eval_path.exists()):
             missing.append(c)
             continue
@@ -602,8 +641,8 @@ def result_rows(sweep: Sweep) -> tuple[list[dict], list[Cell]]:
         record = json.loads(c.eval_path.read_text())
         plan = summary.get("plan", {})
         n, budget = plan.get("unique_samples"), plan.get("budget_samples")
-        base = {"cell": c.name, "method": c.method, "source": c.source, "data": c.settings.get("data"),
-                "mix": c.settings.get("mix"), "backbone": summary.get("backbone"),
+        base = {"cell": c.name, "status": "done", "method": c.method, "source": c.source,
+                "data": c.settings.get("data"), "mix": c.settings.get("mix"), "backbone": summary.get("backbone"),
                 "image_size": summary.get("image_size"), "unique": c.unique, "N": n, "C": budget,
                 "D": plan.get("diversity", n / budget if n and budget else None), "passes": plan.get("passes"),
                 "steps": summary.get("steps"), "global_batch": summary.get("global_batch"), "seed": c.seed,
@@ -645,6 +684,8 @@ def grouped(rows: list[dict]) -> list[dict]:
     """Rows averaged over seeds: one per (downstream, method, source, N)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
+        if r.get("status") == "diverged":  # no accuracy: listed under the table instead
+            continue
         groups.setdefault((r["downstream"], r["method"], r["source"], r["N"]), []).append(r)
     out = []
     for (down, method, source, n), rs in groups.items():
@@ -811,6 +852,9 @@ def collect(sweep: Sweep, log=print) -> dict:
     gain_rows = gains(groups, sweep.metric)
     header = (f"{sweep.name}: budget C = {sweep.budget}, {len(sweep.cells) - len(missing)} of {len(sweep.cells)} "
               f"cells; accuracy mean ± std over seeds")
+    gone = [f"- {r['cell']}: diverged ({r['reason'] or 'see its log'})" for r in rows if r.get("status") == "diverged"]
+    if gone:
+        table += "\n\nDiverged (no accuracy):\n" + "\n".join(gone)
     gain_text = (f"Gain from the smallest to the largest N (means over seeds) and the distances from the source to "
                  f"the downstream set (largest-N encoder):\n\n{gains_markdown(gain_rows, sweep.metric)}\n")
     (sweep.out / "results.md").write_text(f"{header}\n\n{table}\n\n{gain_text}")

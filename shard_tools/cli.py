@@ -25,7 +25,7 @@ from pathlib import Path
 from shard_tools.errors import ToolError
 from shard_tools.storage import is_url, redact
 
-FAILED, USAGE, INTERRUPTED = 1, 2, 130
+FAILED, USAGE, DIVERGED, INTERRUPTED = 1, 2, 3, 130  # DIVERGED: a training run whose loss stopped being finite
 _invoked_as: str | None = None  # "shard-tools pack" while `dispatch` runs a command
 
 

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ from shard_tools.errors import (
 from shard_tools.index import index_shard, natural_key
 from shard_tools.manifest import FORMATS, Manifest, read_manifest
 from shard_tools.outputs import Output, open_output
+from shard_tools.processes import KILL_ENV, die_with_parent, stop_marked
 from shard_tools.quantities import COUNT_HELP, count_arg
 from shard_tools.shardset import finished_index, format_idx
 from shard_tools.shuffle import Shuffle
@@ -155,6 +157,9 @@ def failure_kind(status: str, message: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+PARENT_ENV = "SHARD_TOOLS_CRAWL_PID"  # crawl.py's pid, for its img2dataset job (which dies with it)
+FOLDER_ENV = "SHARD_TOOLS_CRAWL_OUT"  # the output folder, in the environment of every img2dataset process
+
 # The sample writer img2dataset runs in its worker processes (in place of its WebDatasetSampleWriter).
 
 
@@ -174,6 +179,7 @@ class CrawlSampleWriter:
     def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
         from img2dataset.writer import BufferedParquetWriter
 
+        die_with_parent(os.getppid())  # (in img2dataset's worker process: its parent is the _run_job process)
         stem = f"{shard_id:0{oom_shard_count}d}"
         # img2dataset passes no storage options: its own writes and ours use the environment's credentials
         self.fs, path = filesystem(output_folder), fs_path(output_folder)
@@ -210,11 +216,29 @@ class CrawlSampleWriter:
         with self.fs.open(self.idx_path, "w") as f:  # index.py reuses it: its count matches the stats' successes
             f.write(format_idx(self.tar.index))
         self.fs.mv(self.tmp_path, self.tar_path)
+        _test_kill(self.tar_path)
+
+
+_closed = 0  # shards this worker process wrote
+
+
+def _test_kill(tar_path: str) -> None:
+    """Tests (KILL_ENV=N): once this worker wrote N shards, SIGKILL crawl.py itself, then carry on as a job with
+    work left would. The worker and the img2dataset process above it must die with crawl.py at once."""
+    global _closed
+    _closed += 1
+    if os.environ.get(KILL_ENV) == str(_closed):
+        print(f"test hook: {tar_path} written; SIGKILL to crawl.py (pid {os.environ[PARENT_ENV]})", flush=True)
+        os.kill(int(os.environ[PARENT_ENV]), signal.SIGKILL)
+        time.sleep(60)
 
 
 def _run_job(job_path: str) -> None:
     """Entry point of the child process: run img2dataset.download() with our sample writer, on the cluster the
-    job names (a Ray instance or a Spark session made here, so that img2dataset's distributor uses it)."""
+    job names (a Ray instance or a Spark session made here, so that img2dataset's distributor uses it). It dies
+    with crawl.py, and img2dataset's worker processes die with it (CrawlSampleWriter), even after a SIGKILL:
+    nothing keeps writing into the output folder after crawl.py is gone."""
+    die_with_parent(int(os.environ[PARENT_ENV]))
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import otherwise
     job = json.loads(Path(job_path).read_text())
     cluster = job.pop("cluster", {})
@@ -419,6 +443,9 @@ def crawl(
     output = open_output(out, storage_options)
     try:
         output.lock(f"crawl.py --name {name}")
+        stopped = stop_marked(FOLDER_ENV, output.url)  # the lock is ours: what is left of a killed crawl is not
+        if stopped:
+            print(f"note: stopped {stopped} img2dataset processes a killed crawl of {out} left running")
         done = _claim(output, job, out, overwrite)
         if done is not None:
             errors = read_errors(output, name)
@@ -684,6 +711,7 @@ def _run_img2dataset(output: Output, spec_path: Path, log_path: Path, todo: list
                      verbose: bool) -> None:
     """img2dataset in a child process (its log in `log_path`), a bar over the shards in `todo` meanwhile."""
     env = dict(os.environ)
+    env[PARENT_ENV], env[FOLDER_ENV] = str(os.getpid()), output.url
     env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     repo = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

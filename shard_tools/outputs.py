@@ -110,12 +110,16 @@ class LocalOutput(Output):
 
     def write_bytes(self, name: str, data: bytes, durable: bool = False) -> None:
         tmp = self.staging(name)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, self.root / name)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.root / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+            raise
 
     def read_bytes(self, name: str) -> bytes | None:
         try:

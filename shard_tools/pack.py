@@ -84,6 +84,7 @@ from shard_tools.parts import (
     state_dir,
     write_record,
 )
+from shard_tools.processes import KILL_ENV, die_with_parent
 from shard_tools.quantities import COUNT_HELP, SIZE_HELP, count_arg, format_bytes, size_arg
 from shard_tools.shardset import ShardInfo, finished_index, idx_name, shard_name
 from shard_tools.shuffle import Shuffle
@@ -95,7 +96,6 @@ __all__ = ["PATH_COLUMNS", "MAX_PIXELS", "PackError", "PackResult", "Part", "Par
 
 SOURCES = ("real", "yfcc", "crawled", "generated", "downstream")
 PACK_VERSION = 3  # bump when the bytes written for the same inputs change (3: shards are blocks of positions)
-KILL_ENV = "SHARD_TOOLS_TEST_KILL_AFTER_SHARDS"  # tests: SIGKILL ourselves mid-way through the next shard
 NOT_ERRORS = ("duplicate",)  # skipped on purpose: listed, but not counted against --max-error-rate
 
 
@@ -193,15 +193,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(opts: ImageOptions, threads: int, parent: int) -> None:
-    if sys.platform.startswith("linux"):  # die with the parent, even when it is SIGKILLed
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-        if os.getppid() != parent:  # it died before we asked
-            os._exit(1)
+    die_with_parent(parent)  # even when it is SIGKILLed
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _WORKER["opts"] = opts
     _WORKER["pool"] = ThreadPoolExecutor(threads) if threads > 1 else None

@@ -7,6 +7,9 @@ match the index, its `.idx` parses, holds the indexed number of samples and desc
 the tar holds (names, data offsets, sizes), and sample keys are unique across the set. With --decode,
 every image is fully decoded, every json parsed and every .cls read as an integer.
 
+Presence and sizes come from one listing of the folder (shard_tools/listing.py, as train.py checks them before
+training); `--no-contents` stops there, without reading any shard.
+
 Prints one line per bad shard (`BAD NAME-000003.tar: reason; reason`) and a summary; exits 1 when anything
 is wrong, 0 when the set is sound.
 """
@@ -20,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from shard_tools.cli import run_main, tool_prog
+from shard_tools.listing import ShardCheck, check_shards
 from shard_tools.outputs import Output, open_output
 from shard_tools.scan import scan_shard
 from shard_tools.shardset import ShardInfo, idx_name, load_shard_set, parse_idx, sample_boundaries, split_member
@@ -42,15 +46,19 @@ def _first_difference(a: list, b: list) -> int:
     return min(len(a), len(b))
 
 
-def verify_shard(output: Output, info: ShardInfo, decode: bool = False) -> ShardReport:
+def verify_shard(output: Output, info: ShardInfo, decode: bool = False, size: int | None = -1,
+                 contents: bool = True) -> ShardReport:
+    """The problems of one shard. `size`: its size from a listing (None: absent; -1: ask the store)."""
     r = ShardReport(info.path)
-    size = output.size(info.path)
+    size = output.size(info.path) if size == -1 else size
     if size is None:
         r.problems.append("missing")
         return r
     r.bytes = size
     if size != info.bytes:
         r.problems.append(f"size {size} bytes, index.json says {info.bytes}")
+    if not contents:
+        return r
     idx = None
     raw = output.read_bytes(idx_name(info.path))
     if raw is None:
@@ -89,21 +97,40 @@ def verify_shard(output: Output, info: ShardInfo, decode: bool = False) -> Shard
     return r
 
 
+def listed_reports(check: ShardCheck) -> list[tuple[int | None, list[str]]]:
+    """Per shard of a whole-set listing: (listed size or None, problems the listing shows: a missing .idx)."""
+    info = check.shard_set.shards
+    return [(None if size < 0 else int(size), [] if has or size < 0 else [f"no {idx_name(info[i].path)}"])
+            for i, size, has in zip(check.shards.tolist(), check.sizes.tolist(), check.has_idx.tolist())]
+
+
 def verify(url: str, decode: bool = False, workers: int = 4, storage_options: dict | None = None,
-           out=sys.stdout) -> bool:
-    """Print a report on the shard set at `url`; True when it is sound."""
+           out=sys.stdout, contents: bool = True) -> bool:
+    """Print a report on the shard set at `url`; True when it is sound. Presence and sizes come from one listing
+    (shard_tools/listing.py); `contents` (default) also reads every shard."""
     start = time.perf_counter()
     try:
         shard_set = load_shard_set(url, storage_options)
     except (FileNotFoundError, ValueError) as e:
         print(f"BAD {url}: {e}", file=out)
         return False
+    check = check_shards(shard_set, storage_options=storage_options)
+    listed = listed_reports(check) if check.listed else [(-1, [])] * len(shard_set.shards)
     output = open_output(url, storage_options, create=False)
+
+    def one(i: int) -> ShardReport:
+        size, problems = listed[i]
+        report = verify_shard(output, shard_set.shards[i], decode, size, contents)
+        if not contents:  # (reading the shard finds a missing .idx itself)
+            report.problems += problems
+        return report
+
     try:
-        with ThreadPoolExecutor(max(1, workers)) as ex:
-            reports = list(ex.map(lambda s: verify_shard(output, s, decode), shard_set.shards))
-        listed = {s.path for s in shard_set.shards}
-        extra = [n for n in output.list() if n.endswith(".tar") and n not in listed]
+        if contents:
+            with ThreadPoolExecutor(max(1, workers)) as ex:
+                reports = list(ex.map(one, range(len(shard_set.shards))))
+        else:
+            reports = [one(i) for i in range(len(shard_set.shards))]
     finally:
         output.close()
     seen: dict[str, str] = {}
@@ -118,13 +145,14 @@ def verify(url: str, decode: bool = False, workers: int = 4, storage_options: di
     bad = [r for r in reports if r.problems]
     for r in bad:
         print(f"BAD {r.path}: {'; '.join(r.problems)}", file=out)
-    for n in extra:
+    for n in check.extra:
         print(f"note: {n} is in the folder but not in index.json", file=out)
     total = sum(r.samples for r in reports)
     mb = sum(r.bytes for r in reports) / 1e6
     verdict = f"{len(bad)} bad" if bad else "all good"
-    print(f"verified {len(reports)} shards, {total} samples, {mb:.1f} MB{' (decoded)' if decode else ''} at {url} "
-          f"in {time.perf_counter() - start:.1f}s: {verdict}", file=out)
+    what = (f"verified {len(reports)} shards, {total} samples, {mb:.1f} MB{' (decoded)' if decode else ''}" if contents
+            else f"listed {len(reports)} shards, {mb:.1f} MB (presence, sizes and .idx files only)")
+    print(f"{what} at {url} in {time.perf_counter() - start:.1f}s: {verdict}", file=out)
     return not bad
 
 
@@ -134,11 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", help="shard set folder or URL")
     p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=False,
                    help="also decode every image, parse every json and .cls (default: off)")
+    p.add_argument("--contents", action=argparse.BooleanOptionalAction, default=True,
+                   help="read every shard (checksums, .idx against the tar's members); --no-contents: only one "
+                        "listing of the folder: every shard present with its recorded size, and its .idx "
+                        "(what train.py checks before training; default: on)")
     p.add_argument("--workers", type=int, default=4, help="shards checked at once (threads; default 4)")
     p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     a = p.parse_args(argv)
-    return run_main("verify", lambda: 0 if verify(a.folder, a.decode, a.workers, a.storage_options) else 1,
-                    log_folder=a.folder)
+    return run_main("verify", lambda: 0 if verify(a.folder, a.decode, a.workers, a.storage_options,
+                                                  contents=a.contents) else 1, log_folder=a.folder)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,15 @@ import io
 import json
 import os
 import queue
+import shutil
 import tarfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from shard_tools.errors import ToolError
 from shard_tools.outputs import LocalOutput, Output
+from shard_tools.quantities import format_bytes
 from shard_tools.shardset import FORMAT, TAR_BLOCK, VERSION, ShardInfo, format_idx, idx_name, shard_name
 
 RECORD = tarfile.RECORDSIZE  # tarfile pads archives to whole 10 KiB records; we do the same
@@ -195,6 +198,11 @@ def build_shard(samples: list[tuple[str, dict[str, bytes]]]) -> tuple[bytes, str
     return buf.getvalue(), format_idx(tar.index)
 
 
+class ShardWriteError(ToolError, OSError):
+    """A shard that could not be written (a full disk, a failed upload): one line naming it. The shards before it
+    are complete and kept, and the partial file is removed."""
+
+
 class ShardWriter:
     """Streams samples into `NAME-%06d.tar` (+ `.idx`), starting a new shard every `shard_size` samples or
     before a sample that would take the shard past `shard_bytes` (a shard always holds at least one sample).
@@ -238,11 +246,14 @@ class ShardWriter:
         """Append a sample. With `flush`, shards are closed automatically at the size limits."""
         if flush and not self.fits(key, fields):
             self.flush()
-        if self._tar is None:
-            self._tmp = self.output.staging(self.names(len(self.shards)))
-            self._file = open(self._tmp, "wb", buffering=1 << 20)
-            self._tar = TarStream(self._file, background=True)
-        self._tar.add(key, fields)
+        try:
+            if self._tar is None:
+                self._tmp = self.output.staging(self.names(len(self.shards)))
+                self._file = open(self._tmp, "wb", buffering=1 << 20)
+                self._tar = TarStream(self._file, background=True)
+            self._tar.add(key, fields)
+        except OSError as e:
+            raise self._failed(e) from e
         if flush and self.full:
             self.flush()
 
@@ -250,14 +261,16 @@ class ShardWriter:
         """Close and publish the current shard: `.idx` first, then the tar under its final name."""
         if self._tar is None:
             return None
-        tar, f, tmp = self._tar, self._file, self._tmp
+        tar, tar_name = self._tar, self.names(len(self.shards))
+        try:
+            tar.close()
+            self._file.close()  # no fsync: a resumed run re-verifies every kept shard's sha256 (index.json is synced)
+            idx_text = format_idx(tar.index)
+            self.output.write_bytes(idx_name(tar_name), idx_text.encode())
+            self.output.publish(self._tmp, tar_name)
+        except OSError as e:
+            raise self._failed(e) from e
         self._tar = self._file = self._tmp = None
-        tar.close()
-        f.close()  # no fsync: a resumed run re-verifies every kept shard's sha256 (and index.json is synced)
-        tar_name = self.names(len(self.shards))
-        idx_text = format_idx(tar.index)
-        self.output.write_bytes(idx_name(tar_name), idx_text.encode())
-        self.output.publish(tmp, tar_name)
         info = ShardInfo(tar_name, len(tar.index), tar.pos, tar.hash.hexdigest())
         self.shards.append(info)
         if self.on_shard is not None:
@@ -268,9 +281,23 @@ class ShardWriter:
         """Drop the shard being written (its temporary file)."""
         if self._file is not None:
             self._tar.abort()
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # what was left to flush cannot be written either (a full disk)
+                pass
             self._tmp.unlink(missing_ok=True)
         self._tar = self._file = self._tmp = None
+
+    def _failed(self, error: OSError) -> ShardWriteError:
+        """The one-line error for a shard that could not be written, after removing what it left."""
+        name = self.names(len(self.shards))
+        self.abort()
+        self.output.remove(idx_name(name))
+        free = ""
+        if isinstance(self.output, LocalOutput):
+            free = f" ({format_bytes(shutil.disk_usage(self.output.root).free)} free there)"
+        return ShardWriteError(f"could not write shard {self.output.location(name)}: {error.strerror or error}{free}; "
+                               f"the {len(self.shards)} shards before it are complete and kept")
 
     def finish(self, **meta) -> dict:
         """Write the last shard, then `index.json`: the step that makes the folder a shard set."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from shard_tools.errors import ToolError
+from shard_tools.quantities import format_bytes
 from stream_ssl.distributed import all_gather_objects
 
 if TYPE_CHECKING:
@@ -135,17 +138,51 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class CheckpointWriteError(ToolError, OSError):
+    """A checkpoint that could not be written (a full disk, ...): one line; the previous checkpoint stays."""
+
+
+class _Watched:
+    """A file's `write` that keeps the OSError it raised: torch.save reports a failed write as an unrelated
+    RuntimeError ("unexpected pos ...")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    watched = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            watched = _Watched(f)
+            write(watched)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind; the previous checkpoint stays
+        if watched is not None and watched.error is not None and watched.error is not e:
+            raise watched.error from e
         raise
+
+
+def _cannot_write(path: Path, error: OSError) -> CheckpointWriteError:
+    free = shutil.disk_usage(path.parent).free
+    previous = latest_checkpoint(path.parent.parent)
+    kept = f"the last checkpoint, {previous}, is intact" if previous else "there is no earlier checkpoint"
+    return CheckpointWriteError(f"could not write checkpoint {path}: {error.strerror or error} ({format_bytes(free)} "
+                                f"free there); {kept}: make room and run again with --resume auto")
 
 
 def save_checkpoint(run: Path, step: int, state: dict, keep: int = 0) -> Path:
@@ -154,7 +191,10 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int = 0) -> Path:
     folder = Path(run) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:08d}.pt"
-    _write_atomic(path, lambda f: torch.save(state, f))
+    try:
+        _write_atomic(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise _cannot_write(path, e) from e
     _write_atomic(folder / "latest", lambda f: f.write((path.name + "\n").encode()))
     _fsync_dir(folder)
     if keep > 0:

@@ -63,6 +63,9 @@ class TrainConfig:
     shuffle_block: int = setting(-1, "samples moved together when mixing; 0: no mixing, -1: automatic (global "
                                      "batch / 16, at most ~4 MB of samples)")
     skip_fraction: float = setting(0.01, "fail when more than this share of samples (past 32) cannot be decoded")
+    check_shards: bool = setting(True, "before training, check that every shard the plan reads and its .idx exist "
+                                       "with the size index.json records (one listing per folder; stops at once "
+                                       "naming what is missing)")
     # model
     method: str = setting("simclr", "SSL method")  # choices: the method registry (see `choices`)
     method_options: dict = setting({}, "settings passed to the method, as JSON or YAML: "

@@ -7,7 +7,8 @@
 them. They come from the shards' `.idx` files (the member names wds2idx took from the tar headers); with
 `--check-headers` every member's tar header is also fetched with a ranged read and compared. Nothing is
 decoded. Shard sets can be local folders, `s3://` (AWS environment variables or `--storage-options`) or
-`http(s)://` URLs.
+`http(s)://` URLs. `--check` lists each shard-set folder once and stops with one line when a shard the plan
+reads, or its `.idx`, is missing or has another size than index.json records.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import sys
 
 from shard_tools.cli import run_main, tool_prog
+from shard_tools.listing import require_shards
 from shard_tools.quantities import COUNT_HELP
 from shard_tools.shardset import load_shard_set
 from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
@@ -93,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="--keys prints step, set name, shard and key (default: off)")
     p.add_argument("--check-headers", action=argparse.BooleanOptionalAction, default=False,
                    help="--keys also checks each member's tar header (default: off)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=False,
+                   help="check that every shard the plan reads and its .idx exist with the size index.json records "
+                        "(one listing per folder, as train.py does before training; default: off)")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="--keys in the order of a loader that splits each batch into this many micro-batches")
     a = p.parse_args(argv)
@@ -104,6 +109,9 @@ def _run(a: argparse.Namespace) -> int:
         sets = load_sets(a.data, a.storage_options)
         plan = make_plan(sets, a.unique_samples, a.budget_samples, a.mix, a.world_size, a.num_workers,
                          a.batch_size, a.seed, shuffle_window=a.shuffle_window, shuffle_block=a.shuffle_block)
+        if a.check:
+            for check in require_shards(plan.shards_used(), a.storage_options):
+                print(f"checked {check.summary()}", file=sys.stderr)
         if a.keys:
             print_keys(plan, a.rank, a.start_step, a.end_step, a.storage_options, a.check_headers, a.long,
                        micro_batches=a.micro_batches)

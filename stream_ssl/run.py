@@ -19,13 +19,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
+from shard_tools.listing import ShardsMissing, require_shards
 from shard_tools.quantities import parse_bytes, parse_count
 from shard_tools.shardset import load_shard_set
-from shard_tools.storage import parse_storage_options
+from shard_tools.storage import parse_storage_options, redact
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, config_json
 from stream_ssl.data.augment import ViewSpec
 from stream_ssl.data.plan import Plan, make_plan
+from stream_ssl.distributed import all_gather_objects
 from stream_ssl.methods import SSLMethod, build_method
 from stream_ssl.models.backbone import create_backbone, is_vit
 from stream_ssl.optim import build_optimizer
@@ -138,6 +140,8 @@ def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
     storage = parse_storage_options(cfg.storage_options)
     plan = make_run_plan(cfg, storage, acc.num_processes)
     check_output_folder(cfg, Path(cfg.out), plan.global_batch, plan.shuffle_block)
+    if cfg.check_shards:
+        check_plan_shards(acc, plan, storage)
     set_seed(cfg.seed)
     backbone, dim = create_backbone(cfg.backbone, cfg.image_size, **cfg.backbone_options)
     method = build_method(cfg.method, backbone, dim, **cfg.method_options)
@@ -181,6 +185,25 @@ def make_run_plan(cfg: TrainConfig, storage: dict, world_size: int) -> Plan:
     return make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, world_size, cfg.num_workers,
                      cfg.batch_size * cfg.grad_accum, cfg.seed, shuffle_window=cfg.shuffle_window,
                      shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
+
+
+def check_plan_shards(acc: Accelerator, plan: Plan, storage: dict) -> None:
+    """Before anything is trained: every shard the plan reads, and its .idx, exists with the size index.json
+    records (shard_tools/listing.py: one listing per folder, on the main process). Every process stops with the
+    main process's one line, so none waits for the others in a collective."""
+    verdict = None
+    if acc.is_main_process:
+        try:
+            checks = require_shards(plan.shards_used(), storage)
+            acc.print("shards: " + "; ".join(c.summary() for c in checks))
+        except ShardsMissing as e:
+            verdict = str(e)
+        except Exception as e:  # noqa: BLE001 - the listing failed (denied, unreachable): name it and the way round
+            verdict = (f"could not list the shard sets to check them before training ({type(e).__name__}: {e}); "
+                       "fix the access, or skip the check with --no-check-shards")
+    verdict = all_gather_objects(verdict)[0]
+    if verdict:
+        raise RunError(redact(verdict))
 
 
 def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int, shuffle_block: int | None = None) -> None:

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from safetensors.torch import save_file
 
-from shard_tools.cli import run_main, tool_prog
+from shard_tools.cli import DIVERGED, run_main, tool_prog
 from shard_tools.shardset import load_shard_set
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, parse_config
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     tool = "train" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else f"train-rank-{rank}"
     try:
         return run_main(tool, lambda: train(cfg) and 0, log_folder=cfg.out,
-                        usage_errors=(ValueError, FileNotFoundError), exit_codes={Diverged: 3})
+                        usage_errors=(ValueError, FileNotFoundError), exit_codes={Diverged: DIVERGED})
     finally:
         if dist.is_available() and dist.is_initialized():
             PartialState().destroy_process_group()

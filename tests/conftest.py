@@ -10,6 +10,8 @@ from hypothesis import settings
 
 from shard_tools.pack import pack
 from shard_tools.synth import synthesize
+from tests.helpers import faults
+from tests.helpers.faults import fault_row  # noqa: F401  (the fault suite's fixture, for every test module)
 
 # Property tests draw the same examples on every run, so CI cannot pass once and fail the next time on the
 # same code; HYPOTHESIS_PROFILE=explore searches with fresh random examples (PLAN_EXAMPLES=1000 for more).
@@ -17,15 +19,23 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-SLOW_KINDS = ("s3", "multiprocess", "dali")
+SLOW_KINDS = ("s3", "multiprocess", "dali", "faults")
 
 
 def pytest_collection_modifyitems(items):
-    """Every test of a slow kind (S3 server, several processes, DALI) is also `slow`: `pytest -m "not slow"`
-    is the quick loop."""
+    """Every test of a slow kind (S3 server, several processes, DALI, fault scenarios) is also `slow`:
+    `pytest -m "not slow"` is the quick loop."""
     for item in items:
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_runtest_logreport(report):
+    faults.collect(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    faults.summary(terminalreporter)
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +57,13 @@ def make_shard_set(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def moto():
+    """A moto S3 server on loopback for the tests of one module (tests/helpers/servers.py)."""
+    from tests.helpers.servers import MotoServer
+
+    server = MotoServer()
+    yield server
+    server.close()

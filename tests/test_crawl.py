@@ -8,9 +8,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 from unittest import mock
 
 import pyarrow.parquet as pq
@@ -18,8 +22,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from shard_tools.crawl import CrawlError, crawl, failure_kind
+from shard_tools.crawl import PARENT_ENV, CrawlError, crawl, failure_kind
 from shard_tools.generate import ingest
+from shard_tools.processes import KILL_ENV, marked
 from shard_tools.shardset import ShardInfo, ShardSet, load_shard_set
 from shard_tools.synth import render
 from shard_tools.verify import verify
@@ -27,6 +32,7 @@ from stream_ssl.data.plan import Slice, make_plan
 from stream_ssl.data.reader import ShardReader
 from tests.helpers import REPO
 from tests.helpers.crawl_server import NAMES, image_server
+from tests.helpers.faults import lost_and_duplicated
 from tests.helpers.packing import moto_server, read_csv, run_tool, write_csv
 
 pytestmark = pytest.mark.multiprocess
@@ -132,6 +138,36 @@ def test_rerun_downloads_only_unfinished_shards(crawled, tmp_path):
 
     with pytest.raises(CrawlError, match="other settings .*image_size"):
         crawl(manifest, out, caption_column="caption", **{**SETTINGS, "image_size": 20})
+
+
+@pytest.mark.faults
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_a_killed_crawl_leaves_nothing_running_and_a_rerun_finishes_it(crawled, tmp_path, fault_row):
+    """crawl.py SIGKILLed once img2dataset wrote its second shard: the img2dataset process and the worker that
+    writes die with it at once (before, they went on writing into the folder), the re-run stops what is left
+    (img2dataset's read-only logger) and downloads the rest into the same samples as an uninterrupted crawl."""
+    out = tmp_path / "crawled"
+    killed = run_tool("crawl.py", crawled["manifest"], "--out", out, "--caption-column", "caption", "--shard-size",
+                      "5", "--image-size", "16", "--threads", "4", "--timeout", "5", env={KILL_ENV: "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    log = (out / ".crawled-crawl" / "img2dataset.log").read_text()
+    pid = re.search(r"SIGKILL to crawl.py \(pid (\d+)\)", log).group(1)
+    deadline = time.monotonic() + 20
+    while len(marked(PARENT_ENV, pid)) > 2 and time.monotonic() < deadline:  # the logger and its resource tracker
+        time.sleep(0.1)
+    writers = [p for p in marked(PARENT_ENV, pid) if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+    done_before = len(list(out.glob("*_stats.json")))
+    resumed = crawl(crawled["manifest"], out, caption_column="caption", **SETTINGS)
+    left = marked(PARENT_ENV, pid)
+    want = {s["__key__"]: s["jpg"] for s in _samples(crawled["out"])}
+    got = [(s["__key__"], s["jpg"]) for s in _samples(out)]
+    lost, dup = lost_and_duplicated([k for k, _ in got], list(want))
+    fault_row("crawl killed -9 after its second shard, then re-run", lost, dup, helpers_alive_after_kill=len(writers),
+              helpers_alive_after_rerun=len(left), shards_done_before=done_before,
+              resumed_shards=resumed.resumed_shards, samples=len(got), same_bytes_per_sample=dict(got) == want)
+    assert len(writers) <= 1 and not left  # (at most img2dataset's logger, which only reads)
+    assert resumed.downloaded == len(GOOD) and dict(got) == want and done_before >= 1
+    assert verify(str(out), out=io.StringIO())
 
 
 def test_crawl_to_s3_streams_verifies_and_reruns_without_downloading(crawled):

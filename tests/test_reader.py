@@ -4,7 +4,6 @@ retries that resume at sample boundaries, corrupt samples counted, the disk cach
 from __future__ import annotations
 
 import io
-import shutil
 import tarfile
 from collections import Counter
 
@@ -20,6 +19,7 @@ from stream_ssl.data.readahead import ReadAhead, _merge
 from stream_ssl.data.reader import ReadError, ShardReader
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
+from tests.helpers.images import corrupt_copy
 from tests.helpers.servers import HttpServer
 
 
@@ -231,27 +231,11 @@ def test_storage_options_and_redaction(monkeypatch):
     assert redact("failed: https://user:pw@host/a.tar?X-Amz-Signature=s3cr3t") == "failed: https://host/a.tar"
 
 
-def _corrupt_copy(folder, tmp_path, shard: int, sample: int, how: str):
-    out = tmp_path / f"corrupt-{how}"
-    shutil.copytree(folder, out)
-    s = load_shard_set(str(out))
-    reader = ShardReader((s,))
-    ext, offset, size, name = reader.index(0, shard).members[sample][0]
-    path = out / s.shards[shard].path
-    data = bytearray(path.read_bytes())
-    if how == "header":
-        data[offset - 512 + 124: offset - 512 + 136] = b"00000000001\0"  # wrong size in the tar header
-    else:
-        data[offset + 20: offset + size] = bytes(size - 20)  # zeroed JPEG body: undecodable
-    path.write_bytes(bytes(data))
-    return load_shard_set(str(out))
-
-
-@pytest.mark.parametrize("how", ["header", "image"])
+@pytest.mark.parametrize("how", ["header", "zeros"])
 def test_undecodable_samples_are_skipped_counted_and_fail_past_the_threshold(folder, tmp_path, how):
     from stream_ssl.data.augment import ViewSpec
 
-    s = _corrupt_copy(folder, tmp_path, shard=0, sample=3, how=how)
+    s = corrupt_copy(folder, tmp_path, {(0, 3): how})
     plan = make_plan([s], 300, 300, batch_size=30, shuffle_block=0)
     views = [ViewSpec(16)]
     batches = list(PlanDataset(plan, 0, views, skip_grace=1))

@@ -18,18 +18,11 @@ from stream_ssl.data.readahead import ReadAhead
 from stream_ssl.data.reader import ReadError, ShardReader
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
-from tests.helpers.servers import KEY, REGION, SECRET, FaultProxy, MotoServer, fault_schedule, upload_folder
+from tests.helpers.servers import KEY, REGION, SECRET, FaultProxy, fault_schedule, upload_folder
 
 pytestmark = pytest.mark.s3
 
 BUCKET = "shards"
-
-
-@pytest.fixture(scope="module")
-def moto():
-    server = MotoServer()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -190,3 +190,28 @@ def test_slurm_array_script(sweep_file, tmp_path, capsys):
     assert "--collect" in collect and "sbatch --dependency=afterany" in capsys.readouterr().out
     assert main([str(p2), "--slurm", "--dry-run"]) == 0
     assert "#SBATCH --array=0-1%4" in capsys.readouterr().out
+
+
+def test_a_diverging_cell_is_a_result_and_the_sweep_goes_on(make_shard_set, tmp_path, capsys):
+    """train.py exits 3 when the loss stops being finite: the sweep records the cell as diverged (a row with that
+    status and train.py's reason), trains the other cells, exits 0, and does not train it again on a re-run."""
+    options = {"proj_hidden": 64, "proj_dim": 32}
+    spec = {"name": "nan", "out": str(tmp_path / "out"), "budget": 64, "unique": [32],
+            "methods": {"simclr": {}, "vicreg": {"lr": 1e12, "warmup_fraction": 0.0, "method_options": options}},
+            "sources": {"gen_a": str(make_shard_set(200, shard_size=100, seed=21))},
+            "train": {**TINY_TRAIN, "save_every": 1}}
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = _sweep([path])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert rows["simclr"]["status"] == "done" and float(rows["simclr"]["final_loss"]) > 0
+    bad = rows["vicreg"]
+    assert bad["status"] == "diverged" and bad["final_loss"] == "" and "at optimizer step" in bad["reason"]
+    assert "vicreg-gen_a-N32-s0: diverged (" in proc.stdout and "training failed" not in proc.stdout
+    assert "Diverged (no accuracy):\n- vicreg-gen_a-N32-s0: diverged (" in (tmp_path / "out" / "results.md").read_text()
+    capsys.readouterr()
+    assert main([str(path)]) == 0
+    again = capsys.readouterr().out
+    assert "vicreg-gen_a-N32-s0: diverged, skipped" in again and "training" not in again

@@ -29,13 +29,19 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from shard_tools.storage import filesystem, is_transient, protocol_of, redact
+from shard_tools.storage import filesystem, is_not_found, is_transient, protocol_of, redact
 
 LOCAL = ("file", "local")
 
 
 class ReadError(OSError):
     """A read that kept failing without progress after every retry (one line: shard, bytes, last error)."""
+
+
+def gone(url: str) -> FileNotFoundError:
+    """A shard or .idx that index.json lists but storage no longer has: one line naming it."""
+    return FileNotFoundError(f"{redact(url)}: not found, though index.json lists it (deleted or moved after the "
+                             "shard set was written; during this run, if the check before training passed)")
 
 
 @dataclass
@@ -183,7 +189,10 @@ class Fetcher:
             if fd is not None:
                 self._files.move_to_end(path)
                 return fd
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise gone(path) from None
         with self._lock:
             self._files[path] = fd
             while len(self._files) > self._max_files:
@@ -233,6 +242,8 @@ class Fetcher:
         if protocol in LOCAL and self.direct_local:
             try:
                 fut.set_result(self.read_local(url.split("://", 1)[-1], bounds, first, stop))
+            except FileNotFoundError as e:
+                fut.set_exception(gone(url).with_traceback(e.__traceback__))
             except BaseException as e:  # noqa: BLE001 - delivered through the future
                 fut.set_exception(e)
             return fut
@@ -277,7 +288,12 @@ class Fetcher:
             start = int(bounds[pos])
             upto = max(pos + 1, min(stop, int(np.searchsorted(bounds, start + size, side="right")) - 1))
             end = int(bounds[upto])
-            data, error = await self._attempt(get, fs, path, start, end)
+            try:
+                data, error = await self._attempt(get, fs, path, start, end)
+            except Exception as e:
+                if is_not_found(e):
+                    raise gone(url) from e
+                raise
             if len(data) > end - start:
                 raise ReadError(f"{redact(url)}: asked bytes {start}-{end}, got {len(data)} (range ignored?)")
             whole = len(data) == end - start
@@ -305,8 +321,11 @@ class Fetcher:
     def read_whole(self, url: str) -> bytes:
         """All bytes of a small object (an `.idx`), retried on transient errors; no HEAD request."""
         if protocol_of(url) in LOCAL and self.direct_local:
-            with open(url.split("://", 1)[-1], "rb") as f:
-                data = f.read()
+            try:
+                with open(url.split("://", 1)[-1], "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                raise gone(url) from None
             with self._lock:
                 self.stats.add(index_bytes=len(data))
             return data
@@ -331,6 +350,8 @@ class Fetcher:
                     self.stats.add(requests=1, index_bytes=len(data), request_seconds=time.perf_counter() - t0)
                 return data
             except Exception as e:  # noqa: BLE001 - classified here
+                if is_not_found(e):
+                    raise gone(url) from e
                 if not is_transient(e):
                     raise
                 if attempt == self.policy.retries:

@@ -388,6 +388,10 @@ class Plan:
         k = max(1, num_workers)
         return (divmod(u, parts) for u in range(start_step * parts + worker, self.steps * parts, k))
 
+    def shards_used(self) -> list[tuple[ShardSet, np.ndarray]]:
+        """(shard set, indices of its shards the pool reads from), per source: what must exist to train."""
+        return [(s, np.unique(self.unit_shard[self.unit_source == i])) for i, s in enumerate(self.sets)]
+
     def repeats_after(self, epoch: int) -> bool:
         """Whether samples read in pass `epoch` can be read again later in the run (worth caching)."""
         return epoch < self.last_pass

@@ -3,7 +3,9 @@
 images (photo-like JPEGs, corrupt copies), packing (manifests, tars, CLI runs of the shard tools), plans (fake
 shard sets for plan properties), runs (evaluation run folders), servers (moto S3, fault proxy, HTTP with ranges),
 trainer (tiny method settings, subprocess runners), crawl_server (loopback image server for img2dataset),
-trainer_driver (a script run under `accelerate launch`)."""
+trainer_driver (a script run under `accelerate launch`), listing (a fake S3 listing of any size), and for the
+fault suite: faults (its table), fault_runs (training runs, keys, a small tmpfs), fault_driver (train.py with
+faults injected)."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def undefined_qtable(jpeg: bytes) -> bytes:
 def corrupt_copy(folder, tmp_path, corruptions: dict[tuple[int, int], str]):
     """A copy of a shard set with samples {(shard, sample): how} corrupted in place (same sizes):
     'zeros' zeroes the JPEG after 20 bytes (fails the header check), 'qtable' keeps a valid structure that no
-    decoder accepts (`undefined_qtable`)."""
+    decoder accepts (`undefined_qtable`), 'header' writes a wrong size into the JPEG member's tar header."""
     from stream_ssl.data.reader import ShardReader
 
     out = tmp_path / ("corrupt-" + "-".join(f"{s}.{i}{h}" for (s, i), h in sorted(corruptions.items())))
@@ -69,6 +69,8 @@ def corrupt_copy(folder, tmp_path, corruptions: dict[tuple[int, int], str]):
             data[offset + 20: offset + size] = bytes(size - 20)
         elif how == "qtable":
             data[offset: offset + size] = undefined_qtable(bytes(data[offset: offset + size]))
+        elif how == "header":
+            data[offset - 512 + 124: offset - 512 + 136] = b"00000000001\0"
         else:
             raise ValueError(how)
         path.write_bytes(bytes(data))

@@ -95,17 +95,22 @@ class FaultProxy:
       ("cut", n)    forward, but reset both sides once n response bytes have passed (mid-transfer);
       ("reset",)    reset the connection as soon as the client sends a request;
       ("503",)      answer the first request with `503 SlowDown` and close.
+    Faults by request (requests are numbered from 1 in arrival order, over all connections):
+      `slowdown`    request numbers answered with `503 SlowDown` (the connection is then closed);
+      `outage`      (n, t): at request n, reset every open connection and refuse new ones for t seconds (nothing
+                    listens on the port: "connection refused"), then accept again.
     Counts connections, requests, response bytes and faults. Threads only; `close()` stops it.
     """
 
-    def __init__(self, upstream_port: int, schedule=lambda i: None, latency: float = 0.0, rate: float | None = None):
+    def __init__(self, upstream_port: int, schedule=lambda i: None, latency: float = 0.0, rate: float | None = None,
+                 slowdown=(), outage: tuple[int, float] | None = None):
         self.upstream_port, self.schedule = upstream_port, schedule
         self.latency, self.rate = latency, rate
+        self.slowdown, self.outage_at = set(slowdown), outage
         self.requests = 0
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
+        self.listening = threading.Event()
+        self.listening.set()
+        self.listener = self._listen(0)
         self.port = self.listener.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.lock = threading.Lock()
@@ -116,12 +121,21 @@ class FaultProxy:
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
+    @staticmethod
+    def _listen(port: int) -> socket.socket:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(64)
+        return listener
+
     def _accept(self) -> None:
         while not self.closed:
             try:
                 client, _ = self.listener.accept()
             except OSError:
-                return
+                self.listening.wait()  # an outage closed the listener: wait for the next one (or for close)
+                continue
             with self.lock:
                 index = self.connections
                 self.connections += 1
@@ -148,16 +162,37 @@ class FaultProxy:
             self.faults += 1
             self.kinds[kind] = self.kinds.get(kind, 0) + 1
 
+    def outage(self, seconds: float) -> None:
+        """Reset every open connection and refuse new ones for `seconds`, then listen on the same port again."""
+        self._fault("outage")
+        self.listening.clear()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            open_sockets = list(self.sockets)
+        self._reset(*open_sockets)
+        time.sleep(seconds)
+        if not self.closed:
+            self.listener = self._listen(self.port)
+        self.listening.set()
+
+    @staticmethod
+    def _slow_down(client: socket.socket, request: bytes) -> None:
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
+        client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                       + (b"" if request.startswith(b"HEAD") else body))
+
     def _serve(self, client: socket.socket, action) -> None:
         if action and action[0] in ("reset", "503"):
             try:
                 request = client.recv(65536)
                 if action[0] == "503":
-                    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                            b"<Message>Please reduce your request rate.</Message></Error>")
-                    client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
-                                   b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
-                                   + (b"" if request.startswith(b"HEAD") else body))
+                    self._slow_down(client, request)
                     client.close()
                 else:
                     self._reset(client)
@@ -182,6 +217,14 @@ class FaultProxy:
                         break
                     with self.lock:
                         self.requests += 1
+                        number = self.requests
+                    if self.outage_at and number == self.outage_at[0]:
+                        threading.Thread(target=self.outage, args=(self.outage_at[1],), daemon=True).start()
+                    if number in self.slowdown:  # answered here; the server never sees it
+                        self._slow_down(client, data)
+                        self._fault("503")
+                        upstream.shutdown(socket.SHUT_RDWR)
+                        break
                     if self.latency:
                         time.sleep(self.latency)  # the store "thinks" before the first byte of its answer
                     pace.update(t0=time.perf_counter(), sent=0)
@@ -231,6 +274,7 @@ class FaultProxy:
 
     def close(self) -> None:
         self.closed = True
+        self.listening.set()
         try:
             self.listener.close()
         except OSError:

@@ -1,0 +1,102 @@
+"""Object storage that misbehaves: training runs stream the suite's shard set from a moto S3 server through a
+fault proxy (tests/helpers/servers.py), and each must train on exactly the keys the local run trains on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shard_tools.listing import check_shards
+from shard_tools.shardset import load_shard_set
+from shard_tools.storage import filesystem
+from tests.helpers.fault_runs import compare_keys, read_late, train
+from tests.helpers.servers import FaultProxy, fault_schedule, upload_folder
+
+pytestmark = [pytest.mark.faults, pytest.mark.s3]
+
+BUCKET = "faults"
+# botocore's own retries off, so that the reader's retries (which resume at sample boundaries) do the work;
+# short timeouts, so that a connection the proxy left hanging costs seconds, not minutes.
+CLIENT = {"retries": {"max_attempts": 0}, "connect_timeout": 5, "read_timeout": 10}
+
+
+@pytest.fixture(scope="module")
+def s3_pool(moto, pool) -> str:
+    fs = filesystem("s3://x", moto.options())
+    fs.call_s3("create_bucket", Bucket=BUCKET)
+    url = f"s3://{BUCKET}/pool"
+    upload_folder(fs, pool, url)
+    return url
+
+
+def through(moto, proxy: FaultProxy, url: str, out, **flags):
+    """A run reading `url` through `proxy`, with a small read-ahead (many requests, each a chance to fail)."""
+    options = moto.options(proxy.endpoint, config_kwargs=CLIENT)
+    try:
+        return train(url, out, storage_options=json.dumps(options), read_ahead_bytes="64KiB", **flags)
+    finally:
+        proxy.close()
+
+
+SCENARIOS = {
+    # name: (proxy settings, loader workers)
+    "connections cut at random points (every 2nd of the first 80: cut mid-body, reset, or 503)":
+        (dict(schedule=fault_schedule(seed=5, every=2, max_faults=40, cut_range=(64, 60_000))), 2),
+    "every connection cut after 24 KB (persistently)": (dict(schedule=lambda i: ("cut", 24_000)), 1),
+    "every request delayed 50 ms, every connection paced to 2 MB/s": (dict(latency=0.05, rate=2e6), 2),
+    "refused for 3 s mid-run (open connections reset, nothing listening)": (dict(outage=(14, 3.0)), 0),
+    "503 SlowDown bursts (requests 12-19 and 24-27)": (dict(slowdown=[*range(12, 20), *range(24, 28)]), 1),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_s3_faults_lose_and_duplicate_nothing(name, moto, s3_pool, local_run, tmp_path, fault_row):
+    settings, workers = SCENARIOS[name]
+    proxy = FaultProxy(moto.port, **settings)
+    run = through(moto, proxy, s3_pool, tmp_path / "run", num_workers=workers)
+    assert run.returncode == 0, run.stderr[-3000:]
+    trained, lost, dup = compare_keys(run, local_run)
+    faults = ", ".join(f"{n} {k}" for k, n in sorted(proxy.kinds.items())) or "none"
+    fault_row(f"S3: {name}", lost, dup, samples=trained, faults=faults, requests=proxy.requests,
+              retries=int(run.last_row()["retries"]), workers=workers)
+    assert run.keys() == local_run.keys()  # the same samples, at the same steps, in the same order
+    assert proxy.faults > 0 if "latency" not in settings else proxy.requests > 0
+
+
+def test_s3_shards_are_checked_with_one_listing_before_training(moto, s3_pool, pool, tmp_path, fault_row):
+    """The check before training costs one LIST request for the 8 shards and their .idx files (no request per
+    shard), and a deleted object stops the run at once with one line naming it."""
+    fs = filesystem("s3://x", moto.options())
+    url = f"s3://{BUCKET}/gappy"
+    upload_folder(fs, pool, url)
+    proxy = FaultProxy(moto.port)
+    try:
+        options = moto.options(proxy.endpoint, config_kwargs=CLIENT)
+        shard_set = load_shard_set(url, options)
+        before = proxy.requests
+        check = check_shards(shard_set, storage_options=options)
+        listing = proxy.requests - before
+        assert check.ok and check.listings == 1 and listing == 1
+    finally:
+        proxy.close()
+    fs.rm_file(f"{url}/set-000005.tar")
+    run = train(url, tmp_path / "run", storage_options=json.dumps(moto.options()), num_workers=0)
+    errors = run.errors()
+    fault_row("S3: a missing shard (the check before training: 1 LIST request for 8 shards)", 0, 0,
+              list_requests=listing, exit_status=run.returncode, error_lines=len(errors))
+    assert run.returncode == 2 and len(errors) == 1 and f"{url}: 1 of 8 shards missing (set-000005.tar)" in errors[0]
+
+
+def test_s3_shard_deleted_during_the_run_stops_it_with_one_line(moto, s3_pool, pool, tmp_path, fault_row):
+    fs = filesystem("s3://x", moto.options())
+    url = f"s3://{BUCKET}/shrinking"
+    upload_folder(fs, pool, url)
+    shard = f"{url}/{load_shard_set(str(pool)).shards[read_late(pool)].path}"
+    run = train(url, tmp_path / "run", env={"FAULT_DELETE": f"1:{shard}"}, num_workers=2, read_ahead_bytes="64KiB",
+                storage_options=json.dumps(moto.options()))
+    errors = run.errors()
+    fault_row("S3: a shard deleted during the run (after the check passed, 2 loader workers)", 0, 0,
+              exit_status=run.returncode, optimizer_steps_before=int(run.last_row()["step"]), error_lines=len(errors))
+    assert run.returncode == 2 and len(errors) == 1, run.stderr[-3000:]
+    assert f"{shard}: not found, though index.json lists it" in errors[0]

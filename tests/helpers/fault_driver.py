@@ -1,0 +1,106 @@
+"""train.py with faults injected at chosen points, for tests/faults (run it as train.py, also under
+`accelerate launch`): the arguments are train.py's, the faults come from the environment.
+
+    FAULT_DELETE=STEP:PATH[,PATH...]   delete these files (or s3:// objects) once optimizer step STEP (1-based) is
+                                       done (main process)
+    FAULT_KILL_AT_STEP=STEP            every process SIGKILLs itself once step STEP is done, before its checkpoint
+    FAULT_KILL_IN_CHECKPOINT=STEP      the main process SIGKILLs itself half-way through writing checkpoint STEP
+                                       (after 64 KiB of it were written); the launcher stops the others
+
+Everything else is train.py's own code path: `main()` with its one-line errors and exit statuses.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repo holds `tests`
+from shard_tools.storage import filesystem, is_url  # noqa: E402
+from stream_ssl import checkpoint, train  # noqa: E402
+
+TORN_BYTES = 64 << 10
+
+
+def _kill() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _after_step(hook) -> None:
+    """Call `hook(done)` after every optimizer step (done = steps finished), before fit saves or logs it."""
+    original = train.train_step
+
+    def train_step(run, step, meter, keys=None):
+        info = original(run, step, meter, keys)
+        if keys is not None:
+            keys.file.flush()
+        hook(run, step + 1)
+        return info
+
+    train.train_step = train_step
+
+
+def delete_files(spec: str) -> None:
+    step, _, paths = spec.partition(":")
+
+    def hook(run, done: int) -> None:
+        if done == int(step) and run.acc.is_main_process:
+            for p in paths.split(","):
+                if is_url(p):
+                    filesystem(p, run.storage).rm_file(p)
+                else:
+                    Path(p).unlink()
+        run.acc.wait_for_everyone()
+
+    _after_step(hook)
+
+
+def kill_at_step(step: str) -> None:
+    _after_step(lambda run, done: _kill() if done == int(step) else None)
+
+
+class _Torn:
+    """A file that kills the process once `after` bytes were written (and flushed out of Python's buffer)."""
+
+    def __init__(self, f, after: int):
+        self.f, self.after, self.written = f, after, 0
+
+    def write(self, data) -> int:
+        n = self.f.write(data)
+        self.written += n
+        if self.written >= self.after:
+            self.f.flush()  # in the kernel's hands: a SIGKILL does not lose it
+            _kill()
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def kill_in_checkpoint(step: str) -> None:
+    original = checkpoint._write_atomic
+    name = f"step-{int(step):08d}.pt"
+
+    def write_atomic(path: Path, write) -> None:
+        if path.name == name:
+            return original(path, lambda f: write(_Torn(f, TORN_BYTES)))
+        return original(path, write)
+
+    checkpoint._write_atomic = write_atomic
+
+
+def main() -> int:
+    if os.environ.get("FAULT_DELETE"):
+        delete_files(os.environ["FAULT_DELETE"])
+    if os.environ.get("FAULT_KILL_AT_STEP"):
+        kill_at_step(os.environ["FAULT_KILL_AT_STEP"])
+    if os.environ.get("FAULT_KILL_IN_CHECKPOINT"):
+        kill_in_checkpoint(os.environ["FAULT_KILL_IN_CHECKPOINT"])
+    return train.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The shard check before training (shard_tools/listing.py): one listing per folder finds missing shards, shards
+of another size and missing .idx files; the trainer, `python -m stream_ssl.plan --check` and `shard-tools verify`
+use it and stop with one line naming them."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import pytest
+
+from shard_tools import listing
+from shard_tools.listing import ShardsMissing, check_shards, require_shards
+from shard_tools.shardset import load_shard_set
+from shard_tools.verify import verify
+from stream_ssl.data.plan import make_plan
+from stream_ssl.plan import main as plan_main
+from stream_ssl.train import main as train_main
+from tests.helpers.listing import PAGE, FakeBucket, fake_set
+from tests.helpers.trainer import train_args
+
+
+@pytest.fixture
+def damaged(make_shard_set, tmp_path):
+    """A copy of an 8-shard set with shard 3 deleted, shard 6 cut to 1000 bytes and shard 5's .idx deleted."""
+    folder = tmp_path / "set"
+    shutil.copytree(make_shard_set(240, shard_size=30, seed=11), folder)
+    (folder / "set-000003.tar").unlink()
+    (folder / "set-000005.idx").unlink()
+    os.truncate(folder / "set-000006.tar", 1000)
+    return folder
+
+
+def _count_scandir(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    real = os.scandir
+
+    def scandir(path):
+        calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(listing.os, "scandir", scandir)
+    return calls
+
+
+def test_one_listing_finds_missing_changed_and_idx_less_shards(damaged, monkeypatch):
+    calls = _count_scandir(monkeypatch)
+    s = load_shard_set(str(damaged))
+    check = check_shards(s)
+    assert calls == [str(damaged)] and check.listings == 1  # one listing for 8 shards, no request per shard
+    assert check.missing.tolist() == [3] and check.changed.tolist() == [6] and check.no_idx.tolist() == [5]
+    assert not check.ok and check.size_of(6) == 1000 and check.size_of(3) is None
+    assert check.summary() == (f"{damaged}: 1 of 8 shards missing (set-000003.tar); 1 changed size (set-000006.tar: "
+                               f"1000 bytes, index.json says {s.shards[6].bytes}); 1 without their .idx "
+                               "(set-000005.idx)")
+    assert check_shards(s, [0, 1, 2, 4, 7]).ok  # only the shards asked about count
+    with pytest.raises(ShardsMissing) as e:
+        require_shards([(s, [1, 3])])
+    assert "\n" not in str(e.value) and "set-000003.tar" in str(e.value) and f"verify {damaged}" in str(e.value)
+
+
+def test_a_million_entry_listing_is_paged_and_names_the_first_few(monkeypatch):
+    """The s3 path against a fake bucket: 2 x 2500 entries arrive in 5 pages (one listing); many missing shards
+    are named three at a time and counted."""
+    s = fake_set(2500)
+    bucket = FakeBucket(s, missing=range(100, 110), resized=[7], no_idx=[2400])
+    check = check_shards(s, storage_options={}, fs=bucket)
+    assert bucket.pages == 2 * 2500 // PAGE and check.listings == 1
+    assert check.missing.tolist() == list(range(100, 110)) and check.changed.tolist() == [7]
+    assert check.no_idx.tolist() == [2400]
+    assert "10 of 2500 shards missing (pool-0000100.tar, pool-0000101.tar, pool-0000102.tar and 7 more)" in \
+        check.summary()
+    assert check_shards(fake_set(3), fs=FakeBucket(fake_set(3))).ok
+
+
+def test_http_sets_cannot_be_listed_and_are_not_checked():
+    check = check_shards(fake_set(3, url="https://example.org/pool"))
+    assert check.ok and not check.listed and "not checked" in check.summary()
+
+
+def test_training_stops_before_the_first_step_naming_the_missing_shard(damaged, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train_main(train_args(damaged, out, unique_samples="240", budget_samples="64", tensorboard="false"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: shards missing or changed since index.json was written: ")
+    assert "1 of 8 shards missing (set-000003.tar)" in err[0] and "set-000006.tar: 1000 bytes" in err[0]
+    assert not (out / "checkpoints").exists() and not (out / "metrics.csv").exists()  # nothing was trained
+
+
+def test_plan_check_and_verify_use_the_same_listing(damaged, make_shard_set, capsys):
+    args = ["--unique-samples", "240", "--budget-samples", "480", "--batch-size", "16", "--check"]
+    assert plan_main(["--data", str(damaged), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "set-000003.tar" in err and "set-000005.idx" in err
+    good = make_shard_set(240, shard_size=30, seed=11)
+    assert plan_main(["--data", str(good), *args]) == 0
+    assert "8 shards and their .idx present with the sizes index.json records (1 listing" in capsys.readouterr().err
+    plan = make_plan([load_shard_set(str(good))], 60, 60, batch_size=10, seed=0)  # a pool of 2 of the 8 shards
+    (s, used), = plan.shards_used()
+    assert used.tolist() == sorted(set(plan.unit_shard.tolist())) and len(used) == 2
+
+    report = io.StringIO()
+    assert not verify(str(damaged), contents=False, out=report)
+    lines = report.getvalue().splitlines()
+    size = load_shard_set(str(good)).shards[6].bytes
+    assert lines[:3] == ["BAD set-000003.tar: missing", "BAD set-000005.tar: no set-000005.idx",
+                         f"BAD set-000006.tar: size 1000 bytes, index.json says {size}"]
+    assert "listed 8 shards" in lines[-1] and lines[-1].endswith("3 bad")
