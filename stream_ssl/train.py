@@ -46,7 +46,7 @@ from stream_ssl.config import TrainConfig, parse_config
 from stream_ssl.data.augment import device_views
 from stream_ssl.data.rng import batch_generator
 from stream_ssl.metrics import KeysLog, Meter, MetricsLog, progress_bar
-from stream_ssl.run import Run, RunError, build_run, make_accelerator
+from stream_ssl.run import Run, RunError, build_run, make_accelerator, storage_report
 
 
 class Diverged(RunError):
@@ -291,6 +291,7 @@ def run_summary(run: Run, rep: Reporting) -> dict:
         "data_wait": meter.wait_total / wall if wall > 0 else None,
         "knn": rep.knn,
         "decoder": cfg.decoder,
+        "storage": storage_report(run, meter.io["bytes_read"]),
     }
     if cfg.decoder in ("dali", "nvjpeg"):  # this process's decoder counters (batches, fallbacks, replaced)
         summary[cfg.decoder] = dataclasses.asdict(run.loader.stats)
