@@ -22,8 +22,9 @@ sha256 from `index.json`, so a re-packed shard never matches stale entries.
 - Bound: a hit refreshes the file's mtime, and eviction removes the oldest files until the total is under 90%
   of the limit. The total is re-measured from disk whenever this process's estimate passes the limit or it has
   written a tenth of it, so concurrent writers keep it near the bound.
-- A full disk (ENOSPC, EDQUOT) turns writing off for this process (`full` says why): reads go on, training
-  goes on from storage.
+- A full disk (ENOSPC, EDQUOT; or a folder that cannot be written) turns writing off for this process (`full`
+  says why, with one warning): reads go on, training goes on from storage. Entries written by the cache
+  format before checksums (`<first>-<stop>.bin`) are never used; eviction removes them in time.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ HELD, BUSY, MISSING = "held", "busy", "missing"
 CLAIM_TTL = 900.0  # seconds: a claim older than this is dead whatever its process does (pid reuse, other hosts)
 LOCK = "lock"
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def crc(data) -> int:
@@ -313,9 +313,10 @@ class DiskCache:
         return True
 
     def _stop_writing(self, e: OSError) -> None:
-        if e.errno not in _FULL or self.full:
-            return
-        self.full = f"{self.root}: {os.strerror(e.errno)}"
+        """A write that failed: a full disk (or a read-only or forbidden folder) turns writing off for good."""
+        if e.errno == errno.ENOENT or self.full:
+            return  # (a folder removed under a concurrent write: this entry only)
+        self.full = f"{self.root}: {os.strerror(e.errno) if e.errno else e}"
         warnings.warn(f"cache: {self.full}; caching stops, training goes on reading from storage", stacklevel=2)
 
     def _files(self) -> list[tuple[float, int, Path]]:
@@ -354,6 +355,7 @@ class DiskCache:
                     self.evicted += 1
             self._total, self._written = total, 0
             self._known.clear()
+            self._verified.clear()  # a removed entry's inode may come back under the same name
 
     @staticmethod
     def _remove(path: Path) -> bool:

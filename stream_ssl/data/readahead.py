@@ -48,6 +48,7 @@ class Segment:
     store: bool = False  # claimed for the disk cache: stored as soon as it arrives
     local: bool = False  # through the cache: held there, or being fetched by another process of the node
     future: Future | None = None
+    stored: Future | None = None  # done once a claimed segment is stored
     refs: int = 0
 
 
@@ -198,7 +199,7 @@ class ReadAhead:
             url = self.plan.sets[seg.source].shard_url(seg.shard)
             seg.future = reader.fetcher.submit(url, reader.boundaries(seg.source, seg.shard), seg.first, seg.stop)
             if seg.store:
-                reader.store_when_fetched(seg.future, seg.source, seg.shard, seg.first, seg.stop)
+                seg.stored = reader.store_when_fetched(seg.future, seg.source, seg.shard, seg.first, seg.stop)
         self.live.setdefault((seg.source, seg.shard), []).append(seg)
         self.held += seg.nbytes
 
@@ -250,12 +251,15 @@ class ReadAhead:
         return samples
 
     def _drain(self, head: Pending) -> None:
-        """Fill mode: wait until the item's fetches arrived (their stores are under way), then let them go."""
+        """Fill mode: wait until the item's fetches arrived and are stored (the bytes held stay within the
+        budget however slow the disk), then let them go."""
         waited = False
         for _, segs in head.parts:
             for seg in segs:
                 waited |= not seg.future.done()
                 seg.future.result()
+                if seg.stored is not None:
+                    seg.stored.result()
                 self._release(seg)
         self._tune(waited=waited)
 

@@ -231,24 +231,26 @@ class ShardReader:
             return [(first, stop, HELD)]
         return self.cache.state(key, first, stop)
 
-    def obtain(self, source: int, shard: int, first: int, stop: int, store: bool):
+    def obtain(self, source: int, shard: int, first: int, stop: int, store: bool, looks: int = 8):
         """Samples [first, stop) through the node's cache: read where held (checked), waited for where another
         process (or thread) is fetching them, else fetched, and then stored when `store`, under a claim so that
-        no other process of the node fetches them as well."""
+        no other process of the node fetches them as well. After `looks` rounds of finding a range gone or
+        taken again (eviction racing with reads), it is fetched without the cache."""
         key = self.shard_key(source, shard)
         parts = []
         for a, b, state in self.cache_cover(source, shard, first, stop):
             data = self.read_held(source, shard, a, b) if state == HELD else None
-            keep = store and not self.cache.full
+            keep = store and not self.cache.full and looks > 0
             if data is None and state == MISSING and not keep:
                 data = self.fetch(self.sets[source].shard_url(shard), self.index(source, shard).bounds, a, b)
             elif data is None and state == MISSING and self.cache.claim(key, [(a, b)])[0]:
                 data = self.fetch_claimed(source, shard, a, b)
             elif data is None:  # evicted or damaged since listed, busy, or claimed by another just now
-                if state == BUSY:
+                if state == BUSY and looks > 0:
                     self._count(cache_waits=1)
                     self.cache.wait(key, a, b)
-                data = self.obtain(source, shard, a, b, store)
+                data = self.obtain(source, shard, a, b, store, looks - 1) if looks > 0 else \
+                    self.fetch(self.sets[source].shard_url(shard), self.index(source, shard).bounds, a, b)
             parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -298,16 +300,22 @@ class ShardReader:
             return True
         return False
 
-    def store_when_fetched(self, future: Future, source: int, shard: int, first: int, stop: int) -> None:
+    def store_when_fetched(self, future: Future, source: int, shard: int, first: int, stop: int) -> Future:
         """Store what a claimed fetch brings as soon as it arrives (on a writer thread, not when the consumer
-        gets to it), so that other processes waiting for the range wait no longer than the fetch."""
+        gets to it), so that other processes waiting for the range wait no longer than the fetch. The returned
+        future is done once the store is (or the claim ended without one)."""
+        stored: Future = Future()
+
         def arrived(f: Future) -> None:
             try:
-                self._pools("writer", 1).submit(self._store_result, f, source, shard, first, stop)
+                task = self._pools("writer", 1).submit(self._store_result, f, source, shard, first, stop)
+                task.add_done_callback(lambda _: stored.set_result(None))
             except RuntimeError:  # closed: the claim ends here
                 self.cache.release(self.shard_key(source, shard), first, stop)
+                stored.set_result(None)
 
         future.add_done_callback(arrived)
+        return stored
 
     def _store_result(self, f: Future, source: int, shard: int, first: int, stop: int) -> None:
         if f.cancelled() or f.exception() is not None:
@@ -338,11 +346,11 @@ class ShardReader:
             return pool
 
     def close(self) -> None:
-        """Stop this reader's threads once their work is done (stores finish; their claims end)."""
+        """Stop this reader's threads once their work is done (queued stores finish: their claims end)."""
         with self._lock:
-            pools, self._executors = list(self._executors.values()), {}
-        for pool in pools:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pools, self._executors = dict(self._executors), {}
+        for name, pool in pools.items():
+            pool.shutdown(wait=True, cancel_futures=name != "writer")
 
     def split(self, data, source: int, shard: int, first: int, stop: int, data_first: int | None = None) -> list[dict]:
         """Cut samples [first, stop) out of `data`, the bytes of samples [data_first (default first), ...), with
