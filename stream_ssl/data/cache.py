@@ -160,7 +160,7 @@ class DiskCache:
         """Store samples [first, stop); removes this instance's claim of that range, stored or not."""
         path = self._dir(key) / f"{first:010d}-{stop:010d}-{crc(data):08x}.bin"
         try:
-            if not self._write(path, data):
+            if not self._write(path, data, key):
                 return False
         finally:
             self.release(key, first, stop)
@@ -230,7 +230,8 @@ class DiskCache:
         return out
 
     def release(self, key: str, first: int, stop: int) -> None:
-        self._remove(self._dir(key) / f".claim-{first:010d}-{stop:010d}-{os.getpid()}-{self.token}")
+        with self._locked(key):  # (renames and releases under the lock: `claim` sees an entry or its claim)
+            self._remove(self._dir(key) / f".claim-{first:010d}-{stop:010d}-{os.getpid()}-{self.token}")
 
     def wait(self, key: str, first: int, stop: int, timeout: float = CLAIM_TTL) -> bool:
         """Wait until entries cover [first, stop), or no live claim of another covers what is missing (it
@@ -291,7 +292,8 @@ class DiskCache:
     # ----------------------------------------------------------------------------------------------
     # Writing and the bound.
 
-    def _write(self, path: Path, data) -> bool:
+    def _write(self, path: Path, data, key: str | None = None) -> bool:
+        """Write under a temporary name, then rename (under the shard's lock when `key` is given)."""
         if self.full or len(data) > self.max_bytes // 2:
             return False  # one entry must not flush the cache
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -299,7 +301,11 @@ class DiskCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
-            os.replace(tmp, path)
+            if key is None:
+                os.replace(tmp, path)
+            else:
+                with self._locked(key):
+                    os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             self._stop_writing(e)
