@@ -58,7 +58,7 @@ def run_rank(plan, rank: int, mode: str, cache_dir: str, options: dict, read_ahe
              step_seconds: float = 0.0) -> dict:
     """Read `rank`'s whole plan; sample bytes from storage and seconds per pass (by the pass the rank reads)."""
     from stream_ssl.data.cache import DiskCache
-    from stream_ssl.data.nodecache import NodeFiller
+    from stream_ssl.data.nodecache import NodeFiller, ReaderWaits
     from stream_ssl.data.readahead import ReadAhead
     from stream_ssl.data.reader import ShardReader
 
@@ -70,8 +70,8 @@ def run_rank(plan, rank: int, mode: str, cache_dir: str, options: dict, read_ahe
 
     main = reader()
     stream = ReadAhead(main, plan, rank, range(plan.steps), read_ahead_bytes=read_ahead)
-    filler = NodeFiller(reader(), plan, rank, read_ahead_bytes=read_ahead, frontier=lambda: stream.frontier) \
-        if mode == "fill" else None
+    filler = NodeFiller(reader(), plan, rank, read_ahead_bytes=read_ahead, frontier=lambda: stream.frontier,
+                        starving=ReaderWaits(main.stats)) if mode == "fill" else None
     readers = [main] + ([filler.reader] if filler else [])
     marks: list[tuple[int, float]] = []  # (bytes so far, time) when the rank starts a pass, and at the end
 

@@ -291,7 +291,7 @@ def run_summary(run: Run, rep: Reporting) -> dict:
         "data_wait": meter.wait_total / wall if wall > 0 else None,
         "knn": rep.knn,
         "decoder": cfg.decoder,
-        "storage": storage_report(run, meter.io["bytes_read"]),
+        "object_store": storage_report(run, meter.io["bytes_read"]),
     }
     if cfg.decoder in ("dali", "nvjpeg"):  # this process's decoder counters (batches, fallbacks, replaced)
         summary[cfg.decoder] = dataclasses.asdict(run.loader.stats)

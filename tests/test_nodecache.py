@@ -16,7 +16,7 @@ import pytest
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data import cache as cache_module
 from stream_ssl.data.cache import BUSY, CLAIM_TTL, HELD, MISSING, DiskCache
-from stream_ssl.data.nodecache import CacheShare, Node, NodeFiller, node_from_env, storage_summary
+from stream_ssl.data.nodecache import CacheShare, Node, NodeFiller, ReaderWaits, node_from_env, storage_summary
 from stream_ssl.data.plan import make_plan
 from stream_ssl.data.readahead import ReadAhead
 from stream_ssl.data.reader import ShardReader
@@ -335,6 +335,31 @@ def test_each_node_reads_each_sample_it_needs_exactly_once(shards, tmp_path):
         assert read == _sample_bytes(plan, _reads(plan, ranks))
         assert sum(results[r][2].reader.stats.bytes_read for r in ranks) > 0  # the fillers did part of it
         assert not any(results[r][2].error for r in ranks)
+
+
+def test_the_filler_holds_back_while_its_reader_starves(shards, tmp_path):
+    from stream_ssl.data.fetch import ReadStats
+
+    stats = ReadStats()
+    waits = ReaderWaits(stats)
+    stats.add(wait_seconds=0.005)
+    assert not waits()  # within the slack
+    stats.add(wait_seconds=0.02)
+    assert waits() and not waits()
+    plan = make_plan([shards], 240, 960, batch_size=8)  # ~4 MB to fill
+    asked = threading.Event()
+
+    def starving():
+        asked.set()
+        return True
+
+    filler = NodeFiller(_reader(plan, tmp_path / "c"), plan, 0, read_ahead_bytes=64 << 10, starving=starving)
+    filler.start()
+    assert asked.wait(60)
+    filler.stop()  # (a starving reader does not keep the filler from stopping)
+    # its first round only: a whole mixing window (a round ends with one), read while nobody starved
+    window = {x for step in range(plan.shuffle_window) for x in plan.rank_samples(step, 0)}
+    assert 0 < filler.reader.stats.bytes_read <= _sample_bytes(plan, window) < _sample_bytes(plan, _reads(plan, [0]))
 
 
 def test_loader_workers_and_the_filler_fetch_each_byte_once_over_http(folder, shards):

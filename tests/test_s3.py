@@ -231,7 +231,7 @@ def test_two_simulated_nodes_read_the_pool_at_most_once_each(moto, local_folder,
     reader = ShardReader(plan.sets)
     units = list(zip(plan.unit_source.tolist(), plan.unit_shard.tolist(), plan.unit_stop.tolist()))
     pool = sum(int(reader.boundaries(s, h)[stop]) for s, h, stop in units)  # every unit starts at sample 0
-    storage = json.loads((out / "summary.json").read_text())["storage"]
+    storage = json.loads((out / "summary.json").read_text())["object_store"]
     assert storage["nodes"] == 2 and storage["cache_policy"] == "whole pool" and storage["cache_fill"]
     assert 0 < storage["object_store_bytes_read"] <= 2 * pool < 4 * pool  # 4 passes, 2 nodes
     idx = sum(len(reader.fetcher.read_whole(plan.sets[s].idx_url(h))) for s, h, _ in units)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shard_tools.shardset import IMAGE_EXTS
 from stream_ssl.data.augment import ViewSpec, decode_views, to_chw
 from stream_ssl.data.cache import DiskCache
-from stream_ssl.data.nodecache import CacheShare, NodeFiller
+from stream_ssl.data.nodecache import CacheShare, NodeFiller, ReaderWaits
 from stream_ssl.data.plan import Plan
 from stream_ssl.data.readahead import DEFAULT_READ_AHEAD, ReadAhead
 from stream_ssl.data.reader import ShardReader
@@ -128,7 +128,7 @@ class PlanDataset(IterableDataset):
         filler = None
         if self.cache_fill and worker == 0:
             filler = NodeFiller(self.make_reader(), self.plan, self.rank, self.start_step, self.micro_batches,
-                                budget, frontier=lambda: stream.frontier).start()
+                                budget, frontier=lambda: stream.frontier, starving=ReaderWaits(reader.stats)).start()
         readers = [reader] + ([filler.reader] if filler else [])
         try:
             yield from self._batches(stream, readers, worker)

@@ -9,7 +9,8 @@ read later in the run, ahead of the rank's own reader:
   `ReadAhead` in fill mode over the rank's items from the resume step on, skipping the items the rank's reader
   has already planned (its `frontier`). It has its own Fetcher (the same streamed, resumed, adaptive GETs),
   holds at most the worker's read-ahead bytes in memory, and stores each range as soon as it arrives. Ranges
-  the node holds or another process is fetching are skipped, so each range reaches the node's cache once.
+  the node holds or another process is fetching are skipped, so each range reaches the node's cache once. It
+  works in the background: while the rank's reader waits for data, it sends no new requests.
 - Readers consult the cache first. A range that another process of the node is fetching is **waited for**,
   not fetched again: waiting costs at most that fetch's time (claims are taken when a GET is sent and end when
   its bytes are stored), while fetching it too would break "once per node"; a claim whose process died is
@@ -35,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -175,14 +177,32 @@ def describe_storage(s: dict) -> str:
 # The filler.
 
 
+class ReaderWaits:
+    """Whether a reader waited for data (more than `slack` seconds) since the last call: `stats` are its
+    ReadStats."""
+
+    def __init__(self, stats, slack: float = 0.01):
+        self.stats, self.slack, self.seen = stats, slack, stats.wait_seconds
+
+    def __call__(self) -> bool:
+        now = self.stats.wait_seconds
+        waited, self.seen = now - self.seen > self.slack, now
+        return waited
+
+
 class NodeFiller:
     """Fills the node's cache, on a background thread, with what `rank` reads from `start_step` on, ahead of
     the rank's own reader (`frontier()`: the step of the last item it planned). `reader` must be its own (its
-    own Fetcher, its own cache claims), with the node's cache folder. `stop()` ends it and closes the reader."""
+    own Fetcher, its own cache claims), with the node's cache folder. `starving()`: whether the rank's reader
+    waited for data lately (e.g. `ReaderWaits(its stats)`); the filler then holds its next requests back, so the
+    reader gets the bandwidth. `stop()` ends it and closes the reader."""
+
+    PAUSE = 0.05  # seconds between looks at a starving reader
 
     def __init__(self, reader: ShardReader, plan: Plan, rank: int, start_step: int = 0, parts: int = 1,
-                 read_ahead_bytes: int = DEFAULT_READ_AHEAD, frontier: Callable[[], int] = lambda: -1):
-        self.reader = reader
+                 read_ahead_bytes: int = DEFAULT_READ_AHEAD, frontier: Callable[[], int] = lambda: -1,
+                 starving: Callable[[], bool] = lambda: False):
+        self.reader, self.starving = reader, starving
         items = (it for it in plan.worker_items(0, 1, start_step, parts) if it[0] > frontier())
         self.stream = ReadAhead(reader, plan, rank, items, parts, read_ahead_bytes, fill=True, max_pending=256)
         self.error = ""
@@ -197,6 +217,8 @@ class NodeFiller:
     def _run(self) -> None:
         try:
             for _ in self.stream:
+                while self.starving() and not self._stop.is_set():
+                    time.sleep(self.PAUSE)  # (in-flight requests go on; no new ones)
                 if self._stop.is_set() or self.reader.cache.full:
                     return
             self.done = True
