@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.stream import BUCKET, SCENARIOS, _s3fs, run_child, write_set  # noqa: E402
+from shard_tools.quantities import SIZE_HELP, size_arg  # noqa: E402
 
 MODES = ("none", "on-demand", "fill")
 
@@ -183,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)} (default all)")
     p.add_argument("--scenario", default="s3-30ms", choices=[s for s in SCENARIOS if s != "local"],
                    help="storage shaping, as in benchmarks/stream.py (default s3-30ms: 30 ms, 40 MB/s)")
-    p.add_argument("--read-ahead", type=int, default=2 << 20,
-                   help="read-ahead bytes per rank and per filler (default 2 MiB: a small part of a pass, as 256 MiB "
-                        "is of a real pool; one as large as a pass serves several passes from one read)")
+    p.add_argument("--read-ahead", type=size_arg, default=2 << 20,
+                   help=f"read-ahead per rank and per filler, {SIZE_HELP} (default 2MiB: a small part of a pass, as "
+                        "256 MiB is of a real pool; one as large as a pass serves several passes from one read)")
     p.add_argument("--step-ms", type=float, default=0.0,
                    help="simulated training time per step and rank, in ms (default 0: read as fast as possible; "
                         "with compute to hide behind, the filler brings later passes during pass 1)")
