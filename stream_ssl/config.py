@@ -53,9 +53,12 @@ class TrainConfig:
                                   "no extra package); dali: an NVIDIA DALI pipeline", DECODERS)
     dali_threads: int = setting(2, "DALI CPU threads per process (--decoder dali)")
     storage_options: str = setting("", f"{STORAGE_OPTIONS_HELP}; credentials are never written down")
-    cache_dir: str = setting("", "local folder that keeps what pass 1 read, so repeated passes skip the "
-                                 "object store")
+    cache_dir: str = setting("", "folder on the node's local disk, shared by its processes, that keeps what the "
+                                 "run reads again, so repeated passes skip the object store")
     cache_size: str = setting("", f"bound of the cache, {SIZE_HELP}; empty: what the plan's repeats need")
+    cache_fill: bool = setting(True, "fill the cache in the background with what this process reads later in the "
+                                     "run, ahead of training, so that repeated passes on several nodes read the "
+                                     "object store once per node (with --cache-dir on each node's local disk)")
     read_ahead_bytes: str = setting("256MiB", f"memory per process for reads ahead of training, {SIZE_HELP}; "
                                               "the reader plans the reads of the steps it covers together and "
                                               "keeps enough requests in flight to hide storage latency")

@@ -1,6 +1,7 @@
 """Print the plan of a run, or the samples one rank will read.
 
     python -m stream_ssl.plan --data DIR[,DIR...] --unique-samples N --budget-samples C [--json]
+    python -m stream_ssl.plan ... --world-size W --nodes K --cache-size SIZE --json   # + object_store_bytes
     python -m stream_ssl.plan ... --world-size W --batch-size B --keys --rank R [--start-step S] [--end-step E]
 
 `--keys` prints, one per line, the sample keys rank R reads from step S on, in the order the loader yields
@@ -9,6 +10,10 @@ them. They come from the shards' `.idx` files (the member names wds2idx took fro
 decoded. Shard sets can be local folders, `s3://` (AWS environment variables or `--storage-options`) or
 `http(s)://` URLs. `--check` lists each shard-set folder once and stops with one line when a shard the plan
 reads, or its `.idx`, is missing or has another size than index.json records.
+
+The summary ends with what the run is expected to read from storage on `--nodes` K nodes (W/K processes each)
+with a node cache of `--cache-size` (JSON: `object_store_bytes`, and the policy it assumes; see
+stream_ssl/data/nodecache.py): about K (1 - (1 - 1/K)^E) pool bytes for E passes when the pool fits the cache.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import sys
 
 from shard_tools.cli import run_main, tool_prog
 from shard_tools.listing import require_shards
-from shard_tools.quantities import COUNT_HELP
+from shard_tools.quantities import COUNT_HELP, SIZE_HELP, parse_bytes
 from shard_tools.shardset import load_shard_set
 from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
+from stream_ssl.data.nodecache import describe_storage, storage_summary
 from stream_ssl.data.plan import DEFAULT_SHUFFLE_BLOCK, DEFAULT_SHUFFLE_WINDOW, Plan, make_plan
 from stream_ssl.data.reader import ShardReader
 
@@ -84,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
     p.add_argument("--batch-size", type=int, default=256, help="per-rank batch size")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="nodes the --world-size processes run on (a multiple of it), for the storage estimate")
+    p.add_argument("--cache-size", default="",
+                   help=f"node cache for the storage estimate, {SIZE_HELP} per node (default: no cache)")
     p.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
                    help="print the summary as JSON (default: off)")
     p.add_argument("--keys", action=argparse.BooleanOptionalAction, default=False,
@@ -117,7 +127,9 @@ def _run(a: argparse.Namespace) -> int:
                        micro_batches=a.micro_batches)
             sys.stdout.flush()
         else:
-            print(json.dumps(plan.summary(), indent=1) if a.json else plan.describe())
+            storage = storage_summary(plan, a.nodes, parse_bytes(a.cache_size, "--cache-size"))
+            print(json.dumps({**plan.summary(), **storage}, indent=1) if a.json
+                  else f"{plan.describe()}\n{describe_storage(storage)}")
     except BrokenPipeError:  # `... --keys | head`
         sys.stderr.close()
     return 0

@@ -26,6 +26,8 @@ from shard_tools.storage import parse_storage_options, redact
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, config_json
 from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.loader import default_cache_size
+from stream_ssl.data.nodecache import Node, describe_storage, node_from_env, storage_summary
 from stream_ssl.data.plan import Plan, make_plan
 from stream_ssl.distributed import all_gather_objects
 from stream_ssl.methods import SSLMethod, build_method
@@ -79,6 +81,8 @@ class Run:
     views: list[ViewSpec]
     storage: dict  # parsed storage options
     feature_dim: int
+    node: Node = Node(0, 1, 0, 1)  # which node this process is on (launcher environment)
+    cache_bytes: int | None = None  # the node cache's bound (None: no cache)
     start_step: int = 0
     resume_from: Path | None = None
     model: torch.nn.Module | None = None  # the method as Accelerate prepared it (DDP on several processes)
@@ -154,7 +158,8 @@ def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
         g["base_weight_decay"] = g["weight_decay"]
     warmup = max(1, int(cfg.warmup_fraction * plan.steps)) if cfg.warmup_fraction > 0 else 0
     schedule = Schedule(plan.steps, peak_lr, warmup, cfg.weight_decay, cfg.weight_decay_end)
-    run = Run(cfg, acc, plan, method, optimizer, schedule, method.views(cfg.image_size), storage, dim)
+    run = Run(cfg, acc, plan, method, optimizer, schedule, method.views(cfg.image_size), storage, dim,
+              node_from_env(), cache_bytes(cfg, plan))
     checkpoint.load_for_resume(run)
     return run
 
@@ -206,6 +211,24 @@ def check_plan_shards(acc: Accelerator, plan: Plan, storage: dict) -> None:
         raise RunError(redact(verdict))
 
 
+def cache_bytes(cfg: TrainConfig, plan: Plan) -> int | None:
+    """The bound of the node cache: --cache-size, or what the plan's repeats need; None without --cache-dir."""
+    if not cfg.cache_dir:
+        return None
+    return parse_bytes(cfg.cache_size, "--cache-size") or default_cache_size(plan, cfg.cache_dir)
+
+
+def storage_report(run: Run, bytes_read: int) -> dict:
+    """The run's expected object-store bytes (nodecache.storage_summary) and the sample bytes all processes
+    read from storage (`bytes_read`: this process's; summed here, so every process must call it)."""
+    expected = storage_summary(run.plan, run.node.nodes, run.cache_bytes)
+    total = torch.tensor([bytes_read], dtype=torch.float64)
+    if run.world_size > 1:
+        total = run.acc.reduce(total.to(run.acc.device), reduction="sum").cpu()
+    return {**expected, "object_store_bytes_read": int(total.item()), "node": run.node.rank,
+            "cache_fill": run.cfg.cache_fill and run.cache_bytes is not None}
+
+
 def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int, shuffle_block: int | None = None) -> None:
     """Refuse to mix two different runs in one folder (read-only: every process runs it)."""
     ckpt = checkpoint.latest_checkpoint(out)
@@ -246,6 +269,7 @@ def write_run_files(run: Run) -> None:
                 "peak_lr": run.schedule.peak_lr, "shuffle_block": run.plan.shuffle_block}
         (run.out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
         acc.print(run.plan.describe())
+        acc.print(describe_storage(storage_summary(run.plan, run.node.nodes, run.cache_bytes)))
         acc.print(f"optimizer steps: {run.total_steps} of global batch {run.global_batch} ({run.world_size} "
                   f"processes x {cfg.batch_size} x {cfg.grad_accum} accumulation); peak lr "
                   f"{run.schedule.peak_lr:.4g}")
@@ -282,7 +306,7 @@ def make_run_loader(run: Run):
     already splits the data by rank)."""
     cfg = run.cfg
     options = dict(storage_options=run.storage, seed=cfg.seed, micro_batches=cfg.grad_accum,
-                   cache_dir=cfg.cache_dir or None, cache_size=parse_bytes(cfg.cache_size, "--cache-size"),
+                   cache_dir=cfg.cache_dir or None, cache_size=run.cache_bytes, cache_fill=cfg.cache_fill,
                    skip_fraction=cfg.skip_fraction,
                    read_ahead_bytes=parse_bytes(cfg.read_ahead_bytes, "--read-ahead-bytes"))
     if cfg.decoder == "dali":

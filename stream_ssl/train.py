@@ -46,7 +46,7 @@ from stream_ssl.config import TrainConfig, parse_config
 from stream_ssl.data.augment import device_views
 from stream_ssl.data.rng import batch_generator
 from stream_ssl.metrics import KeysLog, Meter, MetricsLog, progress_bar, storage_figures
-from stream_ssl.run import Run, RunError, build_run, make_accelerator
+from stream_ssl.run import Run, RunError, build_run, make_accelerator, storage_report
 
 
 class Diverged(RunError):
@@ -292,6 +292,7 @@ def run_summary(run: Run, rep: Reporting) -> dict:
         "storage": storage_figures(meter.io_total, wall),  # this process's reads (the main process's loader)
         "knn": rep.knn,
         "decoder": cfg.decoder,
+        "object_store": storage_report(run, meter.io_total["bytes_read"]),
     }
     if cfg.decoder in ("dali", "nvjpeg"):  # this process's decoder counters (batches, fallbacks, replaced)
         summary[cfg.decoder] = dataclasses.asdict(run.loader.stats)

@@ -128,9 +128,8 @@ def test_reads_of_a_window_of_steps_are_merged_into_few_requests(shards):
     assert len(rec.requests) <= 2 * len(shards.shards) + plan.steps // plan.shuffle_window
 
 
-def test_merge_joins_touching_ranges_with_their_first_need_and_pass():
-    assert _merge([(10, 20, 3, 1), (5, 9, 0, 0), (0, 10, 2, 2), (25, 30, 1, 0)]) == \
-        [(0, 20, 0, 0), (25, 30, 1, 0)]
+def test_merge_joins_touching_ranges_with_their_first_need():
+    assert _merge([(10, 20, 3), (5, 9, 0), (0, 10, 2), (25, 30, 1)]) == [(0, 20, 0), (25, 30, 1)]
 
 
 class Flaky:

@@ -203,6 +203,43 @@ def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(mo
     assert int(cached["bytes_read"]) < 0.5 * int(direct["bytes_read"])
 
 
+@pytest.mark.multiprocess
+def test_two_simulated_nodes_read_the_pool_at_most_once_each(moto, local_folder, s3_url, tmp_path):
+    """Two processes as two nodes (torchrun's variables per process, a cache folder each) train 4 passes from S3
+    through a counting proxy: each node gets at most the pool from the object store (+ .idx files, index.json
+    and HTTP headers), the run reports it next to the estimate, and every rank trained on the plan's keys."""
+    from tests.helpers import PYTHON
+    from tests.helpers.trainer import TRAIN, run_nodes, train_args
+
+    proxy = FaultProxy(moto.port)
+    try:
+        flags = dict(unique_samples="64", budget_samples="256", batch_size=8, num_workers=1, tensorboard="false",
+                     log_keys="true", read_ahead_bytes="64KiB",
+                     storage_options=json.dumps(moto.options(proxy.endpoint)))
+        out = tmp_path / "out"
+        done = run_nodes([[PYTHON, TRAIN, *train_args(s3_url, out, cache_dir=tmp_path / f"cache{n}", **flags)]
+                          for n in range(2)])
+        assert all(r.returncode == 0 for r in done), [r.stderr[-3000:] for r in done]
+    finally:
+        proxy.close()
+    plan = make_plan([load_shard_set(str(local_folder))], "64", "256", world_size=2, batch_size=8, num_workers=1)
+    assert plan.last_pass == 3
+    reader = ShardReader(plan.sets)
+    units = list(zip(plan.unit_source.tolist(), plan.unit_shard.tolist(), plan.unit_stop.tolist()))
+    pool = sum(int(reader.boundaries(s, h)[stop]) for s, h, stop in units)  # every unit starts at sample 0
+    storage = json.loads((out / "summary.json").read_text())["object_store"]
+    assert storage["nodes"] == 2 and storage["cache_policy"] == "whole pool" and storage["cache_fill"]
+    assert 0 < storage["object_store_bytes_read"] <= 2 * pool < 4 * pool  # 4 passes, 2 nodes
+    idx = sum(len(reader.fetcher.read_whole(plan.sets[s].idx_url(h))) for s, h, _ in units)
+    index_json = (local_folder / "index.json").stat().st_size
+    assert proxy.bytes_down <= 2 * (pool + idx) + 4 * index_json + 1000 * proxy.requests  # (headers)
+    for rank in range(2):
+        buf = io.StringIO()
+        print_keys(plan, rank, out=buf)
+        logged = [line.split()[1] for line in (out / "keys" / f"rank-{rank}.txt").read_text().splitlines()]
+        assert logged == buf.getvalue().split()
+
+
 def test_redact_options_hides_secret_values_only(tmp_path):
     from shard_tools.storage import redact_options
 

@@ -60,6 +60,8 @@ class ReadStats:
     cache_hits: int = 0  # byte ranges served from the local cache
     cache_bytes: int = 0
     cache_stores: int = 0
+    cache_rejected: int = 0  # ranges not kept or not used: a cache entry damaged, a whole shard not its sha256
+    cache_waits: int = 0  # ranges waited for while another process of the node fetched them for the cache
     corrupt: int = 0  # samples whose bytes did not match the .idx
     wait_seconds: float = 0.0  # time a consumer waited for reads to finish
 

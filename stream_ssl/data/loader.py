@@ -3,8 +3,10 @@
 The dataset yields whole per-rank batches (DataLoader with batch_size=None); worker k of K produces steps
 k, k+K, ... which is the order the DataLoader collects them in. Each worker reads ahead (readahead.py: the
 reads of its coming steps planned together, many in flight, within its share of `read_ahead_bytes`) and,
-with `cache_dir`, keeps what later passes will read again on local disk. Keep this loader
-out of `accelerator.prepare()`: the plan already splits the data by rank.
+with `cache_dir` (one folder per node, on local disk), keeps what later passes will read again there; with
+`cache_fill`, worker 0 also runs the rank's node filler (nodecache.py), which fetches what the rank reads
+later in the background, so that repeated passes on many nodes read the object store once per node. Keep
+this loader out of `accelerator.prepare()`: the plan already splits the data by rank.
 
 Undecodable samples are replaced by another view of a decodable sample of the same batch (every rank's
 batch stays full) and counted; a worker fails loudly once it has skipped more than
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shard_tools.shardset import IMAGE_EXTS
 from stream_ssl.data.augment import ViewSpec, decode_views, to_chw
 from stream_ssl.data.cache import DiskCache
+from stream_ssl.data.nodecache import CacheShare, NodeFiller, ReaderWaits
 from stream_ssl.data.plan import Plan
 from stream_ssl.data.readahead import DEFAULT_READ_AHEAD, ReadAhead
 from stream_ssl.data.reader import ShardReader
@@ -88,7 +91,7 @@ class PlanDataset(IterableDataset):
                  storage_options: dict | None = None, seed: int = 0, cache_dir: str | Path | None = None,
                  cache_size: int | None = None, read_ahead_bytes: int = DEFAULT_READ_AHEAD,
                  skip_fraction: float = 0.01, skip_grace: int = 32, retries: int = 8, backoff: float = 0.2,
-                 micro_batches: int = 1, cache_local: bool = False):
+                 micro_batches: int = 1, cache_local: bool = False, cache_fill: bool = True):
         if not 0 <= start_step <= plan.steps:
             raise ValueError(f"start_step {start_step} outside [0, {plan.steps}]")
         if micro_batches < 1 or plan.batch_size % micro_batches:
@@ -101,6 +104,8 @@ class PlanDataset(IterableDataset):
         self.cache_size = cache_size
         if self.cache_dir and not self.cache_size:
             self.cache_size = default_cache_size(plan, self.cache_dir)
+        self.share = CacheShare.of(plan, self.cache_size) if self.cache_dir else None
+        self.cache_fill = bool(cache_fill and self.cache_dir and plan.last_pass > 0)
         self.read_ahead_bytes = read_ahead_bytes
         self.skip_fraction, self.skip_grace = skip_fraction, skip_grace
         self.retries, self.backoff = retries, backoff
@@ -111,19 +116,35 @@ class PlanDataset(IterableDataset):
     def make_reader(self) -> ShardReader:
         cache = DiskCache(self.cache_dir, self.cache_size) if self.cache_dir else None
         return ShardReader(self.plan.sets, self.storage_options, retries=self.retries, backoff=self.backoff,
-                           cache=cache, plan=self.plan, cache_local=self.cache_local)
+                           cache=cache, plan=self.plan, cache_local=self.cache_local, share=self.share)
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader = self.make_reader()
         items = self.plan.worker_items(worker, workers, self.start_step, self.micro_batches)
-        stream = ReadAhead(reader, self.plan, self.rank, items, parts=self.micro_batches,
-                           read_ahead_bytes=self.read_ahead_bytes // max(1, workers))
+        budget = self.read_ahead_bytes // max(1, workers)
+        stream = ReadAhead(reader, self.plan, self.rank, items, parts=self.micro_batches, read_ahead_bytes=budget)
+        filler = None
+        if self.cache_fill and worker == 0:
+            filler = NodeFiller(self.make_reader(), self.plan, self.rank, self.start_step, self.micro_batches,
+                                budget, frontier=lambda: stream.frontier, starving=ReaderWaits(reader.stats)).start()
+        readers = [reader] + ([filler.reader] if filler else [])
+        try:
+            yield from self._batches(stream, readers, worker)
+        finally:
+            stream.close()
+            if filler is not None:
+                filler.stop()
+            reader.close()
+
+    def _batches(self, stream: ReadAhead, readers: list[ShardReader], worker: int):
+        """The batches of `stream`, each with the storage counters of `readers` (the worker's reader and, in
+        worker 0, the node filler's) since the previous one."""
         seen = skipped = 0
-        before = reader.stats.snapshot()
+        before = _counters(readers)
         for (step, micro), samples in stream:
-            now = reader.stats.snapshot()
+            now = _counters(readers)
             batch = self.make_batch(step, samples, micro)
             batch.io = {k: now[k] - before[k] for k in now}
             batch.worker = worker
@@ -131,7 +152,6 @@ class PlanDataset(IterableDataset):
             seen += len(samples)
             skipped += batch.skipped
             if skipped > self.skip_grace + self.skip_fraction * seen:
-                stream.close()
                 raise TooManySkipped(
                     f"rank {self.rank} worker {worker}: {skipped} of {seen} samples could not be decoded "
                     f"(threshold {self.skip_grace} + {self.skip_fraction:.1%}); last: {self._last_error}. "
@@ -169,6 +189,11 @@ class PlanDataset(IterableDataset):
         return Batch(step, views, torch.tensor(labels, dtype=torch.int64), keys, len(bad), micro=micro)
 
 
+def _counters(readers: list[ShardReader]) -> dict:
+    snaps = [r.stats.snapshot() for r in readers]
+    return {k: sum(s[k] for s in snaps) for k in snaps[0]}
+
+
 def _identity(batch):
     return batch
 
@@ -177,10 +202,13 @@ def make_loader(plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 
                 storage_options: dict | None = None, seed: int = 0, prefetch: int = 2,
                 cache_dir: str | Path | None = None, cache_size: int | None = None,
                 read_ahead_bytes: int = DEFAULT_READ_AHEAD, skip_fraction: float = 0.01, skip_grace: int = 32,
-                micro_batches: int = 1, cache_local: bool = False, pin_memory: bool = False) -> DataLoader:
+                micro_batches: int = 1, cache_local: bool = False, pin_memory: bool = False,
+                cache_fill: bool = True) -> DataLoader:
     """The loader of one rank, from plan step `start_step` on.
 
-    `cache_dir`/`cache_size`: the repeat-aware local cache (default size: what the plan's repeats need);
+    `cache_dir`/`cache_size`: the repeat-aware cache of this node (a folder on local disk that the node's
+    processes share; default size: what the plan's repeats need); `cache_fill`: fill it in the background with
+    what this rank reads later (nodecache.py);
     `read_ahead_bytes`: memory for reads ahead of the consumer, per process (split between workers);
     `micro_batches`: split every step's batch into that many micro-batches (gradient accumulation with a plan
     whose batch_size is the per-rank batch of one optimizer step), yielded in order with `Batch.micro` = 0, 1,
@@ -189,7 +217,7 @@ def make_loader(plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 
     ds = PlanDataset(plan, rank, views, start_step, storage_options, seed, cache_dir=cache_dir,
                      cache_size=cache_size, read_ahead_bytes=read_ahead_bytes,
                      skip_fraction=skip_fraction, skip_grace=skip_grace, micro_batches=micro_batches,
-                     cache_local=cache_local)
+                     cache_local=cache_local, cache_fill=cache_fill)
     kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
     return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory,
                       **kwargs)

@@ -392,15 +392,11 @@ class Plan:
         """(shard set, indices of its shards the pool reads from), per source: what must exist to train."""
         return [(s, np.unique(self.unit_shard[self.unit_source == i])) for i, s in enumerate(self.sets)]
 
-    def repeats_after(self, epoch: int) -> bool:
-        """Whether samples read in pass `epoch` can be read again later in the run (worth caching)."""
-        return epoch < self.last_pass
-
     # ----------------------------------------------------------------------------------------------
     # Reports.
 
     def summary(self) -> dict:
-        unit_bytes = self._unit_bytes()
+        unit_bytes = self.pool_unit_bytes()
         pool_bytes = float(unit_bytes.sum())
         return {
             "sources": [
@@ -433,7 +429,8 @@ class Plan:
             "seed": self.seed,
         }
 
-    def _unit_bytes(self) -> np.ndarray:
+    def pool_unit_bytes(self) -> np.ndarray:
+        """Bytes of each pool unit (canonical order): shard sizes from index.json, partial shards pro rata."""
         if self.unit_bytes is not None:
             return self.unit_bytes
         return _estimate_unit_bytes(self.sets, self.unit_source, self.unit_shard, self.unit_stop)

@@ -11,8 +11,11 @@ Items are steps, or (step, part) micro-batches; for each, the plan gives shard s
    time the consumer waited while requests were queued, half as many after a throttling answer;
 4. yields items in order, each one's samples in the plan's order; bytes are dropped once the last item that
    needs them is yielded.
-With a DiskCache, what the cache holds is read from it, and fetched runs that later passes read again are
-stored. The mixing (which samples a step holds) is the plan's; only the reads are grouped.
+With a DiskCache, what the cache holds is read from it (on reader threads), what another process of the node
+is fetching is waited for, and what this reader fetches for the cache is claimed first and stored as soon as it
+arrives. In `fill` mode (the node filler, nodecache.py) it only fills the cache: ranges held or claimed by
+others are skipped, nothing is handed to a consumer. The mixing (which samples a step holds) is the plan's;
+only the reads are grouped.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stream_ssl.data.cache import MISSING
 from stream_ssl.data.plan import Plan, Slice
 from stream_ssl.data.reader import ShardReader
 
@@ -41,11 +45,11 @@ class Segment:
     stop: int
     nbytes: int
     need: int  # position of the first item that needs it (submission order)
-    store: bool = False  # keep in the disk cache once read
-    held: bool = False  # the disk cache holds it
+    store: bool = False  # claimed for the disk cache: stored as soon as it arrives
+    local: bool = False  # through the cache: held there, or being fetched by another process of the node
     future: Future | None = None
+    stored: Future | None = None  # done once a claimed segment is stored
     refs: int = 0
-    stored: bool = False
 
 
 @dataclass
@@ -56,16 +60,21 @@ class Pending:
 
 class ReadAhead:
     """Yields (item, samples in yield order) for one rank. Iterate once; `close()` (or leaving the loop) stops
-    it. `parts`: items are (step, part) micro-batches of a batch split into `parts`."""
+    it. `parts`: items are (step, part) micro-batches of a batch split into `parts`. `fill`: only fill the
+    disk cache (yields (item, []) once the item's fetches are stored); `max_pending`: items planned ahead at
+    most (a filler that finds everything held would otherwise plan the whole run at once). `frontier` is the
+    step of the last item planned."""
 
     def __init__(self, reader: ShardReader, plan: Plan, rank: int, items, parts: int = 1,
                  read_ahead_bytes: int = DEFAULT_READ_AHEAD, round_bytes: int | None = None,
-                 max_concurrency: int = 64):
+                 max_concurrency: int = 64, fill: bool = False, max_pending: int | None = None):
         self.reader, self.plan, self.rank, self.parts = reader, plan, rank, parts
         self.items = iter(items)
         self.budget = max(1, int(read_ahead_bytes))
         self.round_bytes = round_bytes or max(1, self.budget // 4)
         self.max_concurrency = max_concurrency
+        self.fill, self.max_pending = fill, max_pending
+        self.frontier = -1
         self.pending: deque[Pending] = deque()
         self.live: dict[tuple[int, int], list[Segment]] = {}
         self.held = 0  # bytes of live segments (in flight, or read and not yet consumed)
@@ -82,7 +91,8 @@ class ReadAhead:
         return (int(item), 0) if isinstance(item, (int, np.integer)) else (int(item[0]), int(item[1]))
 
     def _fill(self) -> None:
-        while not self.exhausted and (self.held < self.budget or not self.pending):
+        while not self.exhausted and (self.held < self.budget or not self.pending) and \
+                (self.max_pending is None or len(self.pending) < self.max_pending):
             if not self._plan_round():
                 self.exhausted = True
 
@@ -100,6 +110,7 @@ class ReadAhead:
             estimate += sum(len(p) * self._avg[p.source][p.shard] for p in pieces)
         if not round_items:
             return False
+        self.frontier = self._where(round_items[-1].item)[0]
         self.reader.load_indexes((p.source, p.shard) for r in round_items for p, _ in r.parts)
         new = self._new_segments(round_items)
         for seg in sorted(new, key=lambda s: s.need):
@@ -127,16 +138,16 @@ class ReadAhead:
 
     def _new_segments(self, round_items: list[Pending]) -> list[Segment]:
         """Segments for what the round needs and no live segment covers: touching ranges merged per shard."""
-        wanted: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+        wanted: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         for n, r in enumerate(round_items, start=self.position):
             for p, _ in r.parts:
-                wanted.setdefault((p.source, p.shard), []).append((p.start, p.stop, n, p.epoch))
+                wanted.setdefault((p.source, p.shard), []).append((p.start, p.stop, n))
         self.position += len(round_items)
         out: list[Segment] = []
         for (source, shard), ranges in wanted.items():
-            for a, b, need, epoch in _merge(ranges):
+            for a, b, need in _merge(ranges):
                 for lo, hi in self._uncovered(source, shard, a, b):
-                    out += self._cut(source, shard, lo, hi, need, epoch)
+                    out += self._cut(source, shard, lo, hi, need)
         return out
 
     def _uncovered(self, source: int, shard: int, a: int, b: int) -> list[tuple[int, int]]:
@@ -151,36 +162,50 @@ class ReadAhead:
             out.append((pos, b))
         return out
 
-    def _cut(self, source: int, shard: int, a: int, b: int, need: int, epoch: int) -> list[Segment]:
-        """[a, b) as segments: cache-held runs apart, the rest cut at sample boundaries into GETs of at most
-        `request_bytes` (whole samples)."""
+    def _cut(self, source: int, shard: int, a: int, b: int, need: int) -> list[Segment]:
+        """[a, b) as segments: runs the cache holds (or another process is fetching) as one segment each, read
+        through the cache; the rest cut at sample boundaries into GETs of at most `request_bytes`, claimed for
+        the cache where the reader keeps this shard. In fill mode only what this reader claimed."""
         reader, bounds = self.reader, self.reader.boundaries(source, shard)
-        url = self.plan.sets[source].shard_url(shard)
-        runs = reader.cache_cover(source, shard, a, b) if reader.is_cached(url) else [(a, b, False)]
-        store = reader.is_cached(url) and self.plan.repeats_after(epoch)
-        limit = reader.fetcher.policy.request_bytes
+        cached = reader.caches(source, shard)
+        keep = cached and reader.keeps(source, shard)
+        if self.fill and not keep:
+            return []
+        runs = reader.cache_cover(source, shard, a, b) if cached else [(a, b, MISSING)]
         out = []
-        for lo, hi, held in runs:
-            while lo < hi:
-                fits = int(np.searchsorted(bounds, bounds[lo] + limit, side="right")) - 1  # whole samples
-                end = hi if held else max(lo + 1, min(hi, fits))
-                out.append(Segment(source, shard, lo, end, int(bounds[end] - bounds[lo]), need,
-                                   store=store and not held, held=held))
-                lo = end
+        for lo, hi, state in runs:
+            if state != MISSING:
+                out += [] if self.fill else [self._segment(source, shard, lo, hi, need, local=True)]
+                continue
+            pieces = _pieces(bounds, lo, hi, reader.fetcher.policy.request_bytes)
+            granted = reader.cache.claim(reader.shard_key(source, shard), pieces) if keep else [False] * len(pieces)
+            for (x, y), mine in zip(pieces, granted):
+                if mine or not keep:
+                    out.append(self._segment(source, shard, x, y, need, store=mine))
+                elif not self.fill:  # claimed by another process just now (or the cache filled up)
+                    out.append(self._segment(source, shard, x, y, need, local=True))
         return out
+
+    def _segment(self, source: int, shard: int, first: int, stop: int, need: int, **kind) -> Segment:
+        bounds = self.reader.boundaries(source, shard)
+        return Segment(source, shard, first, stop, int(bounds[stop] - bounds[first]), need, **kind)
 
     def _submit(self, seg: Segment) -> None:
         reader = self.reader
-        if seg.held:  # from local disk now (from storage after all, if it was evicted meanwhile)
-            seg.future = _call(reader.cached_or_fetch, seg.source, seg.shard, seg.first, seg.stop, False)
+        if seg.local:  # from local disk, or once another process has stored it (fetched after all if not)
+            seg.future = reader.submit_cached(seg.source, seg.shard, seg.first, seg.stop,
+                                              reader.keeps(seg.source, seg.shard))
         else:
             url = self.plan.sets[seg.source].shard_url(seg.shard)
             seg.future = reader.fetcher.submit(url, reader.boundaries(seg.source, seg.shard), seg.first, seg.stop)
+            if seg.store:
+                seg.stored = reader.store_when_fetched(seg.future, seg.source, seg.shard, seg.first, seg.stop)
         self.live.setdefault((seg.source, seg.shard), []).append(seg)
         self.held += seg.nbytes
 
     def _attach(self, piece: Slice) -> list[Segment]:
-        segs = [s for s in self.live[(piece.source, piece.shard)] if s.first < piece.stop and piece.start < s.stop]
+        segs = [s for s in self.live.get((piece.source, piece.shard), [])
+                if s.first < piece.stop and piece.start < s.stop]
         for s in segs:
             s.refs += 1
         return sorted(segs, key=lambda s: s.first)
@@ -195,6 +220,10 @@ class ReadAhead:
                 if not self.pending:
                     return
                 head = self.pending.popleft()
+                if self.fill:
+                    self._drain(head)
+                    yield head.item, []
+                    continue
                 samples = self._assemble(head)
                 step, part = self._where(head.item)
                 order = self.plan.rank_order(step, self.rank, part, self.parts)
@@ -214,15 +243,25 @@ class ReadAhead:
                     seg.future.result()
                     waited += time.perf_counter() - t0
                 data = seg.future.result()
-                if seg.store and not seg.stored:
-                    self.reader.store(seg.source, seg.shard, seg.first, seg.stop, data, True)
-                    seg.stored = True
                 lo, hi = max(piece.start, seg.first), min(piece.stop, seg.stop)
                 samples += self.reader.split(data, seg.source, seg.shard, lo, hi, data_first=seg.first)
                 self._release(seg)
         self.reader._count(wait_seconds=waited)
         self._tune(waited=waited > 0)
         return samples
+
+    def _drain(self, head: Pending) -> None:
+        """Fill mode: wait until the item's fetches arrived and are stored (the bytes held stay within the
+        budget however slow the disk), then let them go."""
+        waited = False
+        for _, segs in head.parts:
+            for seg in segs:
+                waited |= not seg.future.done()
+                seg.future.result()
+                if seg.stored is not None:
+                    seg.stored.result()
+                self._release(seg)
+        self._tune(waited=waited)
 
     def _release(self, seg: Segment) -> None:
         seg.refs -= 1
@@ -261,22 +300,24 @@ class ReadAhead:
         self.held = 0
 
 
-def _merge(ranges: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
-    """Touching or overlapping sample ranges merged: (start, stop, first item that needs it, smallest pass)."""
+def _merge(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Touching or overlapping sample ranges merged: (start, stop, first item that needs it)."""
     out: list[list[int]] = []
-    for a, b, need, epoch in sorted(ranges):
+    for a, b, need in sorted(ranges):
         if out and a <= out[-1][1]:
             last = out[-1]
-            last[1], last[2], last[3] = max(last[1], b), min(last[2], need), min(last[3], epoch)
+            last[1], last[2] = max(last[1], b), min(last[2], need)
         else:
-            out.append([a, b, need, epoch])
+            out.append([a, b, need])
     return [tuple(r) for r in out]
 
 
-def _call(fn, *args) -> Future:
-    fut: Future = Future()
-    try:
-        fut.set_result(fn(*args))
-    except BaseException as e:  # noqa: BLE001 - delivered through the future
-        fut.set_exception(e)
-    return fut
+def _pieces(bounds: np.ndarray, a: int, b: int, limit: int) -> list[tuple[int, int]]:
+    """Samples [a, b) cut into runs of at most `limit` bytes (whole samples; one sample is never split)."""
+    out = []
+    while a < b:
+        fits = int(np.searchsorted(bounds, bounds[a] + limit, side="right")) - 1
+        end = max(a + 1, min(b, fits))
+        out.append((a, end))
+        a = end
+    return out

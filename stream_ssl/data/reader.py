@@ -8,8 +8,9 @@
   checked against the `.idx` (name and size): a sample whose bytes do not match is returned with an
   `__error__` and no members, so the loader skips and counts it.
 - `.idx` files are fetched once per shard however many threads ask (single flight), kept in a small LRU.
-- With a `DiskCache`, ranges of remote shards that later passes will read again are stored on local disk,
-  and any range held there is served from it.
+- With a `DiskCache` (one folder per node), ranges of remote shards that the run reads again are stored on
+  local disk, and any range held there is served from it (`obtain`): a range another process of the node is
+  fetching is waited for, not fetched again; fetched ranges are stored as soon as they arrive.
 - `ReadAhead` (readahead.py) plans the reads of the coming steps together: fewer, larger requests, enough
   of them in flight.
 Only whitelisted member types are returned; nothing from a shard is ever unpickled.
@@ -17,16 +18,18 @@ Only whitelisted member types are returned; nothing from a shard is ever unpickl
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from shard_tools.shardset import IMAGE_EXTS, SAFE_EXTS, TAR_BLOCK, ShardSet, parse_idx, sample_boundaries
 from shard_tools.storage import protocol_of, redact
-from stream_ssl.data.cache import DiskCache
+from stream_ssl.data.cache import BUSY, HELD, MISSING, DiskCache, covers
 from stream_ssl.data.fetch import Fetcher, Policy, ReadError, ReadStats
 from stream_ssl.data.plan import Plan, Slice
 
@@ -84,38 +87,51 @@ class ShardReader:
     """Reads slices of shards; safe to use from several threads.
 
     retries/backoff/max_backoff: the fetch policy (failed attempts in a row without progress before a read
-    fails; first wait, doubled). request_bytes: largest single GET. cache: a DiskCache (or None); `store`
-    decisions come from the slices' pass and the plan (`repeats_after`), or store everything remote when no
-    plan is given; cache_local: cache local paths too (shard sets on NFS/Lustre). fetcher: share one Fetcher
-    (its concurrency, its statistics) between readers, or inject filesystems (tests).
+    fails; first wait, doubled). request_bytes: largest single GET. cache: a DiskCache (or None), shared with
+    the node's other processes; what is stored follows `keeps`; share: (source, shard) -> whether the cache
+    keeps that shard (nodecache.CacheShare when the pool does not fit; None: every shard); cache_local: cache
+    local paths too (shard sets on NFS/Lustre). fetcher: share one Fetcher (its concurrency, its statistics)
+    between readers, or inject filesystems (tests). `close()` ends its threads.
     """
 
     def __init__(self, sets: tuple[ShardSet, ...], storage_options: dict | None = None, retries: int = 8,
                  backoff: float = 0.2, idx_cache: int = 512, cache: DiskCache | None = None,
                  request_bytes: int = 16 << 20, max_backoff: float = 20.0, plan: Plan | None = None,
                  check_headers: bool = True, cache_local: bool = False, fetcher: Fetcher | None = None,
-                 concurrency: int = 8):
+                 concurrency: int = 8, share: Callable[[int, int], bool] | None = None):
         self.sets = tuple(sets)
         self.storage_options = storage_options or {}
         self.fetcher = fetcher or Fetcher(self.storage_options, Policy(retries, backoff, max_backoff, request_bytes),
                                           concurrency)
         self.stats = self.fetcher.stats
         self.cache, self.plan, self.check_headers = cache, plan, check_headers
-        self.cache_local = cache_local
+        self.cache_local, self.share = cache_local, share
+        self._executors: dict[str, ThreadPoolExecutor] = {}  # cache reads and waits, stores
         self._index: OrderedDict[tuple[int, int], ShardIndex] = OrderedDict()
         self._loading: dict[tuple[int, int], Future] = {}
         self._idx_cache = idx_cache
         self._lock = threading.Lock()
-        self._pool = None  # threads that fetch many .idx files at once
 
     def _count(self, **deltas) -> None:
         with self._lock:
             self.stats.add(**deltas)
 
     def is_cached(self, url: str) -> bool:
-        """Whether the cache applies: remote protocols, and local paths too with `cache_local` (shard sets on
-        a network file system)."""
+        """Whether the cache applies to `url`: remote protocols, and local paths too with `cache_local` (shard
+        sets on a network file system)."""
         return self.cache is not None and (self.cache_local or protocol_of(url) not in ("file", "local", "memory"))
+
+    def caches(self, source: int, shard: int) -> bool:
+        """Whether a shard's ranges go through the cache: it applies to the URL and the cache share (what the
+        node keeps when the pool does not fit; everything without one) holds the shard."""
+        return self.is_cached(self.sets[source].shard_url(shard)) and (self.share is None
+                                                                        or self.share(source, shard))
+
+    def keeps(self, source: int, shard: int) -> bool:
+        """Whether fetched ranges of a shard are stored: the cache applies, is still writing (not full), and the
+        run reads samples again (more than one pass; always when no plan is given). Ranges read in the last pass
+        are stored too, so that every fetch of a kept shard goes through a claim (node-wide single flight)."""
+        return self.caches(source, shard) and not self.cache.full and (self.plan is None or self.plan.last_pass > 0)
 
     def shard_key(self, source: int, shard: int) -> str:
         info = self.sets[source].shards[shard]
@@ -153,11 +169,7 @@ class ShardReader:
         would cost a round trip)."""
         missing = [k for k in dict.fromkeys(keys) if k not in self._index]
         if len(missing) > 1:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(16, thread_name_prefix="stream-ssl-idx")
-            list(self._pool.map(lambda k: self.index(*k), missing))
+            list(self._pools("idx", 16).map(lambda k: self.index(*k), missing))
         elif missing:
             self.index(*missing[0])
 
@@ -207,52 +219,141 @@ class ShardReader:
         return self.fetcher.submit(url, bounds, first, stop).result()
 
     def read_range(self, source: int, shard: int, first: int, stop: int, store: bool | None = None):
-        """Bytes of samples [first, stop) of a shard: from the cache where held, else storage (then cached if
-        `store`; None: store remote ranges whenever a cache is set)."""
-        bounds = self.index(source, shard).bounds
-        url = self.sets[source].shard_url(shard)
-        if not self.is_cached(url):
-            return self.fetch(url, bounds, first, stop)
-        parts = [self.cached_or_fetch(source, shard, a, b, store) for a, b, _ in self.cache_cover(source, shard,
-                                                                                                  first, stop)]
+        """Bytes of samples [first, stop) of a shard: through the cache where it applies (`obtain`; stored when
+        `store`, None: when `keeps` says so), else from storage."""
+        if not self.caches(source, shard):
+            return self.fetch(self.sets[source].shard_url(shard), self.index(source, shard).bounds, first, stop)
+        return self.obtain(source, shard, first, stop, self.keeps(source, shard) if store is None else store)
+
+    def cache_cover(self, source: int, shard: int, first: int, stop: int) -> list[tuple[int, int, str]]:
+        """[first, stop) cut into (a, b, state) runs: HELD by the cache, BUSY (a process of this node is
+        fetching it for the cache) or MISSING; from what this process last saw when that holds it all, else
+        as on disk now."""
+        key = self.shard_key(source, shard)
+        if covers(self.cache.entries(key, refresh=False), first, stop):
+            return [(first, stop, HELD)]
+        return self.cache.state(key, first, stop)
+
+    def obtain(self, source: int, shard: int, first: int, stop: int, store: bool, looks: int = 8):
+        """Samples [first, stop) through the node's cache: read where held (checked), waited for where another
+        process (or thread) is fetching them, else fetched, and then stored when `store`, under a claim so that
+        no other process of the node fetches them as well. After `looks` rounds of finding a range gone or
+        taken again (eviction racing with reads), it is fetched without the cache."""
+        key = self.shard_key(source, shard)
+        parts = []
+        for a, b, state in self.cache_cover(source, shard, first, stop):
+            data = self.read_held(source, shard, a, b) if state == HELD else None
+            keep = store and not self.cache.full and looks > 0
+            if data is None and state == MISSING and not keep:
+                data = self.fetch(self.sets[source].shard_url(shard), self.index(source, shard).bounds, a, b)
+            elif data is None and state == MISSING and self.cache.claim(key, [(a, b)])[0]:
+                data = self.fetch_claimed(source, shard, a, b)
+            elif data is None:  # evicted or damaged since listed, busy, or claimed by another just now
+                if state == BUSY and looks > 0:
+                    self._count(cache_waits=1)
+                    self.cache.wait(key, a, b)
+                data = self.obtain(source, shard, a, b, store, looks - 1) if looks > 0 else \
+                    self.fetch(self.sets[source].shard_url(shard), self.index(source, shard).bounds, a, b)
+            parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def cache_cover(self, source: int, shard: int, first: int, stop: int) -> list[tuple[int, int, bool]]:
-        """[first, stop) cut into (a, b, held) runs: held by the cache or not (what this process last saw;
-        the disk is looked at again once when something is missing)."""
-        key = self.shard_key(source, shard)
-        for refresh in (False, True):
-            entries = self.cache.entries(key, refresh=refresh)
-            out, pos = [], first
-            while pos < stop:
-                cover = max((e for e in entries if e[0] <= pos < e[1]), key=lambda e: e[1], default=None)
-                until = min(cover[1], stop) if cover else min([e[0] for e in entries if e[0] > pos] + [stop])
-                out.append((pos, until, cover is not None))
-                pos = until
-            if all(held for _, _, held in out) or refresh:
-                return out
-        raise AssertionError("unreachable")
-
-    def cached_or_fetch(self, source: int, shard: int, first: int, stop: int, store: bool | None = None):
-        """Samples [first, stop) from the cache entry that holds them, else from storage (stored if `store`)."""
-        bounds = self.index(source, shard).bounds
-        key = self.shard_key(source, shard)
-        entry = next((e for e in self.cache.entries(key, refresh=False) if e[0] <= first and stop <= e[1]), None)
-        if entry is not None:
-            e_first, e_stop, path = entry
-            data = self.cache.read(path, int(bounds[first] - bounds[e_first]), int(bounds[stop] - bounds[first]),
-                                   int(bounds[e_stop] - bounds[e_first]))
-            if data is not None:
-                self._count(cache_hits=1, cache_bytes=len(data))
-                return data
-            self.cache.forget(key)  # evicted or damaged: what this process knew is stale
-        data = self.fetch(self.sets[source].shard_url(shard), bounds, first, stop)
-        self.store(source, shard, first, stop, data, store)
+    def fetch_claimed(self, source: int, shard: int, first: int, stop: int):
+        """Fetch a range this reader claimed and store it (which ends the claim; so does a failed fetch)."""
+        try:
+            data = self.fetch(self.sets[source].shard_url(shard), self.index(source, shard).bounds, first, stop)
+        except BaseException:
+            self.cache.release(self.shard_key(source, shard), first, stop)
+            raise
+        self.store(source, shard, first, stop, data)
         return data
 
-    def store(self, source: int, shard: int, first: int, stop: int, data, store: bool | None = None) -> None:
-        if (True if store is None else store) and self.cache.put(self.shard_key(source, shard), first, stop, data):
+    def read_held(self, source: int, shard: int, first: int, stop: int):
+        """Samples [first, stop) from the cache entries that hold them (checked on first use); None when one
+        vanished (evicted) or was damaged (removed)."""
+        bounds = self.index(source, shard).bounds
+        key = self.shard_key(source, shard)
+        entries = self.cache.entries(key, refresh=False)
+        parts, pos = [], first
+        while pos < stop:
+            e = max((e for e in entries if e[0] <= pos < e[1]), key=lambda e: e[1], default=None)
+            if e is None:
+                entries = self.cache.entries(key)
+                e = max((e for e in entries if e[0] <= pos < e[1]), key=lambda e: e[1], default=None)
+            end = min(stop, e[1]) if e else pos
+            data = e and self.cache.read(e[2], int(bounds[pos] - bounds[e[0]]), int(bounds[end] - bounds[pos]),
+                                         int(bounds[e[1]] - bounds[e[0]]))
+            if data is None:
+                self.cache.forget(key)  # what this process knew is stale
+                return None
+            parts.append(data)
+            pos = end
+        self._count(cache_hits=1, cache_bytes=sum(len(p) for p in parts))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def store(self, source: int, shard: int, first: int, stop: int, data) -> bool:
+        """Keep samples [first, stop) in the cache; a range that covers a whole shard is first checked against
+        the sha256 in index.json. Ends this reader's claim of the range, stored or not."""
+        key = self.shard_key(source, shard)
+        if not self._intact(source, shard, first, stop, data):
+            self._count(cache_rejected=1)
+            self.cache.release(key, first, stop)
+            return False
+        if self.cache.put(key, first, stop, data):
             self._count(cache_stores=1)
+            return True
+        return False
+
+    def store_when_fetched(self, future: Future, source: int, shard: int, first: int, stop: int) -> Future:
+        """Store what a claimed fetch brings as soon as it arrives (on a writer thread, not when the consumer
+        gets to it), so that other processes waiting for the range wait no longer than the fetch. The returned
+        future is done once the store is (or the claim ended without one)."""
+        stored: Future = Future()
+
+        def arrived(f: Future) -> None:
+            try:
+                task = self._pools("writer", 1).submit(self._store_result, f, source, shard, first, stop)
+                task.add_done_callback(lambda _: stored.set_result(None))
+            except RuntimeError:  # closed: the claim ends here
+                self.cache.release(self.shard_key(source, shard), first, stop)
+                stored.set_result(None)
+
+        future.add_done_callback(arrived)
+        return stored
+
+    def _store_result(self, f: Future, source: int, shard: int, first: int, stop: int) -> None:
+        if f.cancelled() or f.exception() is not None:
+            self.cache.release(self.shard_key(source, shard), first, stop)
+        else:
+            self.store(source, shard, first, stop, f.result())
+
+    def submit_cached(self, source: int, shard: int, first: int, stop: int, store: bool) -> Future:
+        """`obtain` on a thread of this reader (reads from disk, waits for other processes' fetches)."""
+        return self._pools("cache", 4).submit(self.obtain, source, shard, first, stop, store)
+
+    def _intact(self, source: int, shard: int, first: int, stop: int, data) -> bool:
+        info = self.sets[source].shards[shard]
+        if first != 0 or stop != info.samples or not info.sha256:
+            return True
+        pad = info.bytes - int(self.index(source, shard).bounds[stop])  # the end-of-archive blocks: zeros
+        if pad < 0:
+            return False
+        digest = hashlib.sha256(data)
+        digest.update(bytes(pad))
+        return digest.hexdigest() == info.sha256
+
+    def _pools(self, name: str, threads: int) -> ThreadPoolExecutor:
+        with self._lock:
+            pool = self._executors.get(name)
+            if pool is None:
+                pool = self._executors[name] = ThreadPoolExecutor(threads, thread_name_prefix=f"stream-ssl-{name}")
+            return pool
+
+    def close(self) -> None:
+        """Stop this reader's threads once their work is done (queued stores finish: their claims end)."""
+        with self._lock:
+            pools, self._executors = dict(self._executors), {}
+        for name, pool in pools.items():
+            pool.shutdown(wait=True, cancel_futures=name != "writer")
 
     def split(self, data, source: int, shard: int, first: int, stop: int, data_first: int | None = None) -> list[dict]:
         """Cut samples [first, stop) out of `data`, the bytes of samples [data_first (default first), ...), with
@@ -285,8 +386,6 @@ class ShardReader:
 
     def read(self, piece: Slice, store: bool | None = None) -> list[dict]:
         """The samples of one slice, in shard order."""
-        if store is None and self.plan is not None:
-            store = self.plan.repeats_after(piece.epoch)
         data = self.read_range(piece.source, piece.shard, piece.start, piece.stop, store)
         return self.split(data, piece.source, piece.shard, piece.start, piece.stop)
 

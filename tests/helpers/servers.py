@@ -322,6 +322,9 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
             return None
         f = open(path, "rb")
         f.seek(start)
+        count = getattr(self.server, "count_ranged", None)
+        if count is not None:
+            count(end - start + 1)
         self.send_response(206)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -348,13 +351,23 @@ class _Limited:
 
 
 class HttpServer:
+    """Serves `root` on 127.0.0.1 with range requests; `ranged_bytes` counts the bytes of ranged answers (shard
+    reads; whole-file reads such as .idx and index.json are not counted)."""
+
     def __init__(self, root: Path):
         handler = lambda *a, **k: RangeHandler(*a, directory=str(root), **k)
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.ranged_bytes = 0
+        self._lock = threading.Lock()
+        self.server.count_ranged = self._count
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.ranged_bytes += n
 
     def close(self) -> None:
         self.server.shutdown()

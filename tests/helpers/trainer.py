@@ -48,6 +48,26 @@ def accelerate_cmd(script: Path, num_processes: int = 2) -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script)]
 
 
+def node_env(node: int, nodes: int, port: int) -> dict:
+    """What torchrun gives the one process of node `node` of `nodes` (simulated nodes: one process each, each
+    with its own cache folder)."""
+    return {"RANK": str(node), "WORLD_SIZE": str(nodes), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+            "GROUP_RANK": str(node), "GROUP_WORLD_SIZE": str(nodes), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+
+
+def run_nodes(cmds: list[list], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Start `cmds[n]` as simulated node n of len(cmds), all at once (they form one gloo group); wait for all."""
+    port = free_port()
+    procs = [subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=child_env(**node_env(n, len(cmds), port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n, cmd in enumerate(cmds)]
+    out = []
+    for cmd, p in zip(cmds, procs):
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
+    return out
+
+
 def train_args(data: Path, out: Path, method: str = "simclr", **flags) -> list[str]:
     options, optimizer, lr = TINY[method]
     args = {"data": data, "out": out, "method": method, "backbone": "test_resnet", "image_size": 32,
