@@ -73,6 +73,10 @@ class TrainConfig:
     batch_size: int = setting(256, "micro-batch per process (one forward pass)")
     grad_accum: int = setting(1, "micro-batches per optimizer step (global batch = processes x batch x accum)")
     optimizer: str = setting("lars", "optimizer", OPTIMIZER_NAMES)
+    optimizer_options: dict = setting({}, "the optimizer's own settings, as JSON or YAML. LARS (timm's Lars): "
+                                          "trust_coeff (eta, 0.001: the paper, SimCLR, BYOL), trust_clip (LARC "
+                                          "clipping; solo-learn recipes: '{trust_coeff: 0.02, trust_clip: true}'), "
+                                          "eps, nesterov; SGD: nesterov, dampening; AdamW: betas, eps, amsgrad")
     lr: float = setting(0.3, "learning rate for a global batch of 256, scaled linearly with the global batch")
     weight_decay: float = setting(1e-6, "weight decay (biases and norm parameters get none)")
     weight_decay_end: float | None = setting(None, "cosine weight-decay schedule to this value (DINO: 0.04 -> 0.4)")
@@ -107,8 +111,8 @@ class TrainConfig:
     # The per-process batch and accumulation are not among them: the global batch is (see train.py), so a
     # run can resume on another number of processes.
     IDENTITY = ("data", "unique_samples", "budget_samples", "mix", "method", "method_options", "backbone",
-                "backbone_options", "image_size", "optimizer", "lr", "weight_decay", "weight_decay_end", "seed",
-                "shuffle_window", "shuffle_block")
+                "backbone_options", "image_size", "optimizer", "optimizer_options", "lr", "weight_decay",
+                "weight_decay_end", "seed", "shuffle_window", "shuffle_block")
 
     def to_dict(self) -> dict:
         """The settings as written to config.json and checkpoints: credentials in storage_options redacted."""

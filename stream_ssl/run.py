@@ -28,7 +28,7 @@ from stream_ssl.data.augment import ViewSpec
 from stream_ssl.data.plan import Plan, make_plan
 from stream_ssl.methods import SSLMethod, build_method
 from stream_ssl.models.backbone import create_backbone, is_vit
-from stream_ssl.optim import build_optimizer
+from stream_ssl.optim import build_optimizer, check_optimizer_options
 from stream_ssl.schedules import cosine, warmup_cosine
 
 
@@ -145,7 +145,8 @@ def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
         raise RunError(f"{cfg.method} uses batch statistics; --batch-size (per process, per micro-batch) "
                        "must be >= 2")
     peak_lr = cfg.lr * plan.global_batch / 256
-    optimizer = build_optimizer(cfg.optimizer, method.param_groups(), peak_lr, cfg.weight_decay, cfg.momentum)
+    optimizer = build_optimizer(cfg.optimizer, method.param_groups(), peak_lr, cfg.weight_decay, cfg.momentum,
+                                cfg.optimizer_options)
     for g in optimizer.param_groups:
         g["base_weight_decay"] = g["weight_decay"]
     warmup = max(1, int(cfg.warmup_fraction * plan.steps)) if cfg.warmup_fraction > 0 else 0
@@ -158,6 +159,7 @@ def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
 def check_settings(cfg: TrainConfig) -> None:
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise RunError("--batch-size and --grad-accum must be >= 1")
+    check_optimizer_options(cfg.optimizer, cfg.optimizer_options)
     if bool(cfg.knn_train) != bool(cfg.knn_test):
         raise RunError("the kNN monitor needs both --knn-train and --knn-test")
     if cfg.decoder == "dali":
