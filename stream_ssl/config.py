@@ -2,7 +2,7 @@
 
 Every setting is a field of `TrainConfig` with its help text (and, where the value is one of a few names, its
 choices) next to it; `parse_config` builds `train.py --help` from them, so what a flag means is written once.
-Boolean settings are switches (`--tensorboard` / `--no-tensorboard`).
+Boolean settings are switches (`--progress` / `--no-progress`).
 
 Batch vocabulary: `batch_size` is the micro-batch of one process (what one forward pass sees, and what the
 plan's per-rank batch is); an optimizer step accumulates `grad_accum` micro-batches, so the global batch is
@@ -97,7 +97,14 @@ class TrainConfig:
     save_every: int = setting(0, "optimizer steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = setting(2, "newest checkpoints kept (0: all)")
     resume: str = setting("auto", "auto (continue the run in --out), never, or the path of a checkpoint file")
-    tensorboard: bool = setting(True, "also write metrics as TensorBoard events to OUT/tb")
+    log_with: str = setting("tensorboard", "experiment trackers (Accelerate's), comma-separated: tensorboard "
+                                           "(OUT/tb), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, "
+                                           "trackio; none: only OUT/metrics.csv, which is always written. Offline "
+                                           "modes are the trackers' own: WANDB_MODE=offline (files in OUT/wandb), "
+                                           "mlflow's local ./mlruns unless MLFLOW_TRACKING_URI says otherwise")
+    collapse_threshold: float = setting(0.1, "warn once when the std of the L2-normalized embeddings (healthy: "
+                                             "1/sqrt(d), collapsed: 0) falls under this fraction of 1/sqrt(d); "
+                                             "0: never")
     progress: bool = setting(True, "progress bar on the main process")
     log_keys: bool = setting(False, "write the sample keys each rank trains on to OUT/keys/rank-R.txt")
     # online kNN monitor (labeled shard sets)
