@@ -24,7 +24,7 @@ from stream_ssl.config import TrainConfig
 from stream_ssl.data.augment import byol_views
 from stream_ssl.methods import METHODS, SSLMethod
 from stream_ssl.models.heads import mlp
-from stream_ssl.run import RunError, apply_device_settings, build_run, make_accelerator, sync_batchnorm
+from stream_ssl.run import RunError, apply_device_settings, build_run, make_accelerator, sync_batchnorm, trackers
 from stream_ssl.train import Meter, main, release_accelerator, train, train_step
 from tests.helpers.servers import free_port
 from tests.helpers.trainer import TINY
@@ -203,3 +203,33 @@ def test_a_collapsing_run_trips_the_collapse_warning_once(make_shard_set, tmp_pa
     assert stds[warning["step"]] < 0.1 / math.sqrt(32) <= stds[2]
     assert all(s >= 0.1 / math.sqrt(32) for step, s in stds.items() if step < warning["step"])
     assert json.loads((out / "summary.json").read_text())["collapse_monitor"]["warning"]["step"] == warning["step"]
+
+
+def test_log_with_names_installed_trackers_or_stops_with_one_line(monkeypatch):
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [LoggerType.TENSORBOARD])
+    assert trackers(TrainConfig(data="x", log_with="tensorboard, tensorboard")) == ["tensorboard"]
+    assert trackers(TrainConfig(data="x", log_with="none")) == []
+    with pytest.raises(RunError, match=r"--log-with mlflow: the mlflow package is not installed \(pip install mlflow"):
+        trackers(TrainConfig(data="x", log_with="tensorboard,mlflow"))
+    with pytest.raises(RunError, match="--log-with tensorbord: not a tracker .*wandb"):
+        trackers(TrainConfig(data="x", log_with="tensorbord"))
+
+
+@pytest.mark.slow
+def test_wandb_offline_mode_is_honoured(make_shard_set, tmp_path, monkeypatch):
+    """`--log-with wandb` under WANDB_MODE=offline: the run's rows go to an offline W&B run in OUT/wandb, with no
+    network; metrics.csv is written as always."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    options, _, lr = TINY["simclr"]
+    out = tmp_path / "wandb_run"
+    train(TrainConfig(data=str(make_shard_set(64, shard_size=32)), unique_samples="32", budget_samples="64",
+                      method_options=options, backbone="test_resnet", image_size=32, batch_size=16, num_workers=0,
+                      optimizer="sgd", lr=lr, log_every=1, out=str(out), log_with="wandb", progress=False))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), list((out / "wandb").iterdir())
+    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 4
