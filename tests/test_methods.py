@@ -255,6 +255,8 @@ def test_collapse_monitor_known_answers():
     assert collapsed["embed_rank"].item() == pytest.approx(1.0, abs=1e-4)
     two = embedding_health(torch.eye(d)[[0, 0, 0, 1, 1, 1]])  # two directions, equally often
     assert two["embed_rank"].item() == pytest.approx(2.0, rel=1e-5)
+    broken = embedding_health(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))  # a diverged batch: no SVD error
+    assert math.isnan(broken["embed_std"].item()) and math.isnan(broken["embed_rank"].item())
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -137,13 +137,17 @@ def embedding_health(z: torch.Tensor) -> dict[str, torch.Tensor]:
       over the d dimensions: 1/sqrt(d) when the embeddings spread over the sphere, 0 when they all coincide
       (SimSiam, Chen & He 2021, Fig. 2). Rows of the identity (B = d) give exactly 1/sqrt(d).
     - `embed_rank`: the effective rank exp(H(p)), p the singular values of the normalized batch divided by their
-      sum (RankMe, Garrido et al. 2023): 1 when collapsed, at most min(B, d); d for the identity."""
+      sum (RankMe, Garrido et al. 2023): 1 when collapsed, at most min(B, d); d for the identity.
+    Both are NaN when the batch holds a non-finite value (a diverging run; the trainer reports that itself)."""
     zn = F.normalize(z.detach().float().flatten(1), dim=1)
+    finite = torch.isfinite(zn).all()
+    zn = torch.where(finite, zn, torch.zeros_like(zn))  # the SVD refuses non-finite input; no host sync here
     std = zn.std(dim=0).mean() if zn.shape[0] > 1 else zn.new_zeros(())
     s = torch.linalg.svdvals(zn)
     p = s / s.sum().clamp_min(1e-12)
-    p = p[p > 0]
-    return {"embed_std": std, "embed_rank": torch.exp(-(p * p.log()).sum())}
+    rank = torch.exp(-torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p)).sum())
+    nan = torch.full_like(std, float("nan"))
+    return {"embed_std": torch.where(finite, std, nan), "embed_rank": torch.where(finite, rank, nan)}
 
 
 def local_crop_size(image_size: int, backbone: nn.Module | None = None) -> int:
