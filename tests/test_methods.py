@@ -279,3 +279,20 @@ def test_swav_queue_follows_the_papers_rule():
     method.set_step(15, 100)
     method(views)
     assert method.queue.shape == (2, 3840, 64) and method.queue_filled == 4
+
+
+@pytest.mark.parametrize("name", ["mocov3", "byol", "barlow", "vicreg", "swav", "dino"])
+def test_color_strength_option_sets_simclr_jitter_on_every_view(name):
+    """color_strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s) on every view, as SimCLR's option; None keeps the
+    recipe's (BYOL-style (0.4, 0.4, 0.2, 0.1); SwAV's is already s = 1)."""
+    jitter = lambda v: (v.brightness, v.contrast, v.saturation, v.hue)  # noqa: E731
+    own = build(name).views(32)
+    expected = (0.8, 0.8, 0.8, 0.2) if name == "swav" else (0.4, 0.4, 0.2, 0.1)
+    assert all(jitter(v) == pytest.approx(expected) for v in own)
+    strong = build(name, color_strength=1.0).views(32)
+    weak = build(name, color_strength=0.5).views(32)
+    assert all(jitter(v) == pytest.approx((0.8, 0.8, 0.8, 0.2)) for v in strong)
+    assert all(jitter(v) == pytest.approx((0.4, 0.4, 0.4, 0.1)) for v in weak)
+    # Everything else about the views (sizes, crops, blur, solarization) stays the recipe's.
+    assert [(v.size, v.scale, v.blur_p, v.solarize_p) for v in strong] == [(v.size, v.scale, v.blur_p, v.solarize_p)
+                                                                        for v in own]

@@ -26,7 +26,7 @@ from torch import nn
 
 from stream_ssl.data.augment import ViewSpec, byol_views
 from stream_ssl.distributed import all_reduce_sum, sum_with_local_grad, world
-from stream_ssl.methods.base import SSLMethod, fp32_loss, register
+from stream_ssl.methods.base import SSLMethod, fp32_loss, register, with_color_strength
 from stream_ssl.models.heads import mlp
 
 
@@ -70,14 +70,15 @@ class BarlowTwins(SSLMethod):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 8192, proj_dim: int = 8192,
                  proj_layers: int = 3, lambd: float = 0.0051, scale_loss: float = 1.0, blur: bool | None = None,
-                 min_scale: float = 0.08, views_together: bool | None = None):
+                 min_scale: float = 0.08, color_strength: float | None = None,
+                 views_together: bool | None = None):
         super().__init__(backbone, feature_dim, views_together)
         self.projector = mlp(feature_dim, proj_hidden, proj_dim, layers=proj_layers, last_bias=False)
         self.lambd, self.scale_loss = lambd, scale_loss
-        self.blur, self.min_scale = blur, min_scale
+        self.blur, self.min_scale, self.color_strength = blur, min_scale, color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
-        return byol_views(image_size, self.blur, self.min_scale)
+        return with_color_strength(byol_views(image_size, self.blur, self.min_scale), self.color_strength)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z1, z2 = self.encode(lambda x: self.projector(self.backbone(x)), views[:2])

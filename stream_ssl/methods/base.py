@@ -19,6 +19,7 @@ of the optimizer step (stream_ssl/schedules.py), so a resumed run needs no sched
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from typing import ClassVar
 
@@ -148,6 +149,17 @@ def embedding_health(z: torch.Tensor) -> dict[str, torch.Tensor]:
     rank = torch.exp(-torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p)).sum())
     nan = torch.full_like(std, float("nan"))
     return {"embed_std": torch.where(finite, std, nan), "embed_rank": torch.where(finite, rank, nan)}
+
+
+def with_color_strength(views: list[ViewSpec], strength: float | None) -> list[ViewSpec]:
+    """The views with SimCLR's color jitter of strength s, (0.8s, 0.8s, 0.8s, 0.2s) for brightness, contrast,
+    saturation and hue (s = 1 is SimCLR's and SwAV's; BYOL's recipe, (0.4, 0.4, 0.2, 0.1), is about s = 0.5);
+    None keeps the recipe's own jitter."""
+    if strength is None:
+        return views
+    s = float(strength)
+    return [dataclasses.replace(v, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s))
+            for v in views]
 
 
 def local_crop_size(image_size: int, backbone: nn.Module | None = None) -> int:

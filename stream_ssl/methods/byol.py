@@ -22,6 +22,7 @@ from stream_ssl.methods.base import (
     fp32_loss,
     make_target,
     register,
+    with_color_strength,
 )
 from stream_ssl.models.heads import mlp
 from stream_ssl.schedules import momentum_at
@@ -40,17 +41,18 @@ class BYOL(SSLMethod):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 4096, proj_dim: int = 256,
                  pred_hidden: int = 4096, base_momentum: float = 0.996, final_momentum: float = 1.0,
-                 blur: bool | None = None, min_scale: float = 0.08, views_together: bool | None = None):
+                 blur: bool | None = None, min_scale: float = 0.08, color_strength: float | None = None,
+                 views_together: bool | None = None):
         super().__init__(backbone, feature_dim, views_together)
         self.projector = mlp(feature_dim, proj_hidden, proj_dim, layers=2)
         self.predictor = mlp(proj_dim, pred_hidden, proj_dim, layers=2)
         self.target_backbone = make_target(backbone)
         self.target_projector = make_target(self.projector)
         self.base_momentum, self.final_momentum = base_momentum, final_momentum
-        self.blur, self.min_scale = blur, min_scale
+        self.blur, self.min_scale, self.color_strength = blur, min_scale, color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
-        return byol_views(image_size, self.blur, self.min_scale)
+        return with_color_strength(byol_views(image_size, self.blur, self.min_scale), self.color_strength)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z = self.encode(lambda x: self.projector(self.backbone(x)), views[:2])

@@ -29,6 +29,7 @@ from stream_ssl.methods.base import (
     local_crop_size,
     make_target,
     register,
+    with_color_strength,
 )
 from stream_ssl.models.heads import DINOHead
 from stream_ssl.schedules import linear_warmup, momentum_at
@@ -72,7 +73,7 @@ class DINO(SSLMethod):
                  center_momentum: float = 0.9, base_momentum: float = 0.996, final_momentum: float = 1.0,
                  freeze_last_layer_fraction: float = 0.01, local_crops: int = 8, global_scale: tuple = (0.4, 1.0),
                  local_scale: tuple = (0.05, 0.4), local_size: int | None = None, blur: bool | None = None,
-                 views_together: bool | None = None):
+                 color_strength: float | None = None, views_together: bool | None = None):
         super().__init__(backbone, feature_dim, views_together)
         self.head = DINOHead(feature_dim, out_dim, head_hidden, bottleneck, head_layers, use_bn_in_head,
                              norm_last_layer)
@@ -87,11 +88,12 @@ class DINO(SSLMethod):
         self.freeze_last_layer_fraction = freeze_last_layer_fraction
         self.local_crops, self.local_size = local_crops, local_size
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        self.blur = blur
+        self.blur, self.color_strength = blur, color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
         local = self.local_size or local_crop_size(image_size, self.backbone)
-        return dino_views(image_size, local, self.local_crops, self.global_scale, self.local_scale, self.blur)
+        views = dino_views(image_size, local, self.local_crops, self.global_scale, self.local_scale, self.blur)
+        return with_color_strength(views, self.color_strength)
 
     def teacher_temp_at(self, step: int, total_steps: int) -> float:
         start, end, fraction = self.teacher_temps

@@ -26,7 +26,7 @@ from torch import nn
 
 from stream_ssl.data.augment import ViewSpec, swav_views
 from stream_ssl.distributed import all_reduce_sum, world
-from stream_ssl.methods.base import SSLMethod, fp32_loss, local_crop_size, register
+from stream_ssl.methods.base import SSLMethod, fp32_loss, local_crop_size, register, with_color_strength
 from stream_ssl.models.heads import mlp
 
 
@@ -77,7 +77,8 @@ class SwAV(SSLMethod):
                  sinkhorn_iterations: int = 3, local_crops: int = 6, global_scale: tuple = (0.14, 1.0),
                  local_scale: tuple = (0.05, 0.14), local_size: int | None = None, blur: bool | None = None,
                  freeze_prototypes_fraction: float = 0.01, queue_length: int | None = None,
-                 queue_start_fraction: float = 0.15, views_together: bool | None = None):
+                 queue_start_fraction: float = 0.15, color_strength: float | None = None,
+                 views_together: bool | None = None):
         super().__init__(backbone, feature_dim, views_together)
         self.projector = mlp(feature_dim, proj_hidden, proj_dim, layers=2)
         self.prototypes = nn.Linear(proj_dim, prototypes, bias=False)
@@ -85,7 +86,7 @@ class SwAV(SSLMethod):
         self.temperature, self.eps, self.iterations = temperature, sinkhorn_eps, sinkhorn_iterations
         self.local_crops, self.local_size = local_crops, local_size
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        self.blur = blur
+        self.blur, self.color_strength = blur, color_strength
         self.freeze_prototypes_fraction = freeze_prototypes_fraction
         self.queue_length, self.queue_start_fraction = queue_length, queue_start_fraction
         # Per-rank state, saved through rank_state(): a queue of past embeddings of the 2 assignment views.
@@ -99,7 +100,8 @@ class SwAV(SSLMethod):
 
     def views(self, image_size: int) -> list[ViewSpec]:
         local = self.local_size or local_crop_size(image_size, self.backbone)
-        return swav_views(image_size, local, self.local_crops, self.global_scale, self.local_scale, self.blur)
+        views = swav_views(image_size, local, self.local_crops, self.global_scale, self.local_scale, self.blur)
+        return with_color_strength(views, self.color_strength)
 
     def set_step(self, step: int, total_steps: int) -> dict[str, float]:
         self.step, self.total_steps = step, total_steps
