@@ -7,9 +7,12 @@ samples at a fixed budget?
 Data, budget and network are the demo's (launch/demo.py: a pool of 4000 procedural images in domain a,
 downstream sets in domain a and in the shifted domain b; a narrow ResNet-10 at 24 px, batch 128, budget
 C = 128K samples seen = 1000 steps). Each method's own settings (method_options, optimizer and its options, lr,
-weight decay, warm-up) come from configs/methods/NAME.yaml, the small-image recipes; backbone, image size, batch
-and precision are the study's. The cells run through launch/sweep.py, so finished cells are kept and an
-interrupted study resumes where it stopped.
+weight decay, warm-up) come from configs/methods/NAME.yaml, the small-image recipes for ResNet-18; backbone,
+image size, batch and precision are the study's, and the heads are scaled with the backbone: the YAMLs' hidden
+widths (and Barlow Twins' and VICReg's embedding width) are divided by `--head-scale` (4: ResNet-18's 512
+features over the narrow ResNet-10's 128), so 2048 -> 512 and 4096 -> 1024. The cells run through
+launch/sweep.py, so finished cells are kept and an interrupted study resumes where it stopped (change a
+method's settings, and delete its cells: the sweep does not compare method settings).
 
 Writes OUT/methods.md and OUT/methods.png, and prints per method and downstream set: kNN (k=20) and linear
 top-1 at the smallest and the largest N (mean ± std over seeds), the random initialization, and the collapse
@@ -39,6 +42,10 @@ METHODS = ("simclr", "mocov3", "byol", "barlow", "vicreg", "swav", "dino")
 # What a method's YAML contributes; the rest (backbone, size, batch, data) is the study's.
 METHOD_KEYS = ("method_options", "optimizer", "optimizer_options", "lr", "weight_decay", "weight_decay_end",
                "warmup_fraction", "momentum", "clip_grad")
+# Head widths scaled with the backbone (--head-scale); output sizes (projections, prototypes) are kept, except
+# for Barlow Twins and VICReg, whose embedding is the space they decorrelate.
+WIDTHS = {"proj_hidden", "pred_hidden", "head_hidden"}
+EMBEDDING_WIDTH = {"barlow": "proj_dim", "vicreg": "proj_dim"}
 DOMAIN = "a"  # the pretraining domain's downstream set: where the checks apply
 MARGIN = 0.10  # kNN points over random init the checks ask for
 
@@ -54,17 +61,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--unique", default="1%,100%", help="comma-separated N (counts or fractions of the pool)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     p.add_argument("--budget", default="128K", help="budget C: samples seen by every run")
+    p.add_argument("--head-scale", type=float, default=4.0,
+                   help="divide the YAMLs' head widths by this (4: ResNet-18's 512 features over the study's 128)")
     p.add_argument("--workers", type=int, default=1, help="data-loader workers of each run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     return p
 
 
-def method_settings(folder: Path, method: str) -> dict:
-    """The method's own settings from its small-image YAML."""
+def method_settings(folder: Path, method: str, head_scale: float = 1.0) -> dict:
+    """The method's own settings from its small-image YAML, head widths divided by `head_scale`."""
     from stream_ssl.config import load_yaml_settings
 
-    settings = load_yaml_settings(folder / f"{method}.yaml")
-    return {k: v for k, v in settings.items() if k in METHOD_KEYS}
+    settings = {k: v for k, v in load_yaml_settings(folder / f"{method}.yaml").items() if k in METHOD_KEYS}
+    options = dict(settings.get("method_options") or {})
+    for key in WIDTHS | {EMBEDDING_WIDTH.get(method, "")}:
+        if key in options:
+            options[key] = max(1, round(options[key] / head_scale))
+    settings["method_options"] = options
+    return settings
 
 
 def study_spec(a: argparse.Namespace) -> dict:
@@ -81,7 +95,7 @@ def study_spec(a: argparse.Namespace) -> dict:
     spec["train"]["precision"] = "no"
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     spec.update(name="methods_study", out=str(a.out),
-                methods={m: method_settings(a.configs, m) for m in methods})
+                methods={m: method_settings(a.configs, m, a.head_scale) for m in methods})
     return spec
 
 
