@@ -58,7 +58,7 @@ def demo_sweep(a: argparse.Namespace, pool: Path, down: dict[str, tuple[Path, Pa
         "weight_decay": 5e-4,
         "method_options": {"proj_hidden": 256, "proj_dim": 128, "temperature": a.temperature, "color_strength": 1.0},
         "log_every": 25,
-        "tensorboard": False,
+        "log_with": "none",
     }
     return {
         "name": "demo",

@@ -2,7 +2,7 @@
 
 Every setting is a field of `TrainConfig` with its help text (and, where the value is one of a few names, its
 choices) next to it; `parse_config` builds `train.py --help` from them, so what a flag means is written once.
-Boolean settings are switches (`--tensorboard` / `--no-tensorboard`).
+Boolean settings are switches (`--progress` / `--no-progress`).
 
 Batch vocabulary: `batch_size` is the micro-batch of one process (what one forward pass sees, and what the
 plan's per-rank batch is); an optimizer step accumulates `grad_accum` micro-batches, so the global batch is
@@ -81,6 +81,10 @@ class TrainConfig:
     batch_size: int = setting(256, "micro-batch per process (one forward pass)")
     grad_accum: int = setting(1, "micro-batches per optimizer step (global batch = processes x batch x accum)")
     optimizer: str = setting("lars", "optimizer", OPTIMIZER_NAMES)
+    optimizer_options: dict = setting({}, "the optimizer's own settings, as JSON or YAML. LARS (timm's Lars): "
+                                          "trust_coeff (eta, 0.001: the paper, SimCLR, BYOL), trust_clip (LARC "
+                                          "clipping; solo-learn recipes: '{trust_coeff: 0.02, trust_clip: true}'), "
+                                          "eps, nesterov; SGD: nesterov, dampening; AdamW: betas, eps, amsgrad")
     lr: float = setting(0.3, "learning rate for a global batch of 256, scaled linearly with the global batch")
     weight_decay: float = setting(1e-6, "weight decay (biases and norm parameters get none)")
     weight_decay_end: float | None = setting(None, "cosine weight-decay schedule to this value (DINO: 0.04 -> 0.4)")
@@ -101,7 +105,14 @@ class TrainConfig:
     save_every: int = setting(0, "optimizer steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = setting(2, "newest checkpoints kept (0: all)")
     resume: str = setting("auto", "auto (continue the run in --out), never, or the path of a checkpoint file")
-    tensorboard: bool = setting(True, "also write metrics as TensorBoard events to OUT/tb")
+    log_with: str = setting("tensorboard", "experiment trackers (Accelerate's), comma-separated: tensorboard "
+                                           "(OUT/tb), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, "
+                                           "trackio; none: only OUT/metrics.csv, which is always written. Offline "
+                                           "modes are the trackers' own: WANDB_MODE=offline (files in OUT/wandb), "
+                                           "mlflow's local ./mlruns unless MLFLOW_TRACKING_URI says otherwise")
+    collapse_threshold: float = setting(0.1, "warn once when the std of the L2-normalized embeddings (healthy: "
+                                             "1/sqrt(d), collapsed: 0) falls under this fraction of 1/sqrt(d); "
+                                             "0: never")
     progress: bool = setting(True, "progress bar on the main process")
     log_keys: bool = setting(False, "write the sample keys each rank trains on to OUT/keys/rank-R.txt")
     # online kNN monitor (labeled shard sets)
@@ -115,8 +126,8 @@ class TrainConfig:
     # The per-process batch and accumulation are not among them: the global batch is (see train.py), so a
     # run can resume on another number of processes.
     IDENTITY = ("data", "unique_samples", "budget_samples", "mix", "method", "method_options", "backbone",
-                "backbone_options", "image_size", "optimizer", "lr", "weight_decay", "weight_decay_end", "seed",
-                "shuffle_window", "shuffle_block")
+                "backbone_options", "image_size", "optimizer", "optimizer_options", "lr", "weight_decay",
+                "weight_decay_end", "seed", "shuffle_window", "shuffle_block")
 
     def to_dict(self) -> dict:
         """The settings as written to config.json and checkpoints: credentials in storage_options redacted."""

@@ -1,20 +1,25 @@
-"""Training metrics of a run: OUT/metrics.csv (+ TensorBoard events in OUT/tb), the loop's meter, the keys log."""
+"""Training metrics of a run: OUT/metrics.csv and the experiment trackers (Accelerate's: TensorBoard in OUT/tb,
+W&B, MLflow, ...), the loop's meter, the keys log."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from pathlib import Path
 
+PROJECT = "stream-ssl"  # the trackers' project / experiment name; a run is named after its folder
+
 
 class MetricsLog:
-    """metrics.csv (+ TensorBoard events) on the main process. On resume, rows after the resume step (written
-    by a run that died before its next checkpoint) are dropped, so the file reads as one clean run."""
+    """metrics.csv on the main process, and the same rows (as `train/NAME`) to the experiment trackers the
+    Accelerator was made with. On resume, rows after the resume step (written by a run that died before its next
+    checkpoint) are dropped, so the file reads as one clean run; TensorBoard purges them the same way."""
 
     FIXED = ("step", "samples", "loss", "lr", "weight_decay", "samples_per_s", "data_wait", "skipped")
 
-    def __init__(self, out: Path, start_step: int, tensorboard: bool):
+    def __init__(self, out: Path, start_step: int, acc=None, config: dict | None = None):
         self.path = out / "metrics.csv"
         self.header: list[str] | None = None
         rows: list[list[str]] = []
@@ -33,14 +38,9 @@ class MetricsLog:
         os.replace(tmp, self.path)
         self.file = open(self.path, "a", newline="", buffering=1)
         self.writer = csv.writer(self.file)
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
-            except ImportError:  # tensorboard not installed: CSV only
-                self.tb = None
+        self.acc = acc if acc is not None and acc.log_with else None
+        if self.acc is not None:
+            start_trackers(self.acc, out, start_step, config or {})
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if self.header is None:
@@ -49,19 +49,29 @@ class MetricsLog:
             self.writer.writerow(self.header)
         row = [step] + [_fmt(values.get(k, "")) for k in self.header[1:]]
         self.writer.writerow(row)
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.acc is not None:
+            self.acc.log({f"train/{k}": v for k, v in values.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}, step=step)
 
     def scalar(self, name: str, value: float, step: int) -> None:
-        if self.tb is not None:
-            self.tb.add_scalar(name, value, step)
+        if self.acc is not None:
+            self.acc.log({name: value}, step=step)
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.acc is not None:  # not acc.end_training(): that also ends the process group
+            for tracker in self.acc.trackers:
+                tracker.finish()
+            self.acc.trackers.clear()
+
+
+def start_trackers(acc, out: Path, start_step: int, config: dict) -> None:
+    """Accelerate's trackers for this run: the settings as its configuration (nested values as JSON text, which
+    every tracker takes), the run named after its folder, TensorBoard purging what a resumed run redoes."""
+    flat = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in config.items()}
+    kwargs = {"tensorboard": {"purge_step": start_step + 1} if start_step else {},
+              "wandb": {"name": out.name, "dir": str(out)}, "mlflow": {"run_name": out.name}}
+    acc.init_trackers(PROJECT, config=flat, init_kwargs=kwargs)
 
 
 def _fmt(v) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from shard_tools.listing import ShardsMissing, require_shards
 from shard_tools.quantities import parse_bytes, parse_count
@@ -32,7 +32,7 @@ from stream_ssl.data.plan import Plan, make_plan
 from stream_ssl.distributed import all_gather_objects
 from stream_ssl.methods import SSLMethod, build_method
 from stream_ssl.models.backbone import create_backbone, is_vit
-from stream_ssl.optim import build_optimizer
+from stream_ssl.optim import build_optimizer, check_optimizer_options
 from stream_ssl.schedules import cosine, warmup_cosine
 
 
@@ -130,13 +130,31 @@ class Run:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """Accelerate for this process. Launched on a machine without GPUs, the processes form a gloo group (without
-    `cpu=True`, Accelerate 1.15 treats each as a single-process run)."""
+    """Accelerate for this process, with the experiment trackers of `--log-with` (TensorBoard events in OUT/tb).
+    Launched on a machine without GPUs, the processes form a gloo group (without `cpu=True`, Accelerate 1.15
+    treats each as a single-process run)."""
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("LOCAL_RANK") is not None
     cpu = launched and not torch.cuda.is_available()
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=True),
                 InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))]
-    return Accelerator(mixed_precision=cfg.precision, cpu=cpu, kwargs_handlers=handlers)
+    project = ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "tb"))
+    return Accelerator(mixed_precision=cfg.precision, cpu=cpu, kwargs_handlers=handlers,
+                       log_with=trackers(cfg) or None, project_config=project)
+
+
+def trackers(cfg: TrainConfig) -> list[str]:
+    """The experiment trackers `--log-with` names, each known to Accelerate and installed."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [n.strip() for n in cfg.log_with.split(",") if n.strip() and n.strip().lower() != "none"]
+    installed = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise RunError(f"--log-with {name}: not a tracker (choose from {', '.join(LOGGER_TYPE_TO_CLASS)}, or none)")
+        if name not in installed:
+            raise RunError(f"--log-with {name}: the {name} package is not installed (pip install {name}); "
+                           "tensorboard or none need nothing more")
+    return list(dict.fromkeys(names))
 
 
 def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
@@ -153,7 +171,8 @@ def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
         raise RunError(f"{cfg.method} uses batch statistics; --batch-size (per process, per micro-batch) "
                        "must be >= 2")
     peak_lr = cfg.lr * plan.global_batch / 256
-    optimizer = build_optimizer(cfg.optimizer, method.param_groups(), peak_lr, cfg.weight_decay, cfg.momentum)
+    optimizer = build_optimizer(cfg.optimizer, method.param_groups(), peak_lr, cfg.weight_decay, cfg.momentum,
+                                cfg.optimizer_options)
     for g in optimizer.param_groups:
         g["base_weight_decay"] = g["weight_decay"]
     warmup = max(1, int(cfg.warmup_fraction * plan.steps)) if cfg.warmup_fraction > 0 else 0
@@ -167,6 +186,7 @@ def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
 def check_settings(cfg: TrainConfig) -> None:
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise RunError("--batch-size and --grad-accum must be >= 1")
+    check_optimizer_options(cfg.optimizer, cfg.optimizer_options)
     if bool(cfg.knn_train) != bool(cfg.knn_test):
         raise RunError("the kNN monitor needs both --knn-train and --knn-test")
     if not cfg.knn_temperature > 0:

@@ -64,6 +64,8 @@ class Reporting:
     knn_sets: tuple | None = None
     knn: list = dataclasses.field(default_factory=list)
     last_saved: int = 0
+    last_row: dict = dataclasses.field(default_factory=dict)
+    collapse: dict | None = None  # {step, embed_std, limit} of the collapse warning, once given
 
     def close(self) -> None:
         if self.progress is not None:
@@ -159,7 +161,7 @@ def start_reporting(run: Run) -> Reporting:
     cfg, main = run.cfg, run.acc.is_main_process
     rep = Reporting(Meter(run.world_size, run.global_batch), last_saved=run.start_step)
     if main:
-        rep.metrics = MetricsLog(run.out, run.start_step, cfg.tensorboard)
+        rep.metrics = MetricsLog(run.out, run.start_step, run.acc, cfg.to_dict())
         if cfg.progress:
             rep.progress = progress_bar(run.total_steps, run.start_step, cfg.method)
     if cfg.log_keys:
@@ -197,6 +199,8 @@ def log_row(run: Run, rep: Reporting, step: int, info: dict) -> None:
     loss and gradient norm are finite."""
     values = rep.meter.row(run.acc, step, info)
     check_finite(run, rep.meter, values, step)
+    check_collapse(run, rep, values, step)
+    rep.last_row = values
     if rep.metrics is not None:
         rep.metrics.write(step, values)
     if rep.progress is not None:
@@ -220,6 +224,23 @@ def check_finite(run: Run, meter: Meter, values: dict, step: int) -> None:
     raise Diverged(f"{bad[0].replace('_', ' ')} is {values[bad[0]]} at optimizer step {step}; {before}. "
                    "Try a lower --lr, --precision no, or --clip-grad 1.0"
                    + (f"; the last good checkpoint is {ckpt}" if ckpt else ""))
+
+
+def check_collapse(run: Run, rep: Reporting, values: dict, step: int) -> None:
+    """Warn once, naming the step, when the std of the L2-normalized embeddings falls under
+    `collapse_threshold` / sqrt(d): all samples are mapping to (nearly) one point."""
+    std, d, threshold = values.get("embed_std"), run.method.embed_dim, run.cfg.collapse_threshold
+    if std is None or not d or threshold <= 0 or rep.collapse is not None:
+        return
+    limit = threshold / math.sqrt(d)
+    if std >= limit:
+        return
+    rep.collapse = {"step": step, "embed_std": std, "limit": limit}
+    if run.acc.is_main_process:
+        print(f"warning: embeddings collapsing at optimizer step {step}: the std of the L2-normalized embeddings "
+              f"is {std:.3g}, under {threshold} / sqrt({d}) = {limit:.3g} (healthy: {1 / math.sqrt(d):.3g}); "
+              f"effective rank {values.get('embed_rank', float('nan')):.1f} of {d}. Check the learning rate, the "
+              "method's settings and metrics.csv", file=sys.stderr, flush=True)
 
 
 def knn_monitor(run: Run, rep: Reporting, step: int) -> dict:
@@ -293,6 +314,9 @@ def run_summary(run: Run, rep: Reporting) -> dict:
         "knn": rep.knn,
         "decoder": cfg.decoder,
         "object_store": storage_report(run, meter.io_total["bytes_read"]),
+        "collapse_monitor": {"embed_std": rep.last_row.get("embed_std"), "embed_rank": rep.last_row.get("embed_rank"),
+                             "embed_dim": run.method.embed_dim, "threshold": cfg.collapse_threshold,
+                             "warning": rep.collapse},
     }
     if cfg.decoder in ("dali", "nvjpeg"):  # this process's decoder counters (batches, fallbacks, replaced)
         summary[cfg.decoder] = dataclasses.asdict(run.loader.stats)

@@ -306,7 +306,7 @@ def test_a_short_run_trains_on_the_three_sources(three_sources, tmp_path):
                            "real=0.5,crawled=0.25,generated=0.25", "--unique-samples", "24", "--budget-samples", "48",
                            "--batch-size", "8", "--backbone", "test_resnet", "--image-size", "32", "--method-options",
                            '{"proj_hidden": 64, "proj_dim": 32}', "--optimizer", "sgd", "--lr", "0.1",
-                           "--num-workers", "0", "--no-progress", "--no-tensorboard", "--out", str(run)],
+                           "--num-workers", "0", "--no-progress", "--log-with", "none", "--out", str(run)],
                           capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -129,7 +129,7 @@ def test_two_cpu_processes_through_the_launcher(make_shard_set, tmp_path):
     cmd = [PYTHON, str(REPO / "launch" / "launch.py"), "--procs-per-node", "2", "--main-port", str(free_port()), "--",
            "--data", str(pool), "--unique-samples", "100", "--budget-samples", "128", "--batch-size", "16",
            "--backbone", TINY_BACKBONE, "--image-size", "32", "--num-workers", "0", "--no-progress",
-           "--no-tensorboard", "--method-options", '{"proj_hidden": 64}', "--log-keys",
+           "--log-with", "none", "--method-options", '{"proj_hidden": 64}', "--log-keys",
            "--out", str(run)]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

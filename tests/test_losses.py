@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
 
 from stream_ssl.methods.barlow import barlow_twins_loss, cross_correlation
@@ -15,7 +16,7 @@ from stream_ssl.methods.mocov3 import moco_contrastive_loss
 from stream_ssl.methods.simclr import nt_xent_loss
 from stream_ssl.methods.swav import sinkhorn_knopp, swav_loss
 from stream_ssl.methods.vicreg import vicreg_loss, vicreg_terms
-from stream_ssl.optim import LARS, build_optimizer
+from stream_ssl.optim import build_optimizer
 from stream_ssl.schedules import cosine, linear_warmup, momentum_at, warmup_cosine
 
 
@@ -259,19 +260,13 @@ def test_lars_excludes_bias_and_norm_parameters():
     assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in method.named_parameters() if p.ndim <= 1}
     assert no_decay["lars_exclude"] and no_decay["weight_decay"] == 0.0
 
-    # One LARS step: the excluded parameter moves by lr * grad (no decay, no trust ratio); the other by the
-    # trust-ratio-scaled, decayed gradient.
-    w = torch.nn.Parameter(torch.full((2, 2), 2.0))
-    b = torch.nn.Parameter(torch.full((2,), 2.0))
-    opt = build_optimizer("lars", [{"params": [w]}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
-                          lr=0.1, weight_decay=0.5, momentum=0.9)
-    assert isinstance(opt, LARS)
-    w.grad, b.grad = torch.ones(2, 2), torch.ones(2)
+    # One LARS step (timm's Lars): the excluded parameter moves by lr * grad (no decay, no trust ratio); the
+    # other by the trust-ratio-scaled, decayed gradient. |w| = 4, |g| = 2, wd 0.5: ratio = 0.001 * 4 / (2 + 2).
+    w, b, opt = _lars_pair(lr=0.1, weight_decay=0.5)
+    assert isinstance(opt, timm.optim.Lars)
     opt.step()
     assert torch.allclose(b, torch.full((2,), 2.0 - 0.1))
-    d = torch.ones(2, 2) + 0.5 * 2.0  # grad + wd * w
-    trust = 0.001 * torch.linalg.vector_norm(torch.full((2, 2), 2.0)) / torch.linalg.vector_norm(d)
-    assert torch.allclose(w, torch.full((2, 2), 2.0) - 0.1 * trust * d)
+    assert torch.allclose(w, torch.full((2, 2), 2.0 - 0.1 * 0.001 * 2.0))
     for name in ("sgd", "adamw"):
         o = build_optimizer(name, [{"params": [w]}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
                             lr=0.1, weight_decay=0.5, momentum=0.9)
@@ -279,3 +274,39 @@ def test_lars_excludes_bias_and_norm_parameters():
         assert all("lars_exclude" not in g for g in o.param_groups)
     with pytest.raises(ValueError, match="lars, sgd, adamw"):
         build_optimizer("adam", [{"params": [w]}], 0.1, 0.0, 0.9)
+
+
+def _lars_pair(lr: float, weight_decay: float, **options):
+    """A 2x2 weight (all 2, gradient all 1) and an excluded bias under one LARS optimizer."""
+    w = torch.nn.Parameter(torch.full((2, 2), 2.0))
+    b = torch.nn.Parameter(torch.full((2,), 2.0))
+    opt = build_optimizer("lars", [{"params": [w]}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
+                          lr=lr, weight_decay=weight_decay, momentum=0.9, options=options)
+    w.grad, b.grad = torch.ones(2, 2), torch.ones(2)
+    return w, b, opt
+
+
+@pytest.mark.parametrize("lr, options, step", [
+    (0.1, {"trust_coeff": 0.02}, 0.1 * 0.02 * 2.0),                        # eta 0.02: 20x the default step
+    (0.1, {"trust_coeff": 0.02, "trust_clip": True}, 0.1 * 0.2 * 2.0),     # clip: rate min(0.02, lr) = 0.02
+    (0.01, {"trust_coeff": 0.02, "trust_clip": True}, 0.01 * 1.0 * 2.0),   # ratio above lr: capped at lr
+])
+def test_lars_trust_coefficient_and_clipping(lr, options, step):
+    """|w| = 4, |g| = 2, wd 0.5: ratio = eta * 4 / (2 + 2) = eta; with clipping min(ratio / lr, 1); the decayed
+    gradient is 2 per entry."""
+    w, b, opt = _lars_pair(lr=lr, weight_decay=0.5, **options)
+    opt.step()
+    assert torch.allclose(w, torch.full((2, 2), 2.0 - step))
+    assert torch.allclose(b, torch.full((2,), 2.0 - lr))  # excluded: plain SGD whatever the options
+
+
+def test_lars_adapts_at_zero_weight_decay_and_rejects_unknown_options():
+    w, _, opt = _lars_pair(lr=0.1, weight_decay=0.0)
+    opt.step()  # ratio = 0.001 * 4 / 2 on the undecayed gradient 1
+    assert torch.allclose(w, torch.full((2, 2), 2.0 - 0.1 * 0.002 * 1.0))
+    with pytest.raises(ValueError, match=r"lars does not take eta \(it takes .*trust_clip, trust_coeff"):
+        _lars_pair(lr=0.1, weight_decay=0.0, eta=0.02)
+    with pytest.raises(ValueError, match="adamw does not take trust_clip"):
+        build_optimizer("adamw", [{"params": [w]}], 0.1, 0.0, 0.9, {"trust_clip": True})
+    o = build_optimizer("adamw", [{"params": [w]}], 0.1, 0.0, 0.9, {"betas": (0.9, 0.95)})
+    assert o.param_groups[0]["betas"] == (0.9, 0.95)

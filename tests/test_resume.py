@@ -33,7 +33,7 @@ def losses(run_dir: Path) -> list[tuple[str, str]]:
 def test_killed_and_resumed_run_matches_straight_run(make_shard_set, tmp_path, method, workers, accum, extra):
     data = make_shard_set(128, shard_size=32)
     flags = dict(unique_samples="64", budget_samples=str(2 * K * 16 * accum), grad_accum=accum, num_workers=workers,
-                 save_every=K, log_every=1, keep_checkpoints=0, tensorboard="false", **extra)
+                 save_every=K, log_every=1, keep_checkpoints=0, log_with="none", **extra)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
 
     r = run([PYTHON, TRAIN, *train_args(data, straight, method, **flags)])
@@ -73,7 +73,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process_with_the_same_global_ba
     processes x 8 continues on 1 process x 16 with exactly the batches the 2-process run went on to read."""
     data = make_shard_set(128, shard_size=32)
     flags = dict(unique_samples="64", budget_samples=str(2 * K * 16), save_every=K, log_every=1, keep_checkpoints=0,
-                 tensorboard="false", log_keys="true")
+                 log_with="none", log_keys="true")
     two, one = tmp_path / "two", tmp_path / "one"
     r = run([*accelerate_cmd(TRAIN, 2), *train_args(data, two, batch_size=8, **flags)])
     assert r.returncode == 0, r.stderr[-3000:]

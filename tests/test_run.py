@@ -1,10 +1,13 @@
 """The run object's parts that GPUs and several nodes depend on, checked on the CPU: SyncBatchNorm through timm,
 the current device's CUDA RNG state only, the process-group timeout, one resume checkpoint for all ranks, the
-GPU speed settings, fp16 skipped steps, and a diverging run stopping with one line."""
+GPU speed settings, fp16 skipped steps, a diverging run stopping with one line, and a collapsing run warned
+about once."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 from datetime import timedelta
 from types import SimpleNamespace
@@ -14,11 +17,15 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig
-from stream_ssl.run import RunError, apply_device_settings, build_run, make_accelerator, sync_batchnorm
-from stream_ssl.train import Meter, main, release_accelerator, train_step
+from stream_ssl.data.augment import byol_views
+from stream_ssl.methods import METHODS, SSLMethod
+from stream_ssl.models.heads import mlp
+from stream_ssl.run import RunError, apply_device_settings, build_run, make_accelerator, sync_batchnorm, trackers
+from stream_ssl.train import Meter, main, release_accelerator, train, train_step
 from tests.helpers.servers import free_port
 from tests.helpers.trainer import TINY
 
@@ -116,7 +123,7 @@ def byol_run(make_shard_set, tmp_path):
     options, _, lr = TINY["byol"]
     cfg = TrainConfig(data=str(make_shard_set(64, shard_size=32)), unique_samples="32", budget_samples="64",
                       method="byol", method_options=options, backbone="test_resnet", image_size=32, batch_size=8,
-                      num_workers=0, optimizer="sgd", lr=lr, out=str(tmp_path / "run"), tensorboard=False,
+                      num_workers=0, optimizer="sgd", lr=lr, out=str(tmp_path / "run"), log_with="none",
                       progress=False)
     run = build_run(make_accelerator(cfg), cfg)
     run.prepare()
@@ -147,7 +154,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(
                  "--budget-samples", "160", "--backbone", "test_resnet", "--image-size", "32", "--batch-size", "16",
                  "--num-workers", "0", "--optimizer", "sgd", "--lr", "1e12", "--warmup-fraction", "0",
                  "--log-every", "1", "--save-every", "1", "--method-options", options, "--out", str(out),
-                 "--no-progress", "--no-tensorboard"])
+                 "--no-progress", "--log-with", "none"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1, err
     assert "is nan at optimizer step" in err[0] or "is inf at optimizer step" in err[0]
@@ -155,3 +162,74 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(
     last_good = checkpoint.latest_checkpoint(out)
     state = checkpoint.load_checkpoint(last_good)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+class NoStopGradSimSiam(SSLMethod):
+    """SimSiam without its stop-gradient: the known collapsing method (Chen & He 2021, Fig. 2): the negative
+    cosine between the two views' predictions and projections is minimized by mapping everything to one point."""
+
+    name = "nostopgrad"
+
+    def __init__(self, backbone, feature_dim):
+        super().__init__(backbone, feature_dim)
+        self.projector = mlp(feature_dim, 64, 32, layers=2)
+        self.predictor = mlp(32, 16, 32, layers=2)
+
+    def views(self, image_size):
+        return byol_views(image_size)
+
+    def forward(self, views):
+        z1, z2 = self.encode(lambda x: self.projector(self.backbone(x)), views[:2])
+        p1, p2 = self.encode(self.predictor, [z1, z2])
+        loss = -(F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean()) / 2
+        return {"loss": loss, **self.monitor(z1)}
+
+
+def test_a_collapsing_run_trips_the_collapse_warning_once(make_shard_set, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(METHODS, "nostopgrad", NoStopGradSimSiam)
+    out = tmp_path / "collapse"
+    cfg = TrainConfig(data=str(make_shard_set(64, shard_size=32)), unique_samples="64", budget_samples="640",
+                      method="nostopgrad", backbone="test_resnet", image_size=32, batch_size=16, num_workers=0,
+                      optimizer="sgd", lr=4.0, warmup_fraction=0.0, log_every=2, out=str(out), log_with="none",
+                      progress=False)
+    summary = train(cfg)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: embeddings collapsing")]
+    warning = summary["collapse_monitor"]["warning"]
+    assert len(err) == 1 and warning is not None, err  # once, however long it stays collapsed
+    assert f"at optimizer step {warning['step']}:" in err[0] and "0.1 / sqrt(32)" in err[0]
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    stds = {int(r["step"]): float(r["embed_std"]) for r in rows}
+    # Warned at the first logged step under the limit, having been above it before.
+    assert stds[warning["step"]] < 0.1 / math.sqrt(32) <= stds[2]
+    assert all(s >= 0.1 / math.sqrt(32) for step, s in stds.items() if step < warning["step"])
+    assert json.loads((out / "summary.json").read_text())["collapse_monitor"]["warning"]["step"] == warning["step"]
+
+
+def test_log_with_names_installed_trackers_or_stops_with_one_line(monkeypatch):
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [LoggerType.TENSORBOARD])
+    assert trackers(TrainConfig(data="x", log_with="tensorboard, tensorboard")) == ["tensorboard"]
+    assert trackers(TrainConfig(data="x", log_with="none")) == []
+    with pytest.raises(RunError, match=r"--log-with mlflow: the mlflow package is not installed \(pip install mlflow"):
+        trackers(TrainConfig(data="x", log_with="tensorboard,mlflow"))
+    with pytest.raises(RunError, match="--log-with tensorbord: not a tracker .*wandb"):
+        trackers(TrainConfig(data="x", log_with="tensorbord"))
+
+
+@pytest.mark.slow
+def test_wandb_offline_mode_is_honoured(make_shard_set, tmp_path, monkeypatch):
+    """`--log-with wandb` under WANDB_MODE=offline: the run's rows go to an offline W&B run in OUT/wandb, with no
+    network; metrics.csv is written as always."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    options, _, lr = TINY["simclr"]
+    out = tmp_path / "wandb_run"
+    train(TrainConfig(data=str(make_shard_set(64, shard_size=32)), unique_samples="32", budget_samples="64",
+                      method_options=options, backbone="test_resnet", image_size=32, batch_size=16, num_workers=0,
+                      optimizer="sgd", lr=lr, log_every=1, out=str(out), log_with="wandb", progress=False))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), list((out / "wandb").iterdir())
+    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 4

@@ -176,7 +176,7 @@ def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(mo
     from tests.helpers.trainer import TRAIN, run, train_args
 
     flags = dict(unique_samples="60", budget_samples="240", batch_size=16, num_workers=1, save_every=5,
-                 tensorboard="false", storage_options=json.dumps(moto.options()),
+                 log_with="none", storage_options=json.dumps(moto.options()),
                  read_ahead_bytes="64KiB")  # (a larger read-ahead reads the small pool once for every pass)
     runs = {}
     knn = {"knn_train": s3_url, "knn_test": s3_url, "knn_k": 5}  # the kNN monitor reads s3:// with the same options

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multiprocess
 
 TINY_TRAIN = {"backbone": TINY_BACKBONE, "image_size": 32, "batch_size": 16, "num_workers": 0, "optimizer": "sgd",
               "lr": 0.5, "method_options": {"proj_hidden": 64, "proj_dim": 32}, "progress": False,
-              "tensorboard": False, "log_every": 1}
+              "log_with": "none", "log_every": 1}
 
 
 @pytest.fixture(scope="module")

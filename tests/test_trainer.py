@@ -79,7 +79,19 @@ def test_run_outputs_accumulation_and_knn_monitor(make_shard_set, tmp_path):
     assert [int(r["samples"]) for r in rows] == [32, 64, 96, 128, 160]
     assert all(0 <= float(r["data_wait"]) <= 1 for r in rows)
     assert float(rows[0]["lr"]) == pytest.approx(0.25)  # warm-up: 1 step of 5 x 0.1 -> peak at step 0
-    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert {"embed_std", "embed_rank"} <= set(rows[0])  # the collapse monitor, every row
+    monitor = summary["collapse_monitor"]
+    assert monitor["embed_std"] == pytest.approx(float(rows[-1]["embed_std"]), rel=1e-5)
+    assert monitor["embed_dim"] == 64 and monitor["warning"] is None and monitor["threshold"] == 0.1
+    # The same rows went to TensorBoard through Accelerate's tracker (OUT/tb/stream-ssl), with the kNN monitor.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb" / "stream-ssl"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/embed_std", "train/embed_rank", "train/lr", "eval/knn_top1"} <= tags
+    assert [e.step for e in events.Scalars("train/embed_std")] == [1, 2, 3, 4, 5]
+    assert events.Scalars("train/embed_std")[-1].value == pytest.approx(monitor["embed_std"], rel=1e-5)
     assert [line.split(",")[0] for line in (out / "knn.csv").read_text().splitlines()] == ["2", "4", "5"]
     assert [k["step"] for k in summary["knn"]] == [2, 4, 5] and 0 <= summary["knn"][-1]["knn_top1"] <= 1
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*.pt"))
@@ -106,7 +118,7 @@ def test_bf16_clipping_adamw_and_weight_decay_schedule(make_shard_set, tmp_path)
     out = tmp_path / "bf16"
     cfg = tiny_config(data, out, method="byol", backbone="test_vit", budget_samples="64", precision="bf16",
                       clip_grad=1.0, optimizer="adamw", lr=1e-3, weight_decay=0.04, weight_decay_end=0.4,
-                      tensorboard=False)
+                      log_with="none")
     # A ViT: the trainer turns oneDNN off for mixed precision on CPU (its bf16 convolution backward returned NaN
     # weight gradients for 1x1 feature maps), and the native bf16 convolutions are slow.
     summary = train(cfg)
@@ -127,7 +139,7 @@ def run_main(capsys, argv: list[str]) -> tuple[int, str]:
 def test_clear_errors(make_shard_set, tmp_path, capsys):
     data = str(make_shard_set(128, shard_size=32))
     base = ["--data", data, "--backbone", "test_resnet", "--image-size", "32", "--num-workers", "0",
-            "--no-progress", "--no-tensorboard"]
+            "--no-progress", "--log-with", "none"]
 
     for flag, typo in (("--method", "simclrr"), ("--optimizer", "adam"), ("--decoder", "nvjpg"),
                        ("--precision", "bf17")):
@@ -173,8 +185,8 @@ def test_clear_errors(make_shard_set, tmp_path, capsys):
 
 
 def test_boolean_settings_are_switches(capsys):
-    cfg = parse_config(["--data", "x", "--log-keys", "--no-tensorboard", "--sync-bn"])
-    assert (cfg.log_keys, cfg.tensorboard, cfg.sync_bn, cfg.progress) == (True, False, True, True)
+    cfg = parse_config(["--data", "x", "--log-keys", "--no-progress", "--sync-bn"])
+    assert (cfg.log_keys, cfg.progress, cfg.sync_bn, cfg.tf32) == (True, False, True, True)
     assert parse_config(["--data", "x", "--no-progress"]).progress is False
     with pytest.raises(SystemExit):
         parse_config(["--data", "x", "--log-keys", "true"])  # a switch takes no value
@@ -215,7 +227,7 @@ def test_every_method_trains_on_the_dali_path(make_shard_set, tmp_path, method):
     pytest.importorskip("nvidia.dali")
     data = make_shard_set(64, shard_size=32)
     summary = train(tiny_config(data, tmp_path / method, method, decoder="dali", dali_threads=1,
-                                unique_samples="32", budget_samples="48", batch_size=8, tensorboard=False))
+                                unique_samples="32", budget_samples="48", batch_size=8, log_with="none"))
     assert summary["steps"] == 6 and summary["decoder"] == "dali"
     assert summary["dali"]["batches"] == 6 and summary["dali"]["pil_batches"] == 0  # DALI augmented every batch
     losses = [float(r["loss"]) for r in read_metrics(tmp_path / method)]

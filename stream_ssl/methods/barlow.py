@@ -7,6 +7,16 @@ lambda = 0.0051, LARS lr 0.2 x B/256, wd 1.5e-6; augmentation: the BYOL pair.
 Cross-rank: the batch statistics and the cross-correlation are sums over samples, combined over ranks with
 one no-grad all_reduce (`sum_with_local_grad`), so loss and gradients equal the single-process ones on the
 concatenated batch (the official code all_reduces `c` and relies on SyncBatchNorm for the statistics).
+
+Loss scale (conventions differ; carry published settings over with these factors). This file's loss is the
+paper's, with no factor (`scale_loss` 1.0). solo-learn multiplies it by `scale_loss` (0.1 in its CIFAR and
+ImageNet-100 recipes; early versions of the official code used 1/32 or 0.024): to reproduce such a setting,
+give the same `scale_loss` and keep lr and weight decay. To keep `scale_loss` 1 instead: with SGD, lr x s
+and weight decay / s; with LARS (the trust ratio removes the gradient's scale), weight decay / s and the same
+lr; AdamW is (up to its eps) unaffected. Loss values compare after dividing theirs by s.
+
+Views and BatchNorm: the reference code (facebookresearch/barlowtwins, main.py) runs each view through the
+backbone and projector on its own, so BatchNorm statistics are per view (`views_together` False by default).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ from torch import nn
 
 from stream_ssl.data.augment import ViewSpec, byol_views
 from stream_ssl.distributed import all_reduce_sum, sum_with_local_grad, world
-from stream_ssl.methods.base import SSLMethod, encode_views, fp32_loss, register
+from stream_ssl.methods.base import SSLMethod, fp32_loss, register, with_color_strength
 from stream_ssl.models.heads import mlp
 
 
@@ -56,17 +66,20 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
 @register
 class BarlowTwins(SSLMethod):
     name = "barlow"
+    VIEWS_TOGETHER = False
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 8192, proj_dim: int = 8192,
-                 proj_layers: int = 3, lambd: float = 0.0051, blur: bool | None = None, min_scale: float = 0.08):
-        super().__init__(backbone, feature_dim)
+                 proj_layers: int = 3, lambd: float = 0.0051, scale_loss: float = 1.0, blur: bool | None = None,
+                 min_scale: float = 0.08, color_strength: float | None = None,
+                 views_together: bool | None = None):
+        super().__init__(backbone, feature_dim, views_together)
         self.projector = mlp(feature_dim, proj_hidden, proj_dim, layers=proj_layers, last_bias=False)
-        self.lambd = lambd
-        self.blur, self.min_scale = blur, min_scale
+        self.lambd, self.scale_loss = lambd, scale_loss
+        self.blur, self.min_scale, self.color_strength = blur, min_scale, color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
-        return byol_views(image_size, self.blur, self.min_scale)
+        return with_color_strength(byol_views(image_size, self.blur, self.min_scale), self.color_strength)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        z1, z2 = encode_views(lambda x: self.projector(self.backbone(x)), views[:2])
-        return {"loss": barlow_twins_loss(z1, z2, self.lambd)}
+        z1, z2 = self.encode(lambda x: self.projector(self.backbone(x)), views[:2])
+        return {"loss": self.scale_loss * barlow_twins_loss(z1, z2, self.lambd), **self.monitor(z1)}

@@ -9,19 +9,22 @@ groups. The trainer only calls, per optimizer step k (0-based) of K:
     method.on_optimizer_step(k + 1, K)     # after the optimizer step: momentum encoders, normalizations
                                            # (not called when the fp16 gradient scaler skipped the step)
 
-plus `views(image_size)` once and `param_groups()` once. Optional hooks, no-ops here: `rank_state()` /
-`load_rank_state(state)` for per-process state a checkpoint must keep (SwAV's queue). Nothing in the trainer
-is method-specific. All schedules are functions of the optimizer step (stream_ssl/schedules.py), so a
-resumed run needs no schedule state.
+plus `views(image_size)` once and `param_groups()` once. Besides its loss, `forward` returns the collapse
+monitor's scalars for the online projector's output on the first view (`self.monitor(z)`: `embed_std`,
+`embed_rank`). Optional hooks, no-ops here: `rank_state()` / `load_rank_state(state)` for per-process state a
+checkpoint must keep (SwAV's queue). Nothing in the trainer is method-specific. All schedules are functions
+of the optimizer step (stream_ssl/schedules.py), so a resumed run needs no schedule state.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stream_ssl.data.augment import ViewSpec
@@ -75,23 +78,47 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 # Numerics and forward helpers.
 
 
+def _float32(x):
+    """Floating tensors, also inside lists and tuples, as float32; everything else unchanged."""
+    if torch.is_tensor(x):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_float32(v) for v in x)
+    return x
+
+
+def _first_device(values) -> str:
+    for v in values:
+        if torch.is_tensor(v):
+            return v.device.type
+        if isinstance(v, (list, tuple)) and v:
+            return _first_device(v)
+    return "cpu"
+
+
 def fp32_loss(fn):
-    """Run a loss in float32 with autocast off: softmax/log/exp/Sinkhorn in bf16/fp16 lose the signal."""
+    """Run a loss in float32 with autocast off: softmax/log/exp/Sinkhorn in bf16/fp16 lose the signal. Tensor
+    arguments, and tensors in list/tuple arguments (DINO's and SwAV's per-view outputs), become float32.
+    The loss is looked up as `wrapper.__wrapped__` at call time, so a test can watch what it receives."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-        kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
-        device = next((a.device.type for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)), "cpu")
-        with torch.autocast(device_type=device, enabled=False):
-            return fn(*args, **kwargs)
+        args = _float32(args)
+        kwargs = {k: _float32(v) for k, v in kwargs.items()}
+        with torch.autocast(device_type=_first_device(list(args) + list(kwargs.values())), enabled=False):
+            return wrapper.__wrapped__(*args, **kwargs)
 
+    wrapper._fp32_loss = True
     return wrapper
 
 
-def encode_views(net: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Apply `net` to every view, batching consecutive views of the same resolution into one forward pass
-    (multi-crop: the global crops together, the local crops together). Returns one output per view."""
+def encode_views(net: nn.Module, views: list[torch.Tensor], together: bool = True) -> list[torch.Tensor]:
+    """Apply `net` to every view; returns one output per view. With `together`, consecutive views of the same
+    resolution go through one forward pass (BatchNorm statistics over all of them: the reference SimCLR, SwAV
+    and DINO); otherwise every view is its own pass (BatchNorm statistics per view: the reference BYOL, Barlow
+    Twins, VICReg and MoCo v3)."""
+    if not together:
+        return [net(v) for v in views]
     outs: list[torch.Tensor] = []
     i = 0
     while i < len(views):
@@ -102,6 +129,37 @@ def encode_views(net: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor
         outs.extend(y.chunk(j - i) if j - i > 1 else [y])
         i = j
     return outs
+
+
+@torch.no_grad()
+def embedding_health(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The collapse monitor's numbers for a batch of embeddings z (B x d), in float32:
+    - `embed_std`: the standard deviation over the batch (unbiased) of the L2-normalized embeddings, averaged
+      over the d dimensions: 1/sqrt(d) when the embeddings spread over the sphere, 0 when they all coincide
+      (SimSiam, Chen & He 2021, Fig. 2). Rows of the identity (B = d) give exactly 1/sqrt(d).
+    - `embed_rank`: the effective rank exp(H(p)), p the singular values of the normalized batch divided by their
+      sum (RankMe, Garrido et al. 2023): 1 when collapsed, at most min(B, d); d for the identity.
+    Both are NaN when the batch holds a non-finite value (a diverging run; the trainer reports that itself)."""
+    zn = F.normalize(z.detach().float().flatten(1), dim=1)
+    finite = torch.isfinite(zn).all()
+    zn = torch.where(finite, zn, torch.zeros_like(zn))  # the SVD refuses non-finite input; no host sync here
+    std = zn.std(dim=0).mean() if zn.shape[0] > 1 else zn.new_zeros(())
+    s = torch.linalg.svdvals(zn)
+    p = s / s.sum().clamp_min(1e-12)
+    rank = torch.exp(-torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p)).sum())
+    nan = torch.full_like(std, float("nan"))
+    return {"embed_std": torch.where(finite, std, nan), "embed_rank": torch.where(finite, rank, nan)}
+
+
+def with_color_strength(views: list[ViewSpec], strength: float | None) -> list[ViewSpec]:
+    """The views with SimCLR's color jitter of strength s, (0.8s, 0.8s, 0.8s, 0.2s) for brightness, contrast,
+    saturation and hue (s = 1 is SimCLR's and SwAV's; BYOL's recipe, (0.4, 0.4, 0.2, 0.1), is about s = 0.5);
+    None keeps the recipe's own jitter."""
+    if strength is None:
+        return views
+    s = float(strength)
+    return [dataclasses.replace(v, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s))
+            for v in views]
 
 
 def local_crop_size(image_size: int, backbone: nn.Module | None = None) -> int:
@@ -118,11 +176,25 @@ def local_crop_size(image_size: int, backbone: nn.Module | None = None) -> int:
 class SSLMethod(nn.Module):
     name: ClassVar[str] = ""
     needs_batch_stats: ClassVar[bool] = True  # the loss uses statistics over the batch: a batch of 1 is an error
+    # How the reference implementation feeds views through BatchNorm (see encode_views); `views_together`
+    # (a method option) overrides it.
+    VIEWS_TOGETHER: ClassVar[bool] = True
 
-    def __init__(self, backbone: nn.Module, feature_dim: int):
+    def __init__(self, backbone: nn.Module, feature_dim: int, views_together: bool | None = None):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
+        self.views_together = self.VIEWS_TOGETHER if views_together is None else bool(views_together)
+        self.embed_dim: int | None = None  # the monitored embedding's size, known after the first forward
+
+    def encode(self, net, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`encode_views` with this method's BatchNorm mode."""
+        return encode_views(net, views, self.views_together)
+
+    def monitor(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The collapse monitor's scalars for the online embedding `z` (see `embedding_health`)."""
+        self.embed_dim = int(z.flatten(1).shape[1])
+        return embedding_health(z)
 
     def views(self, image_size: int) -> list[ViewSpec]:
         raise NotImplementedError

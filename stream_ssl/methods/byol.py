@@ -3,6 +3,10 @@ other view; the target is an EMA of the online network and receives no gradient.
 
 Defaults (paper): projector and predictor 4096-256 with BN, tau 0.996 -> 1 (cosine over optimizer steps),
 LARS lr 0.2 x B/256, wd 1.5e-6; augmentation: the asymmetric BYOL pair (blur 1.0 / 0.1, solarize 0 / 0.2).
+
+Views and BatchNorm: the reference code (deepmind-research byol/byol_experiment.py, `apply_once_fn` per view)
+runs each view through the online and the target network on its own, so BatchNorm statistics are per view
+(`views_together` False by default; True batches the two views).
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ from stream_ssl.data.augment import ViewSpec, byol_views
 from stream_ssl.methods.base import (
     SSLMethod,
     ema_update,
-    encode_views,
     fp32_loss,
     make_target,
     register,
+    with_color_strength,
 )
 from stream_ssl.models.heads import mlp
 from stream_ssl.schedules import momentum_at
@@ -33,26 +37,29 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 @register
 class BYOL(SSLMethod):
     name = "byol"
+    VIEWS_TOGETHER = False
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 4096, proj_dim: int = 256,
                  pred_hidden: int = 4096, base_momentum: float = 0.996, final_momentum: float = 1.0,
-                 blur: bool | None = None, min_scale: float = 0.08):
-        super().__init__(backbone, feature_dim)
+                 blur: bool | None = None, min_scale: float = 0.08, color_strength: float | None = None,
+                 views_together: bool | None = None):
+        super().__init__(backbone, feature_dim, views_together)
         self.projector = mlp(feature_dim, proj_hidden, proj_dim, layers=2)
         self.predictor = mlp(proj_dim, pred_hidden, proj_dim, layers=2)
         self.target_backbone = make_target(backbone)
         self.target_projector = make_target(self.projector)
         self.base_momentum, self.final_momentum = base_momentum, final_momentum
-        self.blur, self.min_scale = blur, min_scale
+        self.blur, self.min_scale, self.color_strength = blur, min_scale, color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
-        return byol_views(image_size, self.blur, self.min_scale)
+        return with_color_strength(byol_views(image_size, self.blur, self.min_scale), self.color_strength)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        p1, p2 = encode_views(lambda x: self.predictor(self.projector(self.backbone(x))), views[:2])
+        z = self.encode(lambda x: self.projector(self.backbone(x)), views[:2])
+        p1, p2 = self.encode(self.predictor, z)
         with torch.no_grad():
-            z1, z2 = encode_views(lambda x: self.target_projector(self.target_backbone(x)), views[:2])
-        return {"loss": byol_loss(p1, z2) + byol_loss(p2, z1)}
+            t1, t2 = self.encode(lambda x: self.target_projector(self.target_backbone(x)), views[:2])
+        return {"loss": byol_loss(p1, t2) + byol_loss(p2, t1), **self.monitor(z[0])}
 
     def on_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         tau = momentum_at(step - 1, total_steps, self.base_momentum, self.final_momentum)

@@ -8,6 +8,9 @@ cosine; last layer frozen for ~1% of steps (one epoch of 100). Crops: 2 global (
 8 local (0.05, 0.4) at 96/224 of it; global 1 always blurred, global 2 blurred 10% and solarized 20%, locals
 blurred 50%. ViT-S/16: AdamW lr 5e-4 x B/256, wd 0.04 -> 0.4 cosine, clip 3.0, drop path 0.1.
 
+Views and BatchNorm: the reference code (facebookresearch/dino, MultiCropWrapper) concatenates the crops of each
+resolution into one batch, so BatchNorm statistics cover all crops of a size (`views_together` True).
+
 Cross-rank: the center is averaged over ranks with a no-grad all_reduce.
 """
 
@@ -22,11 +25,11 @@ from stream_ssl.distributed import all_reduce_sum, world
 from stream_ssl.methods.base import (
     SSLMethod,
     ema_update,
-    encode_views,
     fp32_loss,
     local_crop_size,
     make_target,
     register,
+    with_color_strength,
 )
 from stream_ssl.models.heads import DINOHead
 from stream_ssl.schedules import linear_warmup, momentum_at
@@ -69,8 +72,9 @@ class DINO(SSLMethod):
                  warmup_teacher_temp: float = 0.04, teacher_temp_warmup_fraction: float = 0.3,
                  center_momentum: float = 0.9, base_momentum: float = 0.996, final_momentum: float = 1.0,
                  freeze_last_layer_fraction: float = 0.01, local_crops: int = 8, global_scale: tuple = (0.4, 1.0),
-                 local_scale: tuple = (0.05, 0.4), local_size: int | None = None, blur: bool | None = None):
-        super().__init__(backbone, feature_dim)
+                 local_scale: tuple = (0.05, 0.4), local_size: int | None = None, blur: bool | None = None,
+                 color_strength: float | None = None, views_together: bool | None = None):
+        super().__init__(backbone, feature_dim, views_together)
         self.head = DINOHead(feature_dim, out_dim, head_hidden, bottleneck, head_layers, use_bn_in_head,
                              norm_last_layer)
         self.teacher_backbone = make_target(backbone)
@@ -84,11 +88,12 @@ class DINO(SSLMethod):
         self.freeze_last_layer_fraction = freeze_last_layer_fraction
         self.local_crops, self.local_size = local_crops, local_size
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        self.blur = blur
+        self.blur, self.color_strength = blur, color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
         local = self.local_size or local_crop_size(image_size, self.backbone)
-        return dino_views(image_size, local, self.local_crops, self.global_scale, self.local_scale, self.blur)
+        views = dino_views(image_size, local, self.local_crops, self.global_scale, self.local_scale, self.blur)
+        return with_color_strength(views, self.color_strength)
 
     def teacher_temp_at(self, step: int, total_steps: int) -> float:
         start, end, fraction = self.teacher_temps
@@ -99,12 +104,13 @@ class DINO(SSLMethod):
         return {"teacher_temp": self.teacher_temp}
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        student = encode_views(lambda x: self.head(self.backbone(x)), views)
+        embeddings = self.encode(lambda x: self.head.embed(self.backbone(x)), views)
+        student = [self.head.last_layer(e) for e in embeddings]
         with torch.no_grad():
-            teacher = encode_views(lambda x: self.teacher_head(self.teacher_backbone(x)), views[:2])
+            teacher = self.encode(lambda x: self.teacher_head(self.teacher_backbone(x)), views[:2])
         loss = dino_loss(student, teacher, self.center, self.student_temp, self.teacher_temp)
         self.center.copy_(dino_center(self.center, teacher, self.center_momentum))
-        return {"loss": loss}
+        return {"loss": loss, **self.monitor(embeddings[0])}
 
     def before_optimizer_step(self, step: int, total_steps: int) -> None:
         if step < self.freeze_last_layer_fraction * total_steps:

@@ -5,6 +5,10 @@ Defaults (paper): ResNet: projector 2 layers 4096-256 (last BN without affine), 
 T = 1.0, momentum 0.99 -> 1 (cosine), LARS lr 0.3 x B/256 (0.6 for short schedules), wd 1e-6.
 ViT: projector 3 layers, T = 0.2, AdamW lr 1.5e-4 x B/256, wd 0.1, frozen random patch embedding.
 Augmentation: the BYOL pair with min crop scale 0.08.
+
+Views and BatchNorm: the reference code (facebookresearch/moco-v3, moco/builder.py) runs each view through the
+query and the momentum encoder on its own, so BatchNorm statistics are per view (`views_together` False by
+default; True batches the two views).
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ from stream_ssl.distributed import all_gather_nograd, world
 from stream_ssl.methods.base import (
     SSLMethod,
     ema_update,
-    encode_views,
     fp32_loss,
     make_target,
     register,
+    with_color_strength,
 )
 from stream_ssl.models.backbone import is_vit
 from stream_ssl.models.heads import mlp
@@ -45,12 +49,14 @@ def moco_contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float =
 @register
 class MoCoV3(SSLMethod):
     name = "mocov3"
+    VIEWS_TOGETHER = False
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 4096, proj_dim: int = 256,
                  pred_hidden: int = 4096, proj_layers: int | None = None, temperature: float | None = None,
                  base_momentum: float = 0.99, final_momentum: float = 1.0, freeze_patch_embed: bool | None = None,
-                 blur: bool | None = None, min_scale: float = 0.08):
-        super().__init__(backbone, feature_dim)
+                 blur: bool | None = None, min_scale: float = 0.08, color_strength: float | None = None,
+                 views_together: bool | None = None):
+        super().__init__(backbone, feature_dim, views_together)
         vit = is_vit(backbone)
         self.temperature = temperature if temperature is not None else (0.2 if vit else 1.0)
         layers = proj_layers if proj_layers is not None else (3 if vit else 2)
@@ -62,17 +68,18 @@ class MoCoV3(SSLMethod):
         self.momentum_backbone = make_target(backbone)
         self.momentum_projector = make_target(self.projector)
         self.base_momentum, self.final_momentum = base_momentum, final_momentum
-        self.blur, self.min_scale = blur, min_scale
+        self.blur, self.min_scale, self.color_strength = blur, min_scale, color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
-        return byol_views(image_size, self.blur, self.min_scale)
+        return with_color_strength(byol_views(image_size, self.blur, self.min_scale), self.color_strength)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        q1, q2 = encode_views(lambda x: self.predictor(self.projector(self.backbone(x))), views[:2])
+        z = self.encode(lambda x: self.projector(self.backbone(x)), views[:2])
+        q1, q2 = self.encode(self.predictor, z)
         with torch.no_grad():
-            k1, k2 = encode_views(lambda x: self.momentum_projector(self.momentum_backbone(x)), views[:2])
+            k1, k2 = self.encode(lambda x: self.momentum_projector(self.momentum_backbone(x)), views[:2])
         loss = moco_contrastive_loss(q1, k2, self.temperature) + moco_contrastive_loss(q2, k1, self.temperature)
-        return {"loss": loss}
+        return {"loss": loss, **self.monitor(z[0])}
 
     def on_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
         m = momentum_at(step - 1, total_steps, self.base_momentum, self.final_momentum)

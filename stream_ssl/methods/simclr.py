@@ -3,6 +3,9 @@
 Defaults (paper): projector 2048-2048-128 with BN, temperature 0.1 (0.2 for small batches/images is common),
 LARS lr 0.3 x B/256, wd 1e-6; color jitter strength 1.0 (0.8, 0.8, 0.8, 0.2) p=0.8, gray 0.2, blur 0.5 at
 ImageNet resolution; strength 0.5 and no blur below 96 px (the CIFAR recipe).
+
+Views and BatchNorm: the reference code (google-research/simclr) concatenates the two views into one batch, so
+BatchNorm statistics cover both (`views_together` True by default; False runs each view on its own).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from torch import nn
 
 from stream_ssl.data.augment import ViewSpec, simclr_views
 from stream_ssl.distributed import gather_with_grad, world
-from stream_ssl.methods.base import SSLMethod, encode_views, fp32_loss, register
+from stream_ssl.methods.base import SSLMethod, fp32_loss, register
 from stream_ssl.models.heads import mlp
 
 
@@ -44,8 +47,8 @@ class SimCLR(SSLMethod):
 
     def __init__(self, backbone: nn.Module, feature_dim: int, proj_hidden: int = 2048, proj_dim: int = 128,
                  proj_layers: int = 2, temperature: float = 0.1, blur: bool | None = None,
-                 color_strength: float | None = None):
-        super().__init__(backbone, feature_dim)
+                 color_strength: float | None = None, views_together: bool | None = None):
+        super().__init__(backbone, feature_dim, views_together)
         self.projector = mlp(feature_dim, proj_hidden, proj_dim, layers=proj_layers)
         self.temperature = temperature
         self.blur = blur
@@ -56,5 +59,5 @@ class SimCLR(SSLMethod):
         return simclr_views(image_size, self.blur, self.color_strength)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        z1, z2 = encode_views(lambda x: self.projector(self.backbone(x)), views[:2])
-        return {"loss": nt_xent_loss(z1, z2, self.temperature)}
+        z1, z2 = self.encode(lambda x: self.projector(self.backbone(x)), views[:2])
+        return {"loss": nt_xent_loss(z1, z2, self.temperature), **self.monitor(z1)}

@@ -59,5 +59,9 @@ class DINOHead(nn.Module):
             self.last_layer = nn.Linear(bottleneck, out_dim, bias=False)
             nn.init.trunc_normal_(self.last_layer.weight, std=0.02)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalized bottleneck (what the last layer scores)."""
+        return F.normalize(self.mlp(x), dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        return self.last_layer(self.embed(x))

@@ -29,7 +29,7 @@ def main() -> int:
         cfg = TrainConfig(data=data, unique_samples="32", budget_samples=str(32 * steps), method=method,
                           method_options=options, backbone="test_resnet", image_size=32, batch_size=16,
                           optimizer=optimizer, lr=lr, warmup_fraction=0.0, num_workers=0, log_every=1,
-                          progress=False, tensorboard=False, out=str(out / method))
+                          progress=False, log_with="none", out=str(out / method))
         summary = train(cfg)
         rank, world = dist.get_rank(), dist.get_world_size()
         # DDP keeps the replicas equal: compare a checksum of the final backbone across ranks.
