@@ -88,7 +88,7 @@ def config(sz: Sizes, data: str, out: Path, **kw) -> TrainConfig:
     steps = sz.warmup + sz.steps
     base = dict(data=data, unique_samples="1.0", budget_samples=str(steps * sz.batch), method="simclr",
                 backbone=sz.backbone, image_size=sz.image, batch_size=sz.batch, precision=sz.precision,
-                optimizer="lars", lr=0.3, num_workers=0, out=str(out), tensorboard=False, progress=False,
+                optimizer="lars", lr=0.3, num_workers=0, out=str(out), log_with="none", progress=False,
                 log_every=10**6, save_every=0, resume="never")
     base.update(kw)
     return TrainConfig(**base)

@@ -81,7 +81,7 @@ def test_http_sets_cannot_be_listed_and_are_not_checked():
 
 def test_training_stops_before_the_first_step_naming_the_missing_shard(damaged, tmp_path, capsys):
     out = tmp_path / "run"
-    code = train_main(train_args(damaged, out, unique_samples="240", budget_samples="64", tensorboard="false"))
+    code = train_main(train_args(damaged, out, unique_samples="240", budget_samples="64", log_with="none"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("error: shards missing or changed since index.json was written: ")

@@ -133,7 +133,7 @@ def test_a_run_trains_through_the_nvjpeg_decoder(jpeg_set, tmp_path):
     options, optimizer, lr = TINY["simclr"]
     cfg = TrainConfig(data=jpeg_set.url, unique_samples="48", budget_samples="48", decoder="nvjpeg",
                       method_options=options, backbone="test_resnet", image_size=32, batch_size=12, num_workers=1,
-                      optimizer=optimizer, lr=lr, out=str(tmp_path / "run"), tensorboard=False, progress=False)
+                      optimizer=optimizer, lr=lr, out=str(tmp_path / "run"), log_with="none", progress=False)
     summary = train(cfg)
     assert summary["decoder"] == "nvjpeg" and summary["nvjpeg"]["images"] == 48
     assert summary["nvjpeg"]["cpu_decoded"] == 1 and np.isfinite(summary["final_loss"])

@@ -213,7 +213,7 @@ def test_two_simulated_nodes_read_the_pool_at_most_once_each(moto, local_folder,
 
     proxy = FaultProxy(moto.port)
     try:
-        flags = dict(unique_samples="64", budget_samples="256", batch_size=8, num_workers=1, tensorboard="false",
+        flags = dict(unique_samples="64", budget_samples="256", batch_size=8, num_workers=1, log_with="none",
                      log_keys="true", read_ahead_bytes="64KiB",
                      storage_options=json.dumps(moto.options(proxy.endpoint)))
         out = tmp_path / "out"

@@ -242,7 +242,9 @@ class DiskCache:
             if all(s == HELD for _, _, s in runs):
                 return True
             if not any(s == BUSY for _, _, s in runs) or time.monotonic() > deadline:
-                return False
+                # A listing that ran while the entry was renamed into place and its claim removed can miss
+                # both; one that starts after it cannot, so look once more before giving up.
+                return all(s == HELD for _, _, s in self.state(key, first, stop))
             time.sleep(delay)
             delay = min(0.1, delay * 1.5)
 

@@ -18,7 +18,7 @@ from tests.helpers.trainer import TRAIN, accelerate_cmd, child_env, train_args
 DRIVER = REPO / "tests" / "helpers" / "fault_driver.py"
 # 8 shards of 30 samples (~120 KB each); one pass over the 240 samples in 15 steps of 16.
 SET = dict(samples=240, shard_size=30, seed=11)
-RUN = dict(unique_samples="240", budget_samples="240", tensorboard="false", log_keys="true", log_every=1)
+RUN = dict(unique_samples="240", budget_samples="240", log_with="none", log_keys="true", log_every=1)
 
 
 @dataclass
