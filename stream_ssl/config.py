@@ -61,7 +61,8 @@ class TrainConfig:
                                      "object store once per node (with --cache-dir on each node's local disk)")
     read_ahead_bytes: str = setting("256MiB", f"memory per process for reads ahead of training, {SIZE_HELP}; "
                                               "the reader plans the reads of the steps it covers together and "
-                                              "keeps enough requests in flight to hide storage latency")
+                                              "keeps enough requests in flight to hide storage latency (local files: "
+                                              "at most 16MiB per loader worker)")
     shuffle_window: int = setting(8, "steps whose samples are mixed together (see stream_ssl/data/plan.py)")
     shuffle_block: int = setting(-1, "samples moved together when mixing; 0: no mixing, -1: automatic (global "
                                      "batch / 16, at most ~4 MB of samples)")

@@ -363,3 +363,18 @@ def test_an_index_is_fetched_once_however_many_threads_ask(shards):
         t.join()
     assert len(got) == 8 and all(g is got[0] for g in got)
     assert [p for p, *_ in slow.requests] == [shards.idx_url(3)] and reader.stats.index_fetches == 1
+
+
+def test_local_shards_read_ahead_at_most_the_local_bound(shards):
+    """Local files have no latency to hide: whatever --read-ahead-bytes says, the reader holds at most
+    LOCAL_READ_AHEAD ahead (a smaller setting still wins); a set behind a URL keeps the setting."""
+    import dataclasses
+
+    from stream_ssl.data.readahead import LOCAL_READ_AHEAD
+
+    plan = make_plan([shards], 300, 300, batch_size=15)
+    reader = ShardReader(plan.sets)
+    assert ReadAhead(reader, plan, 0, [], read_ahead_bytes=1 << 30).budget == LOCAL_READ_AHEAD
+    assert ReadAhead(reader, plan, 0, [], read_ahead_bytes=1 << 20).budget == 1 << 20
+    remote = dataclasses.replace(plan, sets=[dataclasses.replace(plan.sets[0], url="s3://bucket/set")])
+    assert ReadAhead(reader, remote, 0, [], read_ahead_bytes=1 << 30).budget == 1 << 30

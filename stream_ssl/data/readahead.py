@@ -2,7 +2,8 @@
 
 Items are steps, or (step, part) micro-batches; for each, the plan gives shard slices. `ReadAhead`:
 1. takes the items ahead of the consumer in rounds of about `round_bytes` (sizes from index.json), while the
-   bytes it holds or has in flight stay under `read_ahead_bytes` (the memory bound);
+   bytes it holds or has in flight stay under `read_ahead_bytes` (the memory bound; at most LOCAL_READ_AHEAD
+   when every shard is a local file);
 2. merges a round's slices per shard into runs of touching samples: one reader per rank turns a mixing
    window's scattered blocks back into a few long ranges, and a run serves every item whose samples lie in
    it (bytes delivered to later steps wait in memory); runs are cut into GETs of at most `request_bytes`;
@@ -28,11 +29,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shard_tools.storage import is_url
 from stream_ssl.data.cache import MISSING
 from stream_ssl.data.plan import Plan, Slice
 from stream_ssl.data.reader import ShardReader
 
 DEFAULT_READ_AHEAD = 256 << 20  # bytes per process: ~1 s of a fast GPU's intake, fine on any training node
+# Shards that are all local files have no latency to hide: bytes ahead of the consumer only cost fresh memory
+# (measured: a pass read 1.5-2x faster in CPU time at 16 MiB than at 256 MiB). 16 MiB still covers 5 GB/s at
+# 3 ms, the latency of a network filesystem mounted locally.
+LOCAL_READ_AHEAD = 16 << 20
 
 
 @dataclass
@@ -71,6 +77,8 @@ class ReadAhead:
         self.reader, self.plan, self.rank, self.parts = reader, plan, rank, parts
         self.items = iter(items)
         self.budget = max(1, int(read_ahead_bytes))
+        if not fill and not any(is_url(st.url) for st in plan.sets):
+            self.budget = min(self.budget, LOCAL_READ_AHEAD)
         self.round_bytes = round_bytes or max(1, self.budget // 4)
         self.max_concurrency = max_concurrency
         self.fill, self.max_pending = fill, max_pending
