@@ -65,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
                    help="divide the YAMLs' head widths by this (4: ResNet-18's 512 features over the study's 128)")
     p.add_argument("--workers", type=int, default=1, help="data-loader workers of each run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--collect", action=argparse.BooleanOptionalAction, default=False,
+                   help="only tabulate the cells already finished (train nothing; unfinished cells are left out)")
     return p
 
 
@@ -111,9 +113,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
 
 
-def fmt(pair: tuple[float, float], digits: int = 3) -> str:
-    m, s = pair
-    return "-" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+def fmt(values: list[float], digits: int = 3) -> str:
+    """mean ± std over seeds; a single seed is marked as such (no spread to show)."""
+    m, s = mean_std(values)
+    n = sum(1 for v in values if v is not None and not math.isnan(v))
+    return "-" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f} (1 seed)"
 
 
 def collapse_std(run: str) -> tuple[float | None, float | None]:
@@ -155,13 +159,13 @@ def table(rows: list[dict], methods: list[str], downs: list[str]) -> str:
             rand = rand or m
             for n, end in ((m["n_lo"], "lo"), (m["n_hi"], "hi")):
                 stds = list(m[f"std_{end}"].values())
-                lines.append(f"| {down} | {method} | {n} | {fmt(mean_std(list(m[f'knn_{end}'].values())))} | "
-                             f"{fmt(mean_std(list(m[f'lin_{end}'].values())))} | "
-                             f"{fmt(mean_std([a for a, _ in stds if a is not None]), 4)} "
-                             f"({fmt(mean_std([b for _, b in stds if b is not None]), 2)}) |")
+                lines.append(f"| {down} | {method} | {n} | {fmt(list(m[f'knn_{end}'].values()))} | "
+                             f"{fmt(list(m[f'lin_{end}'].values()))} | "
+                             f"{fmt([a for a, _ in stds if a is not None], 4)} "
+                             f"({fmt([b for _, b in stds if b is not None], 2)}) |")
         if rand:
-            lines.append(f"| {down} | random init | 0 | {fmt(mean_std(list(rand['knn_rand'].values())))} | "
-                         f"{fmt(mean_std(list(rand['lin_rand'].values())))} | - |")
+            lines.append(f"| {down} | random init | 0 | {fmt(list(rand['knn_rand'].values()))} | "
+                         f"{fmt(list(rand['lin_rand'].values()))} | - |")
     return "\n".join(lines)
 
 
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         sweep = load_sweep(study_spec(a))
-        failed = run_local(sweep, None)
+        failed = 0 if a.collect else run_local(sweep, None)
         result = collect(sweep)
     except (SweepError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
