@@ -115,9 +115,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def fmt(values: list[float], digits: int = 3) -> str:
     """mean ± std over seeds; a single seed is marked as such (no spread to show)."""
-    m, s = mean_std(values)
-    n = sum(1 for v in values if v is not None and not math.isnan(v))
-    return "-" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f} (1 seed)"
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    m, s = mean_std(vals)
+    return "-" if not vals else f"{m:.{digits}f} ± {s:.{digits}f}" if len(vals) > 1 else f"{m:.{digits}f} (1 seed)"
 
 
 def collapse_std(run: str) -> tuple[float | None, float | None]:

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from shard_tools.listing import ShardsMissing, require_shards
 from shard_tools.quantities import parse_bytes, parse_count
 from shard_tools.shardset import load_shard_set
-from shard_tools.storage import is_url, parse_storage_options, redact
+from shard_tools.storage import parse_storage_options, redact
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, config_json
 from stream_ssl.data.augment import ViewSpec
@@ -289,7 +289,7 @@ def write_run_files(run: Run) -> None:
                 "peak_lr": run.schedule.peak_lr, "shuffle_block": run.plan.shuffle_block}
         (run.out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
         acc.print(run.plan.describe())
-        if any(is_url(s.url) for s in run.plan.sets):  # what the run will take from the object store
+        if run.plan.remote:  # what the run will take from the object store
             acc.print(describe_storage(storage_summary(run.plan, run.node.nodes, run.cache_bytes)))
         acc.print(f"optimizer steps: {run.total_steps} of global batch {run.global_batch} ({run.world_size} "
                   f"processes x {cfg.batch_size} x {cfg.grad_accum} accumulation); peak lr "

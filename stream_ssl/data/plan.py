@@ -49,6 +49,7 @@ import numpy as np
 
 from shard_tools.quantities import format_bytes, format_count, parse_count
 from shard_tools.shardset import ShardSet
+from shard_tools.storage import is_url
 
 # Seed-stream tags: pool selection, pass permutations, window block orders and in-batch orders never share
 # random numbers.
@@ -211,6 +212,11 @@ class Plan:
     @property
     def shuffled(self) -> bool:
         return self.shuffle_block > 0
+
+    @property
+    def remote(self) -> bool:
+        """Whether any shard set is read through a URL (an object store, HTTP) rather than as local files."""
+        return any(is_url(s.url) for s in self.sets)
 
     # ----------------------------------------------------------------------------------------------
     # Memoised layouts (a reader moves forward, so a handful of entries is enough).

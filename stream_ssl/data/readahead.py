@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shard_tools.storage import is_url
 from stream_ssl.data.cache import MISSING
 from stream_ssl.data.plan import Plan, Slice
 from stream_ssl.data.reader import ShardReader
@@ -77,7 +76,7 @@ class ReadAhead:
         self.reader, self.plan, self.rank, self.parts = reader, plan, rank, parts
         self.items = iter(items)
         self.budget = max(1, int(read_ahead_bytes))
-        if not fill and not any(is_url(st.url) for st in plan.sets):
+        if not fill and not plan.remote:
             self.budget = min(self.budget, LOCAL_READ_AHEAD)
         self.round_bytes = round_bytes or max(1, self.budget // 4)
         self.max_concurrency = max_concurrency
