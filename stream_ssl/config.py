@@ -63,6 +63,10 @@ class TrainConfig:
                                               "the reader plans the reads of the steps it covers together and "
                                               "keeps enough requests in flight to hide storage latency (local files: "
                                               "at most 16MiB per loader worker)")
+    local_reads: str = setting("mmap", "how local shard files are read: mmap (views of the mapped file, no copy) or "
+                                       "pread (one copy per read; for shard files that may be truncated or "
+                                       "rewritten while the run reads them: a mapped file that shrinks kills the "
+                                       "process)", choices=("mmap", "pread"))
     shuffle_window: int = setting(8, "steps whose samples are mixed together (see stream_ssl/data/plan.py)")
     shuffle_block: int = setting(-1, "samples moved together when mixing; 0: no mixing, -1: automatic (global "
                                      "batch / 16, at most ~4 MB of samples)")

@@ -328,7 +328,7 @@ def make_run_loader(run: Run):
     cfg = run.cfg
     options = dict(storage_options=run.storage, seed=cfg.seed, micro_batches=cfg.grad_accum,
                    cache_dir=cfg.cache_dir or None, cache_size=run.cache_bytes, cache_fill=cfg.cache_fill,
-                   skip_fraction=cfg.skip_fraction,
+                   skip_fraction=cfg.skip_fraction, local_reads=cfg.local_reads,
                    read_ahead_bytes=parse_bytes(cfg.read_ahead_bytes, "--read-ahead-bytes"))
     if cfg.decoder == "dali":
         from stream_ssl.data.dali import make_dali_loader

@@ -378,3 +378,47 @@ def test_local_shards_read_ahead_at_most_the_local_bound(shards):
     assert ReadAhead(reader, plan, 0, [], read_ahead_bytes=1 << 20).budget == 1 << 20
     remote = dataclasses.replace(plan, sets=[dataclasses.replace(plan.sets[0], url="s3://bucket/set")])
     assert ReadAhead(reader, remote, 0, [], read_ahead_bytes=1 << 30).budget == 1 << 30
+
+
+@pytest.mark.parametrize("how", ["mmap", "pread"])
+def test_local_reads_deliver_the_planned_bytes_and_name_a_short_file(folder, tmp_path, truth, how):
+    """Both ways of reading local shards give every planned sample's bytes (mmap: views of the file's map, no
+    copy); a shard shorter than its .idx says is one clear error naming the file, not a crash or short data."""
+    shards = load_shard_set(str(folder))
+    plan = make_plan([shards], 300, 300, batch_size=15, seed=2)
+    reader = ShardReader(plan.sets, local_reads=how)
+    items = _stream(plan, 0, reader)
+    _check([s for _, ss in items for s in ss], truth)
+    images = [s["jpg"] for _, ss in items for s in ss]
+    assert all(isinstance(b, memoryview) for b in images)
+    owners = {type(b.obj).__name__ for b in images}
+    assert owners == ({"mmap"} if how == "mmap" else {"bytes"})
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for p in folder.iterdir():
+        (cut / p.name).write_bytes(p.read_bytes())
+    tar = sorted(cut.glob("*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    short = load_shard_set(str(cut))
+    with pytest.raises(ReadError, match=rf"{tar.name}: \d+ bytes at \d+, the .idx needs \d+ \(truncated"):
+        ShardReader((short,), local_reads=how, check_headers=False).read_range(0, 0, 0, short.shards[0].samples)
+    with pytest.raises(ValueError, match="local_reads: 'copy', not one of mmap, pread"):
+        Fetcher(local_reads="copy")
+
+
+def test_cached_ranges_are_views_of_the_entry_and_checked_on_first_read(tmp_path):
+    """A cache entry is read as a view of its mapped file; the first read checks the checksum over the whole
+    entry, so a damaged entry is a miss (and removed) however small the range asked for."""
+    cache = DiskCache(tmp_path / "c", 1 << 20)
+    payload = bytes(range(256)) * 40
+    assert cache.put("k" * 40, 0, 10, payload)
+    (first, stop, path), = cache.entries("k" * 40)
+    got = cache.read(path, 100, 50, len(payload))
+    assert isinstance(got, memoryview) and bytes(got) == payload[100:150]
+    del got  # the file is rewritten in place below: no map of it may be touched after
+    damaged = bytearray(path.read_bytes())
+    damaged[-1] ^= 0xFF
+    other = DiskCache(tmp_path / "c", 1 << 20)  # a process that has not checked the entry yet
+    path.write_bytes(bytes(damaged))
+    assert other.read(path, 0, 10, len(payload)) is None and not path.exists()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import secrets
 import socket
@@ -125,25 +126,25 @@ class DiskCache:
         entries.sort()
         return entries, claims
 
-    def read(self, path: Path, offset: int, length: int, expected_size: int | None = None) -> bytes | None:
-        """`length` bytes at `offset` of an entry; None if it vanished (evicted) or is damaged (then removed).
-        The first read of an entry by this process reads it whole and checks its size and checksum."""
+    def read(self, path: Path, offset: int, length: int, expected_size: int | None = None) -> memoryview | None:
+        """`length` bytes at `offset` of an entry, a view of the mapped file (entries are written whole and
+        renamed into place, never changed after: a map of one is safe, and eviction only unlinks it); None if it
+        vanished (evicted) or is damaged (then removed). This process's first read of an entry checks its size
+        and checksum over the whole entry."""
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 if expected_size is not None and st.st_size != expected_size:
                     raise ValueError("size mismatch")
-                seen = (str(path), st.st_ino, st.st_size)
-                if seen in self._verified:
-                    f.seek(offset)
-                    data = f.read(length)
-                else:
-                    whole = f.read()
-                    if crc(whole) != _crc_of(path.name):
-                        raise ValueError("checksum mismatch")
-                    with self._lock:
-                        self._verified.add(seen)
-                    data = whole[offset: offset + length]
+                whole = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) if st.st_size else \
+                    memoryview(b"")
+            seen = (str(path), st.st_ino, st.st_size)
+            if seen not in self._verified:
+                if crc(whole) != _crc_of(path.name):
+                    raise ValueError("checksum mismatch")
+                with self._lock:
+                    self._verified.add(seen)
+            data = whole[offset: offset + length]
             if len(data) != length:
                 raise ValueError("short entry")
             os.utime(path)

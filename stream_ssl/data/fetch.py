@@ -10,7 +10,11 @@ guarantees, whatever the store does:
 - Retries count failures *without progress*: a request that brought at least one whole sample resets the
   count. After `retries` failed attempts in a row the read fails with one line naming the shard and the bytes.
 - Missing objects, denied access and other 4xx answers are not retried.
-- Local files are read with one pread per request (the page cache copied once); members are views of it.
+- Local files are memory-mapped (`local_reads="mmap"`, the default): a request is a view of the map, the
+  kernel is told to start reading it (MADV_WILLNEED), and nothing is copied; the consumer's first touch maps
+  the page cache in. `"pread"` reads each request into a new buffer instead (one copy), and is the choice
+  where shard files may be truncated or rewritten in place while a run reads them: a mapped file that shrinks
+  kills the process (SIGBUS), a short pread is a clear error. Shards we write are never changed in place.
 
 Every source runs on fsspec's event loop (one thread per process, shared with s3fs): many requests are in
 flight at once without a thread each. `Fetcher.submit(...)` returns a `concurrent.futures.Future`.
@@ -19,6 +23,7 @@ flight at once without a thread each. `Fetcher.submit(...)` returns a `concurren
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import random
 import threading
@@ -32,6 +37,8 @@ import numpy as np
 from shard_tools.storage import filesystem, is_not_found, is_transient, protocol_of, redact
 
 LOCAL = ("file", "local")
+LOCAL_READS = ("mmap", "pread")  # how local files are read (see above)
+PAGE = mmap.PAGESIZE
 
 
 class ReadError(OSError):
@@ -170,8 +177,11 @@ class Fetcher:
 
     def __init__(self, storage_options: dict | None = None, policy: Policy = Policy(), concurrency: int = 8,
                  max_files: int = 64, stats: ReadStats | None = None, filesystems: dict | None = None,
-                 direct_local: bool = True):
+                 direct_local: bool = True, local_reads: str = "mmap"):
+        if local_reads not in LOCAL_READS:
+            raise ValueError(f"local_reads: {local_reads!r}, not one of {', '.join(LOCAL_READS)}")
         self.storage_options = storage_options or {}
+        self.local_reads = local_reads
         self.policy = policy
         self.stats = stats if stats is not None else ReadStats()
         self.filesystems = dict(filesystems or {})  # protocol -> filesystem, instead of storage.filesystem (tests)
@@ -180,7 +190,8 @@ class Fetcher:
         self._concurrency = max(1, concurrency)
         self._running = 0
         self._waiting: deque[tuple[Future, tuple]] = deque()
-        self._files: OrderedDict[str, int] = OrderedDict()  # open local shards (file descriptors)
+        self._files: OrderedDict[str, int] = OrderedDict()  # open local shards (file descriptors, for pread)
+        self._maps: OrderedDict[str, mmap.mmap | None] = OrderedDict()  # mapped local shards (None: empty)
         self._max_files = max_files
 
     # -- local files ------------------------------------------------------------------------------
@@ -201,17 +212,46 @@ class Fetcher:
                 os.close(self._files.popitem(last=False)[1])
         return fd
 
+    def _map(self, path: str) -> mmap.mmap | None:
+        """The read-only map of a local file, kept for the next requests (the oldest of more than `max_files`
+        are dropped here; one stays alive while a view of it does)."""
+        with self._lock:
+            if path in self._maps:
+                self._maps.move_to_end(path)
+                return self._maps[path]
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise gone(path) from None
+        try:
+            size = os.fstat(fd).st_size
+            mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._maps[path] = mapped
+            while len(self._maps) > self._max_files:
+                self._maps.popitem(last=False)
+        return mapped
+
     def read_local(self, path: str, bounds: np.ndarray, first: int, stop: int) -> memoryview:
-        """One pread of the samples' bytes (the page cache copied once; members are then zero-copy views of
-        it). Not a memory map: a file truncated or rewritten in place under a map kills the process (SIGBUS)."""
+        """The samples' bytes as a view: of the file's map (`mmap`), or of one pread into a new buffer."""
         start, end = int(bounds[first]), int(bounds[stop])
-        data = os.pread(self._fd(path), end - start, start)
-        if len(data) != end - start:
-            raise ReadError(f"{path}: {len(data)} bytes at {start}, the .idx needs {end - start} (truncated or "
+        if self.local_reads == "mmap":
+            mapped = self._map(path)
+            got = max(0, min(len(mapped) if mapped is not None else 0, end) - start)
+            if got == end - start > 0:
+                mapped.madvise(mmap.MADV_WILLNEED, start - start % PAGE, end - start + start % PAGE)
+                data = memoryview(mapped)[start:end]
+        else:
+            data = memoryview(os.pread(self._fd(path), end - start, start))
+            got = len(data)
+        if got != end - start:
+            raise ReadError(f"{path}: {got} bytes at {start}, the .idx needs {end - start} (truncated or "
                             "replaced?)")
         with self._lock:
             self.stats.add(bytes_read=end - start)
-        return memoryview(data)
+        return data if end > start else memoryview(b"")
 
     # -- remote ------------------------------------------------------------------------------------
 

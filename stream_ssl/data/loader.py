@@ -91,7 +91,8 @@ class PlanDataset(IterableDataset):
                  storage_options: dict | None = None, seed: int = 0, cache_dir: str | Path | None = None,
                  cache_size: int | None = None, read_ahead_bytes: int = DEFAULT_READ_AHEAD,
                  skip_fraction: float = 0.01, skip_grace: int = 32, retries: int = 8, backoff: float = 0.2,
-                 micro_batches: int = 1, cache_local: bool = False, cache_fill: bool = True):
+                 micro_batches: int = 1, cache_local: bool = False, cache_fill: bool = True,
+                 local_reads: str = "mmap"):
         if not 0 <= start_step <= plan.steps:
             raise ValueError(f"start_step {start_step} outside [0, {plan.steps}]")
         if micro_batches < 1 or plan.batch_size % micro_batches:
@@ -108,7 +109,7 @@ class PlanDataset(IterableDataset):
         self.cache_fill = bool(cache_fill and self.cache_dir and plan.last_pass > 0)
         self.read_ahead_bytes = read_ahead_bytes
         self.skip_fraction, self.skip_grace = skip_fraction, skip_grace
-        self.retries, self.backoff = retries, backoff
+        self.retries, self.backoff, self.local_reads = retries, backoff, local_reads
 
     def __len__(self) -> int:
         return max(0, self.plan.steps - self.start_step) * self.micro_batches
@@ -116,7 +117,8 @@ class PlanDataset(IterableDataset):
     def make_reader(self) -> ShardReader:
         cache = DiskCache(self.cache_dir, self.cache_size) if self.cache_dir else None
         return ShardReader(self.plan.sets, self.storage_options, retries=self.retries, backoff=self.backoff,
-                           cache=cache, plan=self.plan, cache_local=self.cache_local, share=self.share)
+                           cache=cache, plan=self.plan, cache_local=self.cache_local, share=self.share,
+                           local_reads=self.local_reads)
 
     def __iter__(self):
         info = get_worker_info()
@@ -203,7 +205,7 @@ def make_loader(plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 
                 cache_dir: str | Path | None = None, cache_size: int | None = None,
                 read_ahead_bytes: int = DEFAULT_READ_AHEAD, skip_fraction: float = 0.01, skip_grace: int = 32,
                 micro_batches: int = 1, cache_local: bool = False, pin_memory: bool = False,
-                cache_fill: bool = True) -> DataLoader:
+                cache_fill: bool = True, local_reads: str = "mmap") -> DataLoader:
     """The loader of one rank, from plan step `start_step` on.
 
     `cache_dir`/`cache_size`: the repeat-aware cache of this node (a folder on local disk that the node's
@@ -213,11 +215,12 @@ def make_loader(plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 
     `micro_batches`: split every step's batch into that many micro-batches (gradient accumulation with a plan
     whose batch_size is the per-rank batch of one optimizer step), yielded in order with `Batch.micro` = 0, 1,
     ...; `cache_local`: use the cache for local paths too (shard sets on a network file system); `pin_memory`:
-    batches in page-locked memory (training on a GPU)."""
+    batches in page-locked memory (training on a GPU); `local_reads`: "mmap" (views of the mapped local shards)
+    or "pread" (a copy; for shard files that may change in place while the run reads them)."""
     ds = PlanDataset(plan, rank, views, start_step, storage_options, seed, cache_dir=cache_dir,
                      cache_size=cache_size, read_ahead_bytes=read_ahead_bytes,
                      skip_fraction=skip_fraction, skip_grace=skip_grace, micro_batches=micro_batches,
-                     cache_local=cache_local, cache_fill=cache_fill)
+                     cache_local=cache_local, cache_fill=cache_fill, local_reads=local_reads)
     kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
     return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory,
                       **kwargs)

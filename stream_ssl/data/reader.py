@@ -90,19 +90,20 @@ class ShardReader:
     fails; first wait, doubled). request_bytes: largest single GET. cache: a DiskCache (or None), shared with
     the node's other processes; what is stored follows `keeps`; share: (source, shard) -> whether the cache
     keeps that shard (nodecache.CacheShare when the pool does not fit; None: every shard); cache_local: cache
-    local paths too (shard sets on NFS/Lustre). fetcher: share one Fetcher (its concurrency, its statistics)
-    between readers, or inject filesystems (tests). `close()` ends its threads.
+    local paths too (shard sets on NFS/Lustre). local_reads: "mmap" or "pread" (fetch.py). fetcher: share one
+    Fetcher (its concurrency, its statistics) between readers, or inject filesystems (tests). `close()` ends
+    its threads.
     """
 
     def __init__(self, sets: tuple[ShardSet, ...], storage_options: dict | None = None, retries: int = 8,
                  backoff: float = 0.2, idx_cache: int = 512, cache: DiskCache | None = None,
                  request_bytes: int = 16 << 20, max_backoff: float = 20.0, plan: Plan | None = None,
                  check_headers: bool = True, cache_local: bool = False, fetcher: Fetcher | None = None,
-                 concurrency: int = 8, share: Callable[[int, int], bool] | None = None):
+                 concurrency: int = 8, share: Callable[[int, int], bool] | None = None, local_reads: str = "mmap"):
         self.sets = tuple(sets)
         self.storage_options = storage_options or {}
         self.fetcher = fetcher or Fetcher(self.storage_options, Policy(retries, backoff, max_backoff, request_bytes),
-                                          concurrency)
+                                          concurrency, local_reads=local_reads)
         self.stats = self.fetcher.stats
         self.cache, self.plan, self.check_headers = cache, plan, check_headers
         self.cache_local, self.share = cache_local, share
