@@ -142,7 +142,7 @@ def test_clear_errors(make_shard_set, tmp_path, capsys):
             "--no-progress", "--log-with", "none"]
 
     for flag, typo in (("--method", "simclrr"), ("--optimizer", "adam"), ("--decoder", "nvjpg"),
-                       ("--precision", "bf17")):
+                       ("--precision", "bf17"), ("--local-reads", "copy")):
         with pytest.raises(SystemExit) as e:  # at parse time, naming the choices
             parse_config([*base, "--out", str(tmp_path / "a"), flag, typo])
         err = capsys.readouterr().err
