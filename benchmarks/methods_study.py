@@ -178,7 +178,9 @@ def checks(rows: list[dict], methods: list[str]) -> tuple[list[str], int]:
             lines.append(f"{method}: no finished cells")
             continue
         margins = {s: m["knn_hi"][s] - m["knn_rand"].get(s, float("nan")) for s in m["knn_hi"]}
-        beats = bool(margins) and all(v >= MARGIN for v in margins.values())
+        # Accuracies are counts over a test set: 0.35 - 0.25 is 200 of 2000 images, exactly 10 points, though in
+        # floating point it is 0.09999...; compare at a resolution far below one image.
+        beats = bool(margins) and all(round(v, 9) >= MARGIN for v in margins.values())
         gain = mean_std(list(m["knn_hi"].values()))[0] - mean_std(list(m["knn_lo"].values()))[0]
         gaining += gain > 0
         lines.append(f"{method}: largest N beats random init by {', '.join(f'{v:+.3f}' for v in margins.values())} "
