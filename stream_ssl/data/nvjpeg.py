@@ -87,6 +87,7 @@ def _cpu_decode(data: np.ndarray, device: torch.device) -> torch.Tensor | None:
         rgb = np.asarray(decode_rgb(data.tobytes()))
     except UNDECODABLE:
         return None
+    rgb = rgb if rgb.flags.writeable else rgb.copy()  # PIL's arrays are read-only; torch wants to own writable memory
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous().to(device)
 
 
