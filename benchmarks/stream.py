@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -108,8 +110,6 @@ def measure_ceiling(urls: list[str], options: dict, samples: int, threads: int =
 def touch(buf) -> int:
     """Read one byte in every 4 KiB of a sample, as a decoder reads them all, and return its size: a reader that
     hands out views of a memory map pays here for mapping the pages in, one that copies paid when it copied."""
-    import numpy as np
-
     np.frombuffer(buf, np.uint8)[::4096].sum()
     return len(buf)
 

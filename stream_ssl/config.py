@@ -24,6 +24,7 @@ import yaml
 
 from shard_tools.quantities import COUNT_HELP, SIZE_HELP
 from shard_tools.storage import STORAGE_OPTIONS_HELP, redact_options
+from stream_ssl.data.fetch import LOCAL_READS
 
 COUNT_RULE = f"{COUNT_HELP}, or a fraction of the pool (0.1, 10%; a number with a decimal point <= 1 is a fraction)"
 DECODERS = ("pil", "nvjpeg", "dali")
@@ -66,7 +67,7 @@ class TrainConfig:
     local_reads: str = setting("mmap", "how local shard files are read: mmap (views of the mapped file, no copy) or "
                                        "pread (one copy per read; for shard files that may be truncated or "
                                        "rewritten while the run reads them: a mapped file that shrinks kills the "
-                                       "process)", choices=("mmap", "pread"))
+                                       "process)", choices=LOCAL_READS)
     shuffle_window: int = setting(8, "steps whose samples are mixed together (see stream_ssl/data/plan.py)")
     shuffle_block: int = setting(-1, "samples moved together when mixing; 0: no mixing, -1: automatic (global "
                                      "batch / 16, at most ~4 MB of samples)")

@@ -239,19 +239,18 @@ class Fetcher:
         start, end = int(bounds[first]), int(bounds[stop])
         if self.local_reads == "mmap":
             mapped = self._map(path)
-            got = max(0, min(len(mapped) if mapped is not None else 0, end) - start)
-            if got == end - start > 0:
+            # (shorter than asked when the file is shorter than its .idx says: the error below)
+            data = memoryview(mapped if mapped is not None else b"")[start:end]
+            if len(data) == end - start > 0:  # the kernel reads the range ahead of the consumer's first touch
                 mapped.madvise(mmap.MADV_WILLNEED, start - start % PAGE, end - start + start % PAGE)
-                data = memoryview(mapped)[start:end]
         else:
             data = memoryview(os.pread(self._fd(path), end - start, start))
-            got = len(data)
-        if got != end - start:
-            raise ReadError(f"{path}: {got} bytes at {start}, the .idx needs {end - start} (truncated or "
+        if len(data) != end - start:
+            raise ReadError(f"{path}: {len(data)} bytes at {start}, the .idx needs {end - start} (truncated or "
                             "replaced?)")
         with self._lock:
             self.stats.add(bytes_read=end - start)
-        return data if end > start else memoryview(b"")
+        return data
 
     # -- remote ------------------------------------------------------------------------------------
 
