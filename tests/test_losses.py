@@ -101,11 +101,12 @@ def test_byol_known_answers():
 def test_barlow_identical_decorrelated_views_is_zero():
     z = decorrelated()
     c = cross_correlation(z, z.clone())
-    assert torch.allclose(torch.diagonal(c), torch.full((4,), 1 / (1 + 1e-5)), atol=1e-7)
+    # float32 near 1 is spaced 6e-8 apart and the reduction order depends on the CPU's kernels: compare at 1e-6
+    assert torch.allclose(torch.diagonal(c), torch.full((4,), 1 / (1 + 1e-5)), atol=1e-6)
     assert barlow_twins_loss(z, z.clone()).item() == pytest.approx(0.0, abs=1e-6)
     # scaled columns (variance 8.33: c_ii = 0.9999988) are still ~0, at the tolerance the reference uses
     zs = z * math.sqrt(1 / (1 - 0.9999988) * 1e-5)
-    assert torch.diagonal(cross_correlation(zs, zs)).mean().item() == pytest.approx(0.9999988, abs=1e-7)
+    assert torch.diagonal(cross_correlation(zs, zs)).mean().item() == pytest.approx(0.9999988, abs=1e-6)
     assert barlow_twins_loss(zs, zs.clone()).item() == pytest.approx(0.0, abs=1e-6)
 
 
