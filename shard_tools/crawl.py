@@ -1,8 +1,8 @@
 """Download the images of a URL manifest with img2dataset into a shard set (source=crawled).
 
-    python shard_tools/crawl.py urls.parquet --out shards/crawled --url-column url --caption-column caption
-    python shard_tools/crawl.py urls.csv --out shards/web --label-column label --image-size 256 --processes 8
-    python shard_tools/crawl.py yfcc100m_dataset.bz2 --format yfcc --out s3://bucket/yfcc --threads 128
+    shard-tools crawl urls.parquet --out shards/crawled --url-column url --caption-column caption
+    shard-tools crawl urls.csv --out shards/web --label-column label --image-size 256 --processes 8
+    shard-tools crawl yfcc100m_dataset.bz2 --format yfcc --out s3://bucket/yfcc --threads 128
 
 The manifest is read like pack.py reads it (CSV, TSV, Parquet with a URL column, or YFCC100M metadata, whose
 download URLs are used), its rows are shuffled (seeded, so any prefix of shards is a uniform random subset)
@@ -651,7 +651,8 @@ def _input_table(job: _Job) -> tuple[bytes, list[str]]:
         columns["label"] = pa.array([r.label for r, _ in rows], pa.int64())
         extra_cols.append("label")
         if m.label_names:
-            columns["label_name"] = pa.array([m.label_names[r.label] for r, _ in rows], pa.string())
+            columns["label_name"] = pa.array([m.label_names[r.label] if r.label is not None else None
+                                              for r, _ in rows], pa.string())
             extra_cols.append("label_name")
     extras = []
     for r, _ in rows:
@@ -800,17 +801,22 @@ def _parser() -> argparse.ArgumentParser:
                         "center_crop; keep_ratio_largest: longer side; no: keep the size")
     g.add_argument("--resize-only-if-bigger", action=argparse.BooleanOptionalAction, default=True,
                    help="never upscale (default: on)")
-    g.add_argument("--upscale-interpolation", choices=INTERPOLATIONS, default="lanczos")
-    g.add_argument("--downscale-interpolation", choices=INTERPOLATIONS, default="area")
-    g.add_argument("--encode-format", choices=("jpg", "png", "webp"), default="jpg")
+    g.add_argument("--upscale-interpolation", choices=INTERPOLATIONS, default="lanczos",
+                   help="resampling when an image is enlarged (default lanczos)")
+    g.add_argument("--downscale-interpolation", choices=INTERPOLATIONS, default="area",
+                   help="resampling when an image is shrunk (default area)")
+    g.add_argument("--encode-format", choices=("jpg", "png", "webp"), default="jpg",
+                   help="image format stored in the shards (default jpg)")
     g.add_argument("--encode-quality", type=int, default=95, help="JPEG/WebP quality, PNG compression 0-9 "
                                                                   "(default 95)")
     g.add_argument("--skip-reencode", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the original bytes of images that need no resize and already have --encode-format "
                         "(default: off)")
     g.add_argument("--disable-all-reencoding", action=argparse.BooleanOptionalAction, default=False,
-                   help="store downloaded bytes as they are (no decode check: run verify.py --decode; default: off)")
-    g.add_argument("--min-image-size", type=int, default=0, help="drop images whose shorter side is smaller")
+                   help="store downloaded bytes as they are (no decode check: run shard-tools verify --decode; "
+                        "default: off)")
+    g.add_argument("--min-image-size", type=int, default=0, help="drop images whose shorter side is smaller "
+                                                                     "(default 0: keep all)")
     g.add_argument("--max-image-area", type=float, help="drop images with more pixels")
     g.add_argument("--max-aspect-ratio", type=float, help="drop images whose side ratio is larger")
     g.add_argument("--exif", dest="extract_exif", action=argparse.BooleanOptionalAction, default=True,

@@ -1,7 +1,7 @@
 """Near-duplicates within shard sets and leakage into downstream sets, from perceptual hashes.
 
-    python shard_tools/dedup.py shards/pool --against shards/down_train shards/down_test --report dedup.json
-    python shard_tools/dedup.py shards/pool --against shards/down_test --report dedup.json \\
+    shard-tools dedup shards/pool --against shards/down_train shards/down_test --report dedup.json
+    shard-tools dedup shards/pool --against shards/down_test --report dedup.json \\
         --write-filtered shards/pool_dedup --workers 8
 
 Every image of the SETs (the pretraining pool; several sets count as one pool) and of the --against sets
@@ -67,6 +67,7 @@ from shard_tools.cli import progress_switch, run_main, tool_prog
 from shard_tools.errors import ToolError, positive_int, remove_partial_shards
 from shard_tools.images import MAX_PIXELS
 from shard_tools.outputs import open_output
+from shard_tools.quantities import plural
 from shard_tools.shardset import IMAGE_EXTS, ShardSet, load_shard_set, parse_tar_bytes
 from shard_tools.storage import STORAGE_OPTIONS_HELP, read_location, redact, storage_options_arg
 from shard_tools.writer import ShardWriter
@@ -494,12 +495,16 @@ def write_filtered(source: SetHashes, out: str, drop: set[str], shard_size: int 
         output.remove("index.json")  # not a shard set until finished
         remove_partial_shards(output, name, keep=0)
         writer = ShardWriter(output, name, shard_size)
+        unlabeled = 0  # copied samples without a label, for labels.unlabeled (pack.py's count)
         try:
             for shard in range(len(source.shard_set.shards)):
                 for s in read_shard(source.url, shard, storage_options):
                     if s["__key__"] not in drop and "__error__" not in s:
                         writer.add(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+                        unlabeled += "cls" not in s
             kept = {k: meta[k] for k in ("source", "seed", "fields", "labels") if k in meta}
+            if "unlabeled" in kept.get("labels", {}):
+                kept["labels"] = {**kept["labels"], "unlabeled": unlabeled}
             return writer.finish(**kept, filtered={"from": source.url, "removed": len(drop), **(provenance or {})})
         finally:
             writer.abort()
@@ -562,14 +567,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def summary(report: dict) -> str:
     n = sum(report["images"][u] for u in report["sets"])
-    lines = [f"hashed {sum(report['images'].values())} images ({n} in the pool) in {report['seconds']:.1f} s "
-             f"({report['images_per_second']:.0f} img/s with {report['workers']} workers); thresholds "
-             f"{report['threshold']} of 64 bits, {report['verify_threshold']} of 256",
-             f"near-duplicates: {len(report['groups'])} groups, {report['near_duplicates']} pool images are copies "
-             f"of another ({report['near_duplicates'] / max(n, 1):.2%})",
-             f"leaked: {report['leaked_images']} pool images are near-copies of downstream images"]
+    copies, leaked = report["near_duplicates"], report["leaked_images"]
+    lines = [f"hashed {plural(sum(report['images'].values()), 'image')} ({n} in the pool) in "
+             f"{report['seconds']:.1f} s ({report['images_per_second']:.0f} img/s with "
+             f"{plural(report['workers'], 'worker')}); thresholds {report['threshold']} of 64 bits, "
+             f"{report['verify_threshold']} of 256",
+             f"near-duplicates: {plural(len(report['groups']), 'group')}, {plural(copies, 'pool image')} "
+             f"{'is a copy' if copies == 1 else 'are copies'} of another ({copies / max(n, 1):.2%})",
+             f"leaked: {plural(leaked, 'pool image')} {'is a near-copy' if leaked == 1 else 'are near-copies'} of "
+             "downstream images"]
     if report["skipped"]:
-        lines.append(f"skipped: {len(report['skipped'])} samples without a decodable image (listed in the report)")
+        lines.append(f"skipped: {plural(len(report['skipped']), 'sample')} without a decodable image (listed in the "
+                     "report)")
     return "\n".join(lines)
 
 
@@ -599,7 +608,7 @@ def _run(a: argparse.Namespace) -> int:
     a.report.write_text(json.dumps(report, indent=1) + "\n")
     print(summary(report))
     for f in report.get("filtered", []):
-        print(f"filtered: {f['out']}: {f['samples']} samples ({f['removed']} left out of {f['set']})")
+        print(f"filtered: {f['out']}: {plural(f['samples'], 'sample')} ({f['removed']} left out of {f['set']})")
     print(f"report: {a.report}")
     return 0
 

@@ -1,6 +1,6 @@
 """Turn existing WebDataset tars (img2dataset output, LAION-style shards, any tar set) into a shard set.
 
-    python shard_tools/index.py DIR [--name NAME] [--source S] [--workers 8] [--no-checksum] [--skip-bad]
+    shard-tools index DIR [--name NAME] [--source S] [--workers 8] [--no-checksum] [--skip-bad]
 
 Nothing is repacked: for every `*.tar` directly in DIR (local or an fsspec URL) this writes a DALI-style
 `.idx` next to it and, last, `index.json` listing the shards with their sample counts, sizes and sha256,
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from shard_tools.cli import run_main, tool_prog
 from shard_tools.errors import ToolError
 from shard_tools.outputs import Output, open_output, sha256_stream
+from shard_tools.quantities import plural
 from shard_tools.scan import scan_shard
 from shard_tools.shardset import ShardInfo, format_idx, idx_name, parse_idx
 from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
@@ -120,8 +121,8 @@ def index_shard(output: Output, tar: str, checksum: bool = True) -> Indexed:
         if end > size:
             return Indexed(None, set(), how, f"{where}: its .idx reaches byte {end}, the tar has {size}")
     elif successes is not None and successes != len(samples):
-        return Indexed(None, set(), how, f"{where}: {stem}_stats.json says {successes} successes, the tar holds "
-                                         f"{len(samples)} samples")
+        return Indexed(None, set(), how, f"{where}: {stem}_stats.json says {plural(successes, 'success', 'successes')}"
+                                         f", the tar holds {plural(len(samples), 'sample')}")
     text = format_idx(samples)
     if old is None or old.decode(errors="replace") != text:
         output.write_bytes(idx_name(tar), text.encode())
@@ -151,8 +152,9 @@ def index_folder(folder: str, name: str | None = None, source: str = "real", wor
             for problem in bad:
                 print(f"BAD {problem}", file=sys.stderr)
             if not skip_bad:
-                raise IndexingError(f"{len(bad)} of {len(tars)} shards are bad (listed above); no index.json "
-                                 "was written. Fix or remove them, or pass --skip-bad to leave them out")
+                raise IndexingError(f"{len(bad)} of {plural(len(tars), 'shard')} {'is' if len(bad) == 1 else 'are'} "
+                                    "bad (listed above); no index.json was written. Fix or remove them, or pass "
+                                    "--skip-bad to leave them out")
         shards = [r.info for r in results if r.info is not None and r.info.samples > 0]
         if not shards:
             raise IndexingError(f"no usable shards in {folder}")
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default="real", choices=SOURCES, help="recorded in index.json (default real)")
     p.add_argument("--workers", type=int, default=8, help="shards indexed at once (threads; default 8)")
     p.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
-                   help="sha256 of every tar (a full read); --no-checksum: verify.py then checks sizes only "
+                   help="sha256 of every tar (a full read); --no-checksum: shard-tools verify then checks sizes only "
                         "(default: on)")
     p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
                    help="leave bad shards out instead of failing (default: off)")
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         index = index_folder(a.folder, a.name, a.source, a.workers, a.checksum, a.skip_bad, a.storage_options)
         info = index["indexed"]
-        print(f"indexed {index['num_samples']} samples in {len(index['shards'])} shards at {a.folder} "
+        print(f"indexed {plural(index['num_samples'], 'sample')} in {plural(len(index['shards']), 'shard')} at "
+              f"{a.folder} "
               f"({info['reused_idx']} .idx reused from stats, {info['scanned']} scanned"
               f"{', ' + str(len(info['left_out'])) + ' left out' if info['left_out'] else ''}) "
               f"in {time.perf_counter() - start:.1f}s")

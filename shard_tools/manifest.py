@@ -1,6 +1,6 @@
 """Manifest readers (CSV, TSV, Parquet, YFCC100M metadata, a folder of images) and the folder lister.
 
-    python shard_tools/manifest.py DIR [--labels-from-subfolders] [--relative] > manifest.csv
+    shard-tools manifest DIR [--labels-from-subfolders] [--relative] > manifest.csv
 
 lists the images under DIR (jpg, jpeg, png, webp; sorted, hidden files skipped) as a CSV with a `path`
 column (absolute paths, or relative to DIR with --relative: then pack with --root-dir DIR) and, with
@@ -10,8 +10,10 @@ ids match torchvision's ImageFolder.
 
 Every reader returns a `Manifest`: the usable rows (with their file line or row number, where to read the
 image, label, key and extra json fields), the rows that could not be used (malformed), and the columns,
-so the packer never guesses. A manifest that cannot be used at all raises `ManifestError` (an ordinary
-exception with a one-line reason): unreadable file, no rows, or a named column that does not exist.
+so the packer never guesses. A row whose label cell is empty is usable, without a label (label None:
+pretraining pools are often partly labelled); `--label-column ''` reads no labels at all, even from a `label`
+column. A manifest that cannot be used at all raises `ManifestError` (an ordinary exception with a one-line
+reason): unreadable file, no rows, or a named column that does not exist.
 
 Streaming: `read_manifest(..., rows=callback)` hands every usable row to `callback` as it is read instead of
 keeping it (labels as written; `Manifest.label_id` maps them), and returns the counts, label names, errors and
@@ -69,7 +71,7 @@ class Row(NamedTuple):
 
     row: int  # line in the file (header = line 1) or, for parquet, 1-based row number
     path: str  # the image path or URL as the manifest gives it (Manifest.location resolves it)
-    label: int | None
+    label: int | None  # None: the row has no label (no label column, or an empty cell)
     key: str | None  # extra part of the sample key (yfcc photo id, --key-column)
     meta: str | None  # extra json fields (caption, yfcc title/tags...) as a compact JSON object
 
@@ -97,10 +99,11 @@ class Manifest:
     root: str = ""  # folder or URL that relative paths start from
     usable: int = 0  # usable rows: len(rows), or the count handed to the callback of a streamed read
     label_map: dict[str, int] = field(default_factory=dict)  # label as written -> id
+    unlabeled: int = 0  # usable rows with an empty label cell (counted only when there is a label column)
 
     def label_id(self, row: Row) -> Row:
         """A streamed row (label as written) with its label id, as `rows` of a kept manifest have it."""
-        return row if self.label_column is None else row._replace(label=self.label_map[row.label])
+        return row if row.label is None else row._replace(label=self.label_map[row.label])
 
     def location(self, row: Row) -> str:
         """Where to read the row's image: an absolute path or a URL."""
@@ -186,6 +189,8 @@ def _open_text(source: str, storage_options: dict | None):
 
 
 def _choose_column(option: str, wanted: str | None, columns: list[str], source: str) -> str | None:
+    if wanted == "":  # an empty name: no column (--label-column '' reads no labels, not even from 'label')
+        return None
     if wanted is not None and wanted not in columns:
         raise ManifestError(f"{source}: {option} {wanted!r} not found; columns are {columns}")
     return wanted
@@ -220,10 +225,7 @@ class _Builder:
             self.m.errors.append((row, "", f"missing path (empty {self.m.path_column})"))
             return
         if self.m.label_column is not None:
-            label = (label or "").strip()
-            if not label:
-                self.m.errors.append((row, path, f"missing label (empty {self.m.label_column})"))
-                return
+            label = (label or "").strip() or None  # an empty cell: a row without a label, packed as such
         if key is not None:
             key = key_part(key)
             if not key:
@@ -231,7 +233,9 @@ class _Builder:
                 return
         index = self.m.usable
         self.m.usable += 1
-        if self.m.label_column is not None:
+        if label is None:
+            self.m.unlabeled += self.m.label_column is not None
+        else:
             self.labels.add(label)
         if self.wants is None or self.wants(index):
             meta_text = _COMPACT.encode(meta) if meta else None
@@ -556,6 +560,9 @@ def read_manifest(source: str | Path, format: str | None = None, path_column: st
     if fmt not in FORMATS:
         raise ManifestError(f"unknown manifest format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "folder":
+        if labels_from_subfolders and label_column == "":
+            raise ManifestError(f"{source}: --labels-from-subfolders and --label-column '' (no labels) contradict "
+                                "each other; give one of them")
         return read_folder(source, labels_from_subfolders, rows)
     if fmt == "parquet":
         return read_parquet(source, path_column, label_column, caption_column, key_column, root, storage_options,
@@ -563,7 +570,7 @@ def read_manifest(source: str | Path, format: str | None = None, path_column: st
     if fmt == "yfcc":
         for option, value in (("--label-column", label_column), ("--caption-column", caption_column),
                               ("--key-column", key_column)):
-            if value is not None:
+            if value:  # '' (no such column) is what yfcc reads anyway
                 raise ManifestError(f"{option} does not apply to --format yfcc (title and tags go to the json, "
                                     "the photo id is the key)")
         return read_yfcc(source, path_column, root, path_template, storage_options, rows)

@@ -1,14 +1,15 @@
 """Pack images listed in a manifest (CSV, TSV, Parquet, YFCC100M metadata or a folder) into a shard set.
 
-    python shard_tools/pack.py manifest.csv --out shards/pool --name pool --shard-size 1000 --seed 0
-    python shard_tools/pack.py images/ --labels-from-subfolders --out shards/train
-    python shard_tools/pack.py yfcc100m_dataset.bz2 --format yfcc --root-dir /data/yfcc --out s3://b/yfcc
+    shard-tools pack manifest.csv --out shards/pool --name pool --shard-size 1000 --seed 0
+    shard-tools pack images/ --labels-from-subfolders --out shards/train
+    shard-tools pack yfcc100m_dataset.bz2 --format yfcc --root-dir /data/yfcc --out s3://b/yfcc
 
 Rows are shuffled globally (seeded) before writing, so any prefix of shards is a uniform random subset.
 Images keep their original bytes unless --max-side asks to re-encode the larger ones. Rows that cannot be
 packed (missing or unreadable file, empty file, not an image, corrupt image, over the pixel cap, malformed
-row, missing label) are skipped, never fatal alone, and listed in `OUT/NAME-errors.csv` (row, path,
-reason); the run fails with a one-line reason when they pass --max-error-rate.
+row) are skipped, never fatal alone, and listed in `OUT/NAME-errors.csv` (row, path, reason); the run fails
+with a one-line reason when they pass --max-error-rate. A row with an empty label is packed without one (no
+.cls member), and counted (`labels.unlabeled` in index.json); --no-labels (--label-column '') ignores labels.
 
 Shards: the shuffled order is cut into blocks of --shard-size positions, and block k becomes shard k
 (`NAME-00000k.tar`) holding the block's rows that could be packed, so a skipped row leaves its shard one
@@ -23,7 +24,7 @@ Many machines: `--part K/N` writes only the shards of part K of N (reading the m
 its own rows), each part resumable as above, and `--merge` writes `index.json` once all N are done:
 
     pack.py manifest.csv --out /shared/pool --part 3/16 ...     # parts 1/16 .. 16/16, anywhere, any order
-    pack.py --out /shared/pool --merge
+    pack.py --out /shared/pool --merge      # finds the parts' --name; give it if runs of several names are there
 
 The result is byte for byte what one run writes (launch/slurm_pack.sbatch runs the parts as a SLURM array).
 `--plan-only` reads the manifest and assigns rows to shards without writing or opening images.
@@ -78,6 +79,7 @@ from shard_tools.parts import (
     kept_blocks,
     part_arg,
     part_errors_file,
+    part_record_names,
     part_record_path,
     piece_name,
     read_record,
@@ -85,7 +87,7 @@ from shard_tools.parts import (
     write_record,
 )
 from shard_tools.processes import KILL_ENV, die_with_parent
-from shard_tools.quantities import COUNT_HELP, SIZE_HELP, count_arg, format_bytes, size_arg
+from shard_tools.quantities import COUNT_HELP, SIZE_HELP, count_arg, format_bytes, plural, size_arg
 from shard_tools.shardset import ShardInfo, finished_index, idx_name, shard_name
 from shard_tools.shuffle import Shuffle
 from shard_tools.storage import STORAGE_OPTIONS_HELP, is_url, read_location, storage_options_arg
@@ -117,29 +119,35 @@ class PackResult(ShardSetTotals):
     already_complete: bool = False
     part: str = ""  # "K/N" for one part of a run in parts: then `index` is the part's record (its shards)
     merged: int = 0  # parts whose records made index.json (1 for the whole run)
+    unlabeled: int = 0  # samples packed without a label (no .cls) although the manifest has a label column
 
     def summary(self, out: str = "") -> str:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
         where = f" at {out}" if out else ""
         if self.merged > 1:
-            line = (f"merged {self.merged} parts: {self.packed} of {self.rows} rows in {self.shards} shards "
-                    f"({self.bytes / 1e6:.1f} MB){where}; skipped {sum(self.skipped.values())}: {skipped}")
+            line = (f"merged {self.merged} parts: {self.packed} of {plural(self.rows, 'row')} in "
+                    f"{plural(self.shards, 'shard')} ({self.bytes / 1e6:.1f} MB){where}; skipped "
+                    f"{sum(self.skipped.values())}: {skipped}")
         else:
-            rows = f"{self.rows} rows"
+            rows = plural(self.rows, "row")
             if self.part:
                 lo, hi = self.index["positions"]
-                rows = f"the {hi - lo} rows of part {self.part} (of {self.rows})"
-            line = (f"packed {self.packed} of {rows} into {self.shards} shards ({self.bytes / 1e6:.1f} MB){where} in "
-                    f"{self.seconds:.1f}s ({self.packed / max(self.seconds, 1e-9):.0f} images/s); skipped "
+                rows = f"the {plural(hi - lo, 'row')} of part {self.part} (of {self.rows})"
+            line = (f"packed {self.packed} of {rows} into {plural(self.shards, 'shard')} ({self.bytes / 1e6:.1f} MB)"
+                    f"{where} in {self.seconds:.1f}s ({self.packed / max(self.seconds, 1e-9):.0f} images/s); skipped "
                     f"{sum(self.skipped.values())}: {skipped}")
+        if self.unlabeled:
+            line += f"; {plural(self.unlabeled, 'sample')} without a label (no .cls)"
         if self.filtered:
             line += "; left out: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.filtered.items()))
         if self.resumed_shards:
-            line += f"; resumed after {self.resumed_shards} complete shards"
+            line += f"; resumed after {plural(self.resumed_shards, 'complete shard')}"
         if self.already_complete:
             line += " (already complete: nothing rewritten)"
         if self.part:
-            line += f"; once all {self.part.split('/')[1]} parts are done: pack.py --out {out or 'OUT'} --merge"
+            name = self.index["settings"]["name"]
+            named = "" if not out or name == out.rstrip("/").rsplit("/", 1)[-1] else f" --name {name}"
+            line += f"; once all {self.part.split('/')[1]} parts are done: pack.py --out {out or 'OUT'}{named} --merge"
         return line
 
 
@@ -288,6 +296,11 @@ def _reader(manifest, format, path_column, label_column, caption_column, key_col
                              root_dir, path_template, labels_from_subfolders, storage_options)
 
 
+def _none_usable(manifest, total: int) -> str:
+    return f"no usable rows in {manifest}: " + ("its one row is malformed" if total == 1 else
+                                                 f"all {total} are malformed")
+
+
 def _failures(errors: list[tuple[int, str, str]]) -> int:
     return sum(1 for _, _, reason in errors if error_kind(reason) not in NOT_ERRORS)
 
@@ -328,7 +341,8 @@ def pack(
 ) -> PackResult:
     """Pack `manifest` into the shard set `out` (a folder or an fsspec URL such as s3://bucket/prefix).
 
-    `source` defaults to 'yfcc' for --format yfcc, else 'real'. `progress` None shows the bar on a terminal. A
+    `source` defaults to 'yfcc' for --format yfcc, else 'real'. Rows with an empty label are packed without one;
+    `label_column` '' reads no labels at all. `progress` None shows the bar on a terminal. A
     finished shard set of other settings (another manifest, seed, ...) in `out` is replaced only with `overwrite`.
     `part` (Part(K, N)) writes only the shards of part K of N (see shard_tools/parts.py); `merge` then writes
     index.json once every part is done. Raises ManifestError / PackError (ToolError: ordinary exceptions with a one-
@@ -350,7 +364,7 @@ def pack(
         output.lock(f"pack.py --name {name}" + ("" if part.whole else f" --part {part}"), part.scope)
         if not m.usable:
             write_errors(output, errors_stem(name, part), m.errors)
-            raise PackError(f"no usable rows in {manifest}: all {m.total} are malformed; see "
+            raise PackError(f"{_none_usable(manifest, m.total)}; see "
                             f"{output.location(errors_stem(name, part) + '-errors.csv')}")
         layout = Layout(m.usable, shard_size, part)
         done = finished_index(output, "packing", digest, name, lambda path: layout.writes(block_of(name, path)))
@@ -358,7 +372,8 @@ def pack(
             output.remove(state_dir(name))  # left behind if a run was killed right after writing index.json
             errors = read_errors(output, name)
             return PackResult(done, done["num_samples"], count_by_kind(errors), errors, time.perf_counter() - start,
-                              m.total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True)
+                              m.total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True,
+                              unlabeled=_unlabeled(done))
         if not overwrite and _other_settings(output, digest):
             raise PackError(f"{out} holds a finished shard set packed from another manifest or with other settings; "
                             "use --overwrite to replace it, or choose another --out")
@@ -372,6 +387,11 @@ def pack(
         return result
     finally:
         output.close()
+
+
+def _unlabeled(index: dict) -> int:
+    """The samples of a packed set (its index.json) that have no label although the manifest had a label column."""
+    return (index.get("labels") or {}).get("unlabeled", 0)
 
 
 def _other_settings(output: Output, digest: str) -> bool:
@@ -403,7 +423,9 @@ def _check_settings(out: str, name: str | None, shard_size: int, max_side: int |
 
 def _settings(m: Manifest, name: str, seed: int, shard_size: int, shard_bytes: int | None, source: str,
               root_dir, max_side: int | None, quality: int, max_pixels: int, decode: bool, dedup: bool) -> dict:
-    """Everything that shapes the bytes written: its digest tells a resumable run from another one."""
+    """Everything that shapes the bytes written: its digest tells a resumable run from another one. Rows without
+    a label are named only when there are some (pack version 3 refused them), so the sets it packed keep their
+    digest."""
     return {
         "pack_version": PACK_VERSION,
         "manifest_sha256": m.sha256,
@@ -424,6 +446,7 @@ def _settings(m: Manifest, name: str, seed: int, shard_size: int, shard_bytes: i
         "max_pixels": max_pixels,
         "decode": decode,
         "dedup": dedup,
+        **({"unlabeled_rows": m.unlabeled} if m.unlabeled else {}),
     }
 
 
@@ -448,7 +471,8 @@ class _Run:
     failures: int = 0  # errors that count against --max-error-rate (kept up to date: errors can number millions)
     done: int = 0  # rows handled, those of kept blocks included
     published: int = 0  # blocks finished by this process (the KILL_ENV test hook counts them)
-    span: dict = field(default_factory=lambda: {"errors": [], "hashes": []})  # of the block being written
+    span: dict = field(default_factory=lambda: {"errors": [], "hashes": [], "unlabeled": 0})  # of the block being
+    # written: its skipped rows, content hashes (--dedup) and samples without a label
     block: int = -1  # the block being written
     writer: ShardWriter | None = None
     idx_sha256: list[str] = field(default_factory=list)
@@ -473,9 +497,9 @@ class _Run:
             if self.failures > self.limit:
                 lo, hi = self.layout.span
                 where = "" if self.layout.part.whole else f" of part {self.layout.part}"
-                raise self.fail(f"more than {self.max_error_rate:.1%} of {self.m.total} rows failed "
-                                f"(--max-error-rate): {self.failures} failures after {self.done + 1} of {hi - lo} "
-                                f"rows{where}, stopped")
+                raise self.fail(f"more than {self.max_error_rate:.1%} of {plural(self.m.total, 'row')} failed "
+                                f"(--max-error-rate): {plural(self.failures, 'failure')} after {self.done + 1} of "
+                                f"{plural(hi - lo, 'row')}{where}, stopped")
 
     def begin_block(self, block: int) -> None:
         self.block, self.idx_sha256 = block, []
@@ -492,7 +516,7 @@ class _Run:
                   "packed": sum(s["samples"] for s in shards), **self.span}
         write_record(self.output, block_record_path(self.name, self.block), record)
         self.blocks[self.block] = record
-        self.span, self.writer = {"errors": [], "hashes": []}, None
+        self.span, self.writer = {"errors": [], "hashes": [], "unlabeled": 0}, None
         self.published += 1
 
 
@@ -508,8 +532,8 @@ def _start(output: Output, m: Manifest, layout: Layout, name: str, source: str, 
                {h: int(row) for r in kept.values() for h, row in r["hashes"]}, dict(kept))
     run.failures = _failures(m.errors) + _failures(kept_errors)
     if run.failures > run.limit:
-        raise run.fail(f"{run.failures} of {m.total} rows are malformed ({run.failures / m.total:.1%} > "
-                       f"--max-error-rate {max_error_rate:.1%})")
+        raise run.fail(f"{run.failures} of {plural(m.total, 'row')} {'is' if run.failures == 1 else 'are'} "
+                       f"malformed ({run.failures / m.total:.1%} > --max-error-rate {max_error_rate:.1%})")
     return run
 
 
@@ -547,6 +571,8 @@ def _take(run: _Run, position: int, row, outcome: Outcome) -> None:
         run.hashes[content_hash] = row.row
         run.span["hashes"].append((content_hash, row.row))
     run.writer.add(*_sample(run, position, row, ext, data, (w, h), (ow, oh)))
+    if row.label is None and run.m.label_column is not None:
+        run.span["unlabeled"] += 1
 
 
 def _write_part(run: _Run, positions: np.ndarray, rows: list, opts: ImageOptions, workers: int,
@@ -591,8 +617,10 @@ def _record_part(run: _Run, manifest, config: dict) -> dict:
         "blocks": [layout.first, layout.stop], "positions": list(layout.span), "settings": config,
         "max_error_rate": run.max_error_rate, "manifest": str(manifest),
         "summary": {"format": m.format, "sha256": m.sha256, "rows": m.total, "usable": m.usable,
-                    "label_column": m.label_column, "label_names": m.label_names, "filtered": m.filtered},
+                    "label_column": m.label_column, "label_names": m.label_names, "filtered": m.filtered,
+                    "unlabeled_rows": m.unlabeled},
         "shards": [s for b in blocks for s in b["shards"]], "packed": sum(b["packed"] for b in blocks),
+        "unlabeled": sum(b.get("unlabeled", 0) for b in blocks),  # records of pack version 3 have none
         "errors": sorted([int(a), str(b), str(c)] for a, b, c in errors),
     }
     write_record(run.output, part_record_path(run.name, layout.part), record)
@@ -603,7 +631,7 @@ def _part_result(record: dict, m: Manifest) -> PackResult:
     errors = [(a, b, c) for a, b, c in record["errors"]]
     skipped = count_by_kind(errors)
     return PackResult(record, record["packed"], skipped, errors, rows=m.total, duplicates=skipped.get("duplicate", 0),
-                      filtered=m.filtered, part=f"{record['part']}/{record['parts']}")
+                      filtered=m.filtered, part=f"{record['part']}/{record['parts']}", unlabeled=record["unlabeled"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -614,20 +642,37 @@ def merge(out: str | Path, name: str | None = None, storage_options: dict | None
           tmp_dir: str | Path | None = None) -> PackResult:
     """Write `index.json` (and NAME-errors.csv) of the shard set that the parts of a `pack(..., part=...)` run
     wrote into `out`, once every part is done; raises PackError naming the parts still missing otherwise.
-    The error rate is checked against the highest --max-error-rate the parts ran with."""
+    The error rate is checked against the highest --max-error-rate the parts ran with. Without `name`, the
+    parts' own (see _merge_name)."""
     start, out = time.perf_counter(), str(out)
-    name = shard_set_name(out, name, PackError)
+    if name is not None:
+        name = shard_set_name(out, name, PackError)
     try:
         output = open_output(out, storage_options, tmp_dir, create=False)
     except FileNotFoundError:
         raise PackError(f"{out}: no such folder; pack the parts into it first (--part K/N)") from None
     try:
+        name = name or _merge_name(output, out)
         output.lock(f"pack.py --merge --name {name}")
         result = _merge(output, name)
         result.seconds = time.perf_counter() - start
         return result
     finally:
         output.close()
+
+
+def _merge_name(output: Output, out: str) -> str:
+    """The --name of the parts in `output`, for a merge not given one: the one name whose parts left records, else
+    (merged already) the name in index.json, else the folder's name. Records of several names: PackError."""
+    names = part_record_names(output)
+    if len(names) > 1:
+        raise PackError(f"{output.url} holds parts of runs named {', '.join(names)}; say which to merge with --name")
+    if names:
+        return names[0]
+    index = read_record(output, "index.json")
+    if index is not None and "packing" in index and isinstance(index.get("name"), str):
+        return index["name"]
+    return shard_set_name(out, None, PackError)
 
 
 def _merge(output: Output, name: str) -> PackResult:
@@ -643,13 +688,14 @@ def _merge(output: Output, name: str) -> PackResult:
     errors_file = output.location(f"{name}-errors.csv")
     write_errors(output, name, errors)
     if failures > rate * total:
-        raise PackError(f"{failures} of {total} rows failed ({failures / total:.1%} > --max-error-rate {rate:.1%}); "
-                        f"see {errors_file}. No index.json was written")
+        raise PackError(f"{failures} of {plural(total, 'row')} failed ({failures / total:.1%} > --max-error-rate "
+                        f"{rate:.1%}); see {errors_file}. No index.json was written")
     packed = sum(r["packed"] for r in records)
     if packed == 0:
         raise PackError(f"no usable rows in {first['manifest']}; see {errors_file}")
     skipped = count_by_kind(errors)
-    index = _index(name, shards, first, skipped)
+    unlabeled = sum(r.get("unlabeled", 0) for r in records)
+    index = _index(name, shards, first, skipped, unlabeled)
     write_index(output, index)
     output.remove(state_dir(name))
     leftovers = part_errors_file(name)
@@ -657,7 +703,7 @@ def _merge(output: Output, name: str) -> PackResult:
         if leftovers.match(entry):
             output.remove(entry)
     return PackResult(index, packed, skipped, errors, rows=total, duplicates=skipped.get("duplicate", 0),
-                      filtered=first["summary"]["filtered"], merged=len(records))
+                      filtered=first["summary"]["filtered"], merged=len(records), unlabeled=unlabeled)
 
 
 def _part_records(output: Output, name: str) -> list[dict] | None:
@@ -670,16 +716,18 @@ def _part_records(output: Output, name: str) -> list[dict] | None:
         return None
     runs = sorted({(r["parts"], r["config"][:12]) for r in records})
     if len(runs) > 1:
-        raise PackError(f"{output.url} holds finished parts of {len(runs)} different runs (parts, settings: "
-                        f"{', '.join(f'{n} parts with settings {d}' for n, d in runs)}); run every part with one "
-                        "command line, then --merge")
+        shown = ", ".join(f"{plural(n, 'part')} with settings {d}" for n, d in runs)
+        raise PackError(f"{output.url} holds finished parts of {len(runs)} different runs (parts, settings: {shown}); "
+                        "run every part with one command line, then --merge")
     count = records[0]["parts"]
     by_index = {r["part"]: r for r in records}
     missing = [f"{k}/{count}" for k in range(1, count + 1) if k not in by_index]
     if missing:
         shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise PackError(f"parts {shown} of {name} have not finished in {output.url}: run them (pack.py MANIFEST "
-                        f"--out {output.url} --part K/{count} ...), then --merge again. No index.json was written")
+        what = f"parts {shown} of {name} have" if len(missing) > 1 else f"part {shown} of {name} has"
+        raise PackError(f"{what} not finished in {output.url}: run {'them' if len(missing) > 1 else 'it'} (pack.py "
+                        f"MANIFEST --out {output.url} --part K/{count} ...), then --merge again. No index.json was "
+                        "written")
     return [by_index[k] for k in range(1, count + 1)]
 
 
@@ -691,7 +739,8 @@ def _check_files(output: Output, records: list[dict]) -> None:
             if s["path"] not in present or idx_name(s["path"]) not in present}
     if lost:
         parts = ", ".join(f"{k}/{records[0]['parts']}" for k in sorted(lost))
-        raise PackError(f"shards of parts {parts} are missing from {output.url}; run those parts again, then --merge")
+        which, again = (f"parts {parts}", "those parts") if len(lost) > 1 else (f"part {parts}", "that part")
+        raise PackError(f"shards of {which} are missing from {output.url}; run {again} again, then --merge")
 
 
 def _merged_before(output: Output, name: str) -> PackResult:
@@ -699,23 +748,31 @@ def _merged_before(output: Output, name: str) -> PackResult:
     data = output.read_bytes("index.json")
     index = json.loads(data) if data else {}
     if not isinstance(index, dict) or "packing" not in index or index.get("name") != name:
+        others = part_record_names(output)
+        hint = (f"; the parts there are named {', '.join(others)}: merge with --name "
+                f"{others[0] if len(others) == 1 else 'NAME'}" if others else "; run the parts (--part K/N) first")
         raise PackError(f"no part of {name} has finished in {output.url} (no records in "
-                        f"{output.location(state_dir(name))}); run the parts (--part K/N) first")
+                        f"{output.location(state_dir(name))}){hint}")
     errors = read_errors(output, name)
     return PackResult(index, index["num_samples"], count_by_kind(errors), errors, rows=index.get("rows", 0),
-                      duplicates=index.get("duplicates", 0), filtered=index.get("filtered", {}), already_complete=True)
+                      duplicates=index.get("duplicates", 0), filtered=index.get("filtered", {}), already_complete=True,
+                      unlabeled=_unlabeled(index))
 
 
-def _index(name: str, shards: list[ShardInfo], record: dict, skipped: dict[str, int]) -> dict:
-    """index.json of the set, from part 1's record (every part has the same settings and manifest summary)."""
+def _index(name: str, shards: list[ShardInfo], record: dict, skipped: dict[str, int], unlabeled: int) -> dict:
+    """index.json of the set, from part 1's record (every part has the same settings and manifest summary).
+    With a label column, `labels.unlabeled` counts the samples without a label (no .cls; the loader's label -1),
+    and `fields` holds "cls" unless no row has a label."""
     settings, summary = record["settings"], record["summary"]
+    column = summary["label_column"]
+    labels = {"column": column, "names": summary["label_names"], **({"unlabeled": unlabeled} if column else {})}
+    labelled = column is not None and summary.get("unlabeled_rows", 0) < summary["usable"]
     packing = {k: settings[k] for k in ("shard_size", "shard_bytes", "max_side", "quality", "max_pixels", "decode",
                                         "dedup", "path_column", "caption_column", "key_column")}
     return make_index(
         name, shards, source=settings["source"], seed=settings["seed"], manifest=record["manifest"],
         manifest_format=summary["format"], manifest_sha256=summary["sha256"],
-        fields=["image", "json", *(["cls"] if summary["label_column"] else [])],
-        labels={"column": summary["label_column"], "names": summary["label_names"]}, rows=summary["rows"],
+        fields=["image", "json", *(["cls"] if labelled else [])], labels=labels, rows=summary["rows"],
         skipped=skipped, duplicates=skipped.get("duplicate", 0), filtered=summary["filtered"],
         packing={**packing, "config_sha256": record["config"]},
     )
@@ -739,9 +796,10 @@ class PartPlan:
     def summary(self) -> str:
         lay, total = self.layout, sum(self.seconds)
         shards = (f"shards {lay.first}..{lay.stop - 1} of {lay.blocks} ({shard_name(self.name, lay.first)} .. "
-                  f"{shard_name(self.name, lay.stop - 1)})" if lay.stop > lay.first else f"none of the {lay.blocks} "
-                  "shards")
-        return (f"part {self.part}: {self.part_rows} of {self.usable} usable rows ({self.rows} rows, "
+                  f"{shard_name(self.name, lay.stop - 1)})" if lay.stop > lay.first else
+                  f"none of the {plural(lay.blocks, 'shard')}")
+        return (f"part {self.part}: {self.part_rows} of {plural(self.usable, 'usable row')} "
+                f"({plural(self.rows, 'row')}, "
                 f"{lay.shard_size} per shard) -> {shards}; read {self.seconds[0]:.1f}s + assign "
                 f"{self.seconds[1]:.1f}s ({self.rows / max(total, 1e-9):.0f} manifest rows/s); peak memory "
                 f"{format_bytes(self.peak_bytes)}")
@@ -764,7 +822,7 @@ def plan(manifest: str | Path, out: str | Path, name: str | None = None, shard_s
     m = read() if part.whole else read(rows=_CountOnly())
     t1 = time.perf_counter()
     if not m.usable:
-        raise PackError(f"no usable rows in {manifest}: all {m.total} are malformed")
+        raise PackError(_none_usable(manifest, m.total))
     layout = Layout(m.usable, shard_size, part)
     positions, _ = _owned_rows(m, read, seed, layout)
     t2 = time.perf_counter()
@@ -796,10 +854,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, help="manifest format (default: from the name; folder for a folder)")
     p.add_argument("--shard-size", type=count_arg, default=1000, help=f"samples per shard, {COUNT_HELP} (default 1000)")
     p.add_argument("--shard-bytes", type=size_arg, help=f"also start a new shard before passing this size; {SIZE_HELP}")
-    p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
     p.add_argument("--path-column", help=f"column with image paths or URLs (default: first of {', '.join(PATH_COLUMNS)}"
                                          ")")
-    p.add_argument("--label-column", help="column with integer labels or class names (default: 'label' if present)")
+    p.add_argument("--label-column", help="column with integer labels or class names; a row with an empty cell is "
+                                          "packed without a label; '' reads no labels (default: 'label' if present)")
+    p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
+                   help="read labels from --label-column (or a 'label' column); --no-labels packs every row without "
+                        "one, as --label-column '' does (default: on)")
     p.add_argument("--caption-column", help="column with a caption, kept in each sample's json")
     p.add_argument("--key-column", help="column with an id appended to each sample key (KEY_ID)")
     p.add_argument("--root-dir", help="folder (or URL) relative paths start from (default: the manifest's); for "
@@ -820,7 +882,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=False,
                    help="drop exact duplicate images (content hash); listed in the errors file, not counted as errors "
                         "(default: off; not with --part)")
-    p.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows (0.05)")
+    p.add_argument("--max-error-rate", type=float, default=0.05,
+                   help="fail past this fraction of bad rows (default 0.05)")
     p.add_argument("--workers", type=positive_int, default=1, help="processes checking/encoding images (default 1)")
     p.add_argument("--threads", type=positive_int, help="I/O threads per worker (default 8 for URLs, else 1)")
     p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
@@ -832,8 +895,9 @@ def _parser() -> argparse.ArgumentParser:
                                                  "3/16; every part gets the same other options, then --merge "
                                                  "(launch/slurm_pack.sbatch runs the parts as a SLURM array)")
     g.add_argument("--merge", action=argparse.BooleanOptionalAction, default=False,
-                   help="write index.json of --out once all its parts are done (no manifest; names the parts still "
-                        "missing otherwise; checks the highest --max-error-rate the parts ran with; default: off)")
+                   help="write index.json of --out once all its parts are done (no manifest; the parts' --name is "
+                        "found in --out unless given; names the parts still missing otherwise; checks the highest "
+                        "--max-error-rate the parts ran with; default: off)")
     g.add_argument("--plan-only", action=argparse.BooleanOptionalAction, default=False,
                    help="read the manifest and assign the rows (of --part) to shards, write nothing, print the "
                         "shards, the time and the peak memory (image paths need not exist; default: off)")
@@ -848,6 +912,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--merge takes --out (and --name) only: it reads the records the parts left there")
     if not a.merge and not a.manifest:
         p.error("the manifest is required (except with --merge)")
+    if not a.labels and (a.label_column or a.labels_from_subfolders):
+        p.error("--no-labels reads no labels: leave out --label-column and --labels-from-subfolders")
+    label_column = a.label_column if a.labels else ""
     out = a.out or default_out(a.manifest)
     reading = dict(format=a.format, caption_column=a.caption_column, key_column=a.key_column,
                    path_template=a.path_template, labels_from_subfolders=a.labels_from_subfolders,
@@ -855,13 +922,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         if a.plan_only:
-            print(plan(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir,
+            print(plan(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, label_column, a.root_dir,
                        **reading).summary())
             return 0
         if a.merge:
             r = merge(out, a.name, a.storage_options, a.tmp_dir)
         else:
-            r = pack(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, a.label_column, a.root_dir,
+            r = pack(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, label_column, a.root_dir,
                      a.source, a.max_error_rate, shard_bytes=a.shard_bytes, max_side=a.max_side, quality=a.quality,
                      max_pixels=a.max_pixels, decode=a.decode, dedup=a.dedup, workers=a.workers, threads=a.threads,
                      tmp_dir=a.tmp_dir, progress=a.progress, overwrite=a.overwrite, **reading)

@@ -9,9 +9,10 @@ are the positions: unique, in write order. A row that cannot be packed leaves it
 nothing moves up from later rows (that would make every shard depend on all the shards before it).
 
 Records, in `OUT/.NAME-pack/`: one per finished block (`000012.json`: its shards with their checksums, the rows
-it skipped and, with --dedup, the content hashes it kept), written after the block's files, which is what lets
-a killed run keep its finished blocks; one per finished part (`part-2-of-4.json`: the settings, the manifest's
-counts and label names, the part's shards and skipped rows), written after its last block. The merge reads the
+it skipped, how many of its samples have no label and, with --dedup, the content hashes it kept), written after
+the block's files, which is what lets a killed run keep its finished blocks; one per finished part
+(`part-2-of-4.json`: the settings, the manifest's counts and label names, the part's shards, skipped rows and
+samples without a label), written after its last block. The merge reads the
 part records only: N small files, however many shards there are.
 """
 
@@ -165,6 +166,18 @@ class Assigner:
 
 def state_dir(name: str) -> str:
     return f".{name}-pack"
+
+
+def state_name(folder: str) -> str | None:
+    """The shard name whose records a folder holds (`.pool-pack` -> pool), None for another folder."""
+    m = re.fullmatch(r"\.(.+)-pack", folder)
+    return m.group(1) if m else None
+
+
+def part_record_names(output: Output) -> list[str]:
+    """The shard names (--name) of the runs whose part records are in `output`, sorted."""
+    return [name for folder in output.folders() if (name := state_name(folder)) is not None
+            and any(PART_RECORD.match(n) for n in output.list(folder))]
 
 
 def block_record_path(name: str, block: int) -> str:

@@ -137,6 +137,12 @@ def format_count(n: int) -> str:
     return str(n)
 
 
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """A count with its noun, singular for exactly one: plural(1, "shard") is '1 shard', plural(0, "shard") '0
+    shards'. `nouns` is the plural form where adding an s is wrong (plural(2, "class", "classes"))."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def format_bytes(n: float) -> str:
     """In the units `parse_bytes` reads back: 1500 -> '1.5 KB', 2.5e9 -> '2.5 GB'."""
     for unit in ("B", "KB", "MB", "GB"):

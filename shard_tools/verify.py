@@ -1,6 +1,6 @@
 """Check a shard set against its index.
 
-    python shard_tools/verify.py DIR [--decode] [--workers 4]
+    shard-tools verify DIR [--decode] [--workers 4]
 
 For every shard listed in `index.json` (DIR local or an fsspec URL): the file exists, its size and sha256
 match the index, its `.idx` parses, holds the indexed number of samples and describes exactly the members
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from shard_tools.cli import run_main, tool_prog
 from shard_tools.listing import ShardCheck, check_shards
 from shard_tools.outputs import Output, open_output
+from shard_tools.quantities import plural
 from shard_tools.scan import scan_shard
 from shard_tools.shardset import ShardInfo, idx_name, load_shard_set, parse_idx, sample_boundaries, split_member
 from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
@@ -70,7 +71,7 @@ def verify_shard(output: Output, info: ShardInfo, decode: bool = False, size: in
             r.problems.append(f"unreadable .idx ({e})")
     if idx is not None:
         if len(idx) != info.samples:
-            r.problems.append(f".idx holds {len(idx)} samples, index.json says {info.samples}")
+            r.problems.append(f".idx holds {plural(len(idx), 'sample')}, index.json says {info.samples}")
         end = int(sample_boundaries(idx)[-1]) if idx else 0
         if end > size:
             r.problems.append(f".idx reaches byte {end}, the file has {size}")
@@ -85,13 +86,13 @@ def verify_shard(output: Output, info: ShardInfo, decode: bool = False, size: in
     if idx is not None and scan.samples != idx:
         i = _first_difference(scan.samples, idx)
         r.problems.append(f".idx disagrees with the tar's members from sample {i} "
-                          f"(tar has {len(scan.samples)} samples, .idx {len(idx)})")
+                          f"(tar has {plural(len(scan.samples), 'sample')}, .idx {len(idx)})")
     if len(scan.samples) != info.samples and (idx is None or len(idx) == info.samples):
-        r.problems.append(f"tar holds {len(scan.samples)} samples, index.json says {info.samples}")
+        r.problems.append(f"tar holds {plural(len(scan.samples), 'sample')}, index.json says {info.samples}")
     for bad in scan.bad_members[:5]:
         r.problems.append(bad)
     if len(scan.bad_members) > 5:
-        r.problems.append(f"... {len(scan.bad_members) - 5} more bad members")
+        r.problems.append(f"... {plural(len(scan.bad_members) - 5, 'more bad member')}")
     r.samples = len(scan.samples)
     r.keys = [split_member(members[0][3])[0] for members in scan.samples]
     return r
@@ -137,7 +138,7 @@ def verify(url: str, decode: bool = False, workers: int = 4, storage_options: di
     for r in reports:
         dups = [k for k in r.keys if k in seen]
         if dups:
-            r.problems.append(f"{len(dups)} sample keys also in {seen[dups[0]]} (e.g. {dups[0]})")
+            r.problems.append(f"{plural(len(dups), 'sample key')} also in {seen[dups[0]]} (e.g. {dups[0]})")
         for k in r.keys:
             seen.setdefault(k, r.path)
         if len(set(r.keys)) != len(r.keys):
@@ -150,8 +151,9 @@ def verify(url: str, decode: bool = False, workers: int = 4, storage_options: di
     total = sum(r.samples for r in reports)
     mb = sum(r.bytes for r in reports) / 1e6
     verdict = f"{len(bad)} bad" if bad else "all good"
-    what = (f"verified {len(reports)} shards, {total} samples, {mb:.1f} MB{' (decoded)' if decode else ''}" if contents
-            else f"listed {len(reports)} shards, {mb:.1f} MB (presence, sizes and .idx files only)")
+    shards = plural(len(reports), "shard")
+    what = (f"verified {shards}, {plural(total, 'sample')}, {mb:.1f} MB{' (decoded)' if decode else ''}" if contents
+            else f"listed {shards}, {mb:.1f} MB (presence, sizes and .idx files only)")
     print(f"{what} at {url} in {time.perf_counter() - start:.1f}s: {verdict}", file=out)
     return not bad
 
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contents", action=argparse.BooleanOptionalAction, default=True,
                    help="read every shard (checksums, .idx against the tar's members); --no-contents: only one "
                         "listing of the folder: every shard present with its recorded size, and its .idx "
-                        "(what train.py checks before training; default: on)")
+                        "(what stream-ssl train checks before training; default: on)")
     p.add_argument("--workers", type=int, default=4, help="shards checked at once (threads; default 4)")
     p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
     a = p.parse_args(argv)

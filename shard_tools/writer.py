@@ -21,7 +21,7 @@ from pathlib import Path
 
 from shard_tools.errors import ToolError
 from shard_tools.outputs import LocalOutput, Output
-from shard_tools.quantities import format_bytes
+from shard_tools.quantities import format_bytes, plural
 from shard_tools.shardset import FORMAT, TAR_BLOCK, VERSION, ShardInfo, format_idx, idx_name, shard_name
 
 RECORD = tarfile.RECORDSIZE  # tarfile pads archives to whole 10 KiB records; we do the same
@@ -296,8 +296,11 @@ class ShardWriter:
         free = ""
         if isinstance(self.output, LocalOutput):
             free = f" ({format_bytes(shutil.disk_usage(self.output.root).free)} free there)"
+        n = len(self.shards)
+        before = f"the {plural(n, 'shard')} before it {'is' if n == 1 else 'are'} complete and kept" if n else \
+            "no shard was finished before it"
         return ShardWriteError(f"could not write shard {self.output.location(name)}: {error.strerror or error}{free}; "
-                               f"the {len(self.shards)} shards before it are complete and kept")
+                               f"{before}")
 
     def finish(self, **meta) -> dict:
         """Write the last shard, then `index.json`: the step that makes the folder a shard set."""

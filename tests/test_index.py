@@ -68,7 +68,7 @@ def test_stats_disagreeing_with_tar_marks_the_shard_bad(laion, capsys):
     proc = run_tool("index.py", folder)
     assert proc.returncode == 1
     assert "BAD" in proc.stderr and "00002_stats.json says 5 successes, the tar holds 2 samples" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 of 3 shards are bad")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 1 of 3 shards is bad")  # one shard: "is"
     assert not (folder / "index.json").exists()
     index = index_folder(str(folder), skip_bad=True)
     assert [s["path"] for s in index["shards"]] == ["00000.tar", "00001.tar"]
@@ -81,7 +81,7 @@ def test_truncated_and_empty_tars(tmp_path, capsys):
     data = (folder / "a.tar").read_bytes()
     (folder / "b.tar").write_bytes(data[: len(data) // 2])
     write_tar(folder / "c.tar", [])
-    with pytest.raises(IndexingError, match="1 of 3 shards are bad"):
+    with pytest.raises(IndexingError, match="1 of 3 shards is bad"):
         index_folder(str(folder))
     err = capsys.readouterr().err
     assert "BAD" in err and "b.tar" in err and "truncated" in err
@@ -106,3 +106,10 @@ def test_a_stale_idx_with_the_right_count_is_not_trusted(laion):
     assert index["indexed"]["scanned"] == 2 and index["indexed"]["reused_idx"] == 1
     got = ShardReader((load_shard_set(str(folder)),)).read(Slice(0, 0, 0, 4))
     assert [(g["__key__"], g["jpg"]) for g in got] == [(k, f["jpg"]) for k, f in rewritten]
+
+
+def test_counts_of_one_are_singular(tmp_path):
+    img2dataset_shard(tmp_path / "one", "00000", ["k0"])
+    proc = run_tool("index.py", tmp_path / "one")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("indexed 1 sample in 1 shard at ")

@@ -8,13 +8,17 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from shard_tools.dedup import SetHashes, write_filtered
 from shard_tools.errors import ToolError
 from shard_tools.manifest import ManifestError
 from shard_tools.pack import PackError, pack
+from shard_tools.parts import Part
 from shard_tools.shardset import load_shard_set, parse_idx, sample_boundaries
+from stream_ssl.data.loader import sample_label
 from tests.helpers.packing import (
     http_server,
     jpeg_bytes,
@@ -37,7 +41,7 @@ def test_csv_with_class_names_captions_and_detected_path_column(tmp_path):
     r = pack(manifest, tmp_path / "out", name="pool", shard_size=5, label_column="class", caption_column="caption")
     assert r.packed == 12 and r.skipped == {} and r.shards == 3
     index = json.loads((tmp_path / "out" / "index.json").read_text())
-    assert index["labels"] == {"column": "class", "names": ["bird", "cat", "dog"]}  # sorted: stable ids
+    assert index["labels"] == {"column": "class", "names": ["bird", "cat", "dog"], "unlabeled": 0}  # sorted: stable
     assert index["fields"] == ["image", "json", "cls"] and index["source"] == "real"
     assert [s["samples"] for s in index["shards"]] == [5, 5, 2]
     samples = shard_samples(tmp_path / "out")
@@ -68,7 +72,7 @@ def test_tsv_integer_labels_root_dir_and_key_column(tmp_path):
     r = pack(manifest, tmp_path / "out", shard_size=100, root_dir=tmp_path / "images", key_column="id")
     assert r.packed == 6
     index = json.loads((tmp_path / "out" / "index.json").read_text())
-    assert index["name"] == "out" and index["labels"] == {"column": "label", "names": []}
+    assert index["name"] == "out" and index["labels"] == {"column": "label", "names": [], "unlabeled": 0}
     for s in shard_samples(tmp_path / "out"):
         meta = json.loads(s["json"])
         i = meta["row"] - 2
@@ -153,9 +157,9 @@ def test_bad_rows_are_skipped_listed_and_counted(tmp_path):
     with open(manifest, "a") as f:
         f.write("too,many,fields\n")  # malformed row
         f.write(",2\n")  # empty path
-        f.write(f"{rels[0]},\n")  # missing label
+        f.write(f"{rels[0]},\n")  # no label: packed without one, not an error
     r = pack(manifest, tmp_path / "out", name="s", shard_size=8, max_error_rate=0.5)
-    assert r.packed == 30
+    assert r.packed == 31 and r.unlabeled == 1
     errors = read_csv(tmp_path / "out" / "s-errors.csv")
     by_path = {e["path"]: e for e in errors}
     for name, kind in expected.items():
@@ -163,11 +167,11 @@ def test_bad_rows_are_skipped_listed_and_counted(tmp_path):
         assert int(by_path[name]["row"]) == 2 + rows.index([name, 1])
     last = len(rows) + 1
     assert {(int(e["row"]), e["reason"].split(" (")[0]) for e in errors if int(e["row"]) > last} == {
-        (last + 1, "malformed row"), (last + 2, "missing path"), (last + 3, "missing label")}
+        (last + 1, "malformed row"), (last + 2, "missing path")}
     assert [int(e["row"]) for e in errors] == sorted(int(e["row"]) for e in errors)
-    assert sum(r.skipped.values()) == len(errors) == len(expected) + 3
+    assert sum(r.skipped.values()) == len(errors) == len(expected) + 2
     index = json.loads((tmp_path / "out" / "index.json").read_text())
-    assert index["skipped"] == r.skipped and index["num_samples"] == 30 and index["rows"] == 30 + len(errors)
+    assert index["skipped"] == r.skipped and index["num_samples"] == 31 and index["rows"] == 31 + len(errors)
     assert r.skipped["over pixel cap"] == 3 and r.skipped["corrupt image"] == 3
 
 
@@ -309,3 +313,65 @@ def test_a_finished_set_of_other_settings_is_not_replaced_without_overwrite(tmp_
     assert tree(out) == before  # nothing of the finished set was touched
     assert pack(first, out, shard_size=2).already_complete  # the same run again: nothing to do
     assert pack(second, out, shard_size=2, overwrite=True).packed == 4 and tree(out) != before
+    # What an unfinished run of other settings left (no index.json yet) is cleared without asking (docs/packing.md).
+    unfinished = tmp_path / "again" / "shards"  # the same name as `out`
+    pack(first, unfinished, shard_size=2, part=Part(1, 2))
+    assert pack(second, unfinished, shard_size=2).packed == 4
+    assert tree(unfinished, hidden=True) == tree(out, hidden=True)  # nothing of the first run left
+
+
+def test_rows_without_a_label_are_packed_without_one_and_counted(tmp_path):
+    """Half the rows have an empty label (a pretraining pool labelled in part): every row is packed, those
+    without a .cls member (label -1 for the loader), counted in the summary and in index.json; none is an error."""
+    rels = write_images(tmp_path / "img", 12)
+    names = ["cat", "", "dog", ""]
+    manifest = write_csv(tmp_path / "img" / "m.csv", ["path", "label"], [[r, names[i % 4]] for i, r in enumerate(rels)])
+    r = pack(manifest, tmp_path / "out", name="pool", shard_size=5, max_error_rate=0.0)
+    assert r.packed == 12 and r.skipped == {} and r.unlabeled == 6
+    assert "; 6 samples without a label (no .cls)" in r.summary()
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["labels"] == {"column": "label", "names": ["cat", "dog"], "unlabeled": 6}
+    assert index["fields"] == ["image", "json", "cls"] and index["skipped"] == {}
+    assert not (tmp_path / "out" / "pool-errors.csv").exists()
+    for s in shard_samples(tmp_path / "out"):
+        meta = json.loads(s["json"])
+        name = names[(meta["row"] - 2) % 4]
+        if name:
+            assert sample_label(s) == int(s["cls"]) == meta["label"] == ["cat", "dog"].index(name)
+            assert meta["label_name"] == name
+        else:
+            assert "cls" not in s and "label" not in meta and "label_name" not in meta and sample_label(s) == -1
+    # A filtered copy (dedup --write-filtered) keeps the count true.
+    source = SetHashes(str(tmp_path / "out"), load_shard_set(str(tmp_path / "out")), [], np.zeros(0), [])
+    dropped = {s["__key__"] for s in shard_samples(tmp_path / "out") if "cls" not in s}
+    filtered = write_filtered(source, str(tmp_path / "filtered"), set(sorted(dropped)[:2]))
+    assert filtered["num_samples"] == 10 and filtered["labels"]["unlabeled"] == 4
+
+
+@pytest.mark.parametrize("options", [["--label-column", ""], ["--no-labels"]])
+def test_labels_can_be_ignored(tmp_path, options):
+    rels = write_images(tmp_path / "img", 4)
+    manifest = write_csv(tmp_path / "img" / "m.csv", ["path", "label"], [[r, i] for i, r in enumerate(rels)])
+    proc = run_tool("pack.py", manifest, "--out", tmp_path / "out", *options)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("packed 4 of 4 rows into 1 shard (") and "without a label" not in proc.stdout
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["labels"] == {"column": None, "names": []} and index["fields"] == ["image", "json"]
+    assert all("cls" not in s and "label" not in json.loads(s["json"]) for s in shard_samples(tmp_path / "out"))
+
+
+def test_no_labels_with_a_label_column_is_a_usage_error(tmp_path):
+    proc = run_tool("pack.py", tmp_path / "m.csv", "--no-labels", "--label-column", "label")
+    assert proc.returncode == 2 and "--no-labels reads no labels" in proc.stderr.splitlines()[-1]
+    with pytest.raises(ManifestError, match="--labels-from-subfolders and --label-column '' .* contradict"):
+        pack(tmp_path, tmp_path / "out", labels_from_subfolders=True, label_column="")
+
+
+def test_counts_of_one_are_singular(tmp_path):
+    rels = write_images(tmp_path, 3)
+    manifest = write_csv(tmp_path / "m.csv", ["path"], [[r] for r in rels] + [["gone.jpg"]])
+    r = pack(manifest, tmp_path / "out", shard_size=10, max_error_rate=0.5)
+    assert r.summary().startswith("packed 3 of 4 rows into 1 shard (")
+    with pytest.raises(PackError, match=r"more than 0.0% of 1 row failed \(--max-error-rate\): 1 failure after 1 of "
+                                        r"1 row, stopped"):
+        pack(write_csv(tmp_path / "one.csv", ["path"], [["gone.jpg"]]), tmp_path / "one", max_error_rate=0.0)

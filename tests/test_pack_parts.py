@@ -61,7 +61,7 @@ def test_parts_and_merge_write_one_runs_bytes_even_after_a_killed_part(tmp_path,
     pack(manifest, out, caption_column="caption", **KW, part=Part(1, 3), workers=2)
     resumed = run_tool("pack.py", *args, "--part", "2/3")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed after 1 complete shards" in resumed.stdout
+    assert "resumed after 1 complete shard;" in resumed.stdout
     merged = run_tool("pack.py", "--out", out, "--name", "set", "--merge")
     assert merged.returncode == 0, merged.stderr
     assert merged.stdout.startswith("merged 3 parts: 40 of 43 rows in 11 shards")
@@ -76,7 +76,7 @@ def test_missing_parts_are_named_and_a_new_part_count_keeps_finished_shards(tmp_
     for k in (1, 3):
         r = pack(manifest, out, caption_column="caption", **KW, part=Part(k, 3))
         assert r.part == f"{k}/3" and not (out / "index.json").exists()
-    with pytest.raises(PackError, match=r"^parts 2/3 of set have not finished in .*--part K/3"):
+    with pytest.raises(PackError, match=r"^part 2/3 of set has not finished in .*: run it .*--part K/3"):
         merge(out, "set")
     # The same settings in 4 parts: the blocks the 3-part run finished are kept, its part records are not.
     results = [pack(manifest, out, caption_column="caption", **KW, part=Part(k, 4)) for k in (1, 2, 3, 4)]
@@ -176,8 +176,38 @@ def test_a_streamed_manifest_gives_each_part_exactly_its_rows(tmp_path, manifest
 
 def test_a_manifest_without_a_usable_row_fails_listing_its_rows(tmp_path):
     manifest = tmp_path / "m.csv"
-    manifest.write_text("path,label\n,1\na.jpg,\n")
+    manifest.write_text("path,label\n,1\na.jpg,1,extra\n")  # an empty path, a row of too many fields
     with pytest.raises(PackError, match=r"no usable rows in .*m.csv: all 2 are malformed; see .*out-errors.csv"):
         pack(manifest, tmp_path / "out", max_error_rate=1.0)
     assert (tmp_path / "out" / "out-errors.csv").read_text().count("\n") == 3 and not (tmp_path / "out" /
                                                                                       "index.json").exists()
+
+
+def test_merge_finds_the_parts_name_or_asks_for_it(tmp_path):
+    """--merge without --name merges the parts of the one run in the folder whatever its --name (the parts of
+    rows without labels included: the merge counts them as one run does); with runs of several names it names
+    them; a --name with no parts points at the names there are."""
+    rels = write_images(tmp_path / "img", 12)
+    manifest = write_csv(tmp_path / "img" / "m.csv", ["path", "label"],
+                         [[r, ["a", "", "b"][i % 3]] for i, r in enumerate(rels)])
+    pack(manifest, tmp_path / "whole", **KW)
+    whole = tree(tmp_path / "whole", hidden=True)
+    out = tmp_path / "parts"
+    for k in (1, 2):
+        assert f"--out {out} --name set --merge" in pack(manifest, out, **KW, part=Part(k, 2)).summary(str(out))
+    proc = run_tool("pack.py", "--out", out, "--merge")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("merged 2 parts: 12 of 12 rows in 3 shards") and "4 samples without a label" in \
+        proc.stdout
+    assert tree(out, hidden=True) == whole and json.loads(whole["index.json"])["labels"]["unlabeled"] == 4
+    assert merge(out).already_complete  # merged before: the name comes from index.json
+    mixed = tmp_path / "mixed"
+    for name in ("b", "a"):
+        pack(manifest, mixed, **{**KW, "name": name}, part=Part(1, 2))
+    with pytest.raises(PackError, match=r"holds parts of runs named a, b; say which to merge with --name$"):
+        merge(mixed)
+    with pytest.raises(PackError, match=r"no part of c has finished .* the parts there are named a, b: merge with "
+                                        r"--name NAME$"):
+        merge(mixed, "c")
+    with pytest.raises(PackError, match=r"^part 2/2 of a has not finished"):
+        merge(mixed, "a")

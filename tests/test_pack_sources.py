@@ -168,8 +168,9 @@ def test_every_format_streams_the_rows_it_would_keep(tmp_path):
         streamed_rows = []
         streamed = read_manifest(source, **options, rows=streamed_rows.append)
         assert streamed.rows == [] and [streamed.label_id(r) for r in streamed_rows] == kept.rows, source
-        for field in ("usable", "total", "errors", "filtered", "label_names", "sha256", "format"):
+        for field in ("usable", "total", "errors", "filtered", "label_names", "sha256", "format", "unlabeled"):
             assert getattr(streamed, field) == getattr(kept, field), (source, field)
     parquet = read_manifest(tmp_path / "m.parquet", caption_column="text")
-    assert parquet.usable == 40000 and parquet.total == 80000 and parquet.label_names == ["x", "z"]
+    assert parquet.usable == 60000 and parquet.total == 80000 and parquet.label_names == ["x", "z"]
+    assert parquet.unlabeled == 20000 and {r.label for r in parquet.rows} == {0, 1, None}  # "" -> no label
     assert parquet.sha256 == hashlib.sha256((tmp_path / "m.parquet").read_bytes()).hexdigest()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shard_tools.quantities import format_bytes, format_count, parse_bytes, parse_count
+from shard_tools.quantities import format_bytes, format_count, parse_bytes, parse_count, plural
 
 
 @pytest.mark.parametrize("text, available, want", [
@@ -71,3 +71,8 @@ def test_count_arg():
     for bad in ("0", "0.5", "10%", "1.5", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             count_arg(bad)
+
+
+def test_plural():
+    assert [plural(n, "shard") for n in (0, 1, 2)] == ["0 shards", "1 shard", "2 shards"]
+    assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"

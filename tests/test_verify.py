@@ -111,3 +111,16 @@ def test_not_a_shard_set(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({"format": "other"}))
     ok, text = report(tmp_path)
     assert not ok and "field 'format'" in text
+
+
+def test_counts_of_one_are_singular(tmp_path):
+    w = ShardWriter(tmp_path / "s", "s")
+    w.add("000000000", {"jpg": jpeg_bytes(seed=1), "json": b"{}"})
+    w.finish(source="real")
+    ok, text = report(tmp_path / "s")
+    assert ok and "verified 1 shard, 1 sample, " in text
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    index["shards"][0]["samples"] = index["num_samples"] = 2
+    (tmp_path / "s" / "index.json").write_text(json.dumps(index))
+    ok, text = report(tmp_path / "s")
+    assert not ok and ".idx holds 1 sample, index.json says 2" in text
