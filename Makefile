@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test quick faults lint install clean gpu-bundle gpu-check bench-venv
+.PHONY: demo demo-s3 test quick faults lint install clean gpu-bundle gpu-check bench-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,11 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/python launch/demo.py --out demo_out
+
+# Training from S3 next to local disk (docs/storage.md): a local S3 server (moto, a test extra), a proxy that
+# adds latency, and the reader's figures of both runs side by side.
+demo-s3: $(VENV)/.installed-test
+	$(BIN)/python launch/demo_s3.py --out demo_s3_out
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

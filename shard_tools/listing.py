@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shard_tools.shardset import ShardSet, idx_name
-from shard_tools.storage import filesystem, is_transient, join, protocol_of, redact
+from shard_tools.storage import filesystem, is_transient, join, protocol_of, redact, storage_error
 
 UNLISTABLE = ("http", "https")
 SHOWN = 3  # names given in a one-line message; the rest are counted
@@ -41,13 +41,17 @@ class ShardsMissing(ValueError):
 def list_folder(folder: str, visit: Callable[[str, int], None], storage_options: dict | None = None, fs=None,
                 retries: int = 3, backoff: float = 0.5) -> None:
     """Call `visit(name, size)` for every file directly in `folder` (a local path or URL), from one listing. A
-    folder that does not exist has no files. Transient errors restart the listing (`visit` must be idempotent)."""
+    folder that does not exist has no files (a bucket that does not exist raises storage.BucketNotFound, refused
+    credentials StorageAccessDenied). Transient errors restart the listing (`visit` must be idempotent)."""
     for attempt in range(retries + 1):
         try:
             return _list_once(folder, visit, storage_options, fs)
-        except FileNotFoundError:
-            return None
         except Exception as e:  # noqa: BLE001 - fsspec back-ends raise many types
+            error = storage_error(folder, e, storage_options)  # a missing bucket is not an empty folder
+            if error is not None:
+                raise error from e
+            if isinstance(e, FileNotFoundError):
+                return None
             if attempt == retries or not is_transient(e):
                 raise
             time.sleep(backoff * 2**attempt)

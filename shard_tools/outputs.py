@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from shard_tools.errors import ToolError
-from shard_tools.storage import filesystem, is_url, join
+from shard_tools.storage import check_access, filesystem, is_url, join
 
 LOCK_NAME = ".writer.lock"  # in a local output folder: held (flock) by the tool writing it
 
@@ -78,6 +78,10 @@ class Output:
 
     def list(self, prefix: str = "") -> list[str]:
         """Names of the files directly in the folder (or in `prefix`, a subfolder), relative to it."""
+        raise NotImplementedError
+
+    def folders(self) -> list[str]:
+        """Names of the subfolders directly in the folder (hidden ones included)."""
         raise NotImplementedError
 
     def location(self, name: str) -> str:
@@ -156,6 +160,9 @@ class LocalOutput(Output):
             return []
         return sorted(p.name for p in folder.iterdir() if p.is_file() and not is_lock_file(p.name))
 
+    def folders(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+
     _lock_fd: int | None = None
     _lock_path: Path | None = None
 
@@ -197,6 +204,7 @@ class RemoteOutput(Output):
     def __init__(self, url: str, storage_options: dict | None = None, tmp_dir: str | Path | None = None):
         self.url = url.rstrip("/")
         self.fs = filesystem(self.url, storage_options)
+        check_access(self.url, storage_options, self.fs)  # a missing bucket or refused credentials, before any work
         self.fs.invalidate_cache(self.url)  # listings cached by an earlier use may be stale
         self._stage = Path(tempfile.mkdtemp(prefix="shard-stage-", dir=tmp_dir))
 
@@ -257,6 +265,14 @@ class RemoteOutput(Output):
         except FileNotFoundError:
             return []
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file")
+
+    def folders(self) -> list[str]:
+        self.fs.invalidate_cache(self.url)
+        try:
+            entries = self.fs.ls(self.url, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
 
     def close(self) -> None:
         shutil.rmtree(self._stage, ignore_errors=True)

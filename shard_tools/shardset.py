@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shard_tools.storage import join, read_location, redact
+from shard_tools.storage import BucketNotFound, join, read_location, redact
 
 FORMAT = "stream-ssl-shards"
 VERSION = 1
@@ -53,11 +53,14 @@ def idx_name(tar_path: str) -> str:
 
 def load_shard_set(url: str, storage_options: dict | None = None, retries: int = 3) -> ShardSet:
     """Read and check `index.json` of the shard set at `url` (local or any fsspec URL). `storage_options` are
-    the run's options (flat or per protocol, see shard_tools.storage); transient errors are retried."""
+    the run's options (flat or per protocol, see shard_tools.storage); transient errors are retried. A missing
+    bucket and missing or refused credentials raise storage.BucketNotFound / StorageAccessDenied, saying so."""
     index_url = join(url, "index.json")
     where = redact(index_url)
     try:
         meta = json.loads(read_location(index_url, storage_options, retries))
+    except BucketNotFound:
+        raise  # (says so, naming the bucket: not "not a shard set")
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{redact(url)}: not a shard set (no index.json). Pack a manifest with shard_tools/pack.py, "

@@ -5,7 +5,9 @@ One module owns, for the shard tools and the trainer alike:
 - storage options: `parse_storage_options` (`--storage-options` as inline JSON or the path of a JSON file),
   `options_for` (the options that apply to one URL) and `redact_options` (what a run may write down);
 - clients: `filesystem`, one fsspec client per process for a protocol, its options and the AWS environment;
-- errors: `http_status`, `is_transient` (worth retrying) and `is_not_found`;
+- errors: `http_status`, `is_transient` (worth retrying), `is_not_found`, and `describe_storage_error` /
+  `storage_error` / `check_access` for what users trip over (a missing bucket, missing or rejected
+  credentials): one line naming the URL and where credentials come from;
 - whole-file reads: `read_location` (manifests, images, `index.json`), retried.
 Output folders (whole files published atomically) are in `shard_tools/outputs.py`.
 
@@ -31,6 +33,8 @@ import time
 from pathlib import Path
 
 import fsspec
+
+from shard_tools.errors import ToolError
 
 PROTOCOL_KEYS = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https", "hf", "ftp", "sftp",
                  "memory")
@@ -81,7 +85,9 @@ _USERINFO = re.compile(r"([a-zA-Z][\w+.-]*://)[^/@\s]*@")
 _QUERY = re.compile(r"([a-zA-Z][\w+.-]*://[^\s?]*)\?[^\s'\"]*")
 _SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|session|signature", re.IGNORECASE)
 # `'aws_secret_access_key': 'X'`, `"token": "X"`, `password=X` in a message or a traceback.
-_SECRET_PAIR = re.compile(r"""(['"]?\b[\w-]*(?:secret|token|password|passwd|credential|signature|key_id|"""
+# An exception's type name is not a secret's name (`NoCredentialsError: Unable to ...`), hence the lookahead.
+_SECRET_PAIR = re.compile(r"""(['"]?\b(?![\w-]*(?-i:Error|Exception|Warning)['"]?\s*[:=])"""
+                          r"""[\w-]*(?:secret|token|password|passwd|credential|signature|key_id|"""
                           r"""access_key)[\w-]*['"]?\s*[:=]\s*|['"]key['"]\s*:\s*)(['"]?)[^'"\s,}&)]+""",
                           re.IGNORECASE)
 
@@ -186,7 +192,8 @@ def options_for(url: str, storage_options: dict | None = None) -> dict:
 # Environment that decides where an object store client connects and as whom: part of the cache key, so a
 # process whose endpoint or credentials change (a test server restarted, another profile) gets a new client.
 _CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION")
+               "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE",
+               "AWS_CONFIG_FILE")
 _CLIENTS: dict[tuple, fsspec.AbstractFileSystem] = {}
 _CLIENTS_LOCK = threading.Lock()
 
@@ -286,13 +293,99 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, OSError)
 
 
+class BucketNotFound(ToolError, FileNotFoundError):
+    """The bucket of a URL does not exist (not just the object): the message names the bucket and endpoint."""
+
+
+class StorageAccessDenied(ToolError, PermissionError):
+    """The store refused the request, or there were no credentials to send: the message names the URL and where
+    credentials come from."""
+
+
+_DENIED = {"InvalidAccessKeyId": "the store does not know the access key",
+           "SignatureDoesNotMatch": "the secret does not match the access key",
+           "ExpiredToken": "the session token has expired", "TokenRefreshRequired": "the session token has expired",
+           "InvalidToken": "the session token is not valid", "AccessDenied": "wrong credentials, or no permission",
+           "AllAccessDisabled": "all access to this bucket is disabled", "403": "wrong credentials, or no permission"}
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+S3_CREDENTIALS_HINT = ("credentials come from --storage-options (keys \"key\", \"secret\", \"token\" or \"profile\"), "
+                       "the variables AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, or a profile "
+                       "(AWS_PROFILE, ~/.aws/credentials); a public bucket needs {\"anon\": true}; see docs/storage.md")
+
+
+def _endpoint(url: str, storage_options: dict | None) -> str:
+    opts = options_for(url, storage_options)
+    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+    return f"endpoint {redact(str(endpoint))}" if endpoint else "at AWS: no endpoint set"
+
+
+def _bucket_url(url: str) -> str:
+    protocol, _, rest = url.partition("://")
+    return redact(f"{protocol}://{rest.split('/', 1)[0]}")
+
+
+def describe_storage_error(url: str, error: BaseException, storage_options: dict | None = None) -> str | None:
+    """One line for the errors that are about the store rather than the object at `url`: a bucket that does not
+    exist, no credentials, credentials refused (403, AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch,
+    expired tokens). None for anything else (a missing object, a transient error, ...)."""
+    found = _classify(url, error, storage_options)
+    return found[1] if found else None
+
+
+def storage_error(url: str, error: BaseException, storage_options: dict | None = None) -> ToolError | None:
+    """`describe_storage_error` as an exception to raise (`from error`): BucketNotFound (a FileNotFoundError)
+    or StorageAccessDenied (a PermissionError); None when the error is not about the store."""
+    found = _classify(url, error, storage_options)
+    return found[0](found[1]) if found else None
+
+
+def _classify(url: str, error: BaseException, storage_options: dict | None) -> tuple[type, str] | None:
+    chain = _chain(error)
+    codes = [c for c in map(_error_code, chain) if c]
+    if "NoSuchBucket" in codes:
+        return BucketNotFound, (f"{_bucket_url(url)}: the bucket does not exist ({_endpoint(url, storage_options)}): "
+                                "check its name and the endpoint, or create it (docs/storage.md)")
+    protocol = protocol_of(url)
+    hint = (S3_CREDENTIALS_HINT if protocol in ("s3", "s3a")
+            else f"pass the credentials {protocol}:// needs in --storage-options")
+    missing = next((e for e in chain if type(e).__name__ in _NO_CREDENTIALS), None)
+    if missing is not None:
+        what = "no credentials found" if type(missing).__name__ == "NoCredentialsError" else redact(str(missing))
+        return StorageAccessDenied, f"{redact(url)}: {what}; {hint}"
+    code = next((c for c in codes if c in _DENIED), None)
+    if code is None and not codes and 403 in map(http_status, chain):  # (a 403 with another code: clock skew, ...)
+        code = "403"
+    if code is None:
+        return None
+    label = "403 Forbidden" if code == "403" else code
+    return StorageAccessDenied, f"{redact(url)}: access denied ({_DENIED[code]}: {label}); {hint}"
+
+
+def check_access(url: str, storage_options: dict | None = None, fs=None) -> None:
+    """Fail early on an `s3://` URL whose bucket is missing or refuses these credentials (BucketNotFound,
+    StorageAccessDenied), with one ListObjectsV2 of at most one key; writers call it before any work. Other
+    protocols are not checked."""
+    if protocol_of(url) not in ("s3", "s3a"):
+        return
+    fs = fs if fs is not None else filesystem(url, storage_options)
+    bucket, _, prefix = fs_path(url).partition("/")
+    try:
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except Exception as e:  # noqa: BLE001 - classified here
+        error = storage_error(url, e, storage_options)
+        if error is None:
+            raise
+        raise error from e
+
+
 # ---------------------------------------------------------------------------------------------------
 # Whole-file reads.
 
 
 def read_location(url: str, storage_options: dict | None = None, retries: int = 3, backoff: float = 0.5) -> bytes:
     """All bytes of a local file or URL. Transient remote errors are retried with exponential backoff; a missing
-    object raises FileNotFoundError at once (never retried), with the URL redacted."""
+    object raises FileNotFoundError at once (never retried), with the URL redacted; a missing bucket or refused
+    credentials raise `storage_error`'s BucketNotFound / StorageAccessDenied."""
     if not is_url(url):
         with open(resolve(url, "."), "rb") as f:
             return f.read()
@@ -301,6 +394,9 @@ def read_location(url: str, storage_options: dict | None = None, retries: int = 
         try:
             return fs.cat_file(path)
         except Exception as e:  # fsspec backends raise many types (aiohttp, botocore, ...)
+            error = storage_error(url, e, storage_options)
+            if error is not None:
+                raise error from e
             if is_not_found(e):
                 raise FileNotFoundError(f"{redact(url)}: no such file") from e
             if attempt == retries or not is_transient(e):

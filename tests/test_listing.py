@@ -13,12 +13,14 @@ import pytest
 from shard_tools import listing
 from shard_tools.listing import ShardsMissing, check_shards, require_shards
 from shard_tools.shardset import load_shard_set
+from shard_tools.storage import BucketNotFound, StorageAccessDenied
 from shard_tools.verify import verify
 from stream_ssl.data.plan import make_plan
 from stream_ssl.plan import main as plan_main
 from stream_ssl.train import main as train_main
 from tests.helpers.listing import PAGE, FakeBucket, fake_set
 from tests.helpers.trainer import train_args
+from tests.test_storage import _client_error
 
 
 @pytest.fixture
@@ -108,3 +110,26 @@ def test_plan_check_and_verify_use_the_same_listing(damaged, make_shard_set, cap
     assert lines[:3] == ["BAD set-000003.tar: missing", "BAD set-000005.tar: no set-000005.idx",
                          f"BAD set-000006.tar: size 1000 bytes, index.json says {size}"]
     assert "listed 8 shards" in lines[-1] and lines[-1].endswith("3 bad")
+
+
+class _Store:
+    """An fsspec-like folder whose listing fails with `error` (as s3fs raises it: translated, cause attached)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def _strip_protocol(self, url: str) -> str:
+        return url.split("://", 1)[1]
+
+    def ls(self, path: str, detail: bool = True):
+        raise self.error
+
+
+def test_a_missing_bucket_is_not_an_empty_folder():
+    seen: list = []
+    listing.list_folder("memory://bucket/set", lambda *e: seen.append(e), fs=_Store(FileNotFoundError("no folder")))
+    assert seen == []  # a folder that does not exist has no files
+    with pytest.raises(BucketNotFound, match=r"^memory://bucket: the bucket does not exist"):
+        listing.list_folder("memory://bucket/set", seen.append, fs=_Store(_client_error("NoSuchBucket", 404)))
+    with pytest.raises(StorageAccessDenied, match=r"^memory://bucket/set: access denied \(the store does not know"):
+        listing.list_folder("memory://bucket/set", seen.append, fs=_Store(_client_error("InvalidAccessKeyId", 403)))

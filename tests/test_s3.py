@@ -3,15 +3,22 @@ same keys and bytes as from local disk, also through a proxy that cuts connectio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import logging
+import os
+import re
+import urllib.request
+from pathlib import Path
 
 import pytest
 
+from shard_tools.listing import list_folder
 from shard_tools.shardset import load_shard_set
-from shard_tools.storage import filesystem
+from shard_tools.storage import BucketNotFound, StorageAccessDenied, check_access, filesystem
+from shard_tools.verify import verify
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.plan import make_plan
 from stream_ssl.data.readahead import ReadAhead
@@ -283,3 +290,84 @@ def test_evaluate_reads_downstream_sets_from_s3_like_local_ones(moto, make_shard
     assert by_env["train_samples"] == by_flag["train_samples"] == 60 and by_flag["test_samples"] == 40
     for other in (by_env, by_flag):
         assert other["knn"] == local["knn"] and other["linear"] == local["linear"]
+
+
+PLAN_ARGS = ["--unique-samples", "100", "--budget-samples", "200", "--batch-size", "10"]
+
+
+def test_a_missing_bucket_is_named_by_plan_train_verify_listing_and_writers(moto, s3_url, tmp_path, capsys):
+    from stream_ssl.train import main as train_main
+    from tests.helpers.trainer import train_args
+
+    url, options = "s3://no-such-bucket/shards/pool", moto.options()
+    said = f"s3://no-such-bucket: the bucket does not exist (endpoint {moto.endpoint}): check its name"
+    assert plan_main(["--data", url, *PLAN_ARGS, "--storage-options", json.dumps(options)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {said}")
+    out = tmp_path / "run"
+    assert train_main(train_args(url, out, storage_options=json.dumps(options), log_with="none")) == 2
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")][0].startswith(
+        f"error: {said}")
+    report = io.StringIO()
+    assert not verify(url, storage_options=options, out=report)
+    assert report.getvalue().startswith(f"BAD {url}: {said}") and "not a shard set" not in report.getvalue()
+    with pytest.raises(BucketNotFound, match=re.escape(said)):
+        list_folder(url, lambda name, size: None, options)
+    with pytest.raises(BucketNotFound, match=re.escape(said)):  # what writers check before any work
+        check_access(url, options)
+    check_access(s3_url, options)  # an existing bucket passes
+
+
+@contextlib.contextmanager
+def refused_credentials(moto):
+    """moto checks the credentials of every request while the block runs: it knows none, so every key is refused."""
+    def auth(count: bytes) -> None:
+        request = urllib.request.Request(f"{moto.endpoint}/moto-api/reset-auth", data=count, method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=30).read()
+
+    auth(b"0")
+    try:
+        yield
+    finally:
+        auth(b"inf")
+
+
+def test_refused_credentials_name_the_url_and_where_credentials_come_from(moto, s3_url, capsys):
+    options = moto.options()
+    with refused_credentials(moto):
+        assert plan_main(["--data", s3_url, *PLAN_ARGS, "--storage-options", json.dumps(options)]) == 1
+        err = capsys.readouterr().err
+        with pytest.raises(StorageAccessDenied, match="access denied .the store does not know the access key"):
+            list_folder(s3_url, lambda name, size: None, options)
+        with pytest.raises(StorageAccessDenied, match="InvalidAccessKeyId"):
+            check_access(s3_url, options)
+    assert err.startswith(f"error: {s3_url}/index.json: access denied ("), err  # (a HEAD request: 403, no body)
+    assert all(w in err for w in ("--storage-options", '"key"', "AWS_ACCESS_KEY_ID", "AWS_PROFILE", '"anon": true'))
+    assert "PermissionError" not in err and SECRET not in err and KEY not in err
+    assert load_shard_set(s3_url, options["s3"]).num_samples == 240  # (the server accepts anyone again)
+
+
+def test_no_credentials_say_so_and_the_log_keeps_every_word(moto, s3_url, tmp_path, monkeypatch, capsys):
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    nowhere = str(tmp_path / "none")
+    for name, value in {"AWS_ENDPOINT_URL": moto.endpoint, "AWS_DEFAULT_REGION": REGION, "AWS_CONFIG_FILE": nowhere,
+                        "AWS_SHARED_CREDENTIALS_FILE": nowhere, "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    assert plan_main(["--data", s3_url, *PLAN_ARGS]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {s3_url}/index.json: no credentials found; credentials come from --storage-"
+                          'options (keys "key", "secret", "token" or "profile"), the variables AWS_ACCESS_KEY_ID'), err
+    log = Path(re.search(r"\(traceback: (.+)\)$", err).group(1)).read_text()
+    assert "NoCredentialsError: Unable to locate credentials" in log
+
+
+def test_pack_names_a_missing_bucket(moto, tmp_path, capsys):
+    from shard_tools.pack import main as pack_main
+    from shard_tools.synth import synthesize
+
+    manifest = synthesize(tmp_path / "img", 8, classes=2, size=16)
+    assert pack_main([str(manifest), "--out", "s3://no-such-bucket/pool", "--storage-options",
+                      json.dumps(moto.options())]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: s3://no-such-bucket: the bucket does not exist (endpoint {moto.endpoint})"), err
