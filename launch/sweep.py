@@ -1,12 +1,12 @@
 """The diversity sweep: at one budget C, pretrain for every number of unique samples N (x method x source x
 seed), evaluate every run on every downstream set, and collect the study's table and plot.
 
-    python launch/sweep.py configs/sweeps/demo.yaml              # run the cells here, then collect
-    python launch/sweep.py configs/sweeps/demo.yaml --dry-run    # list cells (done / to do) and their commands
-    python launch/sweep.py configs/sweeps/demo.yaml --slurm      # write OUT/sweep.sbatch (one array task a cell)
-    python launch/sweep.py configs/sweeps/demo.yaml --cell 3     # one cell: train + evaluate (what a task runs)
-    python launch/sweep.py configs/sweeps/demo.yaml --collect    # results.csv, results.md, diversity.png,
-                                                                 # gain_vs_distance.png
+    stream-ssl sweep configs/sweeps/demo.yaml              # run the cells here, then collect
+    stream-ssl sweep configs/sweeps/demo.yaml --dry-run    # list cells (done / to do) and their commands
+    stream-ssl sweep configs/sweeps/demo.yaml --slurm      # write OUT/sweep.sbatch (one array task a cell)
+    stream-ssl sweep configs/sweeps/demo.yaml --cell 3     # one cell: train + evaluate (what a task runs)
+    stream-ssl sweep configs/sweeps/demo.yaml --collect    # results.csv, results.md, diversity.png,
+                                                           # gain_vs_distance.png (with 2+ downstream sets)
 
 A sweep file (YAML; relative paths are taken from the current folder, normally the repository root):
 
@@ -34,6 +34,11 @@ OUT/runs/<cell> (settings in OUT/cells/<cell>.yaml) and writes OUT/runs/<cell>/e
 summary.json and whose eval.json covers the sweep's downstream sets and evaluation settings is finished and
 skipped on a re-run; a half-trained run resumes from its last checkpoint (train.py --resume auto). Locally, cells
 run one after another, or one per GPU when several GPUs are visible (and `launch.processes` is 1).
+
+Before the first cell runs, every input of the unfinished cells (their sources' shard sets and every downstream
+set) is checked to be a shard set (its index.json is read): a missing one stops the sweep with one line naming
+them all, before any training. `--dry-run` writes the cells' YAML files (so the commands it prints run as they
+are), starts nothing, and warns about missing inputs.
 """
 
 from __future__ import annotations
@@ -273,6 +278,48 @@ def make_cells(sweep: Sweep) -> list[Cell]:
 # Running cells.
 
 
+def cell_inputs(sweep: Sweep, cells: list[Cell]) -> dict[str, str]:
+    """The shard sets `cells` read, URL -> where the sweep file names it: their sources' pretraining data, and
+    every downstream set (each cell is evaluated on all of them, and its distances measured to them)."""
+    inputs: dict[str, str] = {}
+    for source in dict.fromkeys(c.source for c in cells):
+        for url in sweep.sources[source]["data"].split(","):
+            if url:
+                inputs.setdefault(url, f"sources.{source}")
+    for name, pair in (sweep.downstream if cells else {}).items():
+        for part in ("train", "test"):
+            inputs.setdefault(pair[part], f"downstream.{name}.{part}")
+    return inputs
+
+
+def missing_inputs(sweep: Sweep, cells: list[Cell]) -> dict[str, str]:
+    """Those inputs of `cells` that are not shard sets, URL -> 'WHERE URL (why)': one read of each index.json."""
+    from shard_tools.shardset import load_shard_set
+    from shard_tools.storage import parse_storage_options, redact
+
+    options = parse_storage_options(sweep.train.get("storage_options"))
+    missing = {}
+    for url, where in cell_inputs(sweep, cells).items():
+        try:
+            load_shard_set(url, options)
+        except FileNotFoundError:
+            missing[url] = f"{where} {redact(url)} (no index.json)"
+        except (OSError, ValueError) as e:
+            missing[url] = f"{where} {redact(url)} ({redact(str(e).splitlines()[0] if str(e) else type(e).__name__)})"
+    return missing
+
+
+def require_inputs(sweep: Sweep, cells: list[Cell]) -> None:
+    """Stop before anything runs when an input of `cells` is not a shard set: one line naming all of them."""
+    missing = list(missing_inputs(sweep, cells).values())
+    if missing:
+        many = len(missing) > 1
+        raise SweepError(f"{len(missing)} input{'s' if many else ''} of the sweep "
+                         f"{'are not shard sets' if many else 'is not a shard set'}, nothing was run: "
+                         f"{'; '.join(missing)} (pack {'them' if many else 'it'} with `shard-tools pack`, or fix the "
+                         "sweep file)")
+
+
 def cell_config_path(sweep: Sweep, cell: Cell) -> Path:
     return sweep.out / "cells" / f"{cell.name}.yaml"
 
@@ -354,6 +401,10 @@ def cell_done(sweep: Sweep, cell: Cell) -> bool:
     return diverged(cell) is not None or (trained(cell) and evaluated(sweep, cell))
 
 
+def unfinished(sweep: Sweep) -> list[Cell]:
+    return [c for c in sweep.cells if not cell_done(sweep, c)]
+
+
 def _env(sweep: Sweep, extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (sweep.launch.get("env") or {}).items()})
@@ -432,7 +483,8 @@ def gpu_count() -> int:
 
 def run_local(sweep: Sweep, config_arg: str | None, log=print) -> int:
     """Every unfinished cell, one after another, or one per GPU when several are visible."""
-    todo = [c for c in sweep.cells if not cell_done(sweep, c)]
+    todo = unfinished(sweep)
+    require_inputs(sweep, todo)
     for c in sweep.cells:
         if c not in todo:
             log(f"[sweep] cell {c.index} {c.name}: {'diverged' if diverged(c) else 'finished'}, skipped")
@@ -571,7 +623,7 @@ def compress_indices(indices: list[int]) -> str:
 def slurm_script(sweep: Sweep, config_arg: str, cells: list[Cell] | None = None) -> str:
     """An array job: task i runs cell i (finished cells are left out of the array)."""
     s = sweep.slurm
-    cells = [c for c in sweep.cells if not cell_done(sweep, c)] if cells is None else cells
+    cells = unfinished(sweep) if cells is None else cells
     if not cells:
         raise SweepError("every cell is finished: nothing to submit (run --collect)")
     array = compress_indices([c.index for c in cells])
@@ -837,6 +889,20 @@ def gain_plot(rows: list[dict], path: Path, metric: str = "knn", title: str = ""
     plt.close(fig)
 
 
+def gain_plot_skipped(rows: list[dict]) -> str | None:
+    """Why gain_vs_distance.png is not drawn, or None: it compares downstream sets, so it needs gains on at least
+    two of them with a distance measured (with one, each panel would hold one point per method and source)."""
+    if not rows:
+        return "no gains (a gain needs finished cells at 2 or more N)"
+    measured = sorted({r["downstream"] for r in rows if any(not _nan(r[d]) for d, _ in DISTANCES)})
+    if not measured:
+        return "no distances were measured (evaluate.distance is false)"
+    if len(measured) < 2:
+        return (f"one downstream set ({measured[0]}): the plot compares the gains on several downstream sets at "
+                "their distances, and needs at least 2")
+    return None
+
+
 def collect(sweep: Sweep, log=print) -> dict:
     """results.csv (one row per cell and downstream set), results.md (mean ± std over seeds, and the gain from
     the smallest to the largest N with the distances), diversity.png, gain_vs_distance.png."""
@@ -857,29 +923,57 @@ def collect(sweep: Sweep, log=print) -> dict:
         table += "\n\nDiverged (no accuracy):\n" + "\n".join(gone)
     gain_text = (f"Gain from the smallest to the largest N (means over seeds) and the distances from the source to "
                  f"the downstream set (largest-N encoder):\n\n{gains_markdown(gain_rows, sweep.metric)}\n")
+    skipped = gain_plot_skipped(gain_rows)
+    if skipped:
+        gain_text += f"\ngain_vs_distance.png is not drawn: {skipped}.\n"
     (sweep.out / "results.md").write_text(f"{header}\n\n{table}\n\n{gain_text}")
     title = f"{sweep.name}: budget C = {sweep.budget}"
     plot(groups, sweep.out / "diversity.png", sweep.metric, title=title)
-    gain_plot(gain_rows, sweep.out / "gain_vs_distance.png", sweep.metric, title=title)
+    gain_path: Path | None = sweep.out / "gain_vs_distance.png"
+    if skipped:
+        gain_path.unlink(missing_ok=True)  # one from an earlier collect would describe other results
+        log(f"[sweep] gain_vs_distance.png not drawn: {skipped}")
+        gain_path = None
+    else:
+        gain_plot(gain_rows, gain_path, sweep.metric, title=title)
     return {"rows": rows, "groups": groups, "table": table, "gains": gain_rows, "missing": [c.name for c in missing],
             "csv": sweep.out / "results.csv", "markdown": sweep.out / "results.md", "plot": sweep.out / "diversity.png",
-            "gain_plot": sweep.out / "gain_vs_distance.png"}
+            "gain_plot": gain_path, "gain_plot_skipped": skipped}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line.
 
 
-def describe(sweep: Sweep, config_arg: str) -> str:
+def describe(sweep: Sweep, config_arg: str, missing: dict[str, str] | None = None) -> str:
+    """The dry run's listing: every cell, its status and its training command (which reads the cell's YAML:
+    `dry_run` writes them). A cell reading one of the `missing` inputs is marked."""
     lines = [f"# sweep {sweep.name}: {len(sweep.cells)} cells ({len(sweep.methods)} methods x {len(sweep.sources)} "
              f"sources x {len(sweep.unique)} N x {len(sweep.seeds)} seeds), budget C = {sweep.budget}, "
-             f"out {sweep.out}"]
+             f"out {sweep.out}; the cells' settings are in {sweep.out / 'cells'}"]
     for c in sweep.cells:
         status = "done" if cell_done(sweep, c) else ("trained, to evaluate" if trained(c) else "to do")
+        if status != "done" and set(cell_inputs(sweep, [c])) & set(missing or {}):
+            status += ", input missing"
         lines.append(f"cell {c.index} {c.name} [{status}]: {shlex.join(train_command(sweep, c))}")
+    gain = ", gain_vs_distance.png" if len(sweep.downstream) > 1 else ""
     lines.append(f"# then: evaluate on {', '.join(sweep.downstream) or 'nothing'}; collect into "
-                 f"{sweep.out}/results.csv, results.md, diversity.png, gain_vs_distance.png")
+                 f"{sweep.out}/results.csv, results.md, diversity.png{gain}")
     return "\n".join(lines)
+
+
+def dry_run(sweep: Sweep, config_arg: str) -> None:
+    """List the cells and their commands, writing the cells' YAML files those commands read (and nothing else);
+    warn about inputs that are not shard sets."""
+    for c in sweep.cells:
+        write_cell_config(sweep, c)
+    missing = missing_inputs(sweep, unfinished(sweep))
+    print(describe(sweep, config_arg, missing))
+    for text in missing.values():
+        print(f"warning: not a shard set: {text}", file=sys.stderr)
+    if missing:
+        print(f"warning: the cells marked 'input missing' would fail; a real run stops before training until "
+              f"{'these inputs exist' if len(missing) > 1 else 'this input exists'}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -888,7 +982,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="sweep YAML (configs/sweeps/NAME.yaml)")
     p.add_argument("--out", type=Path, help="results folder (overrides the file's out)")
     p.add_argument("--dry-run", action=argparse.BooleanOptionalAction, default=False,
-                   help="list the cells and commands (with --slurm: print the script) and start nothing (default: off)")
+                   help="list the cells and their commands, write the cells' YAML files those commands read, warn "
+                        "about inputs that are not shard sets, and start nothing (with --slurm: print the script; "
+                        "default: off)")
     p.add_argument("--slurm", action=argparse.BooleanOptionalAction, default=False,
                    help="write OUT/sweep.sbatch and OUT/collect.sbatch (default: off)")
     p.add_argument("--cell", type=int, help="run one cell (train + evaluate) and exit")
@@ -904,13 +1000,18 @@ def _run(a: argparse.Namespace) -> int:
         if not 0 <= a.cell < len(sweep.cells):
             raise SweepError(f"--cell {a.cell}: the sweep has cells 0..{len(sweep.cells) - 1}")
         cell = sweep.cells[a.cell]
+        if not cell_done(sweep, cell):
+            require_inputs(sweep, [cell])
         print(f"[sweep] cell {cell.index} {cell.name}: {run_cell(sweep, cell)}", flush=True)
         return 0
     if a.slurm:
         script = slurm_script(sweep, a.config)
         if a.dry_run:
             print(script)
+            for text in missing_inputs(sweep, unfinished(sweep)).values():
+                print(f"warning: not a shard set: {text}", file=sys.stderr)
             return 0
+        require_inputs(sweep, unfinished(sweep))
         (sweep.out / "logs").mkdir(parents=True, exist_ok=True)  # SLURM needs it before the tasks start
         (sweep.out / "sweep.sbatch").write_text(script)
         (sweep.out / "collect.sbatch").write_text(collect_script(sweep, a.config))
@@ -919,13 +1020,14 @@ def _run(a: argparse.Namespace) -> int:
               f"sbatch --dependency=afterany:$jid {sweep.out / 'collect.sbatch'}")
         return 0
     if a.dry_run:
-        print(describe(sweep, a.config))
+        dry_run(sweep, a.config)
         return 0
     failed = 0 if a.collect else run_local(sweep, a.config)
     result = collect(sweep)
     print()
     print(result["table"])
-    print(f"\n[sweep] {result['csv']}, {result['markdown']}, {result['plot']}, {result['gain_plot']}")
+    outputs = [result[k] for k in ("csv", "markdown", "plot", "gain_plot") if result[k]]
+    print(f"\n[sweep] {', '.join(map(str, outputs))}")
     return 1 if failed or result["missing"] else 0
 
 

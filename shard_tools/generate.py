@@ -1,9 +1,9 @@
 """Diffusion-generated images as a shard set (source=generated): made here from a local model, or ingested.
 
-    python shard_tools/generate.py --model models/sd15 --classes-file classes.txt --template "a photo of a {name}" \\
+    shard-tools generate --model models/sd15 --classes-file classes.txt --template "a photo of a {name}" \\
         --per-prompt 100 --out shards/generated --size 512 --steps 25 --batch-size 16
-    python shard_tools/generate.py --model models/sd15 --prompts prompts.csv --per-prompt 10 --out shards/gen
-    python shard_tools/generate.py --from-folder made_elsewhere/ --prompts prompts.csv --out shards/gen
+    shard-tools generate --model models/sd15 --prompts prompts.csv --per-prompt 10 --out shards/gen
+    shard-tools generate --from-folder made_elsewhere/ --prompts prompts.csv --out shards/gen
 
 Prompts come from class names and templates (every template for every class; `{name}` is the class name,
 label k is line k of --classes-file or the k-th name of --classes), or from a prompts file: `.txt` (one prompt
@@ -767,18 +767,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=positive_int, default=30, help="inference steps (default 30)")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     gen.add_argument("--size", type=positive_int, help="image width and height (default: the model's)")
-    gen.add_argument("--width", type=positive_int)
-    gen.add_argument("--height", type=positive_int)
-    gen.add_argument("--negative-prompt")
+    gen.add_argument("--width", type=positive_int, help="image width (default: --size, else the model's)")
+    gen.add_argument("--height", type=positive_int, help="image height (default: --size, else the model's)")
+    gen.add_argument("--negative-prompt", help="what the images should not show, for pipelines that take one "
+                                               "(default: none)")
     gen.add_argument("--batch-size", type=positive_int, default=4, help="images per pipeline call (default 4)")
-    gen.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    gen.add_argument("--device", default="auto",
+                     help="auto (cuda when available), cpu, cuda, cuda:1, ... (default auto)")
     gen.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                     help="auto: fp16 on GPU, fp32 on CPU")
+                     help="auto: fp16 on GPU, fp32 on CPU (default auto)")
     gen.add_argument("--format", choices=tuple(IMAGE_FORMATS), default="jpg", help="image encoding (default jpg)")
     gen.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
     ing = p.add_argument_group("ingestion")
     ing.add_argument("--from-folder", help="ingest the images in this folder listed in --prompts (file column)")
-    ing.add_argument("--max-error-rate", type=float, default=0.05, help="fail past this fraction of bad rows")
+    ing.add_argument("--max-error-rate", type=float, default=0.05,
+                     help="fail past this fraction of bad rows (default 0.05)")
     p.add_argument("--shard-size", type=count_arg, default=1000, help=f"samples per shard, {COUNT_HELP} (default 1000)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="delete an earlier set in --out and start over (default: off)")

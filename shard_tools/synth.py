@@ -1,6 +1,6 @@
 """Render a labeled procedural image set: shape and texture families under heavy nuisance variation.
 
-    python shard_tools/synth.py --out DIR --samples N [--classes 10] [--size 64] [--domain a|b]
+    shard-tools synth --out DIR --samples N [--classes 10] [--size 64] [--domain a|b]
                                 [--seed S] [--quality 90]
 
 writes N JPEG files `DIR/images/XXXX/NNNNNN.jpg` (1000 per folder), `DIR/classes.txt` (one class name a

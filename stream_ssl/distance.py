@@ -1,17 +1,21 @@
 r"""Distances between shard sets, measured on the features of one backbone, before any training on them.
 
-    python -m stream_ssl.distance shards/pool shards/down_a shards/down_b --checkpoint runs/simclr \
+    stream-ssl distance shards/pool shards/down_a shards/down_b --checkpoint runs/simclr \
         --samples 5000 --out distances.json
-    python -m stream_ssl.distance s3://b/pool s3://b/down --backbone resnet50 --weights r50.safetensors
+    stream-ssl distance s3://b/pool s3://b/down --backbone resnet50 --weights r50.safetensors
+    stream-ssl distance shards/pool shards/down_a --backbone resnet10t --weights runs/demo/backbone.safetensors \
+        --backbone-options '{channels: [16, 32, 64, 128]}' --image-size 24
 
 The first set (REF, e.g. a pretraining pool) is compared with each OTHER (e.g. downstream sets). Features are
 those of the evaluation (`stream_ssl.evaluate`: full decode, shorter side resized to S / 0.875, center crop S,
 the backbone's pooled output in float32), from a trained run folder (`--checkpoint`: backbone.safetensors +
 config.json) or a timm model name with a local weights file (`--backbone NAME --weights FILE`, safetensors or a
-torch state dict; nothing is downloaded).
+torch state dict; nothing is downloaded), built with `--backbone-options` when the weights are of a model made with
+options (the demo's narrow ResNet: `{channels: [16, 32, 64, 128]}`, as train's `--backbone-options`).
 
 Each set contributes a seeded sample of `--samples` images (`evaluate.sample_set`: random shards, a random
-window in each), read in batches (on the GPU when there is one) with a progress bar. A set's features are
+window in each), read in batches (on the GPU when there is one) with a progress bar, as is the computation of
+the distances of each pair (`--no-progress`: no bars). A set's features are
 extracted once per command, and with `--cache-dir` kept on disk per (set contents, backbone weights, image size,
 evaluation view, samples, seed), so later comparisons with the same set do not extract it again. Both sides of a
 pair use the same number of samples m = min(--samples, sizes), because the estimates depend on it.
@@ -60,6 +64,7 @@ from stream_ssl.evaluate import (
     features_of_slices,
     load_backbone,
     open_set,
+    progress_bar,
     resolve_device,
     sample_set,
     write_result,
@@ -173,19 +178,28 @@ def vdna_emd(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, bins: i
 
 def distances(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, seed: int = 0,
               kid_subsets: int = KID_SUBSETS, kid_subset_size: int = KID_SUBSET_SIZE, bins: int = VDNA_BINS,
-              device: str = "cpu") -> dict:
+              device: str = "cpu", progress: bool | str = False) -> dict:
     """Every distance between two feature sets: {"frechet", "kid", "kid_std", "vdna", "samples",
     "kid_subset_size"}, on the first m = min(len(x), len(y)) rows of each (the caller shuffles; both sides then
     weigh the same). KID subsets hold min(kid_subset_size, m // 2) samples per side, so that the draws differ
-    and kid_std measures something (at m <= kid_subset_size every draw would be the whole sample)."""
+    and kid_std measures something (at m <= kid_subset_size every draw would be the whole sample). `progress`:
+    a bar on stderr counting the three distances, labeled with `progress` when it is text."""
     m = min(len(x), len(y))
     if m < 4:
         raise ValueError(f"the distances need at least 4 samples on each side, got {len(x)} and {len(y)}")
     x, y = x[:m], y[:m]
     size = min(kid_subset_size, m // 2)
-    k, k_std = kid(x, y, kid_subsets, size, seed, device)
-    return {"frechet": frechet_distance(x, y), "kid": k, "kid_std": k_std, "vdna": vdna_emd(x, y, bins),
-            "samples": int(m), "kid_subset_size": int(size)}
+    with progress_bar(3, progress, "distances", unit="distance") as bar:
+        bar.set_postfix_str(f"Frechet, {m} samples each", refresh=False)
+        fd = frechet_distance(x, y)
+        bar.update()
+        bar.set_postfix_str(f"KID, {max(1, kid_subsets)} draws of {size}", refresh=False)
+        k, k_std = kid(x, y, kid_subsets, size, seed, device)
+        bar.update()
+        bar.set_postfix_str(f"VisualDNA, {bins} bins", refresh=False)
+        vdna = vdna_emd(x, y, bins)
+        bar.update()
+    return {"frechet": fd, "kid": k, "kid_std": k_std, "vdna": vdna, "samples": int(m), "kid_subset_size": int(size)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,18 +241,25 @@ def _state_dict_of(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def timm_extractor(name: str, weights: Path, image_size: int = 224) -> Extractor:
-    """A timm backbone (no classifier) with weights from a local file. Weights the backbone does not have (a
-    classifier head) are ignored and listed; weights it needs and the file lacks are an error."""
+def timm_extractor(name: str, weights: Path, image_size: int = 224, options: dict | None = None) -> Extractor:
+    """A timm backbone (no classifier) built with `options` (as train's backbone_options), with weights from a
+    local file. Weights the backbone does not have (a classifier head) are ignored and listed; weights it needs
+    and the file lacks, or holds with other shapes, are an error."""
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no such weights file (weights are never downloaded)")
-    model, _ = create_backbone(name, image_size)
-    missing, unexpected = model.load_state_dict(_state_dict_of(weights), strict=False)
+    model, _ = create_backbone(name, image_size, **(options or {}))
+    try:
+        missing, unexpected = model.load_state_dict(_state_dict_of(weights), strict=False)
+    except RuntimeError as e:  # a size mismatch: another model, or the same one built with other options
+        shapes = sum("size mismatch" in line for line in str(e).splitlines())
+        raise ValueError(f"{weights}: {shapes} weights have other shapes than in {name} built with "
+                         f"--backbone-options {json.dumps(options or {})} (the run's backbone_options, in its "
+                         "config.json, build the same model)") from None
     if missing:
         raise ValueError(f"{weights}: lacks {len(missing)} weights of {name} (e.g. {', '.join(missing[:3])})")
-    desc = {"backbone": name, "image_size": image_size, "weights": str(weights), "sha256": file_sha256(weights),
-            "ignored_weights": sorted(unexpected)}
+    desc = {"backbone": name, "image_size": image_size, "backbone_options": options or {}, "weights": str(weights),
+            "sha256": file_sha256(weights), "ignored_weights": sorted(unexpected)}
     return Extractor(model.eval(), image_size, desc)
 
 
@@ -326,7 +347,9 @@ def compare_sets(ref: str, others: Sequence[str], extractor: Extractor, samples:
     for other in others:
         x = feats(other)
         sets[other] = {"sampled": len(x)}
-        pairs.append({"a": ref, "b": other, **distances(ref_x, x, seed, kid_subsets, kid_subset_size, bins, device)})
+        label = progress and f"distances {Path(str(other).rstrip('/')).name or other}"
+        pairs.append({"a": ref, "b": other, **distances(ref_x, x, seed, kid_subsets, kid_subset_size, bins, device,
+                                                        progress=label)})
     settings = {"samples": samples, "seed": seed, "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
                 "vdna_bins": bins, "device": device, "seconds": time.perf_counter() - t0}
     return {"pairs": pairs, "backbone": extractor.description, "sets": sets, "settings": settings}
@@ -354,6 +377,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", type=Path, help="trained run folder (backbone.safetensors + config.json)")
     src.add_argument("--backbone", help="timm model name; needs --weights")
     p.add_argument("--weights", type=Path, help="local weights for --backbone (.safetensors or a torch state dict)")
+    p.add_argument("--backbone-options", type=mapping_arg, default={},
+                   help="settings --backbone is built with (passed to timm.create_model, as train's "
+                        "--backbone-options), JSON or YAML flow style: '{channels: [16, 32, 64, 128]}' (default: {})")
     p.add_argument("--image-size", type=int, default=224, help="input side S for --backbone (default 224)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                    help=f"images per set, a seeded sample (default {DEFAULT_SAMPLES}; fewer when a set is smaller)")
@@ -375,16 +401,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def mapping_arg(text: str) -> dict:
+    """argparse type of a mapping given as JSON or YAML flow style (`{channels: [16, 32]}`)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not JSON or YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping like '{{\"drop_path_rate\": 0.1}}', got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     a = p.parse_args(argv)
     if a.backbone and not a.weights:
         p.error("--backbone needs --weights (a local file: weights are never downloaded)")
+    if a.backbone_options and not a.backbone:
+        p.error("--backbone-options go with --backbone (a --checkpoint's config.json has its own)")
     return run_main("distance", lambda: _run(a), usage_errors=(FileNotFoundError, ValueError))
 
 
 def _run(a: argparse.Namespace) -> int:
-    extractor = run_extractor(a.checkpoint) if a.checkpoint else timm_extractor(a.backbone, a.weights, a.image_size)
+    extractor = (run_extractor(a.checkpoint) if a.checkpoint
+                 else timm_extractor(a.backbone, a.weights, a.image_size, a.backbone_options))
     result = compare_sets(a.ref, a.others, extractor, a.samples, a.seed, a.kid_subsets, a.kid_subset_size,
                           a.bins, a.cache_dir, a.device, a.batch_size, a.progress, a.storage_options)
     write_result(result, markdown_table(result), a.markdown, a.out)

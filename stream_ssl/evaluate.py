@@ -1,6 +1,6 @@
 r"""Evaluate a pretrained backbone on labeled shard sets: kNN, linear probe, and distribution distance.
 
-    python -m stream_ssl.evaluate --checkpoint runs/simclr --train shards/down_train --test shards/down_test \
+    stream-ssl evaluate --checkpoint runs/simclr --train shards/down_train --test shards/down_test \
         --knn --linear --distance --out runs/simclr/eval_down.json
 
 Features are the frozen backbone's pooled outputs, in float32, on one view per image, read straight from the
@@ -30,7 +30,8 @@ floor(S / 0.875) (bilinear, antialiased), center crop S x S, S the run's image s
   is a uniform random subset because packing shuffles), the m downstream samples are a seeded random subset.
 
 Output: JSON on stdout (`--markdown` prints the table instead); `--out FILE.json` writes the JSON and a
-markdown table next to it (`FILE.md`). A progress bar on stderr follows feature extraction.
+markdown table next to it (`FILE.md`). Progress bars on stderr follow each phase: feature extraction, the linear
+probe's fits and the distances (`--no-progress`: none).
 """
 
 from __future__ import annotations
@@ -89,12 +90,13 @@ def load_backbone(run: Path) -> tuple[torch.nn.Module, dict]:
 # Features.
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
+def progress_bar(total: int, progress: bool | str, label: str, unit: str = "img"):
+    """A tqdm bar on stderr for one phase of an evaluation, labeled `progress` when it is text, else `label`;
+    a disabled bar (its methods do nothing) when `progress` is false."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    return tqdm(total=total, desc=progress if isinstance(progress, str) else label, unit=unit, dynamic_ncols=True,
+                mininterval=1.0, file=sys.stderr, disable=not progress)
 
 
 def _decode_workers() -> int:
@@ -113,7 +115,7 @@ def features_of_slices(model: torch.nn.Module, sets: Sequence[ShardSet], pieces:
     PIL releases the GIL)."""
     reader = ShardReader(tuple(sets), storage_options)
     total = sum(len(p) for p in pieces)
-    bar = _progress(total, progress if isinstance(progress, str) else "features", bool(progress))
+    bar = progress_bar(total, progress, "features")
     workers = _decode_workers() if workers is None else max(1, workers)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     feats, labels, pending = [], [], []
@@ -127,8 +129,7 @@ def features_of_slices(model: torch.nn.Module, sets: Sequence[ShardSet], pieces:
         with torch.autocast(torch.device(device).type, enabled=False):
             feats.append(model(x).float().cpu())
         labels.extend(y for _, y in pending)
-        if bar is not None:
-            bar.update(len(pending))
+        bar.update(len(pending))
         pending.clear()
 
     try:
@@ -142,8 +143,7 @@ def features_of_slices(model: torch.nn.Module, sets: Sequence[ShardSet], pieces:
         if pending:
             flush()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         if pool is not None:
             pool.shutdown()
     y = torch.tensor(labels, dtype=torch.int64)
@@ -231,14 +231,15 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int):
 def linear_probe(train_x: torch.Tensor | np.ndarray, train_y: torch.Tensor | np.ndarray,
                  test_x: torch.Tensor | np.ndarray, test_y: torch.Tensor | np.ndarray,
                  c_grid: Sequence[float] = LINEAR_C_GRID, val_fraction: float = 0.2, seed: int = 0,
-                 max_iter: int = LINEAR_MAX_ITER) -> dict:
+                 max_iter: int = LINEAR_MAX_ITER, progress: bool | str = False) -> dict:
     """Multinomial logistic regression on standardized frozen features.
 
     C (inverse L2 strength) is picked from `c_grid` by top-1 on a stratified `val_fraction` split of the
     training set (standardized with the fitting part's statistics); the probe is then refitted with that C on
     the whole training set. Returns top-1 (and top-5 with >= 10 classes) on the test set, the chosen C, the
     held-out accuracy of every C, whether the final fit converged within `max_iter` L-BFGS iterations
-    (`converged`) and every C whose fit (held-out or final) stopped at the cap (`unconverged_C`)."""
+    (`converged`) and every C whose fit (held-out or final) stopped at the cap (`unconverged_C`). `progress`:
+    a bar on stderr counting the fits (one per C, then the final one), labeled with `progress` when it is text."""
     from sklearn.model_selection import train_test_split
 
     xtr, ytr = np.asarray(train_x, dtype=np.float64), np.asarray(train_y)
@@ -252,13 +253,18 @@ def linear_probe(train_x: torch.Tensor | np.ndarray, train_y: torch.Tensor | np.
     fit_i, val_i = train_test_split(np.arange(len(ytr)), test_size=n_val, random_state=seed, stratify=stratify)
     a, b = _standardize(xtr[fit_i], xtr[val_i])
     scores, unconverged = {}, []
-    for c in c_grid:
-        clf, ok = _fit_logistic(a, ytr[fit_i], c, max_iter)
-        scores[c] = float((clf.predict(b) == ytr[val_i]).mean())
-        unconverged += [] if ok else [c]
-    best = max(c_grid, key=lambda c: (scores[c], -c))  # ties: the stronger regularization
-    a, b = _standardize(xtr, xte)
-    clf, converged = _fit_logistic(a, ytr, best, max_iter)
+    with progress_bar(len(c_grid) + 1, progress, "linear probe", unit="fit") as bar:
+        for c in c_grid:
+            bar.set_postfix_str(f"C={c:g}, {len(fit_i)} x {xtr.shape[1]} features", refresh=False)
+            clf, ok = _fit_logistic(a, ytr[fit_i], c, max_iter)
+            scores[c] = float((clf.predict(b) == ytr[val_i]).mean())
+            unconverged += [] if ok else [c]
+            bar.update()
+        best = max(c_grid, key=lambda c: (scores[c], -c))  # ties: the stronger regularization
+        a, b = _standardize(xtr, xte)
+        bar.set_postfix_str(f"final fit, C={best:g}, {len(ytr)} x {xtr.shape[1]} features", refresh=False)
+        clf, converged = _fit_logistic(a, ytr, best, max_iter)
+        bar.update()
     proba = clf.predict_proba(b)
     out = {"top1": _topk(proba, clf.classes_, yte, 1), "C": best, "val_top1": scores[best],
            "val_top1_by_C": {f"{c:g}": s for c, s in scores.items()}, "converged": converged,
@@ -393,9 +399,9 @@ def evaluate_sets(run: Path, downstream: Sequence[tuple[str, str]], knn: bool = 
     for train, test in downstream:
         t1 = time.perf_counter()
         train_set, test_set = open_set(train, so), open_set(test, so)
+        name = train_set.name or "train"
         train_x, train_y = extract_features(model, train_set, size, batch_size, device,
-                                            progress=f"features {train_set.name or 'train'}" if progress else False,
-                                            storage_options=so)
+                                            progress=progress and f"features {name}", storage_options=so)
         test_x, test_y = extract_features(model, test_set, size, batch_size, device,
                                           progress=f"features {test_set.name or 'test'}" if progress else False,
                                           storage_options=so)
@@ -411,14 +417,15 @@ def evaluate_sets(run: Path, downstream: Sequence[tuple[str, str]], knn: bool = 
             result["knn_top1"] = result["knn"][f"k{KNN_SETTINGS[0][0]}_t{KNN_SETTINGS[0][1]:g}"]
         if linear:
             result["linear"] = linear_probe(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(),
-                                            seed=seed)
+                                            seed=seed, progress=progress and f"linear probe {name}")
         if pool is not None:
             if "feats" not in pool:
                 pool["feats"], _ = features_of_slices(
                     model, pool["sets"], sample_pieces(pool["pieces"], min(distance_samples, pool["size"])), size,
                     batch_size, device, progress="features pool" if progress else False, require_labels=False,
                     storage_options=so)
-            result["distance"] = {**pool_distance(pool, train_x, distance_samples, seed, device),
+            result["distance"] = {**pool_distance(pool, train_x, distance_samples, seed, device,
+                                                  progress=progress and f"distances {name}"),
                                   "downstream": train}
         result["seconds"] = time.perf_counter() - t1
         results.append(result)
@@ -440,9 +447,10 @@ def _distance_pool(cfg: dict, distance: bool | str | Sequence[str], storage_opti
     return {"sets": sets, "pieces": pieces, "desc": desc, "size": sum(len(p) for p in pieces)}
 
 
-def pool_distance(pool: dict, down_x: torch.Tensor, distance_samples: int, seed: int, device: str) -> dict:
+def pool_distance(pool: dict, down_x: torch.Tensor, distance_samples: int, seed: int, device: str,
+                  progress: bool | str = False) -> dict:
     """`stream_ssl.distance.distances` between m = min(distance_samples, pool size, len(down_x)) pool features
-    (the pool's sample, seeded order) and m downstream features (a seeded random subset)."""
+    (the pool's sample, seeded order) and m downstream features (a seeded random subset); `progress`: a bar."""
     from stream_ssl.distance import distances  # that module builds on this one's feature extraction
 
     m = min(distance_samples, pool["size"], len(down_x))
@@ -451,7 +459,8 @@ def pool_distance(pool: dict, down_x: torch.Tensor, distance_samples: int, seed:
     feats = pool["feats"]
     feats = feats[torch.from_numpy(np.random.default_rng(seed).permutation(len(feats)))[:m]]
     down = down_x[torch.from_numpy(np.random.default_rng(seed + 1).permutation(len(down_x))[:m])]
-    return {**distances(feats, down, seed=seed, device=device), "pool": pool["desc"], "pool_samples": pool["size"]}
+    return {**distances(feats, down, seed=seed, device=device, progress=progress), "pool": pool["desc"],
+            "pool_samples": pool["size"]}
 
 
 def evaluate(run: Path, train: str, test: str, knn: bool = True, linear: bool = False,
@@ -499,7 +508,7 @@ def markdown_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=tool_prog("python -m stream_ssl.evaluate"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="run folder written by train.py")
+    p.add_argument("--checkpoint", type=Path, required=True, help="run folder written by stream-ssl train")
     p.add_argument("--train", required=True, help="labeled shard set to fit the probes on (the downstream set)")
     p.add_argument("--test", required=True, help="labeled shard set to score")
     p.add_argument("--knn", action=argparse.BooleanOptionalAction,
@@ -514,9 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distance-samples", type=count_arg, default=DISTANCE_SAMPLES,
                    help=f"samples per side for the distance, {COUNT_HELP} (default {DISTANCE_SAMPLES}, capped by "
                         "both sizes)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the distance subsets")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the held-out split and the distance subsets (default 0)")
     p.add_argument("--storage-options", type=storage_options_arg, default={},
                    help=f"{STORAGE_OPTIONS_HELP}; a run's config.json holds them redacted, so give them again here")
     p.add_argument("--markdown", action=argparse.BooleanOptionalAction, default=False,

@@ -100,6 +100,17 @@ def test_distances_use_the_same_count_on_both_sides_and_half_of_it_per_kid_subse
         distances(np.zeros((3, 2)), np.zeros((10, 2)))
 
 
+def test_distances_show_a_bar_of_the_three_only_when_asked(capsys):
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(40, 3)), rng.normal(size=(40, 3))
+    quiet = distances(x, y, kid_subsets=3)
+    assert capsys.readouterr().err == ""
+    shown = distances(x, y, kid_subsets=3, progress="distances down_b")
+    err = capsys.readouterr().err
+    assert "distances down_b" in err and "3/3" in err and "VisualDNA, 1000 bins" in err
+    assert shown == quiet  # the bar changes nothing computed
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Samples, features, weights.
 
@@ -171,6 +182,32 @@ def test_timm_backbone_from_a_local_state_dict(tmp_path, shifted):
         timm_extractor(TINY_BACKBONE, tmp_path / "part.pth", image_size=32)
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         timm_extractor(TINY_BACKBONE, tmp_path / "none.safetensors")
+
+
+def test_a_backbone_built_with_options_loads_with_backbone_options(tmp_path, shifted, capsys):
+    """Weights of a model made with options (the demo's narrow ResNet) load with the same --backbone-options; without
+    them the command says which weights do not fit and what to give."""
+    root, run, sets = shifted
+    options = {"channels": [8, 8, 16, 16]}
+    model, _ = create_backbone("resnet10t", 32, **options)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "narrow.safetensors"))
+    ex = timm_extractor("resnet10t", tmp_path / "narrow.safetensors", image_size=32, options=options)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ex.model(x), model.eval()(x))
+    base = [sets["pool"], sets["a"], "--backbone", "resnet10t", "--weights", str(tmp_path / "narrow.safetensors"),
+            "--image-size", "32", "--samples", "20", "--kid-subsets", "2", "--no-progress"]
+    assert main([*base, "--backbone-options", "{channels: [8, 8, 16, 16]}"]) == 0  # YAML flow style, as train's
+    result = json.loads(capsys.readouterr().out)
+    assert result["backbone"]["backbone_options"] == options and result["pairs"][0]["samples"] == 20
+    assert main(base) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "other shapes than in resnet10t built with --backbone-options {}" in line
+    with pytest.raises(SystemExit):
+        main([*base, "--backbone-options", "[8, 8]"])
+    assert "expected a mapping" in capsys.readouterr().err
 
 
 def test_command_refuses_a_backbone_without_weights_and_reports_a_missing_set(shifted, capsys):

@@ -16,6 +16,7 @@ from shard_tools.shardset import load_shard_set
 from stream_ssl.data.plan import make_plan
 from stream_ssl.distance import feature_stats, frechet_distance, frechet_from_stats
 from stream_ssl.evaluate import (
+    LINEAR_C_GRID,
     evaluate,
     knn_accuracy,
     linear_probe,
@@ -141,6 +142,19 @@ def test_linear_probe_reports_fits_that_stop_at_the_iteration_cap():
     assert free["max_iter"] == 1000 and free["converged"] is True and free["unconverged_C"] == []
 
 
+def test_linear_probe_shows_a_bar_of_its_fits_only_when_asked(capsys):
+    """The probe's fits take most of an evaluation's time after the features: a bar counts them (one per C, then
+    the final fit), labeled as the caller says; off, nothing is written."""
+    xtr, ytr = _blobs(20, 5, 16, 1.0, seed=1)
+    xte, yte = _blobs(10, 5, 16, 1.0, seed=2)
+    quiet = linear_probe(xtr, ytr, xte, yte)
+    assert capsys.readouterr().err == ""
+    shown = linear_probe(xtr, ytr, xte, yte, c_grid=(0.1, 1.0), progress="linear probe down_a")
+    err = capsys.readouterr().err
+    assert "linear probe down_a" in err and "3/3" in err and "final fit, C=" in err
+    assert shown["C"] in (0.1, 1.0) and quiet["C"] in LINEAR_C_GRID
+
+
 def test_linear_probe_at_chance_on_random_labels_and_no_top5_below_ten_classes():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(300, 16)).astype(np.float32)
@@ -238,7 +252,9 @@ def test_cli_writes_json_and_markdown(tiny_eval):
     table = out.with_suffix(".md").read_text()
     assert "| kNN top-1 (k=20, T=0.07) |" in table and "| linear top-5 |" in table and "Frechet" in table
     assert "| KID (± std over subsets) |" in table and "VisualDNA" in table
-    assert "features" in proc.stderr  # the progress bar
+    assert "features" in proc.stderr  # the progress bars, one per phase
+    assert "linear probe" in proc.stderr and "6/6" in proc.stderr  # 5 values of C, then the final fit
+    assert "distances" in proc.stderr and "3/3" in proc.stderr  # Frechet, KID, VisualDNA
     assert dist["pool"].startswith("run pool: 150 unique samples")
     assert table.strip() == markdown_table(result)
 
@@ -262,6 +278,16 @@ def test_distance_of_the_whole_source(tiny_eval):
                       distance_samples=250)
     assert result["distance"]["pool_samples"] == 300 and result["distance"]["samples"] == 200
     assert result["distance"]["pool"].startswith("run source: 300 samples")
+
+
+def test_no_progress_is_silent_on_stderr(tiny_eval, capsys):
+    root, run, sets = tiny_eval
+    out = root / "quiet" / "result.json"
+    assert main(["--checkpoint", str(run), "--train", str(sets["train_a"]), "--test", str(sets["test_a"]), "--linear",
+                 "--distance", str(sets["pool"]), "--distance-samples", "40", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    bars = [ln for ln in printed.err.splitlines() if not ln.startswith("note: ")]  # a probe at its cap is noted
+    assert bars == [] and json.loads(printed.out)["distance"]["samples"] == 40
 
 
 def test_cli_reports_a_missing_run(tmp_path, make_shard_set, capsys):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import json
+import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
-from launch.sweep import SweepError, compress_indices, load_sweep, main, slug, slurm_script
+from launch.sweep import SweepError, collect, compress_indices, load_sweep, main, slug, slurm_script
 from tests.helpers import PYTHON, REPO
 from tests.helpers.runs import TINY_BACKBONE, read_json
 
@@ -82,6 +85,11 @@ def test_dry_run_lists_cells_and_commands(sweep_file):
     assert len(lines) == 2
     assert "stream_ssl/train.py --config" in lines[0] and "simclr-gen_a-N16-s0.yaml" in lines[0]
     assert not (out / "runs").exists()  # nothing started
+    assert "warning" not in proc.stderr  # every input is a shard set
+    sweep = load_sweep(path)
+    for line, cell in zip(lines, sweep.cells):  # the commands run as printed: the YAML they read exists
+        config = shlex.split(line.split(": ", 1)[1])[-1]
+        assert yaml.safe_load(Path(config).read_text()) == {k: v for k, v in cell.settings.items() if v is not None}
 
 
 def test_sweep_runs_collects_and_skips_finished_cells(sweep_file, capsys):
@@ -215,3 +223,70 @@ def test_a_diverging_cell_is_a_result_and_the_sweep_goes_on(make_shard_set, tmp_
     assert main([str(path)]) == 0
     again = capsys.readouterr().out
     assert "vicreg-gen_a-N32-s0: diverged, skipped" in again and "training" not in again
+
+
+def test_missing_inputs_are_warned_about_in_a_dry_run_and_stop_a_real_run(make_shard_set, tmp_path, capsys):
+    """Every input of the unfinished cells is checked before the first cell runs: a dry run lists the missing
+    ones (and marks the cells reading them), a real run stops with one line naming all of them, before training."""
+    here, down = make_shard_set(200, shard_size=100, seed=21), make_shard_set(100, shard_size=100, seed=23)
+    spec = {"name": "gaps", "out": str(tmp_path / "out"), "budget": 64, "unique": [16],
+            "sources": {"here": str(here), "gone": str(tmp_path / "no_pool")},
+            "downstream": {"a": {"train": str(down), "test": str(down)}}, "train": TINY_TRAIN}
+    path = tmp_path / "gaps.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main([str(path), "--dry-run"]) == 0
+    printed = capsys.readouterr()
+    cells = {ln.split()[2]: ln for ln in printed.out.splitlines() if ln.startswith("cell ")}
+    assert "input missing" in cells["simclr-gone-N16-s0"] and "input missing" not in cells["simclr-here-N16-s0"]
+    warnings = [ln for ln in printed.err.splitlines() if ln.startswith("warning: not a shard set:")]
+    assert warnings == [f"warning: not a shard set: sources.gone {tmp_path / 'no_pool'} (no index.json)"]
+
+    spec["downstream"]["a"]["train"] = str(tmp_path / "no_train")
+    path.write_text(yaml.safe_dump(spec))
+    assert main([str(path)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: 2 inputs of the sweep are not shard sets, nothing was run: sources.gone ")
+    assert "downstream.a.train" in line and str(down) not in line and str(here) not in line
+    assert not (tmp_path / "out" / "runs").exists()  # no cell started
+    assert main([str(path), "--cell", "0"]) == 2  # what a SLURM task or a GPU slot runs checks its own cell
+    assert "downstream.a.train" in capsys.readouterr().err and not (tmp_path / "out" / "runs").exists()
+
+
+def _fake_cell(sweep, index: int, results: dict) -> None:
+    """A finished cell's summary.json and eval.json, as train.py and the evaluation write them."""
+    cell = sweep.cells[index]
+    cell.run.mkdir(parents=True, exist_ok=True)
+    n = int(cell.unique)
+    plan = {"unique_samples": n, "budget_samples": 64, "diversity": n / 64, "passes": 64 / n}
+    (cell.run / "summary.json").write_text(json.dumps({"plan": plan, "steps": 4, "final_loss": 1.0}))
+    (cell.run / "eval.json").write_text(json.dumps({"cell": cell.name, "results": results}))
+
+
+def _result(acc: float, frechet: float) -> dict:
+    return {"knn": {"k20_t0.07": acc}, "distance": {"frechet": frechet, "kid": frechet / 10, "kid_std": 0.01,
+                                                     "vdna": frechet / 5, "samples": 100}}
+
+
+def test_gain_plot_needs_two_downstream_sets(tmp_path):
+    """gain_vs_distance.png plots the gain against the distance across downstream sets: with one set each panel
+    would hold one point, so it is not drawn, and the output says why (a stale one is removed)."""
+    spec = {"name": "one", "out": str(tmp_path / "out"), "budget": 64, "unique": [16, 64],
+            "sources": {"s": str(tmp_path / "pool")},
+            "downstream": {d: {"train": str(tmp_path / d), "test": str(tmp_path / d)} for d in ("a", "b")}}
+    sweep = load_sweep(spec)
+    png = tmp_path / "out" / "gain_vs_distance.png"
+    for i, acc in enumerate((0.4, 0.6)):
+        _fake_cell(sweep, i, {"a": _result(acc, 2.0), "b": _result(acc - 0.1, 5.0)})
+    result = collect(sweep, log=lambda text: None)
+    assert result["gain_plot"] == png and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["downstream"] for r in result["gains"]] == ["a", "b"]
+
+    for i, acc in enumerate((0.4, 0.6)):
+        _fake_cell(sweep, i, {"a": _result(acc, 2.0)})
+    logged = []
+    result = collect(sweep, log=logged.append)
+    assert result["gain_plot"] is None and not png.exists() and (tmp_path / "out" / "diversity.png").exists()
+    assert [r["downstream"] for r in result["gains"]] == ["a"]  # the gain is still in the table
+    assert logged == ["[sweep] gain_vs_distance.png not drawn: one downstream set (a): the plot compares the gains "
+                      "on several downstream sets at their distances, and needs at least 2"]
+    assert "gain_vs_distance.png is not drawn: one downstream set (a)" in (tmp_path / "out" / "results.md").read_text()
