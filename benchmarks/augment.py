@@ -2,6 +2,7 @@
 
     python benchmarks/augment.py [--images 256] [--baseline-images 96] [--batch 64] [--size 224]
                                  [--recipes simclr,simclr-noblur,dino] [--repeats 3] [--gpu]
+    python benchmarks/augment.py --quick      # every variant once at toy sizes (seconds): does it still run?
 
 Renders photo-like 500x375 JPEGs (smooth multi-scale noise, flat shapes, grain; q90, ~50 KB), then times,
 per recipe (simclr: two views at --size px; dino: two at --size + eight local views at 3/7 of it), best of
@@ -140,7 +141,8 @@ def run_decode_crop(datas, specs, batch, state, clock=time.process_time):
 
 
 def run_dali(datas, specs, batch, state, device_id=None, clock=time.process_time):
-    from stream_ssl.data.dali import DaliAugment, check_encoded, draw_views
+    from stream_ssl.data.dali import DaliAugment
+    from stream_ssl.data.encoded import check_encoded, draw_views
 
     key = f"dali{device_id}"
     if key not in state:
@@ -161,30 +163,46 @@ def run_dali(datas, specs, batch, state, device_id=None, clock=time.process_time
     return clock() - t
 
 
+QUICK = {"images": 8, "baseline_images": 4, "batch": 4, "size": 32, "repeats": 1}  # --quick: a few seconds
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=256)
-    ap.add_argument("--baseline-images", type=int, default=96, help="images for the (slow) torchvision baseline")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--recipes", default="simclr,simclr-noblur,dino")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--images", type=int, default=256, help="JPEGs per variant (default: 256)")
+    ap.add_argument("--baseline-images", type=int, default=96,
+                    help="images for the (slow) torchvision baseline (default: 96)")
+    ap.add_argument("--batch", type=int, default=64, help="batch of the batched variants (default: 64)")
+    ap.add_argument("--size", type=int, default=224, help="side of the global views in px (default: 224)")
+    ap.add_argument("--recipes", default="simclr,simclr-noblur,dino",
+                    help="comma-separated, of simclr, simclr-noblur, dino (default: all three)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds, the best kept (default: 3)")
     ap.add_argument("--dali", action=argparse.BooleanOptionalAction, default=True,
                     help="also the DALI pipelines when DALI is installed (default: on)")
     ap.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=False,
                     help="also DALI mixed and the photometric part on the GPU (default: off)")
+    ap.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                    help="toy sizes, every variant once, in seconds: checks that the benchmark runs, its figures "
+                         f"mean nothing ({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; "
+                         "default: off)")
     args = ap.parse_args(argv)
+    if args.quick:
+        ap.set_defaults(**QUICK)
+        args = ap.parse_args(argv)
+        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
     torch.set_num_threads(1)
     gpu = args.gpu and torch.cuda.is_available()
-    if args.gpu and not gpu:
-        print("note: --gpu given but no GPU is available; GPU variants skipped")
+    if not gpu:
+        why = "no GPU is available" if args.gpu else "--gpu not given"
+        print(f"note: rows (e) dali-mixed and (f) ours with the photometric part on the GPU left out: {why}")
     dali = args.dali
     if dali:
         from stream_ssl.data.dali import dali_available
 
         if not dali_available():
-            print("note: DALI not installed; dali variants skipped")
+            print("note: rows (c) dali-cpu and (e) dali-mixed left out: DALI is not installed")
             dali = False
+    else:
+        print("note: rows (c) dali-cpu and (e) dali-mixed left out: --no-dali given")
 
     t0 = time.perf_counter()
     datas = [photo_jpeg(i) for i in range(args.images)]

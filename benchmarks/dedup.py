@@ -1,6 +1,7 @@
 """Near-duplicate and leakage detection (shard_tools/dedup.py): precision, recall and speed, measured in one run.
 
     python benchmarks/dedup.py [--pool 1000] [--down 400] [--leaked 100] [--speed-images 300] [--search 1000000]
+    python benchmarks/dedup.py --quick       # every step at toy sizes (seconds): does it still run?
 
 1. Quality: a generated photo-like set (tests/helpers/near_dups.py) with planted near-duplicates in the pool
    (re-encodes, resizes, 2-6% crops per side, colour changes, and mixes of them) and planted leakage (variants
@@ -134,14 +135,26 @@ def search_speed(n: int) -> None:
         print(f"  {m} images: {s:.1f} s CPU ({s / m * 1e6:.1f} us per image), {len(g.a)} pairs")
 
 
-def main() -> int:
+QUICK = {"pool": 24, "down": 12, "leaked": 4, "speed_images": 4, "search": 5000}  # --quick: a few seconds
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pool", type=int, default=1000, help="original images in the pool (default 1000)")
     p.add_argument("--down", type=int, default=400, help="images in the downstream set (default 400)")
-    p.add_argument("--leaked", type=int, default=100, help="downstream images with a variant in the pool")
-    p.add_argument("--speed-images", type=int, default=300, help="500x375 JPEGs for the speed test")
-    p.add_argument("--search", type=int, default=1_000_000, help="images in the search test (and a tenth)")
-    a = p.parse_args()
+    p.add_argument("--leaked", type=int, default=100,
+                   help="downstream images with a variant in the pool (default 100)")
+    p.add_argument("--speed-images", type=int, default=300, help="500x375 JPEGs for the speed test (default 300)")
+    p.add_argument("--search", type=int, default=1_000_000,
+                   help="images in the search test (and a tenth) (default 1000000)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="toy sizes, in seconds: checks that the benchmark runs, its figures mean nothing "
+                        f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
+    a = p.parse_args(argv)
+    if a.quick:
+        p.set_defaults(**QUICK)
+        a = p.parse_args(argv)
+        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         pool, n = quality(a, root)

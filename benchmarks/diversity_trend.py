@@ -3,6 +3,7 @@ pretraining domain and on a shifted domain?
 
     python benchmarks/diversity_trend.py                      # budget 256K, N = 1%/10%/100% of 4000, seeds 0,1
     python benchmarks/diversity_trend.py --budget 128K --seeds 0,1,2 --out bench_out/trend128k
+    python benchmarks/diversity_trend.py --quick              # the same path at toy size: two tiny runs (< a minute)
 
 Runs the demo's sweep (launch/demo.py settings: generated pool in domain a, downstream sets in domain a and in
 the shifted domain b, SimCLR) with the given budget and seeds, then reports per downstream set:
@@ -11,15 +12,23 @@ the shifted domain b, SimCLR) with the given budget and seeds, then reports per 
   mean ± std over seeds: the study's claim is a clear gain in domain and a smaller (or no) gain under shift;
 - the Frechet distance between the pool's source and the downstream set (largest-N encoder), the shift proxy.
 Not a test: about 30-45 minutes on 2 CPU cores with the defaults (6 runs of 2000 steps). Numbers come from the
-runs.
+runs. `--quick` checks that the script still runs: a toy pool, two runs of a few steps of a toy network, in a
+temporary folder unless --out is given; its figures mean nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+# --quick: the smallest sweep that has a smallest and a largest N (timm's toy network, no loader workers)
+QUICK = {"pool": 64, "down_train": 60, "down_test": 60, "budget": "64", "unique": "50%,100%", "seeds": "0",
+         "backbone": "test_byobnet", "backbone_options": "{}", "batch_size": 16, "workers": 0, "out": None}
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
@@ -55,17 +64,38 @@ def trend_table(rows: list[dict]) -> str:
             rand = _ms([r[key] for r in base if r["downstream"] == down])
             lines.append(f"| {down} | {name} | {_f(rand)} | {_f(_ms(list(lo.values())))} (N={n_lo}) | "
                          f"{_f(_ms(list(hi.values())))} (N={n_hi}) | {_f(_ms(gains), signed=True)} "
-                         f"({len(gains)} seeds) | {_f(fd, digits=2)} |")
+                         f"({len(gains)} seed{'' if len(gains) == 1 else 's'}) | {_f(fd, digits=2)} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launch.demo import parser, run_study
+    from launch.demo import parser
 
     p = parser()
     p.description = __doc__
     p.set_defaults(out=Path("bench_out/diversity_trend"), budget="256K", seeds="0,1")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="toy sizes, in well under a minute: checks that the benchmark runs, its figures mean nothing "
+                        f"({', '.join(f'{k}={v}' for k, v in QUICK.items() if k != 'out').replace('%', '%%')}, "
+                        "a temporary --out; options given win; default: off)")
     a = p.parse_args(argv)
+    if a.quick:
+        p.set_defaults(**QUICK)
+        a = p.parse_args(argv)
+        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    temporary = a.out is None
+    if temporary:
+        a.out = Path(tempfile.mkdtemp(prefix="diversity-trend-"))
+    try:
+        return trend(a, temporary)
+    finally:
+        if temporary:
+            shutil.rmtree(a.out, ignore_errors=True)
+
+
+def trend(a: argparse.Namespace, temporary: bool) -> int:
+    from launch.demo import run_study
+
     t0 = time.perf_counter()
     result, failed = run_study(a)
     table = trend_table(result["rows"])
@@ -76,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
           f"mean ± std over seeds")
     print(table)
     (a.out / "trend.md").write_text(table + "\n")
-    print(f"\n[trend] {(time.perf_counter() - t0) / 60:.1f} min; {a.out / 'trend.md'}, {result['plot']}")
+    where = f"{a.out} (temporary, removed)" if temporary else f"{a.out / 'trend.md'}, {result['plot']}"
+    print(f"\n[trend] {(time.perf_counter() - t0) / 60:.1f} min; {where}")
     return 1 if failed else 0
 
 

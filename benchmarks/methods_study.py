@@ -3,6 +3,7 @@ samples at a fixed budget?
 
     python benchmarks/methods_study.py                        # 7 methods x N = 1%, 100% x seeds 0, 1 at C = 128K
     python benchmarks/methods_study.py --methods byol --unique 100% --seeds 0 --out bench_out/tune_byol
+    python benchmarks/methods_study.py --quick                # the same path at toy size: one tiny run (seconds)
 
 Data, budget and network are the demo's (launch/demo.py: a pool of 4000 procedural images in domain a,
 downstream sets in domain a and in the shifted domain b; a narrow ResNet-10 at 24 px, batch 128, budget
@@ -18,7 +19,9 @@ Writes OUT/methods.md and OUT/methods.png, and prints per method and downstream 
 top-1 at the smallest and the largest N (mean ± std over seeds), the random initialization, and the collapse
 monitor's final std of the L2-normalized embeddings (also x sqrt(d): 1 healthy, 0 collapsed); then the two
 checks of the study: at the largest N every seed beats random init by >= 10 kNN points in domain a, and the
-largest N beats the smallest. Not a test: about 1-2 hours on 2 shared CPU cores with the defaults.
+largest N beats the smallest. Not a test: about 1-2 hours on 2 shared CPU cores with the defaults. `--quick` checks
+that the script still runs: BYOL, one run of a few steps of a toy network on a toy pool, in a temporary folder
+unless --out / --data-root are given; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ if __package__ in (None, ""):
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +53,13 @@ WIDTHS = {"proj_hidden", "pred_hidden", "head_hidden"}
 EMBEDDING_WIDTH = {"barlow": "proj_dim", "vicreg": "proj_dim"}
 DOMAIN = "a"  # the pretraining domain's downstream set: where the checks apply
 MARGIN = 0.10  # kNN points over random init the checks ask for
+# The demo's settings a study may change (None: the demo's default), as the demo's option names.
+DEMO_OPTIONS = ("pool", "down_train", "down_test", "backbone", "backbone_options", "batch_size")
+# --quick: BYOL (its YAML, heads scaled, a predictor and a momentum encoder), one run of 4 steps of timm's toy
+# network on a toy pool, no loader workers
+QUICK = {"methods": "byol", "unique": "100%", "seeds": "0", "budget": "64", "pool": 64, "down_train": 60,
+         "down_test": 60, "backbone": "test_byobnet", "backbone_options": "{}", "batch_size": 16, "workers": 0,
+         "out": None, "data_root": None}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,7 +78,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="data-loader workers of each run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--collect", action=argparse.BooleanOptionalAction, default=False,
-                   help="only tabulate the cells already finished (train nothing; unfinished cells are left out)")
+                   help="only tabulate the cells already finished (train nothing; unfinished cells are left out; "
+                        "default: off)")
+    p.add_argument("--pool", type=int, help="samples in the generated pool (default: the demo's, 4000)")
+    p.add_argument("--down-train", type=int, help="samples per downstream training set (default: the demo's, 1000)")
+    p.add_argument("--down-test", type=int, help="samples per downstream test set (default: the demo's, 2000)")
+    p.add_argument("--backbone", help="timm backbone (default: the demo's, resnet10t)")
+    p.add_argument("--backbone-options", help="JSON, to timm (default: the demo's narrow channels)")
+    p.add_argument("--batch-size", type=int, help="batch of every run (default: the demo's, 128)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="toy sizes, in well under a minute: checks that the benchmark runs, its figures mean nothing "
+                        f"({', '.join(f'{k}={v}' for k, v in QUICK.items() if v is not None).replace('%', '%%')}, "
+                        "temporary --out and --data-root; options given win; default: off)")
     return p
 
 
@@ -88,8 +111,11 @@ def study_spec(a: argparse.Namespace) -> dict:
     from launch.demo import demo_sweep, prepare_data
     from launch.demo import parser as demo_parser
 
+    given = [arg for key in DEMO_OPTIONS if getattr(a, key) is not None
+             for arg in (f"--{key.replace('_', '-')}", str(getattr(a, key)))]
     d = demo_parser().parse_args(["--out", str(a.data_root), "--budget", a.budget, "--unique", a.unique,
-                                  "--seeds", a.seeds, "--workers", str(a.workers), "--threads", str(a.threads)])
+                                  "--seeds", a.seeds, "--workers", str(a.workers), "--threads", str(a.threads),
+                                  *given])
     pool, down = prepare_data(d)
     spec = demo_sweep(d, pool, down)
     for key in METHOD_KEYS:
@@ -157,7 +183,7 @@ def table(rows: list[dict], methods: list[str], downs: list[str]) -> str:
             if not m:
                 continue
             rand = rand or m
-            for n, end in ((m["n_lo"], "lo"), (m["n_hi"], "hi")):
+            for n, end in ((m["n_lo"], "lo"), (m["n_hi"], "hi"))[: 1 if m["n_lo"] == m["n_hi"] else 2]:
                 stds = list(m[f"std_{end}"].values())
                 lines.append(f"| {down} | {method} | {n} | {fmt(list(m[f'knn_{end}'].values()))} | "
                              f"{fmt(list(m[f'lin_{end}'].values()))} | "
@@ -220,7 +246,23 @@ def plot(rows: list[dict], methods: list[str], downs: list[str], path: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    if a.quick:
+        p.set_defaults(**QUICK)
+        a = p.parse_args(argv)
+        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    temporary = [key for key in ("out", "data_root") if getattr(a, key) is None]
+    for key in temporary:
+        setattr(a, key, Path(tempfile.mkdtemp(prefix=f"methods-study-{key}-")))
+    try:
+        return study(a, temporary)
+    finally:
+        for key in temporary:
+            shutil.rmtree(getattr(a, key), ignore_errors=True)
+
+
+def study(a: argparse.Namespace, temporary: list[str]) -> int:
     from launch.sweep import SweepError, collect, load_sweep, run_local
 
     t0 = time.perf_counter()
@@ -240,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     (a.out / "methods.md").write_text("\n\n".join([header, text, "\n".join(report), summary]) + "\n")
     plot(result["rows"], methods, downs, a.out / "methods.png")
     print("\n" + header + "\n\n" + text + "\n\n" + "\n".join(report) + "\n" + summary)
-    print(f"\n[methods study] {(time.perf_counter() - t0) / 60:.1f} min; {a.out / 'methods.md'}, "
-          f"{a.out / 'methods.png'}; sweep rows in {result['csv']}")
+    where = (f"{a.out} (temporary, removed)" if "out" in temporary else
+             f"{a.out / 'methods.md'}, {a.out / 'methods.png'}; sweep rows in {result['csv']}")
+    print(f"\n[methods study] {(time.perf_counter() - t0) / 60:.1f} min; {where}")
     return 1 if failed else 0
 
 

@@ -4,6 +4,7 @@ a pass with a warm cache against a cold one, at a shaped latency.
 
     python benchmarks/node_cache.py                                  # 1200 samples of ~52 KB, 4 passes
     python benchmarks/node_cache.py --nodes 1,2 --passes 3 --scenario s3
+    python benchmarks/node_cache.py --quick           # every mode on 1 and 2 nodes at toy sizes (seconds)
 
 Every run reads one plan (the pool = the whole set, `--passes` passes, `--world-size` ranks of `--batch`) from
 S3 on loopback (moto) behind benchmarks/stream.py's shaping proxy (`--scenario s3-30ms`: 30 ms to the first byte,
@@ -172,6 +173,11 @@ def report(a, rows: dict, pool: float, expected: dict) -> None:
               "faster")
 
 
+# --quick: a few seconds, every mode on 1 and 2 nodes
+QUICK = {"samples": 48, "sample_kb": 4, "shards": 4, "passes": 2, "world_size": 2, "batch": 4, "nodes": "1,2",
+         "read_ahead": 64 << 10}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=1200, help="samples in the set, all in the pool (default 1200)")
@@ -190,9 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-ms", type=float, default=0.0,
                    help="simulated training time per step and rank, in ms (default 0: read as fast as possible; "
                         "with compute to hide behind, the filler brings later passes during pass 1)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="toy sizes, in seconds: checks that the benchmark runs, its figures mean nothing "
+                        f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
     for hidden in ("--node", "--mode", "--folder", "--options", "--cache"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.quick:
+        p.set_defaults(**QUICK)
+        a = p.parse_args(argv)
+        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
     if a.node is not None:
         a.node, a.nodes = int(a.node), int(a.nodes)
         return node_main(a)

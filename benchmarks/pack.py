@@ -1,6 +1,7 @@
 """Packing throughput against plain sequential tar writing of the same files, measured in the same run.
 
     python benchmarks/pack.py [--images 2000] [--copies 3] [--size 384] [--shard-size 500] [--repeats 3]
+    python benchmarks/pack.py --quick       # every variant once at toy sizes (seconds): does it still run?
 
 Renders a labeled image set with shard_tools/synth.py (JPEG, ~35 KB each at 384 px) and a manifest listing
 every image --copies times (longer runs without rendering more), then times, best of --repeats, alternating
@@ -64,15 +65,27 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - start, _cpu() - cpu
 
 
+# --quick: a few seconds; images larger than the resize variants' --max-side 256, so those re-encode
+QUICK = {"images": 16, "copies": 2, "size": 288, "shard_size": 8, "repeats": 1}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=2000, help="distinct images rendered")
-    p.add_argument("--copies", type=int, default=3, help="times each image is listed in the manifest")
-    p.add_argument("--size", type=int, default=384, help="side of the rendered images")
-    p.add_argument("--shard-size", type=int, default=500)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--images", type=int, default=2000, help="distinct images rendered (default: 2000)")
+    p.add_argument("--copies", type=int, default=3, help="times each image is listed in the manifest (default: 3)")
+    p.add_argument("--size", type=int, default=384, help="side of the rendered images (default: 384)")
+    p.add_argument("--shard-size", type=int, default=500, help="rows per shard (default: 500)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds, the best kept (default: 3)")
     p.add_argument("--work", type=Path, help="folder for images and outputs (default: a temporary folder)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="toy sizes, every variant once, in seconds: checks that the benchmark runs, its figures "
+                        f"mean nothing ({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; "
+                        "default: off)")
     a = p.parse_args(argv)
+    if a.quick:
+        p.set_defaults(**QUICK)
+        a = p.parse_args(argv)
+        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-pack-"))
     images = work / f"images-{a.images}-{a.size}"
     manifest = images / "manifest.csv"

@@ -1,6 +1,7 @@
 """Plan time and memory at scale: 1K, 100K and 1M shards holding 1B samples, planned for 512 ranks.
 
     python benchmarks/plan_scale.py [--shards 1000,100000,1000000] [--samples 1B] [--passes 10]
+    python benchmarks/plan_scale.py --quick  # every measurement at toy sizes (seconds): does it still run?
 
 For each shard count it builds the in-memory index (ShardSet with one ShardInfo per shard: what
 `load_shard_set` produces from `index.json`; the baseline, measured in the same run) and then times:
@@ -64,14 +65,25 @@ def run(shards: int, samples: int, passes: int, world: int, batch: int) -> dict:
             "resume_warm_s": t_warm, "peak_bytes": peak, "plan_bytes": plan_bytes, "steps": plan.steps}
 
 
+QUICK = {"shards": "10,100", "samples": "10K", "passes": 2, "world_size": 4, "batch_size": 8}  # --quick
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", default="1000,100000,1000000")
-    p.add_argument("--samples", default="1B")
-    p.add_argument("--passes", type=int, default=10)
-    p.add_argument("--world-size", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shards", default="1000,100000,1000000", help="comma-separated shard counts (default: "
+                   "1000,100000,1000000)")
+    p.add_argument("--samples", default="1B", help="samples over all shards, a count (default: 1B)")
+    p.add_argument("--passes", type=int, default=10, help="passes over the samples (default: 10)")
+    p.add_argument("--world-size", type=int, default=512, help="ranks the plan is made for (default: 512)")
+    p.add_argument("--batch-size", type=int, default=256, help="per-rank batch (default: 256)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="toy sizes, in seconds: checks that the benchmark runs, its figures mean nothing "
+                        f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
     a = p.parse_args(argv)
+    if a.quick:
+        p.set_defaults(**QUICK)
+        a = p.parse_args(argv)
+        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
     samples = parse_count(a.samples)
     rows = [run(int(k), samples, a.passes, a.world_size, a.batch_size) for k in a.shards.split(",")]
     print(f"{samples:,} samples, {a.passes} passes, {a.world_size} ranks x {a.batch_size}")

@@ -1,6 +1,7 @@
 """The shard check before training at scale: 1M shards (2M listed entries: every .tar and its .idx).
 
     python benchmarks/shard_check.py [--shards 1000,100000,1000000]
+    python benchmarks/shard_check.py --quick    # 10 and 1500 shards (two list pages), in a second or two
 
 The store is a fake S3 bucket (tests/helpers/listing.py) whose ListObjectsV2 pages of 1000 entries are
 generated, so what is measured is our side of the check (shard_tools/listing.py on its s3 path: the pages
@@ -70,10 +71,21 @@ def run(shards: int) -> dict:
             "check_s": t_check, "peak": peak, "summary": check.summary()}
 
 
+QUICK = {"shards": "10,1500"}  # --quick: a few seconds; 3000 entries span several list pages
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", default="1000,100000,1000000", help="comma-separated shard counts")
+    p.add_argument("--shards", default="1000,100000,1000000",
+                   help="comma-separated shard counts (default: 1000,100000,1000000)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="toy sizes, in seconds: checks that the benchmark runs, its figures mean nothing "
+                        f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
     a = p.parse_args(argv)
+    if a.quick:
+        p.set_defaults(**QUICK)
+        a = p.parse_args(argv)
+        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
     rows = [run(int(k)) for k in a.shards.split(",")]
     print(f"{'shards':>9} {'entries':>9} {'pages':>6} {'index s':>8} {'listing s':>9} {'check s':>8} "
           f"{'check/index':>11} {'check/listing':>13} {'peak mem':>9} {'B/shard':>8}")

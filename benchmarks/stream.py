@@ -5,6 +5,7 @@ S3 on loopback (moto), and from S3 behind a proxy that makes it behave like a re
     python benchmarks/stream.py                       # 4000 samples of ~52 KB in 16 shards, every scenario
     python benchmarks/stream.py --peers-python .venv-bench/bin/python   # LitData / Mosaic live there
     python benchmarks/stream.py --scenarios local,s3-30ms --samples 2000
+    python benchmarks/stream.py --quick                 # every reader once, local and s3-30ms, toy sizes (seconds)
 
 Scenarios: `local` (page cache warm), `s3` (moto on 127.0.0.1, no shaping), `s3-30ms` (30 ms added to the first
 byte of every request, 40 MB/s per connection: what S3-class stores look like) and `s3-100ms` (100 ms, 20 MB/s:
@@ -271,7 +272,12 @@ def report(bench: Bench) -> None:
             print(f"local, samples per CPU second: ours {per['ours']:,.0f}, LitData {per['litdata']:,.0f} "
                   f"(ratio {per['ours'] / per['litdata']:.2f})")
     if bench.peer_error:
-        print(f"LitData / Mosaic: {bench.peer_error} (pass --peers-python with them installed)")
+        print(f"columns litdata and mosaic left out: {bench.peer_error} (install them with `make bench-venv` and pass "
+              "--peers-python .venv-bench/bin/python)")
+
+
+# --quick: a few seconds; local and one shaped S3 scenario (moto and the proxy)
+QUICK = {"samples": 48, "sample_kb": 8, "shards": 4, "batch": 8, "repeats": 1, "scenarios": "local,s3-30ms"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,13 +287,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=16, help="shards (default 16)")
     p.add_argument("--batch", type=int, default=64, help="batch of our plan (default 64)")
     p.add_argument("--repeats", type=int, default=2, help="passes per reader, alternating; the best is kept (2)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated, of {', '.join(SCENARIOS)} (default: all)")
     p.add_argument("--peers-python", default=sys.executable,
                    help="a Python with litdata and mosaicml-streaming installed (default: this one)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="toy sizes, in seconds: checks that the benchmark runs, its figures mean nothing "
+                        f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     for hidden in ("--folder", "--urls", "--options"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.quick:
+        p.set_defaults(**QUICK)
+        a = p.parse_args(argv)
+        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
     if a.measure:
         return child_main(a)
     a.scenarios = [s for s in a.scenarios.split(",") if s]

@@ -4,6 +4,11 @@ that clash with this project's); prints one JSON line.
 
     python stream_peers.py convert --tars a.tar,b.tar --out DIR       # DIR/litdata, DIR/mosaic
     python stream_peers.py measure litdata|mosaic --where DIR_OR_S3 [--endpoint URL] --cache DIR
+    python stream_peers.py --quick       # both steps on a toy local set, against a plain read of its tars
+
+The quick mode checks that the script still runs: it converts a few small generated tars, measures each peer
+that is installed over them locally, and prints samples/s next to reading the same tars with tarfile; a peer
+that is not installed is named with the reason its row is left out.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import json
 import os
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.stream import touch  # noqa: E402
+from benchmarks.stream import touch, write_set  # noqa: E402
 
 KEY, SECRET, REGION = "testing-key", "testing-secret-DO-NOT-LOG", "us-east-1"  # tests/helpers/servers.py
 
@@ -57,8 +63,6 @@ def convert(tars: list[str], out: str) -> dict:
         done["mosaic"] = n
     except ImportError as e:
         done["mosaic_error"] = str(e)
-    if "litdata" not in done and "mosaic" not in done:
-        raise SystemExit("neither litdata nor mosaicml-streaming is installed")
     return done
 
 
@@ -98,18 +102,52 @@ def _times(t0: float, c0: float) -> dict:
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
-def main() -> int:
+def quick() -> int:
+    """Convert and measure a toy local set with the peers that are installed; the baseline is a plain tar pass."""
+    with tempfile.TemporaryDirectory(prefix="stream-peers-") as tmp:
+        write_set(Path(tmp) / "set", 32, 4, 2)
+        tars = sorted(str(t) for t in (Path(tmp) / "set").glob("*.tar"))
+        t0, c0 = time.perf_counter(), time.process_time()
+        count = sum(touch(data) > 0 for _, data in samples_of(tars))
+        rates = {"tar": count / _times(t0, c0)["seconds"]}
+        done = convert(tars, tmp)
+        print(f"quick: {count} samples of ~4 KB in {len(tars)} tars, read locally once per reader")
+        print(f"  {'tar (baseline)':<16} {rates['tar']:>9,.0f} samples/s")
+        for reader in ("litdata", "mosaic"):
+            if reader not in done:
+                print(f"  {reader:<16} left out: not installed ({done[reader + '_error']})")
+                continue
+            r = measure(reader, os.path.join(tmp, reader), "", os.path.join(tmp, f"cache-{reader}"))
+            if r["samples"] != count:
+                raise SystemExit(f"{reader} read {r['samples']} samples of {count}")
+            rates[reader] = r["samples"] / r["seconds"]
+            print(f"  {reader:<16} {rates[reader]:>9,.0f} samples/s")
+        for reader in ("litdata", "mosaic"):
+            print(f"ratio {reader} / tar: " + (f"{rates[reader] / rates['tar']:.2f}" if reader in rates else
+                                               "n/a (left out)"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("convert", "measure"))
+    p.add_argument("action", nargs="?", choices=("convert", "measure"), help="what to do (required without --quick)")
     p.add_argument("reader", nargs="?", help="litdata or mosaic (measure)")
     p.add_argument("--tars", help="comma-separated tar shards (convert)")
     p.add_argument("--out", help="output folder (convert)")
     p.add_argument("--where", help="converted folder or s3:// prefix (measure)")
-    p.add_argument("--endpoint", default="", help="S3 endpoint URL (measure)")
+    p.add_argument("--endpoint", default="", help="S3 endpoint URL (measure; default: none, AWS's)")
     p.add_argument("--cache", help="local cache folder (measure)")
-    a = p.parse_args()
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="convert and measure a toy local set in seconds, to check the script runs (default: off)")
+    a = p.parse_args(argv)
+    if a.quick:
+        return quick()
+    if a.action is None:
+        p.error("an action (convert or measure) or --quick is required")
     if a.action == "convert":
         out = convert(a.tars.split(","), a.out)
+        if "litdata" not in out and "mosaic" not in out:
+            raise SystemExit("neither litdata nor mosaicml-streaming is installed")
     else:
         out = measure(a.reader, a.where, a.endpoint, a.cache)
     print(json.dumps(out))

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                                  # CPU: generated data, test_resnet, 32 px
     python benchmarks/train_step.py --data shards/pool --device cuda --backbone resnet50 --image-size 224 \
         --batch-size 128 --num-workers 8 --precision bf16 --method simclr --steps 60
+    python benchmarks/train_step.py --quick       # a few steps of each source at toy sizes: does it still run?
 
 Both runs do the same training step (photometric augmentation on the device, forward, backward, optimizer
 step, momentum updates) from the same initial weights; the in-memory run takes its uint8 batches from a list
@@ -88,26 +89,42 @@ def measure(args, device: torch.device, batches, total_steps: int) -> tuple[floa
     return samples / elapsed, wait / elapsed
 
 
+# --quick: a few seconds on the CPU
+QUICK = {"samples": 64, "method_options": '{"proj_hidden": 64}', "batch_size": 8, "steps": 1, "warmup_steps": 1,
+         "num_workers": 1, "device": "cpu", "memory_batches": 2, "repeats": 1}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="shard set (default: generate one in a temporary folder)")
-    p.add_argument("--samples", type=int, default=2048, help="size of the generated set")
-    p.add_argument("--method", default="simclr")
-    p.add_argument("--method-options", default='{"proj_hidden": 512}', help="JSON")
-    p.add_argument("--backbone", default="test_resnet")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", default="lars")
-    p.add_argument("--lr", type=float, default=0.3)
-    p.add_argument("--steps", type=int, default=30, help="measured steps (after the warm-up)")
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("no", "bf16"), default="no")
-    p.add_argument("--memory-batches", type=int, default=16, help="distinct batches the in-memory source cycles")
-    p.add_argument("--repeats", type=int, default=3, help="alternating measurements of each source (median)")
-    p.add_argument("--json", type=Path, help="also write the numbers here")
+    p.add_argument("--samples", type=int, default=2048, help="size of the generated set (default: 2048)")
+    p.add_argument("--method", default="simclr", help="SSL method (default: simclr)")
+    p.add_argument("--method-options", default='{"proj_hidden": 512}',
+                   help='the method\'s options, JSON (default: {"proj_hidden": 512})')
+    p.add_argument("--backbone", default="test_resnet", help="timm backbone (default: test_resnet)")
+    p.add_argument("--image-size", type=int, default=32, help="view side in px (default: 32)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch (default: 64)")
+    p.add_argument("--optimizer", default="lars", help="optimizer (default: lars)")
+    p.add_argument("--lr", type=float, default=0.3, help="learning rate for a batch of 256 (default: 0.3)")
+    p.add_argument("--steps", type=int, default=30, help="measured steps (after the warm-up) (default: 30)")
+    p.add_argument("--warmup-steps", type=int, default=5, help="steps before the measured ones (default: 5)")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loader workers (default: 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="training device (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--precision", choices=("no", "bf16"), default="no", help="autocast precision (default: no)")
+    p.add_argument("--memory-batches", type=int, default=16,
+                   help="distinct batches the in-memory source cycles (default: 16)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternating measurements of each source, the median kept (default: 3)")
+    p.add_argument("--json", type=Path, help="also write the numbers here (default: no file)")
+    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
+                   help="toy sizes on the CPU, in seconds: checks that the benchmark runs, its figures mean nothing "
+                        f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
     args = p.parse_args(argv)
+    if args.quick:
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
     device = torch.device(args.device)
     total = args.warmup_steps + args.steps
 
