@@ -56,6 +56,7 @@ def demo_sweep(a: argparse.Namespace, pool: Path, down: dict[str, tuple[Path, Pa
         "optimizer": "sgd",
         "lr": a.lr,
         "weight_decay": 5e-4,
+        "warmup_fraction": 0.1,  # the demo's runs predate the method recipes (whose SimCLR warm-up is 0.05)
         "method_options": {"proj_hidden": 256, "proj_dim": 128, "temperature": a.temperature, "color_strength": 1.0},
         "log_every": 25,
         "log_with": "none",

@@ -40,9 +40,13 @@ KILL_ENV = "STREAM_SSL_KILL_AFTER_CHECKPOINT"
 # A run's checkpoints.
 
 
-def save(run: Run, step: int) -> None:
-    """Checkpoint of everything a resumed run needs; per-process parts (RNG, method queues) are gathered."""
-    mine = {"rng": rng_state(), "method": run.method.rank_state()}
+def save(run: Run, step: int, ended: str | None = None) -> None:
+    """Checkpoint of everything a resumed run needs; per-process parts (RNG, method queues, the meter's figures)
+    are gathered. `ended` says why this segment of the run ends here (a stop signal), if it does."""
+    meter = run.meter.state_dict(step)
+    if ended:
+        meter["segments"][-1]["ended"] = ended
+    mine = {"rng": rng_state(), "method": run.method.rank_state(), "meter": meter}
     ranks = all_gather_objects(mine)
     acc = run.acc
     if acc.is_main_process:
@@ -61,10 +65,32 @@ def save(run: Run, step: int) -> None:
             "ranks": ranks,
             "config": run.cfg.to_dict(),
         }
-        save_checkpoint(run.out, step, state, keep=run.cfg.keep_checkpoints)
+        path = save_checkpoint(run.out, step, state, keep=run.cfg.keep_checkpoints)
+        if run.remote is not None:
+            run.remote.publish(path, keep=run.cfg.keep_checkpoints)
     acc.wait_for_everyone()
     if os.environ.get(KILL_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def restore_meter(run: Run, state: dict | None, window: bool = True) -> None:
+    """The run's figures up to the checkpoint (the open metrics window too, when the processes are the same).
+    The segment that wrote the checkpoint ended there: by a stop signal, or unexpectedly (killed, failed) when
+    the checkpoint does not say why."""
+    if state is None:
+        return
+    if not window:  # another number of processes: each one's window cannot be carried over
+        state = {**state, "window": {"losses": [], "extra": {}, "seen": 0, "wait": 0.0,
+                                     "io": dict.fromkeys(state["io_total"], 0)}}
+    last = state["segments"][-1]
+    if last["ended"] == "checkpoint":
+        last["ended"] = f"ended without a clean stop after its checkpoint at step {last['end_step']} (killed or failed)"
+    run.meter.load_state_dict(state, device=run.acc.device)
+
+
+def step_of(ckpt: Path) -> int:
+    """The optimizer step of a checkpoint file `step-00000250.pt`."""
+    return int(Path(ckpt).stem.split("-")[1])
 
 
 def resume_point(run: Run) -> Path | None:
@@ -115,7 +141,9 @@ def restore_training_state(run: Run, state: dict) -> None:
         set_rng_state(ranks[run.rank]["rng"])
         if ranks[run.rank].get("method") is not None:
             run.method.load_rank_state(ranks[run.rank]["method"])
-    else:
+        restore_meter(run, ranks[run.rank].get("meter"))
+    else:  # the run's figures are the main process's; the other processes' storage counters restart
+        restore_meter(run, ranks[0].get("meter") if ranks and run.rank == 0 else None, window=False)
         acc.print(f"note: the checkpoint has per-process state for {len(ranks)} processes, this run has "
                   f"{run.world_size}; random streams restart from the seed")
     acc.print(f"resumed from {run.resume_from} at optimizer step {run.start_step} of {run.total_steps}")

@@ -7,8 +7,15 @@ Boolean settings are switches (`--progress` / `--no-progress`).
 Batch vocabulary: `batch_size` is the micro-batch of one process (what one forward pass sees, and what the
 plan's per-rank batch is); an optimizer step accumulates `grad_accum` micro-batches, so the global batch is
 world_size x batch_size x grad_accum, and that global batch sets the learning rate (lr x global / 256) and
-the number of optimizer steps (budget // global batch). Method settings live in `method_options`; the YAMLs
-in configs/methods/ give each method's recommended settings.
+the number of optimizer steps (budget // global batch). Method settings live in `method_options`.
+
+Recipes: each method has recommended settings per scale in stream_ssl/recipes/ (also reachable as
+configs/methods/): `NAME.yaml` for small images on a ResNet, `NAME_r50.yaml` for ResNets from 160 px,
+`NAME_vit.yaml` for ViTs. A run starts from its method's recipe (`--recipe auto`), taking from it only how the
+method trains (RECIPE_KEYS: method options, optimizer and its settings, warm-up, clipping, backbone options), never
+the run's scale (backbone, image size, batch, precision, workers); `--config` and flags override it. The
+optimizer's settings go together: a run that names another optimizer than its recipe's takes none of the
+recipe's optimizer settings.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +38,11 @@ COUNT_RULE = f"{COUNT_HELP}, or a fraction of the pool (0.1, 10%; a number with 
 DECODERS = ("pil", "nvjpeg", "dali")
 PRECISIONS = ("no", "bf16", "fp16")
 OPTIMIZER_NAMES = ("lars", "sgd", "adamw")
+RECIPES = Path(__file__).resolve().parent / "recipes"
+# What a recipe gives a run: how its method trains. The optimizer's settings are one group (see `with_recipe`).
+OPTIMIZER_KEYS = ("optimizer", "optimizer_options", "lr", "weight_decay", "weight_decay_end", "momentum")
+RECIPE_KEYS = ("method_options", *OPTIMIZER_KEYS, "warmup_fraction", "clip_grad", "backbone_options")
+LARGE_IMAGES = 160  # from this side on, the 224 px recipes (NAME_r50) apply to convolutional backbones
 
 
 def setting(default, help: str, choices: tuple[str, ...] | None = None):
@@ -43,7 +56,8 @@ def setting(default, help: str, choices: tuple[str, ...] | None = None):
 @dataclass
 class TrainConfig:
     # data
-    data: str = setting("", "comma-separated shard sets (folders or s3://, http(s):// URLs)")
+    data: str = setting("", "required: comma-separated shard sets (folders or s3://, http(s):// URLs), on the command "
+                            "line or in --config")
     unique_samples: str = setting("1.0", f"N, the unique samples of the pool: {COUNT_RULE}")
     budget_samples: str = setting("100K", f"C, the samples seen in pretraining: {COUNT_RULE}")
     mix: str | None = setting(None, "pool weights per source or set name: real=0.7,generated=0.3 "
@@ -76,6 +90,10 @@ class TrainConfig:
                                        "with the size index.json records (one listing per folder; stops at once "
                                        "naming what is missing)")
     # model
+    recipe: str = setting("auto", "the method's recommended settings this run starts from (stream_ssl/recipes/): "
+                                  "auto (NAME.yaml for ResNets under 160 px, NAME_r50.yaml from 160 px, NAME_vit.yaml "
+                                  "for ViTs), a recipe name (simclr_r50), a YAML path, or none (only the generic "
+                                  "defaults); --config and flags override it")
     method: str = setting("simclr", "SSL method")  # choices: the method registry (see `choices`)
     method_options: dict = setting({}, "settings passed to the method, as JSON or YAML: "
                                        "'{\"temperature\": 0.2}'")
@@ -103,12 +121,24 @@ class TrainConfig:
     tf32: bool = setting(True, "CUDA: TF32 matrix multiplies and convolutions for float32 work")
     cudnn_benchmark: bool = setting(True, "CUDA: let cuDNN pick the fastest convolution algorithms")
     channels_last: bool = setting(True, "CUDA: channels-last memory format for convolutional backbones")
+    num_processes: int = setting(1, "training processes to start on this machine (one per GPU; on CPUs they form "
+                                    "a gloo group); unlike accelerate launch or torchrun, the run's exit status and "
+                                    "its one error line come back unchanged. Ignored in a process a launcher started")
     dist_timeout: int = setting(3600, "seconds a collective may wait for the slowest process (rank-0 work "
                                       "such as the kNN monitor or a checkpoint write) before the run fails")
     # output
-    out: str = setting("runs/run", "run folder: config, metrics, checkpoints, summary, exported backbone")
+    out: str = setting("runs/run", "run folder: config, metrics, checkpoints, summary, exported backbone; a local "
+                                   "folder or an object-store URL (s3://..., gs://...: the run works in --local-out "
+                                   "and publishes there at every checkpoint)")
+    local_out: str = setting("", "for an --out on object storage, the local folder the run works in (default: "
+                                 "~/.cache/stream-ssl/runs/NAME-HASH); refilled from --out when the run starts")
     log_every: int = setting(10, "optimizer steps between metric rows")
-    save_every: int = setting(0, "optimizer steps between checkpoints (0: only at the end)")
+    save_every: int = setting(0, "optimizer steps between checkpoints (0: only at the end and on a stop signal)")
+    save_every_minutes: float = setting(30.0, "also write a checkpoint once this many minutes of training passed "
+                                              "since the last one (bounds what a SIGKILL or a crash loses; 0: off)")
+    stop_signals: str = setting("TERM,INT,USR1", "signals that stop the run cleanly: the step in progress finishes, "
+                                                 "a checkpoint is written, exit status 75; the same command then "
+                                                 "continues. A second signal stops at once. none: no handling")
     keep_checkpoints: int = setting(2, "newest checkpoints kept (0: all)")
     resume: str = setting("auto", "auto (continue the run in --out), never, or the path of a checkpoint file")
     log_with: str = setting("tensorboard", "experiment trackers (Accelerate's), comma-separated: tensorboard "
@@ -208,13 +238,16 @@ def load_yaml_settings(path: Path) -> dict:
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Streaming self-supervised pretraining at a fixed budget "
-                                "of samples seen with a controlled number of unique samples.")
+    p = argparse.ArgumentParser(prog=prog, usage="%(prog)s --data SETS [--config FILE] [options]",
+                                description="Streaming self-supervised pretraining at a fixed budget of samples seen "
+                                "with a controlled number of unique samples.")
     p.add_argument("--config", type=Path, help="YAML file of settings; flags given here override it")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})".replace("%", "%%")
+        help_text = f.metadata["help"]
+        default = "" if f.name == "data" or "(default" in help_text else f" (default: {getattr(defaults, f.name)!r})"
+        text = f"{help_text}{default}".replace("%", "%%")
         if _kind(f) == "bool":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -246,12 +279,57 @@ def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> Train
             if f.name in values:
                 from_file = args.config and getattr(args, f.name) is None
                 values[f.name] = _check_value(f, values[f.name], str(args.config) if from_file else "settings")
-    except ValueError as e:
+        values = with_recipe(values)
+    except (OSError, ValueError, yaml.YAMLError) as e:
         p.error(str(e))
     cfg = TrainConfig(**values)
     if not cfg.data:
         p.error("--data is required (comma-separated shard sets)")
     return cfg
+
+
+def _default(name: str):
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def recipe_path(recipe: str, method: str, backbone: str, image_size: int) -> Path | None:
+    """The file `--recipe` names for this method and scale: None for `none`, and for `auto` when the method has
+    no recipe (a method registered by the user)."""
+    if recipe == "none":
+        return None
+    if recipe.endswith((".yaml", ".yml")) or "/" in recipe:
+        return Path(recipe)
+    if recipe == "auto":
+        vit = re.search(r"(^|_)(vit|deit|beit|eva)", backbone) is not None
+        auto = RECIPES / f"{method}{'_vit' if vit else '_r50' if image_size >= LARGE_IMAGES else ''}.yaml"
+        return auto if auto.exists() else None
+    path = RECIPES / f"{recipe}.yaml"
+    if not path.exists():
+        names = ", ".join(sorted(q.stem for q in RECIPES.glob("*.yaml")))
+        raise ValueError(f"--recipe {recipe}: no such recipe (auto, none, a YAML path, or one of {names})")
+    return path
+
+
+def with_recipe(values: dict) -> dict:
+    """The settings chosen in `values` (from --config and flags) on top of the recipe they name (`recipe`,
+    default auto): the recipe gives only RECIPE_KEYS, and its optimizer settings only to a run with its
+    optimizer. `recipe` in the result is the recipe's name (or path) or `none`."""
+    method = values.get("method", _default("method"))
+    path = recipe_path(values.get("recipe", _default("recipe")), method, values.get("backbone", _default("backbone")),
+                       values.get("image_size", _default("image_size")))
+    if path is None:
+        return {**values, "recipe": "none"}
+    recipe = load_yaml_settings(path)
+    if recipe.get("method", method) != method:
+        raise ValueError(f"--recipe {path}: a recipe for {recipe['method']}, the run's method is {method}")
+    taken = {k: v for k, v in recipe.items() if k in RECIPE_KEYS}
+    optimizer = taken.get("optimizer", _default("optimizer"))
+    if values.get("optimizer", optimizer) != optimizer:
+        taken = {k: v for k, v in taken.items() if k not in OPTIMIZER_KEYS}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    taken = {k: _check_value(fields[k], v, str(path)) for k, v in taken.items()}
+    name = path.stem if path.resolve().parent == RECIPES else str(path)
+    return {**taken, **values, "recipe": name}
 
 
 def config_json(cfg: TrainConfig) -> str:

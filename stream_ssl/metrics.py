@@ -81,17 +81,21 @@ def _fmt(v) -> str:
 
 
 class Meter:
-    """What the training loop accumulates between metric rows, and over the run.
+    """What the training loop accumulates between metric rows, and over the whole run.
 
     Per micro-batch: `add_batch` (samples, loader wait, skips, storage counters of this process) and
     `add_result` (the method's loss and extra scalars, kept on the device until a row is due). `row` reduces
-    the window over processes (one all_reduce) into the values of a metrics row and starts a new window."""
+    the window over processes (one all_reduce) into the values of a metrics row and starts a new window.
+
+    The run-long figures (the rows' losses, training time, waits, skips, storage counters, kNN results, the
+    segments the run was trained in) and the open window travel in every checkpoint (`state_dict`), so a run
+    resumed any number of times is described as a whole, and its rows equal a straight run's."""
 
     # storage counters of this process's reads (fetch.ReadStats), per row and over the run
     IO = ("bytes_read", "requests", "retries", "cut", "throttled", "cache_hits", "cache_bytes", "index_fetches",
           "ttfb_seconds")
 
-    def __init__(self, world_size: int, global_batch: int):
+    def __init__(self, world_size: int, global_batch: int, start_step: int = 0):
         self.world_size, self.global_batch = world_size, global_batch
         self.t_start = self.t_last = time.perf_counter()
         self.losses: list = []
@@ -102,6 +106,48 @@ class Meter:
         self.logged: list[tuple[int, float]] = []
         self.last_finite: dict | None = None  # {step, loss, lr} of the last row with a finite loss
         self.skipped_steps = 0  # optimizer steps the fp16 gradient scaler skipped
+        self.knn: list[dict] = []  # the kNN monitor's results
+        self.collapse: dict | None = None  # {step, embed_std, limit} of the collapse warning, once given
+        self.last_row: dict = {}
+        self.earlier_seconds = 0.0  # training time of the segments before this one (up to their checkpoints)
+        self.segments: list[dict] = []  # earlier segments: {start_step, end_step, seconds, ended}
+        self.segment_start = start_step
+
+    @property
+    def seconds(self) -> float:
+        """Training time of the run so far: earlier segments (up to the checkpoint each resumed from) and this one."""
+        return self.earlier_seconds + time.perf_counter() - self.t_start
+
+    def run_segments(self, end_step: int, ended: str) -> list[dict]:
+        """Every segment of the run, this one ending at `end_step` as `ended` says."""
+        now = {"start_step": self.segment_start, "end_step": end_step,
+               "seconds": round(time.perf_counter() - self.t_start, 3), "ended": ended}
+        return [*self.segments, now]
+
+    def state_dict(self, step: int) -> dict:
+        """What a checkpoint at `step` keeps of this process's meter (plain numbers: loads with weights_only)."""
+        return {"window": {"losses": [float(v) for v in self.losses],
+                           "extra": {k: [float(v) for v in vs] for k, vs in self.extra.items()},
+                           "seen": self.seen, "wait": self.wait, "io": dict(self.io)},
+                "logged": [list(x) for x in self.logged], "wait_total": self.wait_total, "skipped": self.skipped,
+                "skipped_steps": self.skipped_steps, "io_total": dict(self.io_total), "knn": self.knn,
+                "collapse": self.collapse, "last_row": self.last_row, "last_finite": self.last_finite,
+                "seconds": self.seconds, "segments": self.run_segments(step, "checkpoint")}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Continue the run a checkpoint describes: its figures, and its open window (with the same processes)."""
+        import torch
+
+        window = state["window"]
+        self.losses = [torch.tensor(v, device=device) for v in window["losses"]]
+        self.extra = {k: [torch.tensor(v, device=device) for v in vs] for k, vs in window["extra"].items()}
+        self.seen, self.wait, self.io = window["seen"], window["wait"], dict(window["io"])
+        self.logged = [(int(s), v) for s, v in state["logged"]]
+        self.wait_total, self.skipped = state["wait_total"], state["skipped"]
+        self.skipped_steps, self.io_total = state["skipped_steps"], dict(state["io_total"])
+        self.knn, self.collapse, self.last_row = list(state["knn"]), state["collapse"], state["last_row"]
+        self.last_finite, self.earlier_seconds = state["last_finite"], state["seconds"]
+        self.segments = list(state["segments"])
 
     def add_batch(self, batch, waited: float) -> None:
         self.wait += waited

@@ -1,8 +1,8 @@
 """Print the plan of a run, or the samples one rank will read.
 
-    python -m stream_ssl.plan --data DIR[,DIR...] --unique-samples N --budget-samples C [--json]
-    python -m stream_ssl.plan ... --world-size W --nodes K --cache-size SIZE --json   # + object_store_bytes
-    python -m stream_ssl.plan ... --world-size W --batch-size B --keys --rank R [--start-step S] [--end-step E]
+    stream-ssl plan --data DIR[,DIR...] --unique-samples N --budget-samples C [--json]
+    stream-ssl plan ... --world-size W --nodes K --cache-size SIZE --json   # + object_store_bytes
+    stream-ssl plan ... --world-size W --batch-size B --keys --rank R [--start-step S] [--end-step E]
 
 `--keys` prints, one per line, the sample keys rank R reads from step S on, in the order the loader yields
 them. They come from the shards' `.idx` files (the member names wds2idx took from the tar headers); with
@@ -26,7 +26,7 @@ from shard_tools.cli import run_main, tool_prog
 from shard_tools.listing import require_shards
 from shard_tools.quantities import COUNT_HELP, SIZE_HELP, parse_bytes
 from shard_tools.shardset import load_shard_set
-from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
+from shard_tools.storage import STORAGE_OPTIONS_HELP, redact, storage_options_arg
 from stream_ssl.data.nodecache import describe_storage, storage_summary
 from stream_ssl.data.plan import DEFAULT_SHUFFLE_BLOCK, DEFAULT_SHUFFLE_WINDOW, Plan, make_plan
 from stream_ssl.data.reader import ShardReader
@@ -37,18 +37,28 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unique-samples", required=True,
                    help=f"N: {COUNT_HELP}, or a fraction of the pool (0.1, 10%%)")
     p.add_argument("--budget-samples", required=True, help=f"C: total samples seen in pretraining, {COUNT_HELP}")
-    p.add_argument("--mix", help="per-source weights of the pool, e.g. real=0.7,generated=0.3")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mix", help="per-source weights of the pool, e.g. real=0.7,generated=0.3 (default: "
+                                 "proportional to size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pool and of every pass's order (default 0)")
     p.add_argument("--shuffle-window", type=int, default=DEFAULT_SHUFFLE_WINDOW,
-                   help="steps whose samples are mixed together")
+                   help=f"steps whose samples are mixed together (default {DEFAULT_SHUFFLE_WINDOW})")
     p.add_argument("--shuffle-block", type=int, default=DEFAULT_SHUFFLE_BLOCK,
                    help="samples per contiguous block in the mixing (default: global batch / 16, at most ~4 MB of "
                         "samples; 0: no mixing)")
     p.add_argument("--storage-options", type=storage_options_arg, default={}, help=STORAGE_OPTIONS_HELP)
 
 
-def load_sets(data: str, storage_options: dict | None = None) -> list:
-    return [load_shard_set(u, storage_options) for u in data.split(",") if u]
+def load_sets(data: str, storage_options: dict | None = None, warn=None) -> list:
+    """The pretraining shard sets of `--data` (comma-separated). A set packed as a downstream set is accepted with
+    a warning through `warn` (default: stderr; None from every process but one): pretraining on it is how test
+    images leak into pretraining."""
+    sets = [load_shard_set(u, storage_options) for u in data.split(",") if u]
+    for s in sets:
+        if s.source == "downstream":
+            (warn or (lambda m: print(m, file=sys.stderr)))(
+                f"warning: --data {redact(s.url)}: packed with --source downstream (an evaluation set); pretraining "
+                "on it puts its images into the model that evaluation then scores")
+    return sets
 
 
 def print_keys(plan: Plan, rank: int, start_step: int = 0, end_step: int | None = None,
@@ -87,20 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=tool_prog("python -m stream_ssl.plan"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_arguments(p)
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank")
-    p.add_argument("--batch-size", type=int, default=256, help="per-rank batch size")
+    p.add_argument("--world-size", type=int, default=1, help="training processes, all nodes together (default 1)")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers per rank (default 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="per-rank batch size (default 256)")
     p.add_argument("--nodes", type=int, default=1,
-                   help="nodes the --world-size processes run on (a multiple of it), for the storage estimate")
+                   help="nodes the --world-size processes run on (it divides --world-size), for the storage estimate "
+                        "(default 1)")
     p.add_argument("--cache-size", default="",
                    help=f"node cache for the storage estimate, {SIZE_HELP} per node (default: no cache)")
     p.add_argument("--json", action=argparse.BooleanOptionalAction, default=False,
                    help="print the summary as JSON (default: off)")
     p.add_argument("--keys", action=argparse.BooleanOptionalAction, default=False,
                    help="print the sample keys --rank reads, one per line (default: off)")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--start-step", type=int, default=0, help="first step (resume point) for --keys")
-    p.add_argument("--end-step", type=int, help="stop --keys before this step")
+    p.add_argument("--rank", type=int, default=0, help="the rank whose keys --keys prints (default 0)")
+    p.add_argument("--start-step", type=int, default=0, help="first step (resume point) for --keys (default 0)")
+    p.add_argument("--end-step", type=int, help="stop --keys before this step (default: the last step)")
     p.add_argument("--long", action=argparse.BooleanOptionalAction, default=False,
                    help="--keys prints step, set name, shard and key (default: off)")
     p.add_argument("--check-headers", action=argparse.BooleanOptionalAction, default=False,
@@ -109,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="check that every shard the plan reads and its .idx exist with the size index.json records "
                         "(one listing per folder, as train.py does before training; default: off)")
     p.add_argument("--micro-batches", type=int, default=1,
-                   help="--keys in the order of a loader that splits each batch into this many micro-batches")
+                   help="--keys in the order of a loader that splits each batch into this many micro-batches "
+                        "(default 1)")
     a = p.parse_args(argv)
     return run_main("plan", lambda: _run(a), usage_errors=(ValueError, FileNotFoundError))
 

@@ -21,8 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from shard_tools.listing import ShardsMissing, require_shards
 from shard_tools.quantities import parse_bytes, parse_count
-from shard_tools.shardset import load_shard_set
-from shard_tools.storage import parse_storage_options, redact
+from shard_tools.storage import is_url, parse_storage_options, redact
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, config_json
 from stream_ssl.data.augment import ViewSpec
@@ -31,13 +30,24 @@ from stream_ssl.data.nodecache import Node, describe_storage, node_from_env, sto
 from stream_ssl.data.plan import Plan, make_plan
 from stream_ssl.distributed import all_gather_objects
 from stream_ssl.methods import SSLMethod, build_method
+from stream_ssl.metrics import Meter
 from stream_ssl.models.backbone import create_backbone, is_vit
 from stream_ssl.optim import build_optimizer, check_optimizer_options
+from stream_ssl.plan import load_sets
+from stream_ssl.runfolder import RemoteRunFolder, run_folder
 from stream_ssl.schedules import cosine, warmup_cosine
 
 
 class RunError(ValueError):
     """A problem with the run's settings or its output folder, reported as one line `error: ...`."""
+
+
+class RunFinished(Exception):
+    """The output folder holds this run, finished: running its command again changes nothing."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -86,13 +96,16 @@ class Run:
     start_step: int = 0
     resume_from: Path | None = None
     model: torch.nn.Module | None = None  # the method as Accelerate prepared it (DDP on several processes)
+    meter: Meter | None = None  # the run-long figures and the open metrics window (in every checkpoint)
+    remote: RemoteRunFolder | None = None  # --out on object storage: where the main process publishes the run
     loader: object = None
     batches: object = None  # the loader's iterator
     state: dict | None = field(default=None, repr=False)  # a loaded checkpoint until `prepare` applies it
 
     @property
     def out(self) -> Path:
-        return Path(self.cfg.out)
+        """The local run folder (for an --out on object storage, its mirror)."""
+        return run_folder(self.cfg.out, self.cfg.local_out)
 
     @property
     def rank(self) -> int:
@@ -117,6 +130,7 @@ class Run:
         if self.cfg.sync_bn and self.world_size > 1:
             self.method = sync_batchnorm(self.method, self.acc)
         self.model, self.optimizer = self.acc.prepare(self.method, self.optimizer)
+        self.meter = Meter(self.world_size, self.global_batch, self.start_step)
         set_seed(self.cfg.seed + 1 + self.rank)  # per-process dropout / drop-path stream (the init was shared)
         self.loader = make_run_loader(self)
         self.batches = iter(self.loader)  # draws the loader's base seed from the global RNG: before restoring it
@@ -137,7 +151,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     cpu = launched and not torch.cuda.is_available()
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=True),
                 InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))]
-    project = ProjectConfiguration(project_dir=cfg.out, logging_dir=str(Path(cfg.out) / "tb"))
+    out = run_folder(cfg.out, cfg.local_out)
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tb"))
     return Accelerator(mixed_precision=cfg.precision, cpu=cpu, kwargs_handlers=handlers,
                        log_with=trackers(cfg) or None, project_config=project)
 
@@ -160,8 +175,14 @@ def trackers(cfg: TrainConfig) -> list[str]:
 def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
     check_settings(cfg)
     storage = parse_storage_options(cfg.storage_options)
-    plan = make_run_plan(cfg, storage, acc.num_processes)
-    check_output_folder(cfg, Path(cfg.out), plan.global_batch, plan.shuffle_block)
+    plan = make_run_plan(cfg, storage, acc)
+    out = run_folder(cfg.out, cfg.local_out)
+    check_output_folder(cfg, out, plan.global_batch, plan.shuffle_block)
+    finished = finished_summary(cfg, out, plan.steps)
+    if finished is not None:
+        where = f"{redact(cfg.out)}/summary.json" if is_url(cfg.out) else out / "summary.json"
+        raise RunFinished(f"finished at step {plan.steps} of {plan.steps}; summary: {where} (nothing was changed)",
+                          finished)
     if cfg.check_shards:
         check_plan_shards(acc, plan, storage)
     set_seed(cfg.seed)
@@ -200,13 +221,14 @@ def check_settings(cfg: TrainConfig) -> None:
             raise RunError(str(e)) from None
 
 
-def make_run_plan(cfg: TrainConfig, storage: dict, world_size: int) -> Plan:
+def make_run_plan(cfg: TrainConfig, storage: dict, acc: Accelerator) -> Plan:
+    world_size = acc.num_processes
     global_batch = world_size * cfg.batch_size * cfg.grad_accum
     budget = parse_count(cfg.budget_samples, None, "--budget-samples")
     if budget < global_batch:
         raise RunError(f"--budget-samples {budget} is smaller than one global batch ({world_size} processes x "
                        f"{cfg.batch_size} x {cfg.grad_accum} accumulation = {global_batch})")
-    sets = [load_shard_set(u, storage) for u in cfg.data.split(",") if u]
+    sets = load_sets(cfg.data, storage, warn=acc.print)
     return make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, world_size, cfg.num_workers,
                      cfg.batch_size * cfg.grad_accum, cfg.seed, shuffle_window=cfg.shuffle_window,
                      shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
@@ -249,6 +271,19 @@ def storage_report(run: Run, bytes_read: int) -> dict:
             "cache_fill": run.cfg.cache_fill and run.cache_bytes is not None}
 
 
+def finished_summary(cfg: TrainConfig, out: Path, steps: int) -> dict | None:
+    """The summary of the run in `out` when `--resume auto` would continue a run that has finished all its `steps`
+    (its latest checkpoint is the last step and summary.json describes it); None otherwise."""
+    ckpt = checkpoint.latest_checkpoint(out) if cfg.resume == "auto" else None
+    if ckpt is None or checkpoint.step_of(ckpt) != steps:
+        return None
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None  # killed after the last checkpoint, before the summary: resuming writes it
+    return summary if summary.get("steps") == steps else None
+
+
 def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int, shuffle_block: int | None = None) -> None:
     """Refuse to mix two different runs in one folder (read-only: every process runs it)."""
     ckpt = checkpoint.latest_checkpoint(out)
@@ -289,12 +324,21 @@ def write_run_files(run: Run) -> None:
                 "peak_lr": run.schedule.peak_lr, "shuffle_block": run.plan.shuffle_block}
         (run.out / "run.json").write_text(json.dumps(info, indent=1) + "\n")
         acc.print(run.plan.describe())
+        acc.print(describe_recipe(cfg))
         if run.plan.remote:  # what the run will take from the object store
             acc.print(describe_storage(storage_summary(run.plan, run.node.nodes, run.cache_bytes)))
         acc.print(f"optimizer steps: {run.total_steps} of global batch {run.global_batch} ({run.world_size} "
                   f"processes x {cfg.batch_size} x {cfg.grad_accum} accumulation); peak lr "
                   f"{run.schedule.peak_lr:.4g}")
     acc.wait_for_everyone()
+
+
+def describe_recipe(cfg: TrainConfig) -> str:
+    """One line: which recipe the run's settings start from."""
+    if cfg.recipe == "none":
+        return f"recipe: none ({cfg.method} with the generic defaults and the settings given)"
+    return (f"recipe: {cfg.recipe} ({cfg.method}'s recommended settings for this scale; --config and flags override "
+            "them; --recipe none for the generic defaults)")
 
 
 def apply_device_settings(cfg: TrainConfig, device: torch.device, method: torch.nn.Module) -> dict:

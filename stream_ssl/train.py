@@ -37,35 +37,41 @@ import time
 import torch
 import torch.distributed as dist
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from shard_tools.cli import DIVERGED, run_main, tool_prog
+from shard_tools.quantities import format_bytes
 from shard_tools.shardset import load_shard_set
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, parse_config
 from stream_ssl.data.augment import device_views
 from stream_ssl.data.rng import batch_generator
 from stream_ssl.metrics import KeysLog, Meter, MetricsLog, progress_bar, storage_figures
-from stream_ssl.run import Run, RunError, build_run, make_accelerator, storage_report
+from stream_ssl.run import Run, RunError, RunFinished, build_run, make_accelerator, storage_report
+from stream_ssl.runfolder import open_remote, run_folder
+from stream_ssl.stopping import STOPPED, Agreement, StopRequest, parse_signals, signal_name
 
 
 class Diverged(RunError):
     """The loss or the gradient norm stopped being finite."""
 
 
+class Stopped(RunError):
+    """A stop signal ended the run early, after its checkpoint (exit status STOPPED, not an error)."""
+
+
 @dataclasses.dataclass
 class Reporting:
-    """What `fit` writes besides checkpoints: metrics rows, the progress bar, the keys log, kNN results."""
+    """What `fit` writes besides checkpoints: metrics rows, the progress bar, the keys log. The run-long figures
+    (losses, time, kNN results) live in the run's meter, which checkpoints carry."""
 
     meter: Meter
     metrics: MetricsLog | None = None
     keys: KeysLog | None = None
     progress: object = None
     knn_sets: tuple | None = None
-    knn: list = dataclasses.field(default_factory=list)
     last_saved: int = 0
-    last_row: dict = dataclasses.field(default_factory=dict)
-    collapse: dict | None = None  # {step, embed_std, limit} of the collapse warning, once given
+    stopped: tuple[int, int] | None = None  # (signal, step) when a stop signal ended the segment
 
     def close(self) -> None:
         if self.progress is not None:
@@ -84,9 +90,18 @@ def train(cfg: TrainConfig) -> dict:
             # for tiny feature maps (seen with 14 px local crops); the native kernels are slower but correct.
             torch.backends.mkldnn.enabled = False
             acc.print("note: mixed precision on CPU: oneDNN disabled (its bf16 convolution backward can give NaN)")
-        run = build_run(acc, cfg)
-        run.prepare()
-        return finish(run, fit(run))
+        with StopRequest(parse_signals(cfg.stop_signals)) as stop:
+            remote = open_remote(cfg, acc)
+            run = build_run(acc, cfg)
+            run.remote = remote
+            run.prepare()
+            rep = fit(run, stop)
+        if rep.stopped is not None:
+            raise Stopped(stopped_line(run, *rep.stopped))
+        return finish(run, rep)
+    except RunFinished as done:
+        acc.print(str(done))
+        return done.summary
     finally:
         torch.backends.mkldnn.enabled = mkldnn
         release_accelerator()
@@ -159,7 +174,7 @@ def train_step(run: Run, step: int, meter: Meter, keys: KeysLog | None = None) -
 
 def start_reporting(run: Run) -> Reporting:
     cfg, main = run.cfg, run.acc.is_main_process
-    rep = Reporting(Meter(run.world_size, run.global_batch), last_saved=run.start_step)
+    rep = Reporting(run.meter, last_saved=run.start_step)
     if main:
         rep.metrics = MetricsLog(run.out, run.start_step, run.acc, cfg.to_dict())
         if cfg.progress:
@@ -171,27 +186,50 @@ def start_reporting(run: Run) -> Reporting:
     return rep
 
 
-def fit(run: Run) -> Reporting:
-    """Train from the resume step to the end of the plan."""
+def fit(run: Run, stop: StopRequest | None = None) -> Reporting:
+    """Train from the resume step to the end of the plan, or to the step where a stop signal, agreed on by every
+    process, ends it (after a checkpoint; `Reporting.stopped`)."""
     cfg, rep = run.cfg, start_reporting(run)
+    stop = stop or StopRequest(())
+    agree = Agreement(run.world_size, cfg.save_every_minutes, run.acc.is_main_process)
     run.model.train()
     try:
+        signum, _ = agree.decide(stop)
+        if signum:  # a signal during set-up: stop before training anything
+            rep.stopped = (signum, run.start_step)
+            return rep
         for step in range(run.start_step, run.total_steps):
             info = train_step(run, step, rep.meter, rep.keys)
             done = step + 1
             if rep.progress is not None:
                 rep.progress.update(1)
-            last, save_now = done == run.total_steps, cfg.save_every > 0 and done % cfg.save_every == 0
-            if done % cfg.log_every == 0 or last or save_now:
+            last = done == run.total_steps
+            if done % cfg.log_every == 0 or last:
                 log_row(run, rep, done, info)
-            if cfg.eval_every > 0 and done % cfg.eval_every == 0 and rep.knn_sets is not None and not last:
-                rep.knn.append(knn_monitor(run, rep, done))
-            if save_now and not last:
-                checkpoint.save(run, done)
+            if last:
+                break
+            if cfg.eval_every > 0 and done % cfg.eval_every == 0 and rep.knn_sets is not None:
+                rep.meter.knn.append(knn_monitor(run, rep, done))
+            signum, due = agree.decide(stop)
+            if signum or due or (cfg.save_every > 0 and done % cfg.save_every == 0):
+                checkpoint.save(run, done, ended=f"stopped by {signal_name(signum)}" if signum else None)
                 rep.last_saved = done
+                agree.saved()
+            if signum:
+                rep.stopped = (signum, done)
+                break
     finally:
         rep.close()
     return rep
+
+
+def stopped_line(run: Run, signum: int, step: int) -> str:
+    ckpt = checkpoint.latest_checkpoint(run.out)
+    if ckpt is not None and run.remote is not None:
+        ckpt = f"{run.remote}/checkpoints/{ckpt.name}"
+    saved = f"checkpoint {ckpt}" if ckpt is not None else "nothing trained yet, nothing to save"
+    return (f"stopped at step {step} of {run.total_steps} by {signal_name(signum)}; {saved}; run the same command "
+            "to continue")
 
 
 def log_row(run: Run, rep: Reporting, step: int, info: dict) -> None:
@@ -200,13 +238,22 @@ def log_row(run: Run, rep: Reporting, step: int, info: dict) -> None:
     values = rep.meter.row(run.acc, step, info)
     check_finite(run, rep.meter, values, step)
     check_collapse(run, rep, values, step)
-    rep.last_row = values
+    rep.meter.last_row = values
     if rep.metrics is not None:
         rep.metrics.write(step, values)
     if rep.progress is not None:
         rep.progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}",
                                  sps=f"{values['samples_per_s']:.0f}", wait=f"{values['data_wait']:.0%}",
-                                 MBps=f"{values['read_MBps']:.0f}", refresh=False)
+                                 read=read_rate(rep.meter), refresh=False)
+
+
+def read_rate(meter: Meter) -> str:
+    """The progress bar's storage figure: bytes read from storage per second over the run so far (a row's own
+    rate is 0 whenever its samples came from memory or the cache, as in every pass after the first of a small
+    pool), and the cache hits when there are any."""
+    io, seconds = meter.io_total, max(meter.seconds, 1e-9)
+    rate = f"{format_bytes(io['bytes_read'] / seconds)}/s"
+    return rate + (f" ({io['cache_hits']} cache hits)" if io["cache_hits"] else "")
 
 
 def check_finite(run: Run, meter: Meter, values: dict, step: int) -> None:
@@ -222,20 +269,31 @@ def check_finite(run: Run, meter: Meter, values: dict, step: int) -> None:
               else "no finite loss logged before")
     ckpt = checkpoint.latest_checkpoint(run.out)
     raise Diverged(f"{bad[0].replace('_', ' ')} is {values[bad[0]]} at optimizer step {step}; {before}. "
-                   "Try a lower --lr, --precision no, or --clip-grad 1.0"
-                   + (f"; the last good checkpoint is {ckpt}" if ckpt else ""))
+                   f"Try {divergence_hints(run.cfg)}" + (f"; the last good checkpoint is {ckpt}" if ckpt else ""))
+
+
+def divergence_hints(cfg: TrainConfig) -> str:
+    """What to change in a run that diverged, leaving out what its settings already are."""
+    hints = [f"a lower --lr (now {cfg.lr:g})"]
+    if cfg.precision != "no":
+        hints.append("--precision no")
+    if cfg.clip_grad <= 0:
+        hints.append("--clip-grad 1.0")
+    elif cfg.clip_grad > 1.0:
+        hints.append(f"a lower --clip-grad (now {cfg.clip_grad:g})")
+    return ", ".join(hints[:-1]) + (" or " if len(hints) > 1 else "") + hints[-1]
 
 
 def check_collapse(run: Run, rep: Reporting, values: dict, step: int) -> None:
     """Warn once, naming the step, when the std of the L2-normalized embeddings falls under
     `collapse_threshold` / sqrt(d): all samples are mapping to (nearly) one point."""
     std, d, threshold = values.get("embed_std"), run.method.embed_dim, run.cfg.collapse_threshold
-    if std is None or not d or threshold <= 0 or rep.collapse is not None:
+    if std is None or not d or threshold <= 0 or rep.meter.collapse is not None:
         return
     limit = threshold / math.sqrt(d)
     if std >= limit:
         return
-    rep.collapse = {"step": step, "embed_std": std, "limit": limit}
+    rep.meter.collapse = {"step": step, "embed_std": std, "limit": limit}
     if run.acc.is_main_process:
         print(f"warning: embeddings collapsing at optimizer step {step}: the std of the L2-normalized embeddings "
               f"is {std:.3g}, under {threshold} / sqrt({d}) = {limit:.3g} (healthy: {1 / math.sqrt(d):.3g}); "
@@ -274,10 +332,10 @@ def knn_monitor(run: Run, rep: Reporting, step: int) -> dict:
 def finish(run: Run, rep: Reporting) -> dict:
     """The last checkpoint and kNN evaluation, summary.json and backbone.safetensors."""
     total = run.total_steps
-    if rep.last_saved != total or run.start_step == total:
+    if rep.last_saved != total:  # (a run resumed from its final checkpoint only writes what follows it)
         checkpoint.save(run, total)
     if rep.knn_sets is not None:
-        rep.knn.append(knn_monitor(run, rep, total))
+        run.meter.knn.append(knn_monitor(run, rep, total))
     summary = run_summary(run, rep)
     if run.acc.is_main_process:
         export_backbone(run)
@@ -286,37 +344,41 @@ def finish(run: Run, rep: Reporting) -> dict:
         os.replace(tmp, run.out / "summary.json")
         if rep.metrics is not None:
             rep.metrics.close()
-        run.acc.print(f"done: {total} optimizer steps, final loss {summary['final_loss']}, backbone -> "
-                      f"{run.out / 'backbone.safetensors'}")
+        if run.remote is not None:  # summary.json last: the mark of a finished run
+            run.remote.publish(last=("backbone.safetensors", "summary.json"))
+        where = f"{run.remote}/backbone.safetensors" if run.remote is not None else run.out / "backbone.safetensors"
+        run.acc.print(f"done: {total} optimizer steps, final loss {summary['final_loss']}, backbone -> {where}")
     run.acc.wait_for_everyone()
     return summary
 
 
 def run_summary(run: Run, rep: Reporting) -> dict:
+    """The whole run, over every segment it was trained in (the meter's figures travel in the checkpoints)."""
     cfg, meter, total = run.cfg, rep.meter, run.total_steps
-    wall = time.perf_counter() - meter.t_start
-    trained = total - run.start_step
+    seconds = meter.seconds
+    last_row = meter.last_row
     summary = {
-        "plan": run.plan.summary(), "method": cfg.method, "backbone": cfg.backbone, "feature_dim": run.feature_dim,
-        "image_size": cfg.image_size, "world_size": run.world_size, "batch_size": cfg.batch_size,
-        "grad_accum": cfg.grad_accum, "global_batch": run.global_batch, "steps": total,
-        "micro_steps": total * cfg.grad_accum, "start_step": run.start_step, "peak_lr": run.schedule.peak_lr,
-        "precision": cfg.precision,
+        "plan": run.plan.summary(), "method": cfg.method, "recipe": cfg.recipe, "backbone": cfg.backbone,
+        "feature_dim": run.feature_dim, "image_size": cfg.image_size, "world_size": run.world_size,
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "global_batch": run.global_batch, "steps": total,
+        "micro_steps": total * cfg.grad_accum, "samples_seen": total * run.global_batch,
+        "peak_lr": run.schedule.peak_lr, "precision": cfg.precision,
         "first_loss": meter.logged[0][1] if meter.logged else None,
         "final_loss": meter.logged[-1][1] if meter.logged else None,
         "losses": meter.logged[-1000:],
         "skipped_samples": meter.skipped,
         "skipped_optimizer_steps": meter.skipped_steps,
-        "wall_seconds": wall,
-        "samples_per_s": trained * run.global_batch / wall if wall > 0 else None,
-        "data_wait": meter.wait_total / wall if wall > 0 else None,
-        "storage": storage_figures(meter.io_total, wall),  # this process's reads (the main process's loader)
-        "knn": rep.knn,
+        "wall_seconds": seconds,  # training time of the steps kept, over every segment
+        "samples_per_s": total * run.global_batch / seconds if seconds > 0 else None,
+        "data_wait": meter.wait_total / seconds if seconds > 0 else None,
+        "segments": meter.run_segments(total, "finished"),
+        "storage": storage_figures(meter.io_total, seconds),  # this process's reads (the main process's loader)
+        "knn": meter.knn,
         "decoder": cfg.decoder,
         "object_store": storage_report(run, meter.io_total["bytes_read"]),
-        "collapse_monitor": {"embed_std": rep.last_row.get("embed_std"), "embed_rank": rep.last_row.get("embed_rank"),
+        "collapse_monitor": {"embed_std": last_row.get("embed_std"), "embed_rank": last_row.get("embed_rank"),
                              "embed_dim": run.method.embed_dim, "threshold": cfg.collapse_threshold,
-                             "warning": rep.collapse},
+                             "warning": meter.collapse},
     }
     if cfg.decoder in ("dali", "nvjpeg"):  # this process's decoder counters (batches, fallbacks, replaced)
         summary[cfg.decoder] = dataclasses.asdict(run.loader.stats)
@@ -327,9 +389,11 @@ def export_backbone(run: Run) -> None:
     """backbone.safetensors, loadable by timm.create_model(NAME, num_classes=0, **backbone_options)."""
     cfg = run.cfg
     state = {k: v.detach().cpu().contiguous().clone() for k, v in run.method.backbone.state_dict().items()}
-    save_file(state, str(run.out / "backbone.safetensors"),
-              metadata={"timm_name": cfg.backbone, "image_size": str(cfg.image_size), "method": cfg.method,
-                        "step": str(run.total_steps)})
+    data = save(state, metadata={"timm_name": cfg.backbone, "image_size": str(cfg.image_size), "method": cfg.method,
+                                 "step": str(run.total_steps)})
+    tmp = run.out / "backbone.safetensors.tmp"
+    tmp.write_bytes(data)  # through open(): the umask's mode, as every other output (save_file makes it 0600)
+    os.replace(tmp, run.out / "backbone.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,14 +401,31 @@ def export_backbone(run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 0 done, 2 bad settings or data, 3 diverged, 1 anything else: one line on stderr, the
-    traceback in OUT/.logs/train[-rank-R].log."""
+    """Exit status 0 done (or finished before), 2 bad settings or data, 3 diverged, 75 (STOPPED) stopped by a
+    signal after a checkpoint, 130 interrupted at once (a second signal), 1 anything else: one line on stderr,
+    the traceback in OUT/.logs/train[-rank-R].log."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(argv, prog=tool_prog("train.py"))
+    if cfg.num_processes > 1 and "RANK" not in os.environ:
+        from stream_ssl.launcher import launch
+
+        return launch(argv, cfg.num_processes)
     rank = int(os.environ.get("RANK", "0"))
     tool = "train" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else f"train-rank-{rank}"
+
+    def body() -> int:
+        try:
+            train(cfg)
+        except Stopped as e:
+            if rank == 0:
+                print(e, file=sys.stderr, flush=True)
+            return STOPPED
+        return 0
+
     try:
-        return run_main(tool, lambda: train(cfg) and 0, log_folder=cfg.out,
-                        usage_errors=(ValueError, FileNotFoundError), exit_codes={Diverged: DIVERGED})
+        return run_main(tool, body, log_folder=run_folder(cfg.out, cfg.local_out),
+                        usage_errors=(ValueError, FileNotFoundError),
+                        exit_codes={Diverged: DIVERGED}, create_log_folder=True)
     finally:
         if dist.is_available() and dist.is_initialized():
             PartialState().destroy_process_group()

@@ -3,28 +3,37 @@ errors with the traceback in a log, the installed console scripts and the script
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import importlib.metadata
 import json
+import os
 import re
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+import shard_tools.cli
 import shard_tools.crawl
 import shard_tools.generate
 import shard_tools.index
 import shard_tools.pack
 import shard_tools.verify
+import stream_ssl.cli
 import stream_ssl.evaluate
 import stream_ssl.plan
 import stream_ssl.train
-from shard_tools.cli import FAILED, USAGE, log_path, run_main
+from shard_tools.cli import FAILED, SHARD_TOOLS, USAGE, log_path, run_main
 from shard_tools.errors import ToolError
 from shard_tools.pack import default_out
 from shard_tools.quantities import parse_bytes, parse_count
 from shard_tools.shardset import load_shard_set
 from shard_tools.storage import parse_storage_options
+from stream_ssl.cli import COMMANDS as STREAM_SSL_COMMANDS
 from stream_ssl.config import parse_config
 from stream_ssl.data.plan import make_plan
 from tests.helpers import PYTHON, REPO
@@ -133,10 +142,33 @@ def test_a_failed_run_is_one_line_and_a_log_in_the_output_folder(tmp_path, capsy
     assert line == f"error: 12 of 100 rows failed (traceback: {log})"
     assert "Traceback (most recent call last)" in log.read_text() and "ToolError: 12 of 100 rows failed" in \
         log.read_text()
-    # No output folder yet: the log goes to the temp folder, and no output folder is made for it.
+    # No output folder yet: the log goes to the user's own log folder, and no output folder is made for it.
     assert log_path("pack", tmp_path / "never") == log_path("pack") and not (tmp_path / "never").exists()
     assert run_main("pack", _fail(KeyError("x")), log_folder=tmp_path / "never") == FAILED
     assert capsys.readouterr().err.startswith("error: KeyError: 'x' (traceback: ")
+    # ... unless the command says its folder is made for the log (a training run: docs/training.md)
+    assert run_main("train", _fail(KeyError("x")), log_folder=tmp_path / "run", create_log_folder=True) == FAILED
+    assert f"(traceback: {tmp_path / 'run' / '.logs' / 'train.log'})" in capsys.readouterr().err
+
+
+def test_logs_without_an_output_folder_are_private_to_the_user(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert run_main("crawl", _fail(KeyError("x"))) == FAILED
+    log = tmp_path / "state" / "stream-ssl" / "logs" / "crawl.log"
+    assert f"(traceback: {log})" in capsys.readouterr().err and "KeyError" in log.read_text()
+    assert (log.parent.stat().st_mode & 0o777) == 0o700
+    # a home that cannot be written: a folder of the user's own in the temp folder, never a shared file name
+    monkeypatch.setenv("XDG_STATE_HOME", "/proc/no-such-home")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert log_path("crawl") == tmp_path / "tmp" / f"stream-ssl-{os.getuid()}" / "crawl.log"
+    assert (log_path("crawl").parent.stat().st_mode & 0o777) == 0o700
+    # a link planted where that folder goes is refused, and nothing is written through it
+    shutil.rmtree(tmp_path / "tmp" / f"stream-ssl-{os.getuid()}")
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "tmp" / f"stream-ssl-{os.getuid()}")
+    assert run_main("crawl", _fail(KeyError("x"))) == FAILED
+    assert "no log written" in capsys.readouterr().err and not list((tmp_path / "elsewhere").iterdir())
 
 
 def test_usage_errors_exit_2_and_credentials_stay_out(tmp_path, capsys):
@@ -193,7 +225,7 @@ def test_pack_a_manifest_verbatim_from_anywhere(tmp_path, make_shard_set):
     manifest = make_shard_set(40, shard_size=20).parent / "images" / "manifest.csv"
     proc = _run([PYTHON, REPO / "shard_tools" / "pack.py", manifest], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("packed 40 of 40 rows into 1 shards") and f"at {Path('shards/manifest')}" in \
+    assert proc.stdout.startswith("packed 40 of 40 rows into 1 shard (") and f"at {Path('shards/manifest')}" in \
         proc.stdout
     assert load_shard_set(str(tmp_path / "shards" / "manifest")).num_samples == 40
     proc = _run([PYTHON, REPO / "shard_tools" / "pack.py", tmp_path / "missing.csv"], tmp_path)
@@ -213,3 +245,74 @@ def test_every_command_runs_as_a_script(tmp_path, script):
     (launch/launch.py would hide the `launch` package: demo.py and sweep.py put the repository first)."""
     proc = _run([PYTHON, REPO / script, "--help"], tmp_path)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# --help and --version of every command.
+
+COMMANDS = {**SHARD_TOOLS, **STREAM_SSL_COMMANDS}  # name -> (module, summary)
+
+
+class _Built(Exception):
+    pass
+
+
+def _parser_of(module: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser a command's main() builds, caught when it starts parsing (nothing runs)."""
+    built = []
+
+    def catch(self, args=None, namespace=None):
+        built.append(self)
+        raise _Built
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(_Built):
+        importlib.import_module(module).main([])
+    return built[0]
+
+
+def _has_default(action: argparse.Action) -> bool:
+    """A default worth telling: not None, False or empty (0 and True are)."""
+    value = action.default
+    if value is None or value is False or value is argparse.SUPPRESS:
+        return False
+    return not (isinstance(value, (str, list, tuple, dict)) and not value)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_says_what_it_does_and_its_default_once(command, monkeypatch):
+    """Every option has help text; an option with a default (not None, False or empty) names it, once; the
+    examples use the installed commands."""
+    parser = _parser_of(COMMANDS[command][0], monkeypatch)
+    formatter = parser._get_formatter()
+    problems = []
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        name = action.option_strings[-1] if action.option_strings else action.dest
+        text = formatter._expand_help(action) if action.help else ""
+        defaults = len(re.findall(r"\bdefault\b", text, re.IGNORECASE))
+        if not text.strip():
+            problems.append(f"{name}: no help")
+        elif action.option_strings and not action.required and _has_default(action) and not defaults:
+            problems.append(f"{name}: default {action.default!r} not shown")
+        elif defaults > 1:
+            problems.append(f"{name}: the default shown {defaults} times: {text}")
+    assert problems == []
+    old = re.findall(r"python (?:-m )?(?:stream_ssl|shard_tools|launch)[./]\w+", parser.description or "")
+    assert old == [], "examples should use the installed commands (stream-ssl ..., shard-tools ...)"
+
+
+@pytest.mark.parametrize("main, prog", [(shard_tools.cli.main, "shard-tools"), (stream_ssl.cli.main, "stream-ssl")])
+def test_version_of_both_commands(main, prog, capsys, monkeypatch):
+    pyproject = re.search(r'(?m)^version\s*=\s*"([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"{prog} {importlib.metadata.version('stream-ssl')}\n"
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)  # run from a checkout
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"{prog} {pyproject}\n"
+    assert main(["--help"]) == 0 and "--version" in capsys.readouterr().out

@@ -141,13 +141,13 @@ def test_clear_errors(make_shard_set, tmp_path, capsys):
     base = ["--data", data, "--backbone", "test_resnet", "--image-size", "32", "--num-workers", "0",
             "--no-progress", "--log-with", "none"]
 
-    for flag, typo in (("--method", "simclrr"), ("--optimizer", "adam"), ("--decoder", "nvjpg"),
-                       ("--precision", "bf17"), ("--local-reads", "copy")):
+    for flag, typo, choice in (("--method", "simclrr", "'dino'"), ("--optimizer", "adam", "'adamw'"),
+                               ("--decoder", "nvjpg", "'nvjpeg'"), ("--precision", "bf17", "'bf16'"),
+                               ("--local-reads", "copy", "'pread'")):
         with pytest.raises(SystemExit) as e:  # at parse time, naming the choices
             parse_config([*base, "--out", str(tmp_path / "a"), flag, typo])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and f"invalid choice: '{typo}'" in err and flag in err
-    assert "'dino'" in err.replace("bf17", "") or "bf16" in err
+        assert e.value.code == 2 and f"invalid choice: '{typo}'" in err and flag in err and choice in err
     code, err = run_main(capsys, [*base, "--out", str(tmp_path / "a"), "--backbone", "resnet_999"])
     assert code == 2 and "unknown backbone 'resnet_999'" in err
     code, err = run_main(capsys, [*base, "--out", str(tmp_path / "a"), "--method", "vicreg", "--batch-size", "1"])
@@ -155,7 +155,9 @@ def test_clear_errors(make_shard_set, tmp_path, capsys):
     code, err = run_main(capsys, [*base, "--out", str(tmp_path / "a"), "--batch-size", "16", "--grad-accum", "4",
                                   "--budget-samples", "48"])
     assert code == 2 and "smaller than one global batch" in err and "64" in err
-    assert not (tmp_path / "a").exists()  # nothing written by a run that could not start
+    # a run that could not start writes nothing but its log, in the run folder (docs/training.md)
+    assert [p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()] == \
+        [Path(".logs/train.log")]
 
     small = [*base, "--out", str(tmp_path / "b"), "--batch-size", "16", "--budget-samples", "32",
              "--method-options", json.dumps(TINY["simclr"][0])]

@@ -56,7 +56,7 @@ from stream_ssl.data.augment import (
     to_chw,
 )
 from stream_ssl.data.encoded import GPU_DECODE_MAX_PIXELS, UNDECODABLE, EncodedBatch, EncodedDataset, ViewDraws
-from stream_ssl.data.loader import Batch, TooManySkipped
+from stream_ssl.data.loader import Batch, TooManySkipped, batch_loader
 from stream_ssl.data.plan import Plan
 from stream_ssl.data.rng import FALLBACK, REPLACEMENT, batch_generator, batch_rng
 
@@ -272,10 +272,6 @@ def _replace_bad(batch: EncodedBatch, good: list[int], rng: np.random.Generator,
 # The loader.
 
 
-def _identity(batch):
-    return batch
-
-
 class DaliLoader:
     """The batches of one rank, decoded and augmented by DALI: an iterable of loader.Batch whose views are
     normalized float (B, 3, S, S) tensors (on cuda:device_id, or CPU). Reading, checking and drawing run in
@@ -286,15 +282,12 @@ class DaliLoader:
                  storage_options: dict | None = None, seed: int = 0, device_id: int | None = None,
                  num_threads: int = 2, prefetch: int = 2, background: bool = True, skip_fraction: float = 0.01,
                  skip_grace: int = 32, **dataset_options):
-        from torch.utils.data import DataLoader
 
         self.dataset = EncodedDataset(plan, rank, views, start_step, storage_options, seed,
                                       skip_fraction=skip_fraction, skip_grace=skip_grace, **dataset_options)
         if device_id is not None:  # nvJPEG decodes in DALI's own memory pool: bound what one image can take
             self.dataset.max_pixels = GPU_DECODE_MAX_PIXELS
-        kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
-        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
-                                 **kwargs)
+        self.loader = batch_loader(self.dataset, num_workers, prefetch)
         self.augment = DaliAugment(views, plan.batch_size // self.dataset.micro_batches, device_id, num_threads,
                                    seed=int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
         self.seed, self.rank = seed, rank

@@ -16,6 +16,7 @@ batch stays full) and counted; a worker fails loudly once it has skipped more th
 from __future__ import annotations
 
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,6 +201,21 @@ def _identity(batch):
     return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves stop signals to its training process: SLURM and a terminal's Ctrl-C signal every
+    process of the job, and torch's workers die of SIGTERM, which would fail the run that is stopping cleanly
+    (stream_ssl/stopping.py). The training process ends its workers when it stops; they also exit when it dies."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def batch_loader(dataset: IterableDataset, num_workers: int, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
+    """The DataLoader over a dataset that yields whole batches (every loader of this package)."""
+    kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory,
+                      worker_init_fn=ignore_stop_signals if num_workers > 0 else None, **kwargs)
+
+
 def make_loader(plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 0, num_workers: int = 0,
                 storage_options: dict | None = None, seed: int = 0, prefetch: int = 2,
                 cache_dir: str | Path | None = None, cache_size: int | None = None,
@@ -221,6 +237,4 @@ def make_loader(plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 
                      cache_size=cache_size, read_ahead_bytes=read_ahead_bytes,
                      skip_fraction=skip_fraction, skip_grace=skip_grace, micro_batches=micro_batches,
                      cache_local=cache_local, cache_fill=cache_fill, local_reads=local_reads)
-    kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory,
-                      **kwargs)
+    return batch_loader(ds, num_workers, prefetch, pin_memory)

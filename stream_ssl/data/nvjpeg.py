@@ -28,7 +28,7 @@ import torch
 
 from stream_ssl.data.augment import ViewSpec, decode_rgb
 from stream_ssl.data.encoded import GPU_DECODE_MAX_PIXELS, UNDECODABLE, EncodedBatch, EncodedDataset, ViewDraws
-from stream_ssl.data.loader import Batch, TooManySkipped
+from stream_ssl.data.loader import Batch, TooManySkipped, batch_loader
 from stream_ssl.data.plan import Plan
 
 JPEG_SOI = b"\xff\xd8\xff"
@@ -119,13 +119,10 @@ class NvjpegLoader:
     def __init__(self, plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 0, num_workers: int = 0,
                  storage_options: dict | None = None, seed: int = 0, device: torch.device | str = "cpu",
                  prefetch: int = 2, skip_fraction: float = 0.01, skip_grace: int = 32, **dataset_options):
-        from torch.utils.data import DataLoader
 
         self.dataset = NvjpegDataset(plan, rank, views, start_step, storage_options, seed,
                                      skip_fraction=skip_fraction, skip_grace=skip_grace, **dataset_options)
-        kwargs = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
-        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
-                                 **kwargs)
+        self.loader = batch_loader(self.dataset, num_workers, prefetch)
         self.views, self.rank, self.device = views, rank, torch.device(device)
         self.skip_fraction, self.skip_grace = skip_fraction, skip_grace
         self.stats = NvjpegStats()
@@ -159,10 +156,6 @@ class NvjpegLoader:
         if s.replaced > self.skip_grace + self.skip_fraction * s.images:
             raise TooManySkipped(f"rank {self.rank}: {s.replaced} of {s.images} samples could not be decoded "
                                  f"(threshold {self.skip_grace} + {self.skip_fraction:.1%})")
-
-
-def _identity(batch):
-    return batch
 
 
 def make_nvjpeg_loader(plan: Plan, rank: int, views: list[ViewSpec], start_step: int = 0, num_workers: int = 0,

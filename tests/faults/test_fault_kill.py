@@ -6,13 +6,18 @@ continues from the last checkpoint; the final weights and the keys every rank tr
 from __future__ import annotations
 
 import random
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
 
 from stream_ssl import checkpoint
+from tests.helpers import REPO
 from tests.helpers.fault_driver import TORN_BYTES
-from tests.helpers.fault_runs import Trained, compare_keys, train
+from tests.helpers.fault_runs import Trained, compare_keys, train, train_command
+from tests.helpers.trainer import child_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.multiprocess]
 
@@ -76,3 +81,31 @@ def test_killed_during_a_checkpoint_write_keeps_the_previous_one(pool, straight,
               torn_file=f"step-00000008.pt.tmp ({torn_bytes} bytes)", latest=f"{previous.name} (loads)",
               samples=trained, final_weights="equal to the straight run" if equal else "DIFFERENT")
     assert equal and not torn.exists()
+
+
+def test_sigterm_to_the_launcher_stops_both_processes_at_one_step(pool, straight, tmp_path, fault_row):
+    """accelerate launch (torch's elastic agent) passes SIGTERM on to both processes: they agree on a step, write its
+    checkpoint and stop; the same command then continues to the straight run."""
+    out = tmp_path / "run"
+    flags = {**FLAGS, "save_every": 0}
+    launcher = subprocess.Popen(train_command(pool, out, processes=2, **flags), cwd=REPO, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    keys = out / "keys" / "rank-0.txt"
+    deadline = time.monotonic() + 300
+    while not (keys.exists() and len(keys.read_text().splitlines()) >= 3 * 8) and launcher.poll() is None:
+        assert time.monotonic() < deadline, "the run did not reach step 3"
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=300)
+    ckpt = checkpoint.latest_checkpoint(out)
+    assert ckpt is not None and "stopped at step" in stderr and f"by SIGTERM; checkpoint {ckpt}" in stderr, stderr
+    at = checkpoint.step_of(ckpt)
+    assert 3 <= at < STEPS and not (out / "summary.json").exists()
+    run = train(pool, out, processes=2, **flags)
+    assert run.returncode == 0, run.stderr[-3000:]
+    trained, lost, dup = compare_keys(run, straight, ranks=2)
+    equal = final_weights_equal(run, straight)
+    fault_row("SIGTERM to `accelerate launch` of a 2-process run, then the same command", lost, dup,
+              launcher_status=launcher.returncode, stopped_at=at, samples=trained,
+              final_weights="equal to the straight run" if equal else "DIFFERENT")
+    assert equal

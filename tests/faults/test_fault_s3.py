@@ -4,13 +4,16 @@ fault proxy (tests/helpers/servers.py), and each must train on exactly the keys 
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
+import torch
 
 from shard_tools.listing import check_shards
 from shard_tools.shardset import load_shard_set
 from shard_tools.storage import filesystem
-from tests.helpers.fault_runs import compare_keys, read_late, train
+from stream_ssl import checkpoint
+from tests.helpers.fault_runs import Trained, compare_keys, read_late, train
 from tests.helpers.servers import FaultProxy, fault_schedule, upload_folder
 
 pytestmark = [pytest.mark.faults, pytest.mark.s3]
@@ -100,3 +103,39 @@ def test_s3_shard_deleted_during_the_run_stops_it_with_one_line(moto, s3_pool, p
               exit_status=run.returncode, optimizer_steps_before=int(run.last_row()["step"]), error_lines=len(errors))
     assert run.returncode == 2 and len(errors) == 1, run.stderr[-3000:]
     assert f"{shard}: not found, though index.json lists it" in errors[0]
+
+
+def test_a_run_folder_on_s3_survives_a_kill_during_a_checkpoint_upload(moto, pool, local_run, tmp_path, fault_row):
+    """--out s3://...: killed -9 while checkpoint 8 is uploaded (a multipart upload begun, never completed); the same
+    command on another machine (an empty local mirror) resumes from the URL's latest checkpoint, 4, and ends with
+    the straight run's weights; old checkpoints are pruned on the URL; a rerun changes no object."""
+    fs = filesystem("s3://x", moto.options())
+    fs.call_s3("create_bucket", Bucket="runs")
+    url, flags = "s3://runs/run", dict(storage_options=json.dumps(moto.options()), save_every=4, keep_checkpoints=2)
+    killed = train(pool, url, env={"FAULT_KILL_IN_UPLOAD": "8"}, local_out=tmp_path / "node-a", **flags)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    fs.invalidate_cache()
+    assert fs.cat_file("runs/run/checkpoints/latest").decode().strip() == "step-00000004.pt"
+    assert not fs.exists("runs/run/checkpoints/step-00000008.pt")
+    partial = fs.call_s3("list_multipart_uploads", Bucket="runs").get("Uploads", [])
+    assert [u["Key"] for u in partial] == ["run/checkpoints/step-00000008.pt"]  # begun, never completed
+    resumed = train(pool, url, local_out=tmp_path / "node-b", **flags)
+    assert resumed.returncode == 0 and "at optimizer step 4 of 15" in resumed.stdout, resumed.stderr[-3000:]
+    mirror = Trained(tmp_path / "node-b", resumed.returncode, resumed.stdout, resumed.stderr)
+    trained, lost, dup = compare_keys(mirror, local_run)
+    final = [checkpoint.load_checkpoint(r.out / "checkpoints" / "step-00000015.pt")["model"]
+             for r in (mirror, local_run)]
+    equal = all(torch.equal(final[0][k], final[1][k]) for k in final[1])
+    fs.invalidate_cache()
+    objects = {p: (i["size"], i.get("ETag")) for p, i in fs.find("runs/run", detail=True).items()}
+    kept = sorted(p.rsplit("/", 1)[-1] for p in objects if p.endswith(".pt"))
+    rerun = train(pool, url, local_out=tmp_path / "node-c", **flags)
+    fs.invalidate_cache()
+    unchanged = {p: (i["size"], i.get("ETag")) for p, i in fs.find("runs/run", detail=True).items()} == objects
+    fault_row("--out on S3: kill -9 during the upload of checkpoint 8, resumed on another machine", lost, dup,
+              latest_after_kill="step-00000004.pt", resumed_from=4, samples=trained, checkpoints_kept="/".join(kept),
+              final_weights="equal to the straight run" if equal else "DIFFERENT",
+              rerun="changes nothing" if unchanged and rerun.returncode == 0 else "CHANGED")
+    assert equal and kept == ["step-00000012.pt", "step-00000015.pt"] and "runs/run/summary.json" in objects
+    assert rerun.returncode == 0 and "finished at step 15 of 15; summary: s3://runs/run/summary.json" in rerun.stdout
+    assert unchanged

@@ -6,6 +6,11 @@
     FAULT_KILL_AT_STEP=STEP            every process SIGKILLs itself once step STEP is done, before its checkpoint
     FAULT_KILL_IN_CHECKPOINT=STEP      the main process SIGKILLs itself half-way through writing checkpoint STEP
                                        (after 64 KiB of it were written); the launcher stops the others
+    FAULT_KILL_IN_UPLOAD=STEP          with --out on S3: the main process SIGKILLs itself while it uploads checkpoint
+                                       STEP (a multipart upload begun, half of it sent, never completed)
+    FAULT_SIGNAL_AT_STEP=STEP:NAME     once step STEP is done, the main process sends signal NAME (TERM, INT, ...)
+                                       to its whole process group (loader workers included), as a terminal's
+                                       Ctrl-C or SLURM does: start the run in a session of its own
 
 Everything else is train.py's own code path: `main()` with its one-line errors and exit statuses.
 """
@@ -58,6 +63,16 @@ def delete_files(spec: str) -> None:
     _after_step(hook)
 
 
+def signal_at_step(spec: str) -> None:
+    step, _, name = spec.partition(":")
+
+    def hook(run, done: int) -> None:
+        if done == int(step) and run.acc.is_main_process:
+            os.killpg(os.getpgrp(), signal.Signals["SIG" + name])
+
+    _after_step(hook)
+
+
 def kill_at_step(step: str) -> None:
     _after_step(lambda run, done: _kill() if done == int(step) else None)
 
@@ -92,6 +107,25 @@ def kill_in_checkpoint(step: str) -> None:
     checkpoint._write_atomic = write_atomic
 
 
+def kill_in_upload(step: str) -> None:
+    from stream_ssl import runfolder
+
+    original = runfolder.RemoteRunFolder._put
+    name = f"checkpoints/step-{int(step):08d}.pt"
+
+    def put(self, path: Path, target: str) -> None:
+        if target == name:
+            fs, data = self.out.fs, path.read_bytes()
+            bucket, key, _ = fs.split_path(self.out.location(target))
+            upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+            fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1,
+                       Body=data[: len(data) // 2])
+            _kill()
+        original(self, path, target)
+
+    runfolder.RemoteRunFolder._put = put
+
+
 def main() -> int:
     if os.environ.get("FAULT_DELETE"):
         delete_files(os.environ["FAULT_DELETE"])
@@ -99,6 +133,10 @@ def main() -> int:
         kill_at_step(os.environ["FAULT_KILL_AT_STEP"])
     if os.environ.get("FAULT_KILL_IN_CHECKPOINT"):
         kill_in_checkpoint(os.environ["FAULT_KILL_IN_CHECKPOINT"])
+    if os.environ.get("FAULT_KILL_IN_UPLOAD"):
+        kill_in_upload(os.environ["FAULT_KILL_IN_UPLOAD"])
+    if os.environ.get("FAULT_SIGNAL_AT_STEP"):
+        signal_at_step(os.environ["FAULT_SIGNAL_AT_STEP"])
     return train.main(sys.argv[1:])
 
 

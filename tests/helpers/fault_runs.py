@@ -51,9 +51,11 @@ def train_command(data, out: Path, processes: int = 1, faults: bool = False, **f
 
 
 def train(data, out: Path, processes: int = 1, env: dict | None = None, timeout: float = 600, **flags) -> Trained:
-    """A training run; `env` injects faults through the fault driver (see fault_driver.py)."""
+    """A training run, in a session of its own (a fault may signal its whole process group); `env` injects faults
+    through the fault driver (see fault_driver.py)."""
     proc = subprocess.run(train_command(data, out, processes, bool(env), **flags), cwd=REPO,
-                          env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+                          env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
     return Trained(Path(out), proc.returncode, proc.stdout, proc.stderr)
 
 
