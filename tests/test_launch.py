@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -121,6 +123,34 @@ def test_slurm_batch_script_dry_run_prints_the_command_of_each_node(tmp_path):
         cmd = _node_lines([line])[0]
         assert _opt(cmd, "--machine_rank") == str(rank) and _opt(cmd, "--main_process_ip") == "gpu07"
         assert _opt(cmd, "--num_processes") == "16" and cmd[-len(TRAIN_ARGS):] == TRAIN_ARGS
+
+
+def test_slurm_batch_script_stops_the_step_and_requeues_on_usr1(tmp_path):
+    """SLURM's early warning (USR1 to the batch shell): the script passes SIGTERM to the step, whose training
+    processes checkpoint and exit 75, and requeues the job; a step that ends by itself is not requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\nif [ \"$1\" = requeue ]; then echo \"$*\" >> {tmp_path}/calls; "
+                                      "else echo gpu07; fi\n")
+    # the step: a training run that stops with status 75 on SIGTERM, or finishes after a while
+    (bin_dir / "srun").write_text(f"#!/bin/bash\ntrap 'exit 75' TERM\ntouch {tmp_path}/started\n"
+                                  "for i in $(seq 1 ${STEP_TICKS:-600}); do sleep 0.05; done\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = child_env(PATH=f"{bin_dir}:/usr/bin:/bin", SLURM_JOB_NODELIST="gpu07", SLURM_JOB_ID="42",
+                    SLURM_SUBMIT_DIR=str(REPO))
+    script = ["bash", str(REPO / "launch" / "slurm_train.sbatch"), *TRAIN_ARGS]
+    proc = subprocess.Popen(script, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and (tmp_path / "calls").read_text() == "requeue 42\n", err
+    (tmp_path / "calls").unlink()
+    done = subprocess.run(script, cwd=tmp_path, env={**env, "STEP_TICKS": "2"}, capture_output=True, timeout=60)
+    assert done.returncode == 0 and not (tmp_path / "calls").exists()
 
 
 def test_two_cpu_processes_through_the_launcher(make_shard_set, tmp_path):
