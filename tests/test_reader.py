@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import zlib
 from collections import Counter
 
 import pytest
@@ -13,10 +14,11 @@ from shard_tools.shardset import load_shard_set
 from shard_tools.storage import is_transient, options_for, redact
 from stream_ssl.data.cache import DiskCache
 from stream_ssl.data.fetch import Fetcher, Policy
-from stream_ssl.data.loader import PlanDataset, TooManySkipped, make_loader
+from stream_ssl.data.loader import PlanDataset, make_loader
 from stream_ssl.data.plan import make_plan
 from stream_ssl.data.readahead import ReadAhead, _merge
 from stream_ssl.data.reader import ReadError, ShardReader
+from stream_ssl.data.streaming import TooManySkipped
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
 from tests.helpers.images import corrupt_copy
@@ -133,17 +135,24 @@ def test_merge_joins_touching_ranges_with_their_first_need():
 
 
 class Flaky:
-    """Wraps a filesystem: fails some cat_file calls (an exception, or a body cut short) and records ranges."""
+    """Wraps a filesystem: fails some cat_file calls (an exception, or a body cut short) and records ranges.
+
+    `pattern(request, attempt)` decides a call's fate from the request's identity (a hash of its file and byte
+    range) and how often that range was asked for before, never from the order of calls: the reader's threads
+    interleave requests differently from run to run, and a fault must not follow the schedule."""
 
     def __init__(self, fs, pattern):
         self.fs, self.pattern, self.calls, self.requests = fs, pattern, 0, []
+        self.attempts: dict[tuple, int] = {}
 
     def _strip_protocol(self, url):
         return self.fs._strip_protocol(url)
 
     def cat_file(self, path, start=None, end=None):
         self.calls += 1
-        action = self.pattern(self.calls)
+        key = (path.rsplit("/", 1)[-1], start, end)
+        attempt = self.attempts[key] = self.attempts.get(key, -1) + 1
+        action = self.pattern(zlib.crc32(repr(key).encode()), attempt)
         if path.endswith(".idx") or action is None:
             data = self.fs.cat_file(path, start=start, end=end)
             if not path.endswith(".idx"):
@@ -173,7 +182,9 @@ def test_transient_failures_resume_at_the_last_complete_sample(shards, truth):
     plan = make_plan([shards], 300, 600, world_size=2, batch_size=10, seed=5)
     expected = _stream(plan, 1, ShardReader(plan.sets))
     faults = {2: "reset", 3: 0.5, 5: "timeout", 7: 0.3, 8: 0.9, 11: "reset", 13: 0.05, 17: 0.6}
-    reader, flaky = _flaky_reader(plan, lambda i: faults.get(i % 20), request_bytes=8 * 1024)
+    # 8 of 20 ranges fail (or are cut) the first time they are asked for; what is asked again succeeds
+    reader, flaky = _flaky_reader(plan, lambda i, attempt: faults.get(i % 20) if attempt == 0 else None,
+                                  request_bytes=8 * 1024)
     got = _stream(plan, 1, reader)
     assert [(st, [s["__key__"] for s in ss]) for st, ss in got] == \
         [(st, [s["__key__"] for s in ss]) for st, ss in expected]
@@ -195,11 +206,11 @@ def test_transient_failures_resume_at_the_last_complete_sample(shards, truth):
 
 def test_permanent_errors_fail_at_once_and_retries_run_out(shards):
     plan = make_plan([shards], 100, 100, batch_size=10)
-    reader, flaky = _flaky_reader(plan, lambda i: "missing")
+    reader, flaky = _flaky_reader(plan, lambda i, attempt: "missing")
     with pytest.raises(FileNotFoundError):
         reader.read(plan.rank_slices(0, 0)[0])
     assert reader.stats.retries == 0
-    reader, flaky = _flaky_reader(plan, lambda i: "reset", retries=3)
+    reader, flaky = _flaky_reader(plan, lambda i, attempt: "reset", retries=3)
     with pytest.raises(ReadError, match="failed 4 times in a row without progress"):
         reader.read(plan.rank_slices(0, 0)[0])
     assert reader.stats.retries == 3
