@@ -142,6 +142,19 @@ def test_rerun_downloads_only_unfinished_shards(crawled, tmp_path):
         crawl(manifest, out, caption_column="caption", **{**SETTINGS, "image_size": 20})
 
 
+def test_rows_without_a_label_are_crawled_without_one(tmp_path):
+    """Unlabelled rows are normal in a crawl manifest (pack does the same: docs/packing.md)."""
+    with image_server() as server:
+        rows = [[server.url + f"/img/{i}.jpg", NAMES[i % 2] if i % 3 else ""] for i in range(6)]
+        manifest = write_csv(tmp_path / "urls.csv", ["url", "label"], rows)
+        crawl(manifest, tmp_path / "out", **{**SETTINGS, "shard_size": 3})
+    samples = _samples(tmp_path / "out")
+    assert len(samples) == 6
+    labeled = {s["__key__"] for s in samples if "cls" in s}
+    assert len(labeled) == 4 and all(json.loads(s["json"]).get("label") is None for s in samples
+                                     if s["__key__"] not in labeled)
+
+
 @pytest.mark.faults
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
 def test_a_killed_crawl_leaves_nothing_running_and_a_rerun_finishes_it(crawled, tmp_path, fault_row):
