@@ -56,10 +56,12 @@ def setting(default, help: str, choices: tuple[str, ...] | None = None):
 @dataclass
 class TrainConfig:
     # data
-    data: str = setting("", "required: comma-separated shard sets (folders or s3://, http(s):// URLs), on the command "
-                            "line or in --config")
+    data: str = setting("", "required: comma-separated shard sets (folders or s3://, gs://, http(s):// URLs with "
+                            "index.json), folders of plain WebDataset tars, single tars or brace patterns "
+                            "(pool-{000000..000099}.tar; local tars are indexed on the fly), on the command line "
+                            "or in --config")
     unique_samples: str = setting("1.0", f"N, the unique samples of the pool: {COUNT_RULE}")
-    budget_samples: str = setting("100K", f"C, the samples seen in pretraining: {COUNT_RULE}")
+    budget_samples: str = setting("100K", f"C, the samples seen in pretraining: {COUNT_HELP}")
     mix: str | None = setting(None, "pool weights per source or set name: real=0.7,generated=0.3 "
                                     "(default: proportional to size)")
     num_workers: int = setting(2, "loader worker processes per training process")

@@ -51,13 +51,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from shard_tools.cli import progress_switch, run_main, tool_prog
+from shard_tools.inputs import open_shard_sets
 from shard_tools.quantities import COUNT_HELP, count_arg
 from shard_tools.shardset import ShardSet, load_shard_set
 from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 from stream_ssl.data.augment import center_view, decode_rgb, normalize, to_chw
-from stream_ssl.data.loader import image_bytes, sample_label
 from stream_ssl.data.plan import Slice
 from stream_ssl.data.reader import ShardReader
+from stream_ssl.data.streaming import image_bytes, sample_label
 from stream_ssl.models.backbone import create_backbone
 
 KNN_SETTINGS = ((20, 0.07), (200, 0.1))  # (k, temperature)
@@ -307,7 +308,7 @@ def run_pool(cfg: dict, whole_source: bool = False,
     i.e. the distribution the run's N samples were drawn from; pools are nested, so it contains the run's pool."""
     from stream_ssl.data.plan import make_plan
 
-    sets = tuple(open_set(u, storage_options) for u in str(cfg["data"]).split(",") if u)
+    sets = tuple(open_shard_sets(str(cfg["data"]), storage_options))
     seed, mix = int(cfg.get("seed", 0)), cfg.get("mix")
 
     def plan_for(n):

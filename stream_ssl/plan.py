@@ -23,9 +23,9 @@ import json
 import sys
 
 from shard_tools.cli import run_main, tool_prog
+from shard_tools.inputs import open_shard_sets
 from shard_tools.listing import require_shards
 from shard_tools.quantities import COUNT_HELP, SIZE_HELP, parse_bytes
-from shard_tools.shardset import load_shard_set
 from shard_tools.storage import STORAGE_OPTIONS_HELP, redact, storage_options_arg
 from stream_ssl.data.nodecache import describe_storage, storage_summary
 from stream_ssl.data.plan import DEFAULT_SHUFFLE_BLOCK, DEFAULT_SHUFFLE_WINDOW, Plan, make_plan
@@ -33,7 +33,8 @@ from stream_ssl.data.reader import ShardReader
 
 
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="comma-separated shard-set folders (local, s3://, http(s)://)")
+    p.add_argument("--data", required=True, help="comma-separated shard sets (folders or URLs with index.json), "
+                   "folders of plain tars, single tars or brace patterns (local tars are indexed on the fly)")
     p.add_argument("--unique-samples", required=True,
                    help=f"N: {COUNT_HELP}, or a fraction of the pool (0.1, 10%%)")
     p.add_argument("--budget-samples", required=True, help=f"C: total samples seen in pretraining, {COUNT_HELP}")
@@ -49,10 +50,11 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_sets(data: str, storage_options: dict | None = None, warn=None) -> list:
-    """The pretraining shard sets of `--data` (comma-separated). A set packed as a downstream set is accepted with
+    """The pretraining shard sets of `--data` (comma-separated; shard_tools/inputs.py: shard sets, plain tars,
+    brace patterns). A set packed as a downstream set is accepted with
     a warning through `warn` (default: stderr; None from every process but one): pretraining on it is how test
     images leak into pretraining."""
-    sets = [load_shard_set(u, storage_options) for u in data.split(",") if u]
+    sets = open_shard_sets(data, storage_options)
     for s in sets:
         if s.source == "downstream":
             (warn or (lambda m: print(m, file=sys.stderr)))(

@@ -20,14 +20,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from shard_tools.listing import ShardsMissing, require_shards
-from shard_tools.quantities import parse_bytes, parse_count
+from shard_tools.quantities import parse_bytes, parse_count, plural
 from shard_tools.storage import is_url, parse_storage_options, redact
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, config_json
 from stream_ssl.data.augment import ViewSpec
-from stream_ssl.data.loader import default_cache_size
 from stream_ssl.data.nodecache import Node, describe_storage, node_from_env, storage_summary
 from stream_ssl.data.plan import Plan, make_plan
+from stream_ssl.data.streaming import default_cache_size
 from stream_ssl.distributed import all_gather_objects
 from stream_ssl.methods import SSLMethod, build_method
 from stream_ssl.metrics import Meter
@@ -226,8 +226,9 @@ def make_run_plan(cfg: TrainConfig, storage: dict, acc: Accelerator) -> Plan:
     global_batch = world_size * cfg.batch_size * cfg.grad_accum
     budget = parse_count(cfg.budget_samples, None, "--budget-samples")
     if budget < global_batch:
-        raise RunError(f"--budget-samples {budget} is smaller than one global batch ({world_size} processes x "
-                       f"{cfg.batch_size} x {cfg.grad_accum} accumulation = {global_batch})")
+        processes = plural(world_size, "process", "processes")
+        raise RunError(f"--budget-samples {budget} is smaller than one global batch ({processes} x {cfg.batch_size} "
+                       f"x {cfg.grad_accum} accumulation = {global_batch})")
     sets = load_sets(cfg.data, storage, warn=acc.print)
     return make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, world_size, cfg.num_workers,
                      cfg.batch_size * cfg.grad_accum, cfg.seed, shuffle_window=cfg.shuffle_window,
@@ -327,9 +328,9 @@ def write_run_files(run: Run) -> None:
         acc.print(describe_recipe(cfg))
         if run.plan.remote:  # what the run will take from the object store
             acc.print(describe_storage(storage_summary(run.plan, run.node.nodes, run.cache_bytes)))
-        acc.print(f"optimizer steps: {run.total_steps} of global batch {run.global_batch} ({run.world_size} "
-                  f"processes x {cfg.batch_size} x {cfg.grad_accum} accumulation); peak lr "
-                  f"{run.schedule.peak_lr:.4g}")
+        processes = plural(run.world_size, "process", "processes")
+        acc.print(f"optimizer steps: {run.total_steps} of global batch {run.global_batch} ({processes} x "
+                  f"{cfg.batch_size} x {cfg.grad_accum} accumulation); peak lr {run.schedule.peak_lr:.4g}")
     acc.wait_for_everyone()
 
 

@@ -20,6 +20,9 @@ torchrun and accelerate forward SIGTERM to every process) stops them all at the 
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -29,6 +32,17 @@ import torch.distributed as dist
 
 STOPPED = 75  # EX_TEMPFAIL: stopped early with a checkpoint; running the same command again continues the run
 SAME_SIGNAL = 1.0  # seconds within which a second signal is the first one delivered again, not a second request
+# Shared with the loader workers a training process forks (fork start method): 1 while the training process handles
+# stop signals itself, so a SIGTERM sent to every process of a job does not kill the workers it still needs.
+_SHIELD = multiprocessing.RawValue(ctypes.c_int, 0)
+
+
+def worker_sigterm(signum: int, frame) -> None:
+    """A loader worker's SIGTERM: ignored while its training process stops cleanly, else the default (death)."""
+    if _SHIELD.value:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def parse_signals(text: str) -> tuple[signal.Signals, ...]:
@@ -59,12 +73,14 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handle)
+            _SHIELD.value = int(signal.SIGTERM in self._previous)
         return self
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
+        _SHIELD.value = 0  # the workers may be shut down (or killed at exit) from here on
 
     def _handle(self, signum: int, frame) -> None:
         if self.signal is None:

@@ -12,9 +12,9 @@ import torch
 
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.augment import ViewSpec, decode_views, photometric_with, sample_params
-from stream_ssl.data.loader import TooManySkipped
 from stream_ssl.data.plan import make_plan
 from stream_ssl.data.rng import batch_generator, batch_rng
+from stream_ssl.data.streaming import TooManySkipped
 from tests.helpers.images import corrupt_copy, photo_like
 
 pytest.importorskip("nvidia.dali")

@@ -18,7 +18,7 @@ from shard_tools.manifest import ManifestError
 from shard_tools.pack import PackError, pack
 from shard_tools.parts import Part
 from shard_tools.shardset import load_shard_set, parse_idx, sample_boundaries
-from stream_ssl.data.loader import sample_label
+from stream_ssl.data.streaming import sample_label
 from tests.helpers.packing import (
     http_server,
     jpeg_bytes,

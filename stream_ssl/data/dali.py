@@ -56,9 +56,10 @@ from stream_ssl.data.augment import (
     to_chw,
 )
 from stream_ssl.data.encoded import GPU_DECODE_MAX_PIXELS, UNDECODABLE, EncodedBatch, EncodedDataset, ViewDraws
-from stream_ssl.data.loader import Batch, TooManySkipped, batch_loader
+from stream_ssl.data.loader import Batch
 from stream_ssl.data.plan import Plan
 from stream_ssl.data.rng import FALLBACK, REPLACEMENT, batch_generator, batch_rng
+from stream_ssl.data.streaming import StreamingDataLoader, TooManySkipped
 
 DALI_PACKAGES = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")
 
@@ -287,7 +288,7 @@ class DaliLoader:
                                       skip_fraction=skip_fraction, skip_grace=skip_grace, **dataset_options)
         if device_id is not None:  # nvJPEG decodes in DALI's own memory pool: bound what one image can take
             self.dataset.max_pixels = GPU_DECODE_MAX_PIXELS
-        self.loader = batch_loader(self.dataset, num_workers, prefetch)
+        self.loader = StreamingDataLoader(self.dataset, num_workers=num_workers, prefetch_factor=prefetch)
         self.augment = DaliAugment(views, plan.batch_size // self.dataset.micro_batches, device_id, num_threads,
                                    seed=int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
         self.seed, self.rank = seed, rank

@@ -20,8 +20,9 @@ import torch
 
 from shard_tools.images import check_image
 from stream_ssl.data.augment import MAX_DECODE_PIXELS, ViewSpec, draw_geometry, jitter_affine, sample_params
-from stream_ssl.data.loader import Batch, PlanDataset, image_bytes, sample_label
+from stream_ssl.data.loader import Batch, PlanDataset
 from stream_ssl.data.rng import batch_generator, batch_rng
+from stream_ssl.data.streaming import image_bytes, sample_label
 
 UNDECODABLE = (OSError, ValueError, SyntaxError)  # ImageError is a ValueError
 GPU_DECODE_MAX_PIXELS = 16_000_000  # a GPU decoder gets images up to this size; larger ones are scaled down first

@@ -28,8 +28,9 @@ import torch
 
 from stream_ssl.data.augment import ViewSpec, decode_rgb
 from stream_ssl.data.encoded import GPU_DECODE_MAX_PIXELS, UNDECODABLE, EncodedBatch, EncodedDataset, ViewDraws
-from stream_ssl.data.loader import Batch, TooManySkipped, batch_loader
+from stream_ssl.data.loader import Batch
 from stream_ssl.data.plan import Plan
+from stream_ssl.data.streaming import StreamingDataLoader, TooManySkipped
 
 JPEG_SOI = b"\xff\xd8\xff"
 
@@ -122,7 +123,7 @@ class NvjpegLoader:
 
         self.dataset = NvjpegDataset(plan, rank, views, start_step, storage_options, seed,
                                      skip_fraction=skip_fraction, skip_grace=skip_grace, **dataset_options)
-        self.loader = batch_loader(self.dataset, num_workers, prefetch)
+        self.loader = StreamingDataLoader(self.dataset, num_workers=num_workers, prefetch_factor=prefetch)
         self.views, self.rank, self.device = views, rank, torch.device(device)
         self.skip_fraction, self.skip_grace = skip_fraction, skip_grace
         self.stats = NvjpegStats()

@@ -47,7 +47,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from shard_tools.quantities import format_bytes, format_count, parse_count
+from shard_tools.quantities import format_bytes, format_count, parse_count, plural
 from shard_tools.shardset import ShardSet
 from shard_tools.storage import is_url
 
@@ -455,7 +455,7 @@ class Plan:
         lines += [
             f"passes: {s['passes']:.3f} ({s['full_passes']} full + {s['partial_pass_samples']} samples)",
             f"steps: {s['steps']} of global batch {s['global_batch']} "
-            f"({s['world_size']} ranks x {s['batch_size']}); {s['samples_per_rank']} samples per rank",
+            f"({plural(s['world_size'], 'rank')} x {s['batch_size']}); {s['samples_per_rank']} samples per rank",
             f"dropped: {s['dropped']} samples" + (" (the budget is not a multiple of the global batch)"
                                                   if s["dropped"] else ""),
             f"mixing: {mixing}",

@@ -16,6 +16,7 @@ GEOMETRY = 0xA06  # crop boxes and flips, drawn in the loader workers
 PHOTOMETRIC = 0xC010  # colour jitter, grayscale, blur, solarize parameters
 FALLBACK = 0xF411  # a batch redone on another path (DALI -> PIL/torch)
 REPLACEMENT = 0xBAD  # fresh geometry for samples that replace undecodable ones
+TRANSFORM = 0x7F0  # the seed of a user's per-sample transform (StreamingDataset); `micro` is then the position
 
 
 def _entropy(seed: int, step: int, rank: int, micro: int, purpose: int) -> list[int]:
