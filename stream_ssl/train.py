@@ -220,6 +220,8 @@ def fit(run: Run, stop: StopRequest | None = None) -> Reporting:
                 break
     finally:
         rep.close()
+        if hasattr(run.batches, "close"):  # the loader's workers end here, whatever ended the loop
+            run.batches.close()
     return rep
 
 

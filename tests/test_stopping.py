@@ -65,7 +65,7 @@ def test_launcher_prints_one_error_line_and_keeps_the_status(tmp_path):
     r = subprocess.run([str(c) for c in [PYTHON, *cmd]], env=child_env(), capture_output=True, text=True,
                        timeout=300)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
-    assert r.returncode == USAGE and len(errors) == 1 and "not a shard set" in errors[0], r.stderr
+    assert r.returncode == USAGE and len(errors) == 1 and "nothing: no such file or folder" in errors[0], r.stderr
 
 
 @pytest.mark.multiprocess

@@ -360,10 +360,18 @@ class StreamingDataLoader(DataLoader):
         return max(0, ds.plan.steps - ds.start_step) * ds.micro_batches
 
     def __iter__(self):
+        """The batches; when the loop ends early (an error, a break), the workers are shut down at once, not at
+        interpreter exit, where killing them makes torch report a worker "killed by signal"."""
         self._delivered = 0
-        for batch in super().__iter__():
-            self._delivered += 1
-            yield batch
+        batches = super().__iter__()
+        try:
+            for batch in batches:
+                self._delivered += 1
+                yield batch
+        finally:
+            shutdown = getattr(batches, "_shutdown_workers", None)  # (torch's multi-process iterator)
+            if shutdown is not None:
+                shutdown()
 
     def state_dict(self) -> dict:
         """Where the stream stands: the next batch's position, and what identifies the plan."""
