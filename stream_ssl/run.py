@@ -1,9 +1,11 @@
 """The run: everything one pretraining run holds, built by `build_run` from a TrainConfig.
 
-    run = build_run(accelerator, cfg)   # settings checked, plan, model, optimizer, schedule, resume point
-    run.prepare()                       # run files, device settings, Accelerate, the loader, restored state
+    run = build_run(accelerator, cfg)   # settings checked, plan, model, optimizer, schedule
+    checkpointer.load(run)              # the resume point, the model's weights
+    run.prepare()                       # run files, device settings, Accelerate, the meter, the loader
+    checkpointer.restore(run)           # optimizer, random and meter states
 
-`train.py` drives it (`train_step`, `fit`, `finish`); `checkpoint.py` saves and restores it. Nothing here is
+`train.py` drives it (`train_step`, `fit`, `finish`); `checkpointer.py` saves and restores it. Nothing here is
 method-specific: the method is an `SSLMethod` found by name.
 """
 
@@ -29,6 +31,7 @@ from stream_ssl.data.nodecache import Node, describe_storage, node_from_env, sto
 from stream_ssl.data.plan import Plan, make_plan
 from stream_ssl.data.streaming import default_cache_size
 from stream_ssl.distributed import all_gather_objects
+from stream_ssl.errors import RunError
 from stream_ssl.methods import SSLMethod, build_method
 from stream_ssl.metrics import Meter
 from stream_ssl.models.backbone import create_backbone, is_vit
@@ -36,10 +39,6 @@ from stream_ssl.optim import build_optimizer, check_optimizer_options
 from stream_ssl.plan import load_sets
 from stream_ssl.runfolder import RemoteRunFolder, run_folder
 from stream_ssl.schedules import cosine, warmup_cosine
-
-
-class RunError(ValueError):
-    """A problem with the run's settings or its output folder, reported as one line `error: ...`."""
 
 
 class RunFinished(Exception):
@@ -100,7 +99,7 @@ class Run:
     remote: RemoteRunFolder | None = None  # --out on object storage: where the main process publishes the run
     loader: object = None
     batches: object = None  # the loader's iterator
-    state: dict | None = field(default=None, repr=False)  # a loaded checkpoint until `prepare` applies it
+    state: dict | None = field(default=None, repr=False)  # a loaded checkpoint until checkpointer.restore
 
     @property
     def out(self) -> Path:
@@ -124,7 +123,8 @@ class Run:
         return self.plan.steps
 
     def prepare(self) -> None:
-        """Run files, device settings, Accelerate, the loader and the restored optimizer / RNG state."""
+        """Run files, device settings, Accelerate, the meter and the loader (checkpointer.restore then puts back
+        the optimizer, random and meter states of a resumed run)."""
         write_run_files(self)
         apply_device_settings(self.cfg, self.acc.device, self.method)
         if self.cfg.sync_bn and self.world_size > 1:
@@ -134,9 +134,6 @@ class Run:
         set_seed(self.cfg.seed + 1 + self.rank)  # per-process dropout / drop-path stream (the init was shared)
         self.loader = make_run_loader(self)
         self.batches = iter(self.loader)  # draws the loader's base seed from the global RNG: before restoring it
-        if self.state is not None:
-            checkpoint.restore_training_state(self, self.state)
-            self.state = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,10 +195,8 @@ def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
         g["base_weight_decay"] = g["weight_decay"]
     warmup = max(1, int(cfg.warmup_fraction * plan.steps)) if cfg.warmup_fraction > 0 else 0
     schedule = Schedule(plan.steps, peak_lr, warmup, cfg.weight_decay, cfg.weight_decay_end)
-    run = Run(cfg, acc, plan, method, optimizer, schedule, method.views(cfg.image_size), storage, dim,
-              node_from_env(), cache_bytes(cfg, plan))
-    checkpoint.load_for_resume(run)
-    return run
+    return Run(cfg, acc, plan, method, optimizer, schedule, method.views(cfg.image_size), storage, dim,
+               node_from_env(), cache_bytes(cfg, plan))
 
 
 def check_settings(cfg: TrainConfig) -> None:
