@@ -22,14 +22,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from shard_tools.listing import ShardsMissing, require_shards
-from shard_tools.quantities import parse_bytes, parse_count, plural
+from shard_tools.quantities import parse_bytes, plural
 from shard_tools.storage import is_url, parse_storage_options, redact
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, config_json
 from stream_ssl.data.augment import ViewSpec
 from stream_ssl.data.nodecache import Node, describe_storage, node_from_env, storage_summary
-from stream_ssl.data.plan import Plan, make_plan
-from stream_ssl.data.streaming import default_cache_size
+from stream_ssl.data.plan import Plan, PlanError, make_plan
+from stream_ssl.data.streaming import cache_bound
 from stream_ssl.distributed import all_gather_objects
 from stream_ssl.errors import RunError
 from stream_ssl.methods import SSLMethod, build_method
@@ -217,17 +217,16 @@ def check_settings(cfg: TrainConfig) -> None:
 
 
 def make_run_plan(cfg: TrainConfig, storage: dict, acc: Accelerator) -> Plan:
-    world_size = acc.num_processes
-    global_batch = world_size * cfg.batch_size * cfg.grad_accum
-    budget = parse_count(cfg.budget_samples, None, "--budget-samples")
-    if budget < global_batch:
-        processes = plural(world_size, "process", "processes")
-        raise RunError(f"--budget-samples {budget} is smaller than one global batch ({processes} x {cfg.batch_size} "
-                       f"x {cfg.grad_accum} accumulation = {global_batch})")
+    """The plan of the run: its per-rank batch is one optimizer step's (batch x accumulation); a setting it
+    refuses is named by its flag."""
     sets = load_sets(cfg.data, storage, warn=acc.print)
-    return make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, world_size, cfg.num_workers,
-                     cfg.batch_size * cfg.grad_accum, cfg.seed, shuffle_window=cfg.shuffle_window,
-                     shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
+    try:
+        return make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, acc.num_processes, cfg.num_workers,
+                         cfg.batch_size * cfg.grad_accum, cfg.seed, shuffle_window=cfg.shuffle_window,
+                         shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
+    except PlanError as e:
+        accum = f" (--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum})" if cfg.grad_accum > 1 else ""
+        raise RunError(e.as_flag() + (accum if e.setting == "budget_samples" else "")) from None
 
 
 def check_plan_shards(acc: Accelerator, plan: Plan, storage: dict) -> None:
@@ -251,9 +250,7 @@ def check_plan_shards(acc: Accelerator, plan: Plan, storage: dict) -> None:
 
 def cache_bytes(cfg: TrainConfig, plan: Plan) -> int | None:
     """The bound of the node cache: --cache-size, or what the plan's repeats need; None without --cache-dir."""
-    if not cfg.cache_dir:
-        return None
-    return parse_bytes(cfg.cache_size, "--cache-size") or default_cache_size(plan, cfg.cache_dir)
+    return cache_bound(plan, cfg.cache_dir, parse_bytes(cfg.cache_size, "--cache-size"))
 
 
 def storage_report(run: Run, bytes_read: int) -> dict:
