@@ -69,11 +69,11 @@ class Schedule:
         return cosine(step, self.total, self.weight_decay, self.weight_decay_end)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> tuple[float, float]:
-        """Set every parameter group's lr (times its `lr_scale`) and weight decay (groups without decay keep
+        """Set every parameter group's lr and weight decay (groups without decay keep
         none) for `step`; returns (lr, wd)."""
         lr, wd = self.lr(step), self.wd(step)
         for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = lr
             if g["base_weight_decay"] > 0:
                 g["weight_decay"] = wd
         return lr, wd
@@ -277,7 +277,7 @@ def finished_summary(cfg: TrainConfig, out: Path, steps: int) -> dict | None:
     return summary if summary.get("steps") == steps else None
 
 
-def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int, shuffle_block: int | None = None) -> None:
+def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int, shuffle_block: int) -> None:
     """Refuse to mix two different runs in one folder (read-only: every process runs it)."""
     ckpt = checkpoint.latest_checkpoint(out)
     if ckpt is not None and cfg.resume == "never":
@@ -295,7 +295,7 @@ def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int, shuffle_
         old_g, old_block = info.get("global_batch"), info.get("shuffle_block")
         if old_g is not None and old_g != global_batch:
             diffs.append(f"global batch: {old_g} there vs {global_batch} now")
-        if old_block is not None and shuffle_block is not None and old_block != shuffle_block:
+        if old_block is not None and old_block != shuffle_block:
             diffs.append(f"shuffle block: {old_block} there vs {shuffle_block} now (pass --shuffle-block "
                          f"{old_block} to continue that run)")
     if diffs:
