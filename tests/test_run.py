@@ -135,18 +135,18 @@ def byol_run(make_shard_set, tmp_path):
 
 def test_a_step_the_fp16_scaler_skipped_moves_no_momentum_encoder(byol_run):
     run, meter = byol_run, Meter(1, byol_run.global_batch)
-    target = [p.detach().clone() for p in run.method.target_backbone.parameters()]
+    target = [p.detach().clone() for p in run.method.target.backbone.parameters()]
     online = [p.detach().clone() for p in run.method.backbone.parameters()]
     run.optimizer._is_overflow = True  # what the fp16 scaler reports after inf/NaN gradients (no scaler on CPU)
     run.optimizer.optimizer.step = lambda *a, **k: None  # ... and the step it skipped changes no parameter
     train_step(run, 0, meter)
     assert meter.skipped_steps == 1
-    assert all(torch.equal(a, b) for a, b in zip(target, run.method.target_backbone.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(target, run.method.target.backbone.parameters()))
     run.optimizer._is_overflow = False
     del run.optimizer.optimizer.step
     train_step(run, 1, meter)
     assert not all(torch.equal(a, b) for a, b in zip(online, run.method.backbone.parameters()))
-    assert not all(torch.equal(a, b) for a, b in zip(target, run.method.target_backbone.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(target, run.method.target.backbone.parameters()))
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(make_shard_set, tmp_path, capsys):
