@@ -27,6 +27,7 @@ from shard_tools.storage import is_url, parse_storage_options, redact
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, config_json
 from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.decoders import DECODERS
 from stream_ssl.data.nodecache import Node, describe_storage, node_from_env, storage_summary
 from stream_ssl.data.plan import Plan, PlanError, make_plan
 from stream_ssl.data.streaming import cache_bound
@@ -207,13 +208,10 @@ def check_settings(cfg: TrainConfig) -> None:
         raise RunError("the kNN monitor needs both --knn-train and --knn-test")
     if not cfg.knn_temperature > 0:
         raise RunError(f"--knn-temperature must be > 0, got {cfg.knn_temperature}")
-    if cfg.decoder == "dali":
-        from stream_ssl.data.dali import require_dali
-
-        try:
-            require_dali()
-        except ImportError as e:
-            raise RunError(str(e)) from None
+    try:
+        DECODERS[cfg.decoder].check()
+    except ImportError as e:
+        raise RunError(str(e)) from None
 
 
 def make_run_plan(cfg: TrainConfig, storage: dict, acc: Accelerator) -> Plan:
@@ -367,19 +365,5 @@ def make_run_loader(run: Run):
                    cache_dir=cfg.cache_dir or None, cache_size=run.cache_bytes, cache_fill=cfg.cache_fill,
                    skip_fraction=cfg.skip_fraction, local_reads=cfg.local_reads,
                    read_ahead_bytes=parse_bytes(cfg.read_ahead_bytes, "--read-ahead-bytes"))
-    if cfg.decoder == "dali":
-        from stream_ssl.data.dali import make_dali_loader
-
-        device = run.acc.device
-        device_id = (device.index or 0) if device.type == "cuda" else None  # None: CPU-only pipeline
-        return make_dali_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
-                                device_id=device_id, num_threads=cfg.dali_threads, **options)
-    if cfg.decoder == "nvjpeg":
-        from stream_ssl.data.nvjpeg import make_nvjpeg_loader
-
-        return make_nvjpeg_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
-                                  device=run.acc.device, **options)
-    from stream_ssl.data.loader import make_loader
-
-    return make_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
-                       pin_memory=run.acc.device.type == "cuda", **options)
+    return DECODERS[cfg.decoder].loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
+                                        run.acc.device, cfg, **options)

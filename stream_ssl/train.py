@@ -384,7 +384,7 @@ def run_summary(run: Run, rep: Reporting) -> dict:
                              "embed_dim": run.method.embed_dim, "threshold": cfg.collapse_threshold,
                              "warning": meter.collapse},
     }
-    if cfg.decoder in ("dali", "nvjpeg"):  # this process's decoder counters (batches, fallbacks, replaced)
+    if hasattr(run.loader, "stats"):  # this process's decoder counters (batches, fallbacks, replaced)
         summary[cfg.decoder] = dataclasses.asdict(run.loader.stats)
     return summary
 
