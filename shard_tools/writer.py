@@ -9,9 +9,7 @@ arrive: memory stays at one sample, whatever the shard size.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import queue
 import shutil
 import tarfile
@@ -26,15 +24,6 @@ from shard_tools.shardset import FORMAT, TAR_BLOCK, VERSION, ShardInfo, format_i
 
 RECORD = tarfile.RECORDSIZE  # tarfile pads archives to whole 10 KiB records; we do the same
 END_OF_ARCHIVE = 2 * TAR_BLOCK
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _member(name: str, size: int) -> tarfile.TarInfo:
@@ -186,16 +175,6 @@ class TarStream:
         if self._bg is not None:
             self._bg.queue.put(None)
             self._bg.thread.join()
-
-
-def build_shard(samples: list[tuple[str, dict[str, bytes]]]) -> tuple[bytes, str]:
-    """Tar bytes and `.idx` text for `samples`, a list of (key, {ext: bytes}) in write order."""
-    buf = io.BytesIO()
-    tar = TarStream(buf)
-    for key, fields in samples:
-        tar.add(key, fields)
-    tar.close()
-    return buf.getvalue(), format_idx(tar.index)
 
 
 class ShardWriteError(ToolError, OSError):

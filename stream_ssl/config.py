@@ -32,10 +32,10 @@ import yaml
 
 from shard_tools.quantities import COUNT_HELP, SIZE_HELP
 from shard_tools.storage import STORAGE_OPTIONS_HELP, redact_options
+from stream_ssl.data.decoders import DECODERS
 from stream_ssl.data.fetch import LOCAL_READS
 
 COUNT_RULE = f"{COUNT_HELP}, or a fraction of the pool (0.1, 10%; a number with a decimal point <= 1 is a fraction)"
-DECODERS = ("pil", "nvjpeg", "dali")
 PRECISIONS = ("no", "bf16", "fp16")
 OPTIMIZER_NAMES = ("lars", "sgd", "adamw")
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -65,9 +65,7 @@ class TrainConfig:
     mix: str | None = setting(None, "pool weights per source or set name: real=0.7,generated=0.3 "
                                     "(default: proportional to size)")
     num_workers: int = setting(2, "loader worker processes per training process")
-    decoder: str = setting("pil", "pil: workers decode and crop, colour augmentation batched on the device; "
-                                  "nvjpeg: workers send JPEG bytes and crop boxes, the GPU decodes (torchvision, "
-                                  "no extra package); dali: an NVIDIA DALI pipeline", DECODERS)
+    decoder: str = setting("pil", "; ".join(f"{d.name}: {d.help}" for d in DECODERS.values()), tuple(DECODERS))
     dali_threads: int = setting(2, "DALI CPU threads per process (--decoder dali)")
     storage_options: str = setting("", f"{STORAGE_OPTIONS_HELP}; credentials are never written down")
     cache_dir: str = setting("", "folder on the node's local disk, shared by its processes, that keeps what the "

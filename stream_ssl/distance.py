@@ -59,7 +59,7 @@ import torch
 from shard_tools.cli import progress_switch, run_main, tool_prog
 from shard_tools.shardset import ShardSet
 from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
-from stream_ssl.evaluate import (
+from stream_ssl.features import (
     EVAL_VIEW,
     features_of_slices,
     load_backbone,

@@ -28,7 +28,7 @@ from shard_tools.listing import require_shards
 from shard_tools.quantities import COUNT_HELP, SIZE_HELP, parse_bytes
 from shard_tools.storage import STORAGE_OPTIONS_HELP, redact, storage_options_arg
 from stream_ssl.data.nodecache import describe_storage, storage_summary
-from stream_ssl.data.plan import DEFAULT_SHUFFLE_BLOCK, DEFAULT_SHUFFLE_WINDOW, Plan, make_plan
+from stream_ssl.data.plan import DEFAULT_SHUFFLE_BLOCK, DEFAULT_SHUFFLE_WINDOW, Plan, PlanError, make_plan
 from stream_ssl.data.reader import ShardReader
 
 
@@ -131,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run(a: argparse.Namespace) -> int:
     try:
         sets = load_sets(a.data, a.storage_options)
-        plan = make_plan(sets, a.unique_samples, a.budget_samples, a.mix, a.world_size, a.num_workers,
-                         a.batch_size, a.seed, shuffle_window=a.shuffle_window, shuffle_block=a.shuffle_block)
+        try:
+            plan = make_plan(sets, a.unique_samples, a.budget_samples, a.mix, a.world_size, a.num_workers,
+                             a.batch_size, a.seed, shuffle_window=a.shuffle_window, shuffle_block=a.shuffle_block)
+        except PlanError as e:
+            raise ValueError(e.as_flag()) from None
         if a.check:
             for check in require_shards(plan.shards_used(), a.storage_options):
                 print(f"checked {check.summary()}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """The run: everything one pretraining run holds, built by `build_run` from a TrainConfig.
 
-    run = build_run(accelerator, cfg)   # settings checked, plan, model, optimizer, schedule, resume point
-    run.prepare()                       # run files, device settings, Accelerate, the loader, restored state
+    run = build_run(accelerator, cfg)   # settings checked, plan, model, optimizer, schedule
+    checkpointer.load(run)              # the resume point, the model's weights
+    run.prepare()                       # run files, device settings, Accelerate, the meter, the loader
+    checkpointer.restore(run)           # optimizer, random and meter states
 
-`train.py` drives it (`train_step`, `fit`, `finish`); `checkpoint.py` saves and restores it. Nothing here is
+`train.py` drives it (`train_step`, `fit`, `finish`); `checkpointer.py` saves and restores it. Nothing here is
 method-specific: the method is an `SSLMethod` found by name.
 """
 
@@ -20,15 +22,17 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from shard_tools.listing import ShardsMissing, require_shards
-from shard_tools.quantities import parse_bytes, parse_count, plural
+from shard_tools.quantities import parse_bytes, plural
 from shard_tools.storage import is_url, parse_storage_options, redact
 from stream_ssl import checkpoint
 from stream_ssl.config import TrainConfig, config_json
 from stream_ssl.data.augment import ViewSpec
+from stream_ssl.data.decoders import DECODERS
 from stream_ssl.data.nodecache import Node, describe_storage, node_from_env, storage_summary
-from stream_ssl.data.plan import Plan, make_plan
-from stream_ssl.data.streaming import default_cache_size
+from stream_ssl.data.plan import Plan, PlanError, make_plan
+from stream_ssl.data.streaming import cache_bound
 from stream_ssl.distributed import all_gather_objects
+from stream_ssl.errors import RunError
 from stream_ssl.methods import SSLMethod, build_method
 from stream_ssl.metrics import Meter
 from stream_ssl.models.backbone import create_backbone, is_vit
@@ -36,10 +40,6 @@ from stream_ssl.optim import build_optimizer, check_optimizer_options
 from stream_ssl.plan import load_sets
 from stream_ssl.runfolder import RemoteRunFolder, run_folder
 from stream_ssl.schedules import cosine, warmup_cosine
-
-
-class RunError(ValueError):
-    """A problem with the run's settings or its output folder, reported as one line `error: ...`."""
 
 
 class RunFinished(Exception):
@@ -70,11 +70,11 @@ class Schedule:
         return cosine(step, self.total, self.weight_decay, self.weight_decay_end)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> tuple[float, float]:
-        """Set every parameter group's lr (times its `lr_scale`) and weight decay (groups without decay keep
+        """Set every parameter group's lr and weight decay (groups without decay keep
         none) for `step`; returns (lr, wd)."""
         lr, wd = self.lr(step), self.wd(step)
         for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = lr
             if g["base_weight_decay"] > 0:
                 g["weight_decay"] = wd
         return lr, wd
@@ -100,7 +100,7 @@ class Run:
     remote: RemoteRunFolder | None = None  # --out on object storage: where the main process publishes the run
     loader: object = None
     batches: object = None  # the loader's iterator
-    state: dict | None = field(default=None, repr=False)  # a loaded checkpoint until `prepare` applies it
+    state: dict | None = field(default=None, repr=False)  # a loaded checkpoint until checkpointer.restore
 
     @property
     def out(self) -> Path:
@@ -124,7 +124,8 @@ class Run:
         return self.plan.steps
 
     def prepare(self) -> None:
-        """Run files, device settings, Accelerate, the loader and the restored optimizer / RNG state."""
+        """Run files, device settings, Accelerate, the meter and the loader (checkpointer.restore then puts back
+        the optimizer, random and meter states of a resumed run)."""
         write_run_files(self)
         apply_device_settings(self.cfg, self.acc.device, self.method)
         if self.cfg.sync_bn and self.world_size > 1:
@@ -134,9 +135,6 @@ class Run:
         set_seed(self.cfg.seed + 1 + self.rank)  # per-process dropout / drop-path stream (the init was shared)
         self.loader = make_run_loader(self)
         self.batches = iter(self.loader)  # draws the loader's base seed from the global RNG: before restoring it
-        if self.state is not None:
-            checkpoint.restore_training_state(self, self.state)
-            self.state = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,10 +196,8 @@ def build_run(acc: Accelerator, cfg: TrainConfig) -> Run:
         g["base_weight_decay"] = g["weight_decay"]
     warmup = max(1, int(cfg.warmup_fraction * plan.steps)) if cfg.warmup_fraction > 0 else 0
     schedule = Schedule(plan.steps, peak_lr, warmup, cfg.weight_decay, cfg.weight_decay_end)
-    run = Run(cfg, acc, plan, method, optimizer, schedule, method.views(cfg.image_size), storage, dim,
-              node_from_env(), cache_bytes(cfg, plan))
-    checkpoint.load_for_resume(run)
-    return run
+    return Run(cfg, acc, plan, method, optimizer, schedule, method.views(cfg.image_size), storage, dim,
+               node_from_env(), cache_bytes(cfg, plan))
 
 
 def check_settings(cfg: TrainConfig) -> None:
@@ -212,27 +208,23 @@ def check_settings(cfg: TrainConfig) -> None:
         raise RunError("the kNN monitor needs both --knn-train and --knn-test")
     if not cfg.knn_temperature > 0:
         raise RunError(f"--knn-temperature must be > 0, got {cfg.knn_temperature}")
-    if cfg.decoder == "dali":
-        from stream_ssl.data.dali import require_dali
-
-        try:
-            require_dali()
-        except ImportError as e:
-            raise RunError(str(e)) from None
+    try:
+        DECODERS[cfg.decoder].check()
+    except ImportError as e:
+        raise RunError(str(e)) from None
 
 
 def make_run_plan(cfg: TrainConfig, storage: dict, acc: Accelerator) -> Plan:
-    world_size = acc.num_processes
-    global_batch = world_size * cfg.batch_size * cfg.grad_accum
-    budget = parse_count(cfg.budget_samples, None, "--budget-samples")
-    if budget < global_batch:
-        processes = plural(world_size, "process", "processes")
-        raise RunError(f"--budget-samples {budget} is smaller than one global batch ({processes} x {cfg.batch_size} "
-                       f"x {cfg.grad_accum} accumulation = {global_batch})")
+    """The plan of the run: its per-rank batch is one optimizer step's (batch x accumulation); a setting it
+    refuses is named by its flag."""
     sets = load_sets(cfg.data, storage, warn=acc.print)
-    return make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, world_size, cfg.num_workers,
-                     cfg.batch_size * cfg.grad_accum, cfg.seed, shuffle_window=cfg.shuffle_window,
-                     shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
+    try:
+        return make_plan(sets, cfg.unique_samples, cfg.budget_samples, cfg.mix, acc.num_processes, cfg.num_workers,
+                         cfg.batch_size * cfg.grad_accum, cfg.seed, shuffle_window=cfg.shuffle_window,
+                         shuffle_block=None if cfg.shuffle_block < 0 else cfg.shuffle_block)
+    except PlanError as e:
+        accum = f" (--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum})" if cfg.grad_accum > 1 else ""
+        raise RunError(e.as_flag() + (accum if e.setting == "budget_samples" else "")) from None
 
 
 def check_plan_shards(acc: Accelerator, plan: Plan, storage: dict) -> None:
@@ -256,9 +248,7 @@ def check_plan_shards(acc: Accelerator, plan: Plan, storage: dict) -> None:
 
 def cache_bytes(cfg: TrainConfig, plan: Plan) -> int | None:
     """The bound of the node cache: --cache-size, or what the plan's repeats need; None without --cache-dir."""
-    if not cfg.cache_dir:
-        return None
-    return parse_bytes(cfg.cache_size, "--cache-size") or default_cache_size(plan, cfg.cache_dir)
+    return cache_bound(plan, cfg.cache_dir, parse_bytes(cfg.cache_size, "--cache-size"))
 
 
 def storage_report(run: Run, bytes_read: int) -> dict:
@@ -285,7 +275,7 @@ def finished_summary(cfg: TrainConfig, out: Path, steps: int) -> dict | None:
     return summary if summary.get("steps") == steps else None
 
 
-def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int, shuffle_block: int | None = None) -> None:
+def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int, shuffle_block: int) -> None:
     """Refuse to mix two different runs in one folder (read-only: every process runs it)."""
     ckpt = checkpoint.latest_checkpoint(out)
     if ckpt is not None and cfg.resume == "never":
@@ -303,7 +293,7 @@ def check_output_folder(cfg: TrainConfig, out: Path, global_batch: int, shuffle_
         old_g, old_block = info.get("global_batch"), info.get("shuffle_block")
         if old_g is not None and old_g != global_batch:
             diffs.append(f"global batch: {old_g} there vs {global_batch} now")
-        if old_block is not None and shuffle_block is not None and old_block != shuffle_block:
+        if old_block is not None and old_block != shuffle_block:
             diffs.append(f"shuffle block: {old_block} there vs {shuffle_block} now (pass --shuffle-block "
                          f"{old_block} to continue that run)")
     if diffs:
@@ -375,19 +365,5 @@ def make_run_loader(run: Run):
                    cache_dir=cfg.cache_dir or None, cache_size=run.cache_bytes, cache_fill=cfg.cache_fill,
                    skip_fraction=cfg.skip_fraction, local_reads=cfg.local_reads,
                    read_ahead_bytes=parse_bytes(cfg.read_ahead_bytes, "--read-ahead-bytes"))
-    if cfg.decoder == "dali":
-        from stream_ssl.data.dali import make_dali_loader
-
-        device = run.acc.device
-        device_id = (device.index or 0) if device.type == "cuda" else None  # None: CPU-only pipeline
-        return make_dali_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
-                                device_id=device_id, num_threads=cfg.dali_threads, **options)
-    if cfg.decoder == "nvjpeg":
-        from stream_ssl.data.nvjpeg import make_nvjpeg_loader
-
-        return make_nvjpeg_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
-                                  device=run.acc.device, **options)
-    from stream_ssl.data.loader import make_loader
-
-    return make_loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
-                       pin_memory=run.acc.device.type == "cuda", **options)
+    return DECODERS[cfg.decoder].loader(run.plan, run.rank, run.views, run.start_step, cfg.num_workers,
+                                        run.acc.device, cfg, **options)

@@ -7,8 +7,8 @@
 
 The loop, over a `Run` (stream_ssl/run.py):
 
-    run = build_run(accelerator, cfg); run.prepare()
-    fit(run)          # for each optimizer step: train_step(run, step, ...), a metrics row, kNN, checkpoint.save
+    run = build_run(accelerator, cfg); checkpointer.load(run); run.prepare(); checkpointer.restore(run)
+    fit(run)          # for each optimizer step: train_step(run, step, ...), a metrics row, kNN, checkpointer.save
     finish(run, ...)  # last checkpoint, summary.json, backbone.safetensors
 
 Batches and steps. `--batch-size` is the micro-batch of one process (one forward pass); an optimizer step
@@ -42,12 +42,13 @@ from safetensors.torch import save
 from shard_tools.cli import DIVERGED, run_main, tool_prog
 from shard_tools.quantities import format_bytes
 from shard_tools.shardset import load_shard_set
-from stream_ssl import checkpoint
+from stream_ssl import checkpoint, checkpointer
 from stream_ssl.config import TrainConfig, parse_config
 from stream_ssl.data.augment import device_views
 from stream_ssl.data.rng import batch_generator
+from stream_ssl.errors import RunError
 from stream_ssl.metrics import KeysLog, Meter, MetricsLog, progress_bar, storage_figures
-from stream_ssl.run import Run, RunError, RunFinished, build_run, make_accelerator, storage_report
+from stream_ssl.run import Run, RunFinished, build_run, make_accelerator, storage_report
 from stream_ssl.runfolder import open_remote, run_folder
 from stream_ssl.stopping import STOPPED, Agreement, StopRequest, parse_signals, signal_name
 
@@ -94,7 +95,9 @@ def train(cfg: TrainConfig) -> dict:
             remote = open_remote(cfg, acc)
             run = build_run(acc, cfg)
             run.remote = remote
+            checkpointer.load(run)
             run.prepare()
+            checkpointer.restore(run)
             rep = fit(run, stop)
         if rep.stopped is not None:
             raise Stopped(stopped_line(run, *rep.stopped))
@@ -212,7 +215,7 @@ def fit(run: Run, stop: StopRequest | None = None) -> Reporting:
                 rep.meter.knn.append(knn_monitor(run, rep, done))
             signum, due = agree.decide(stop)
             if signum or due or (cfg.save_every > 0 and done % cfg.save_every == 0):
-                checkpoint.save(run, done, ended=f"stopped by {signal_name(signum)}" if signum else None)
+                checkpointer.save(run, done, ended=f"stopped by {signal_name(signum)}" if signum else None)
                 rep.last_saved = done
                 agree.saved()
             if signum:
@@ -307,7 +310,8 @@ def knn_monitor(run: Run, rep: Reporting, step: int) -> dict:
     """kNN accuracy of the current backbone on the monitor's sets, in float32 (main process; the others wait)."""
     result = {}
     if run.acc.is_main_process:
-        from stream_ssl.evaluate import extract_features, knn_accuracy
+        from stream_ssl.evaluate import knn_accuracy
+        from stream_ssl.features import extract_features
 
         cfg, backbone, device = run.cfg, run.method.backbone, str(run.acc.device)
         was_training = backbone.training
@@ -335,7 +339,7 @@ def finish(run: Run, rep: Reporting) -> dict:
     """The last checkpoint and kNN evaluation, summary.json and backbone.safetensors."""
     total = run.total_steps
     if rep.last_saved != total:  # (a run resumed from its final checkpoint only writes what follows it)
-        checkpoint.save(run, total)
+        checkpointer.save(run, total)
     if rep.knn_sets is not None:
         run.meter.knn.append(knn_monitor(run, rep, total))
     summary = run_summary(run, rep)
@@ -382,7 +386,7 @@ def run_summary(run: Run, rep: Reporting) -> dict:
                              "embed_dim": run.method.embed_dim, "threshold": cfg.collapse_threshold,
                              "warning": meter.collapse},
     }
-    if cfg.decoder in ("dali", "nvjpeg"):  # this process's decoder counters (batches, fallbacks, replaced)
+    if hasattr(run.loader, "stats"):  # this process's decoder counters (batches, fallbacks, replaced)
         summary[cfg.decoder] = dataclasses.asdict(run.loader.stats)
     return summary
 

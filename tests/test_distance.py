@@ -23,7 +23,7 @@ from stream_ssl.distance import (
     timm_extractor,
     vdna_emd,
 )
-from stream_ssl.evaluate import sample_set
+from stream_ssl.features import sample_set
 from stream_ssl.models.backbone import create_backbone
 from tests.helpers.runs import TINY_BACKBONE, make_run
 

@@ -23,9 +23,8 @@ from stream_ssl.evaluate import (
     main,
     markdown_table,
     run_pool,
-    sample_pieces,
-    spread,
 )
+from stream_ssl.features import sample_pieces, spread
 from tests.helpers import PYTHON, REPO
 from tests.helpers.runs import make_run, read_json
 
@@ -197,9 +196,9 @@ def test_evaluation_view_is_torchvision_resize_then_center_crop():
 
 
 def test_features_are_float32_under_autocast_and_from_a_full_decode(make_shard_set, tmp_path, monkeypatch):
-    from stream_ssl import evaluate as ev
+    from stream_ssl import features as ev
     from stream_ssl.data.augment import decode_rgb
-    from stream_ssl.evaluate import extract_features, load_backbone
+    from stream_ssl.features import extract_features, load_backbone
 
     s = load_shard_set(str(make_shard_set(40, shard_size=20, seed=15, size=64)))
     model, _ = load_backbone(make_run(tmp_path / "run"))

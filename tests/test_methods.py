@@ -16,8 +16,7 @@ from stream_ssl.schedules import momentum_at
 from tests.helpers.trainer import TINY
 
 ALL = ["simclr", "mocov3", "byol", "barlow", "vicreg", "swav", "dino"]
-TARGETS = {"mocov3": ("momentum_backbone", "momentum_projector"), "byol": ("target_backbone", "target_projector"),
-           "dino": ("teacher_backbone", "teacher_head")}
+TARGETS = {"mocov3": ("backbone", "projector"), "byol": ("backbone", "projector"), "dino": ("backbone", "head")}
 
 
 def build(name: str, backbone: str = "test_resnet", size: int = 32, **extra):
@@ -51,7 +50,7 @@ def test_step_trains_and_targets_get_no_gradient(name):
         assert [s.size for s in specs] == [32, 32, 14, 14]  # 2 global + 2 local (TINY asks 2)
     else:
         assert [s.size for s in specs] == [32, 32]
-    targets = [getattr(method, t) for t in TARGETS.get(name, ())]
+    targets = [method.target[t] for t in TARGETS.get(name, ())]
     target_params = [p for t in targets for p in t.parameters()]
     assert all(not p.requires_grad for p in target_params)
     # Even when asked to track gradients, nothing of the loss flows back into the target branch.
@@ -75,9 +74,8 @@ def test_step_trains_and_targets_get_no_gradient(name):
 @pytest.mark.parametrize("name", ["mocov3", "byol", "dino"])
 def test_momentum_encoder_follows_cosine_schedule(name):
     method = build(name)
-    online = [getattr(method, t.replace("momentum_", "").replace("target_", "").replace("teacher_", ""))
-              for t in TARGETS[name]]
-    targets = [getattr(method, t) for t in TARGETS[name]]
+    online = [getattr(method, t) for t in TARGETS[name]]
+    targets = [method.target[t] for t in TARGETS[name]]
     with torch.no_grad():
         for m in online:
             for p in m.parameters():
@@ -97,6 +95,21 @@ def test_momentum_encoder_follows_cosine_schedule(name):
     assert all(torch.equal(a, b) for a, b in zip(frozen, [p for t in targets for p in t.parameters()]))
 
 
+@pytest.mark.parametrize("name,old", [("byol", "target_"), ("mocov3", "momentum_"), ("dino", "teacher_")])
+def test_checkpoints_with_the_old_target_names_load(name, old):
+    """Before MomentumMethod, each method named its target network its own way; their checkpoints still load."""
+    method = build(name)
+    state = method.state_dict()
+    renamed = {k.replace("target.", old, 1) if k.startswith("target.") else k: v + 1 if k.startswith("target.")
+               else v for k, v in state.items()}
+    assert any(k.startswith(old) for k in renamed) and not any(k.startswith("target.") for k in renamed)
+    fresh = build(name)
+    fresh.load_state_dict(renamed)
+    loaded = fresh.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], renamed[k.replace("target.", old, 1)]) for k in state if k.startswith("target."))
+
+
 def test_dino_teacher_temperature_center_and_frozen_last_layer():
     method = build("dino", teacher_temp_warmup_fraction=0.5, center_momentum=0.9, freeze_last_layer_fraction=0.1)
     assert method.set_step(0, 100)["teacher_temp"] == pytest.approx(0.04)
@@ -106,7 +119,7 @@ def test_dino_teacher_temperature_center_and_frozen_last_layer():
     views = random_views(method.views(32))
     assert method.center.abs().sum() == 0
     with torch.no_grad():
-        teacher = method.teacher_head(method.teacher_backbone(torch.cat(views[:2])))  # globals in one pass
+        teacher = method.target.head(method.target.backbone(torch.cat(views[:2])))  # globals in one pass
     method(views)["loss"].backward()
     expected = 0.1 * teacher.mean(0, keepdim=True)
     assert torch.allclose(method.center, expected, atol=1e-5)

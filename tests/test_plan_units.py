@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from stream_ssl.data.plan import make_plan, parse_mix
+from stream_ssl.data.plan import PlanError, make_plan, parse_mix
 from tests.helpers.plans import fake_set, pool_of, step_samples
 
 
@@ -26,6 +26,17 @@ def test_errors_say_how_many_samples_exist():
         parse_mix("real")
     with pytest.raises(ValueError, match="must be >= 0"):
         parse_mix("real=-1")
+
+
+def test_errors_name_the_setting_and_commands_name_the_flag():
+    """The plan names its settings as the Python API and YAML files do; the commands turn them into flags."""
+    with pytest.raises(PlanError) as info:
+        make_plan([fake_set([50, 50], "real")], "5%", 15, world_size=2, batch_size=8)
+    assert str(info.value) == "budget_samples 15 is smaller than one global batch of 16 (2 ranks x 8 per rank)"
+    assert info.value.as_flag() == "--budget-samples 15 is smaller than one global batch of 16 (2 ranks x 8 per rank)"
+    with pytest.raises(PlanError) as info:
+        make_plan([fake_set([50], "real")], "0", 100)
+    assert info.value.setting == "unique_samples" and info.value.as_flag().startswith("--unique-samples: ")
 
 
 def test_mix_by_name_or_source_and_fractions():

@@ -10,6 +10,7 @@ import json
 import math
 import os
 from datetime import timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,12 +20,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from stream_ssl import checkpoint
+from stream_ssl import checkpoint, checkpointer
 from stream_ssl.config import TrainConfig
 from stream_ssl.data.augment import byol_views
+from stream_ssl.errors import RunError
 from stream_ssl.methods import METHODS, SSLMethod
 from stream_ssl.models.heads import mlp
-from stream_ssl.run import RunError, apply_device_settings, build_run, make_accelerator, sync_batchnorm, trackers
+from stream_ssl.run import apply_device_settings, build_run, make_accelerator, sync_batchnorm, trackers
 from stream_ssl.train import Meter, main, release_accelerator, train, train_step
 from tests.helpers.servers import free_port
 from tests.helpers.trainer import TINY
@@ -89,8 +91,8 @@ def _resume_rank(rank: int, port: int, outs: list[str], results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        run = SimpleNamespace(cfg=TrainConfig(out=outs[rank], resume="auto"), out=checkpoint.Path(outs[rank]))
-        checkpoint.resume_point(run)
+        run = SimpleNamespace(cfg=TrainConfig(out=outs[rank], resume="auto"), out=Path(outs[rank]))
+        checkpointer.resume_point(run)
         results.put((rank, "ok"))
     except RunError as e:
         results.put((rank, str(e)))
@@ -133,18 +135,18 @@ def byol_run(make_shard_set, tmp_path):
 
 def test_a_step_the_fp16_scaler_skipped_moves_no_momentum_encoder(byol_run):
     run, meter = byol_run, Meter(1, byol_run.global_batch)
-    target = [p.detach().clone() for p in run.method.target_backbone.parameters()]
+    target = [p.detach().clone() for p in run.method.target.backbone.parameters()]
     online = [p.detach().clone() for p in run.method.backbone.parameters()]
     run.optimizer._is_overflow = True  # what the fp16 scaler reports after inf/NaN gradients (no scaler on CPU)
     run.optimizer.optimizer.step = lambda *a, **k: None  # ... and the step it skipped changes no parameter
     train_step(run, 0, meter)
     assert meter.skipped_steps == 1
-    assert all(torch.equal(a, b) for a, b in zip(target, run.method.target_backbone.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(target, run.method.target.backbone.parameters()))
     run.optimizer._is_overflow = False
     del run.optimizer.optimizer.step
     train_step(run, 1, meter)
     assert not all(torch.equal(a, b) for a, b in zip(online, run.method.backbone.parameters()))
-    assert not all(torch.equal(a, b) for a, b in zip(target, run.method.target_backbone.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(target, run.method.target.backbone.parameters()))
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(make_shard_set, tmp_path, capsys):

@@ -392,13 +392,6 @@ def hue_matrix(h: torch.Tensor) -> torch.Tensor:
     return (cos * eye + sin * cross + (1 - cos) * outer).to(h.dtype)
 
 
-def color_matrix(b: torch.Tensor, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per-sample 3x3 RGB matrices for brightness b, saturation s, hue rotation h (turns), fused into one.
-    (These three commute up to the 1e-4 the gray weights miss summing to 1; contrast is affine, see
-    `jitter_affine`.)"""
-    return b.view(-1, 1, 1) * (hue_matrix(h) @ saturation_matrix(s))
-
-
 def jitter_affine(p: PhotometricParams) -> tuple[torch.Tensor, torch.Tensor]:
     """The color jitter of every sample as one affine map of its pixels: y = A x + P m, where m is the mean
     RGB of the sample's input image. Built by composing the four operations in each sample's drawn order

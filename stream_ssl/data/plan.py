@@ -59,6 +59,25 @@ DEFAULT_SHUFFLE_BLOCK = None  # auto: G / 16 samples, at most ~4 MB (world-size 
 BLOCK_BYTES = 4_000_000  # a default block holds about this much: one read worth its latency (S3: 1-4 MB+)
 
 
+class PlanError(ValueError):
+    """A plan setting that cannot work. `setting` is its name here (and in the Python API and YAML files):
+    `str()` reads `budget_samples 48 is smaller ...`; a command names its flag instead (`as_flag`)."""
+
+    def __init__(self, setting: str, rest: str):
+        super().__init__(setting + rest)
+        self.setting, self.rest = setting, rest
+
+    def as_flag(self) -> str:
+        return "--" + self.setting.replace("_", "-") + self.rest
+
+
+def _count(setting: str, text, available: int | None) -> int:
+    try:
+        return parse_count(text, available, setting)
+    except ValueError as e:
+        raise PlanError(setting, str(e)[len(setting):]) from None
+
+
 def auto_shuffle_block(global_batch: int, sample_bytes: float | None = None) -> int:
     """Blocks of G/16 samples: a sample shares at most ~1/16 of its batch with its own block (the mates it keeps
     across passes); and at most BLOCK_BYTES of samples of `sample_bytes` (64 samples when it is unknown)."""
@@ -90,15 +109,15 @@ def parse_mix(text: str | None) -> dict[str, float] | None:
             continue
         name, sep, weight = part.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"--mix: expected name=weight, got {part!r}")
+            raise PlanError("mix", f": expected name=weight, got {part!r}")
         try:
             w = float(weight)
         except ValueError:
-            raise ValueError(f"--mix: weight of {name.strip()!r} is not a number: {weight!r}") from None
+            raise PlanError("mix", f": weight of {name.strip()!r} is not a number: {weight!r}") from None
         if not math.isfinite(w) or w < 0:
-            raise ValueError(f"--mix: weight of {name.strip()!r} must be >= 0, got {weight!r}")
+            raise PlanError("mix", f": weight of {name.strip()!r} must be >= 0, got {weight!r}")
         if name.strip() in mix:
-            raise ValueError(f"--mix: {name.strip()!r} given twice")
+            raise PlanError("mix", f": {name.strip()!r} given twice")
         mix[name.strip()] = w
     return mix or None
 
@@ -519,8 +538,8 @@ def make_plan(
     if shuffle_window < 1 or shuffle_block < 0:
         raise ValueError("shuffle_window must be >= 1 and shuffle_block >= 0 (0: no mixing)")
     if c < world_size * batch_size:
-        raise ValueError(f"--budget-samples {c} is smaller than one global batch "
-                         f"({world_size} ranks x {batch_size} = {world_size * batch_size})")
+        raise PlanError("budget_samples", f" {c} is smaller than one global batch of {world_size * batch_size} "
+                                          f"({plural(world_size, 'rank')} x {batch_size} per rank)")
     per_source = _per_source(sets, n, mix)
     src, shard, stop, nbytes = _pool_units(sets, per_source, seed)
     return Plan(sets=sets, unique_samples=n, budget_samples=c, world_size=world_size, num_workers=num_workers,
@@ -537,12 +556,12 @@ def _mean_sample_bytes(sets: tuple[ShardSet, ...]) -> float | None:
 def _counts(sets: tuple[ShardSet, ...], unique_samples, budget_samples) -> tuple[int, int]:
     """(N, C) as counts; N at most what the sets hold."""
     available = sum(s.num_samples for s in sets)
-    n = parse_count(unique_samples, available, "--unique-samples")
-    c = parse_count(budget_samples, None, "--budget-samples")
+    n = _count("unique_samples", unique_samples, available)
+    c = _count("budget_samples", budget_samples, None)
     if n > available:
         where = ", ".join(s.url for s in sets)
-        raise ValueError(f"--unique-samples {n} is more than the {available} samples available in {where}"
-                         + (f" ({', '.join(f'{s.name}: {s.num_samples}' for s in sets)})" if len(sets) > 1 else ""))
+        raise PlanError("unique_samples", f" {n} is more than the {available} samples available in {where}"
+                        + (f" ({', '.join(f'{s.name}: {s.num_samples}' for s in sets)})" if len(sets) > 1 else ""))
     return n, c
 
 
@@ -553,18 +572,18 @@ def _per_source(sets: tuple[ShardSet, ...], n: int, mix: dict[str, float] | str 
         names = [s.name for s in sets]
         unknown = set(mix) - set(names) - {s.source for s in sets}
         if unknown:
-            raise ValueError(f"--mix names {sorted(unknown)} match no shard set; sets are {names} "
-                             f"(sources {sorted({s.source for s in sets})})")
+            raise PlanError("mix", f" names {sorted(unknown)} match no shard set; sets are {names} "
+                                   f"(sources {sorted({s.source for s in sets})})")
         weights = [mix.get(s.name, mix.get(s.source, 0.0)) for s in sets]
         if sum(weights) <= 0:
-            raise ValueError("--mix weights must sum to a positive number")
+            raise PlanError("mix", " weights must sum to a positive number")
     else:
         weights = [float(s.num_samples) for s in sets]
     per_source = split_counts(n, weights)
     for s, k in zip(sets, per_source):
         if k > s.num_samples:
-            raise ValueError(f"--mix asks {k} of the {n} unique samples from {s.name} ({s.url}), which has only "
-                             f"{s.num_samples}; lower --unique-samples or that weight")
+            raise PlanError("mix", f" asks {k} of the {n} unique samples from {s.name} ({s.url}), which has only "
+                                   f"{s.num_samples}; lower N (the unique samples) or that weight")
     return per_source
 
 

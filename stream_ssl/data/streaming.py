@@ -60,8 +60,13 @@ def sample_label(sample: dict) -> int:
     return int(raw) if raw is not None else -1
 
 
-def default_cache_size(plan: Plan, cache_dir: str | Path) -> int:
-    """Enough for the repeated part of the pool (+20%), at most 80% of the free space where the cache lives."""
+def cache_bound(plan: Plan, cache_dir: str | Path | None, cache_size: int | None = None) -> int | None:
+    """The node cache's bound: `cache_size`, else enough for the repeated part of the pool (+20%), at most 80% of
+    the free space where the cache lives; None without a cache."""
+    if not cache_dir:
+        return None
+    if cache_size:
+        return cache_size
     import shutil
 
     need = int(plan.summary()["cache_needed_bytes"] * 1.2) + (64 << 20)
@@ -166,7 +171,7 @@ class StreamingDataset(IterableDataset):
         self.start_step = start_step
         self.storage_options, self.seed, self.cache_local = storage_options, seed, cache_local
         self.cache_dir = str(cache_dir) if cache_dir else None
-        self.cache_size = cache_size or (default_cache_size(plan, self.cache_dir) if self.cache_dir else None)
+        self.cache_size = cache_bound(plan, self.cache_dir, cache_size)
         self.share = CacheShare.of(plan, self.cache_size) if self.cache_dir else None
         self.cache_fill = bool(cache_fill and self.cache_dir and plan.last_pass > 0)
         self.read_ahead_bytes, self.local_reads = read_ahead_bytes, local_reads

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stream_ssl.data.augment import ViewSpec
+from stream_ssl.schedules import momentum_at
 
 METHODS: dict[str, type[SSLMethod]] = {}
 
@@ -231,3 +232,46 @@ class SSLMethod(nn.Module):
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
         return [{"params": decay, "name": "decay"},
                 {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, "name": "no_decay"}]
+
+
+class MomentumMethod(SSLMethod):
+    """A method with a target network: BYOL's target, MoCo v3's momentum encoder, DINO's teacher. It is a frozen
+    copy of some online modules (`track("backbone", "projector")`, after building them), updated after every
+    optimizer step the gradient scaler did not skip as target <- m target + (1 - m) online, with m following a
+    cosine from `base_momentum` to `final_momentum` over the optimizer steps (schedules.momentum_at). The
+    target gets no gradient; its BatchNorm statistics are its own. `target_forward(x)` runs the tracked copies
+    in order; they live in `self.target` (`target.backbone`, ... in checkpoints)."""
+
+    # What the target modules were called in checkpoints written before this class (read: renamed on load).
+    OLD_PREFIXES = ("target_", "momentum_", "teacher_")
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, base_momentum: float, final_momentum: float = 1.0,
+                 views_together: bool | None = None):
+        super().__init__(backbone, feature_dim, views_together)
+        self.base_momentum, self.final_momentum = base_momentum, final_momentum
+        self.tracked: tuple[str, ...] = ()
+        self._register_load_state_dict_pre_hook(self._rename_old_targets)
+
+    def track(self, *names: str) -> None:
+        """Make the target network: frozen copies of the online modules `names`, applied in that order."""
+        self.tracked = names
+        self.target = nn.ModuleDict({n: make_target(getattr(self, n)) for n in names})
+
+    def target_forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.tracked:
+            x = self.target[name](x)
+        return x
+
+    def on_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
+        m = momentum_at(step - 1, total_steps, self.base_momentum, self.final_momentum)
+        for name in self.tracked:
+            ema_update(self.target[name], getattr(self, name), m)
+        return {"momentum": m}
+
+    def _rename_old_targets(self, state_dict: dict, prefix: str, *args) -> None:
+        for key in list(state_dict):
+            for old in self.OLD_PREFIXES:
+                for name in self.tracked:
+                    if key.startswith(f"{prefix}{old}{name}."):
+                        rest = key[len(f"{prefix}{old}{name}."):]
+                        state_dict[f"{prefix}target.{name}.{rest}"] = state_dict.pop(key)

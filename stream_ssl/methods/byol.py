@@ -17,15 +17,12 @@ from torch import nn
 
 from stream_ssl.data.augment import ViewSpec, byol_views
 from stream_ssl.methods.base import (
-    SSLMethod,
-    ema_update,
+    MomentumMethod,
     fp32_loss,
-    make_target,
     register,
     with_color_strength,
 )
 from stream_ssl.models.heads import mlp
-from stream_ssl.schedules import momentum_at
 
 
 @fp32_loss
@@ -35,7 +32,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class BYOL(SSLMethod):
+class BYOL(MomentumMethod):
     name = "byol"
     VIEWS_TOGETHER = False
 
@@ -43,12 +40,10 @@ class BYOL(SSLMethod):
                  pred_hidden: int = 4096, base_momentum: float = 0.996, final_momentum: float = 1.0,
                  blur: bool | None = None, min_scale: float = 0.08, color_strength: float | None = None,
                  views_together: bool | None = None):
-        super().__init__(backbone, feature_dim, views_together)
+        super().__init__(backbone, feature_dim, base_momentum, final_momentum, views_together)
         self.projector = mlp(feature_dim, proj_hidden, proj_dim, layers=2)
         self.predictor = mlp(proj_dim, pred_hidden, proj_dim, layers=2)
-        self.target_backbone = make_target(backbone)
-        self.target_projector = make_target(self.projector)
-        self.base_momentum, self.final_momentum = base_momentum, final_momentum
+        self.track("backbone", "projector")
         self.blur, self.min_scale, self.color_strength = blur, min_scale, color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
@@ -58,11 +53,5 @@ class BYOL(SSLMethod):
         z = self.encode(lambda x: self.projector(self.backbone(x)), views[:2])
         p1, p2 = self.encode(self.predictor, z)
         with torch.no_grad():
-            t1, t2 = self.encode(lambda x: self.target_projector(self.target_backbone(x)), views[:2])
+            t1, t2 = self.encode(self.target_forward, views[:2])
         return {"loss": byol_loss(p1, t2) + byol_loss(p2, t1), **self.monitor(z[0])}
-
-    def on_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        tau = momentum_at(step - 1, total_steps, self.base_momentum, self.final_momentum)
-        ema_update(self.target_backbone, self.backbone, tau)
-        ema_update(self.target_projector, self.projector, tau)
-        return {"momentum": tau}

@@ -23,16 +23,14 @@ from torch import nn
 from stream_ssl.data.augment import ViewSpec, dino_views
 from stream_ssl.distributed import all_reduce_sum, world
 from stream_ssl.methods.base import (
-    SSLMethod,
-    ema_update,
+    MomentumMethod,
     fp32_loss,
     local_crop_size,
-    make_target,
     register,
     with_color_strength,
 )
 from stream_ssl.models.heads import DINOHead
-from stream_ssl.schedules import linear_warmup, momentum_at
+from stream_ssl.schedules import linear_warmup
 
 
 @fp32_loss
@@ -63,7 +61,7 @@ def dino_center(center: torch.Tensor, teacher: list[torch.Tensor], momentum: flo
 
 
 @register
-class DINO(SSLMethod):
+class DINO(MomentumMethod):
     name = "dino"
 
     def __init__(self, backbone: nn.Module, feature_dim: int, out_dim: int = 65536, head_hidden: int = 2048,
@@ -74,17 +72,15 @@ class DINO(SSLMethod):
                  freeze_last_layer_fraction: float = 0.01, local_crops: int = 8, global_scale: tuple = (0.4, 1.0),
                  local_scale: tuple = (0.05, 0.4), local_size: int | None = None, blur: bool | None = None,
                  color_strength: float | None = None, views_together: bool | None = None):
-        super().__init__(backbone, feature_dim, views_together)
+        super().__init__(backbone, feature_dim, base_momentum, final_momentum, views_together)
         self.head = DINOHead(feature_dim, out_dim, head_hidden, bottleneck, head_layers, use_bn_in_head,
                              norm_last_layer)
-        self.teacher_backbone = make_target(backbone)
-        self.teacher_head = make_target(self.head)
+        self.track("backbone", "head")  # the teacher
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.student_temp = student_temp
         self.teacher_temps = (warmup_teacher_temp, teacher_temp, teacher_temp_warmup_fraction)
         self.teacher_temp = warmup_teacher_temp
         self.center_momentum = center_momentum
-        self.base_momentum, self.final_momentum = base_momentum, final_momentum
         self.freeze_last_layer_fraction = freeze_last_layer_fraction
         self.local_crops, self.local_size = local_crops, local_size
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
@@ -107,7 +103,7 @@ class DINO(SSLMethod):
         embeddings = self.encode(lambda x: self.head.embed(self.backbone(x)), views)
         student = [self.head.last_layer(e) for e in embeddings]
         with torch.no_grad():
-            teacher = self.encode(lambda x: self.teacher_head(self.teacher_backbone(x)), views[:2])
+            teacher = self.encode(self.target_forward, views[:2])
         loss = dino_loss(student, teacher, self.center, self.student_temp, self.teacher_temp)
         self.center.copy_(dino_center(self.center, teacher, self.center_momentum))
         return {"loss": loss, **self.monitor(embeddings[0])}
@@ -116,9 +112,3 @@ class DINO(SSLMethod):
         if step < self.freeze_last_layer_fraction * total_steps:
             for p in self.head.last_layer.parameters():
                 p.grad = None
-
-    def on_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        m = momentum_at(step - 1, total_steps, self.base_momentum, self.final_momentum)
-        ema_update(self.teacher_backbone, self.backbone, m)
-        ema_update(self.teacher_head, self.head, m)
-        return {"momentum": m}

@@ -20,16 +20,13 @@ from torch import nn
 from stream_ssl.data.augment import ViewSpec, byol_views
 from stream_ssl.distributed import all_gather_nograd, world
 from stream_ssl.methods.base import (
-    SSLMethod,
-    ema_update,
+    MomentumMethod,
     fp32_loss,
-    make_target,
     register,
     with_color_strength,
 )
 from stream_ssl.models.backbone import is_vit
 from stream_ssl.models.heads import mlp
-from stream_ssl.schedules import momentum_at
 
 
 @fp32_loss
@@ -47,7 +44,7 @@ def moco_contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float =
 
 
 @register
-class MoCoV3(SSLMethod):
+class MoCoV3(MomentumMethod):
     name = "mocov3"
     VIEWS_TOGETHER = False
 
@@ -56,7 +53,7 @@ class MoCoV3(SSLMethod):
                  base_momentum: float = 0.99, final_momentum: float = 1.0, freeze_patch_embed: bool | None = None,
                  blur: bool | None = None, min_scale: float = 0.08, color_strength: float | None = None,
                  views_together: bool | None = None):
-        super().__init__(backbone, feature_dim, views_together)
+        super().__init__(backbone, feature_dim, base_momentum, final_momentum, views_together)
         vit = is_vit(backbone)
         self.temperature = temperature if temperature is not None else (0.2 if vit else 1.0)
         layers = proj_layers if proj_layers is not None else (3 if vit else 2)
@@ -65,9 +62,7 @@ class MoCoV3(SSLMethod):
         if (freeze_patch_embed if freeze_patch_embed is not None else vit) and vit:
             for p in backbone.patch_embed.parameters():  # "random patch projection" for stability
                 p.requires_grad_(False)
-        self.momentum_backbone = make_target(backbone)
-        self.momentum_projector = make_target(self.projector)
-        self.base_momentum, self.final_momentum = base_momentum, final_momentum
+        self.track("backbone", "projector")
         self.blur, self.min_scale, self.color_strength = blur, min_scale, color_strength
 
     def views(self, image_size: int) -> list[ViewSpec]:
@@ -77,12 +72,6 @@ class MoCoV3(SSLMethod):
         z = self.encode(lambda x: self.projector(self.backbone(x)), views[:2])
         q1, q2 = self.encode(self.predictor, z)
         with torch.no_grad():
-            k1, k2 = self.encode(lambda x: self.momentum_projector(self.momentum_backbone(x)), views[:2])
+            k1, k2 = self.encode(self.target_forward, views[:2])
         loss = moco_contrastive_loss(q1, k2, self.temperature) + moco_contrastive_loss(q2, k1, self.temperature)
         return {"loss": loss, **self.monitor(z[0])}
-
-    def on_optimizer_step(self, step: int, total_steps: int) -> dict[str, float]:
-        m = momentum_at(step - 1, total_steps, self.base_momentum, self.final_momentum)
-        ema_update(self.momentum_backbone, self.backbone, m)
-        ema_update(self.momentum_projector, self.projector, m)
-        return {"momentum": m}

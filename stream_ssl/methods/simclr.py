@@ -36,11 +36,6 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, g
     return F.cross_entropy(logits, positives)
 
 
-def projection_mlp(in_dim: int, hidden: int, out: int, layers: int = 2, last_bn: bool = False) -> nn.Sequential:
-    """Kept for callers of the first version; see stream_ssl.models.heads.mlp."""
-    return mlp(in_dim, hidden, out, layers=layers, last_bn=last_bn)
-
-
 @register
 class SimCLR(SSLMethod):
     name = "simclr"

@@ -76,7 +76,7 @@ def test_a_rerun_of_a_finished_run_changes_nothing(pool, local_run, tmp_path, fa
 
 def test_killed_after_the_last_checkpoint_the_rerun_writes_only_the_summary(pool, local_run, tmp_path, fault_row):
     out = tmp_path / "run"
-    killed = train(pool, out, env={checkpoint.KILL_ENV: str(STEPS)}, num_workers=0)
+    killed = train(pool, out, env={"FAULT_KILL_AFTER_CHECKPOINT": str(STEPS)}, num_workers=0)
     assert killed.returncode != 0 and not (out / "summary.json").exists()
     weights = (out / "checkpoints" / f"step-{STEPS:08d}.pt").read_bytes()
     rerun = train(pool, out, num_workers=0)

@@ -4,6 +4,7 @@
     FAULT_DELETE=STEP:PATH[,PATH...]   delete these files (or s3:// objects) once optimizer step STEP (1-based) is
                                        done (main process)
     FAULT_KILL_AT_STEP=STEP            every process SIGKILLs itself once step STEP is done, before its checkpoint
+    FAULT_KILL_AFTER_CHECKPOINT=STEP   every process SIGKILLs itself right after checkpoint STEP is written
     FAULT_KILL_IN_CHECKPOINT=STEP      the main process SIGKILLs itself half-way through writing checkpoint STEP
                                        (after 64 KiB of it were written); the launcher stops the others
     FAULT_KILL_IN_UPLOAD=STEP          with --out on S3: the main process SIGKILLs itself while it uploads checkpoint
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repo holds `tests`
 from shard_tools.storage import filesystem, is_url  # noqa: E402
-from stream_ssl import checkpoint, train  # noqa: E402
+from stream_ssl import checkpoint, checkpointer, train  # noqa: E402
 
 TORN_BYTES = 64 << 10
 
@@ -95,6 +96,17 @@ class _Torn:
         self.f.flush()
 
 
+def kill_after_checkpoint(step: str) -> None:
+    original = checkpointer.save
+
+    def save(run, done: int, ended: str | None = None) -> None:
+        original(run, done, ended)
+        if done == int(step):
+            _kill()
+
+    checkpointer.save = save
+
+
 def kill_in_checkpoint(step: str) -> None:
     original = checkpoint._write_atomic
     name = f"step-{int(step):08d}.pt"
@@ -133,6 +145,8 @@ def main() -> int:
         kill_at_step(os.environ["FAULT_KILL_AT_STEP"])
     if os.environ.get("FAULT_KILL_IN_CHECKPOINT"):
         kill_in_checkpoint(os.environ["FAULT_KILL_IN_CHECKPOINT"])
+    if os.environ.get("FAULT_KILL_AFTER_CHECKPOINT"):
+        kill_after_checkpoint(os.environ["FAULT_KILL_AFTER_CHECKPOINT"])
     if os.environ.get("FAULT_KILL_IN_UPLOAD"):
         kill_in_upload(os.environ["FAULT_KILL_IN_UPLOAD"])
     if os.environ.get("FAULT_SIGNAL_AT_STEP"):
