@@ -62,7 +62,7 @@ def test_s3_faults_lose_and_duplicate_nothing(name, moto, s3_pool, local_run, tm
     trained, lost, dup = compare_keys(run, local_run)
     faults = ", ".join(f"{n} {k}" for k, n in sorted(proxy.kinds.items())) or "none"
     fault_row(f"S3: {name}", lost, dup, samples=trained, faults=faults, requests=proxy.requests,
-              retries=int(run.last_row()["retries"]), workers=workers)
+              retries=int(run.summary()["storage"]["retries"]), workers=workers)
     assert run.keys() == local_run.keys()  # the same samples, at the same steps, in the same order
     assert proxy.faults > 0 if "latency" not in settings else proxy.requests > 0
 
