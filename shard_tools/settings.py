@@ -147,14 +147,17 @@ def file_value(f: dataclasses.Field, value, where: str):
 
 
 def read_mapping(cls: type, path: str | Path) -> dict:
-    """The raw settings of a YAML or JSON file for `cls`; not a mapping, or an unknown key, is an error."""
+    """The raw settings of a YAML or JSON file for `cls`, by field name; a key may also be the option's name with
+    underscores where the two differ (`exif` for extract_exif). Not a mapping, or an unknown key, is an error."""
     loaded = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of settings")
-    unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
+    names = {flag_of(f).lstrip("-").replace("-", "_"): f.name for f in dataclasses.fields(cls)}
+    names.update({f.name: f.name for f in dataclasses.fields(cls)})
+    unknown = set(loaded) - set(names)
     if unknown:
-        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-    return loaded
+        raise ValueError(f"{path}: unknown settings {sorted(unknown, key=str)}")
+    return {names[k]: v for k, v in loaded.items()}
 
 
 def load_settings(cls: type[S], path: str | Path, **options) -> S:
