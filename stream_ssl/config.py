@@ -2,7 +2,8 @@
 
 Every setting is a field of `TrainConfig` with its help text (and, where the value is one of a few names, its
 choices) next to it; `parse_config` builds `train.py --help` from them, so what a flag means is written once.
-Boolean settings are switches (`--progress` / `--no-progress`).
+Boolean settings are switches (`--progress` / `--no-progress`). The machinery (`setting`, the flags, reading and
+checking a file's values) is shard_tools/settings.py, which the shard tools use too; the recipes are the trainer's.
 
 Batch vocabulary: `batch_size` is the micro-batch of one process (what one forward pass sees, and what the
 plan's per-rank batch is); an optimizer step accumulates `grad_accum` micro-batches, so the global batch is
