@@ -36,7 +36,6 @@ indexing of the finished shards are the same whichever distributor ran, and so a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
@@ -48,14 +47,14 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import yaml
 from tqdm import tqdm
 
-from shard_tools.cli import progress_switch, run_main, tool_prog
+from shard_tools.cli import run_main, tool_prog
 from shard_tools.errors import (
     ShardSetTotals,
     ToolError,
@@ -70,12 +69,24 @@ from shard_tools.manifest import FORMATS, Manifest, read_manifest
 from shard_tools.outputs import Output, open_output
 from shard_tools.processes import KILL_ENV, die_with_parent, stop_marked
 from shard_tools.quantities import COUNT_HELP, count_arg
+from shard_tools.settings import (
+    check_choices,
+    config_sha256,
+    configure,
+    digest_of,
+    options_of,
+    parse_settings,
+    progress_setting,
+    setting,
+    settings_parser,
+)
 from shard_tools.shardset import finished_index, format_idx
 from shard_tools.shuffle import Shuffle
 from shard_tools.storage import STORAGE_OPTIONS_HELP, filesystem, fs_path, is_url, storage_options_arg
 from shard_tools.writer import TarStream, make_index, write_index
 
-__all__ = ["CrawlError", "CrawlResult", "CrawlSampleWriter", "crawl", "failure_kind", "main"]
+__all__ = ["CrawlCommand", "CrawlError", "CrawlResult", "CrawlSampleWriter", "CrawlSettings", "crawl", "failure_kind",
+           "main"]
 
 SOURCE = "crawled"
 CRAWL_VERSION = 2  # bump when the bytes written for the same inputs and options change (2: shard_tools.shuffle)
@@ -88,6 +99,117 @@ MANAGED = {"url_list", "output_folder", "output_format", "input_format", "url_co
            "save_additional_columns", "number_sample_per_shard", "oom_shard_count", "incremental_mode",
            "enable_wandb", "processes_count", "thread_count", "distributor"}
 DISTRIBUTORS = ("multiprocessing", "ray", "pyspark")
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+RESIZING = "resizing and encoding (passed to img2dataset)"
+DOWNLOADING = "downloading"
+
+
+@dataclass
+class CrawlSettings:
+    """What crawl() takes besides the manifest and the output: one field per option of the command line (the same
+    name, with dashes), its help, choices and default. `digest` marks what shapes the output with the manifest;
+    `img2dataset` the options passed to img2dataset.download() (also part of the digest, as `options`)."""
+
+    name: str | None = setting(None, "shard set name (default: the output folder's name)", digest=True)
+    format: str | None = setting(None, "manifest format (default: from the name)",
+                                 tuple(f for f in FORMATS if f != "folder"), digest=True)
+    url_column: str | None = setting(None, "column with the image URLs (default: url, image_url, path, ...; yfcc: "
+                                           "download_url)", digest=True)
+    caption_column: str | None = setting(None, "column with a caption: KEY.txt and the json's caption", digest=True)
+    label_column: str | None = setting(None, "column with integer labels or class names: KEY.cls (default: 'label' "
+                                             "if present)", digest=True)
+    key_column: str | None = setting(None, "column with an id kept in each sample's json as 'id'", digest=True)
+    seed: int = setting(0, "seed of the shuffle of the rows", digest=True)
+    shard_size: int = setting(1000, f"rows per shard, {COUNT_HELP}", parse=count_arg, digest=True)
+    image_size: int = setting(256, "target size in pixels", parse=positive_int, group=RESIZING, img2dataset=True)
+    resize_mode: str = setting("keep_ratio", "keep_ratio: shorter side to --image-size; border: fit and pad to a "
+                                             "square; center_crop; keep_ratio_largest: longer side; no: keep the size",
+                               RESIZE_MODES, group=RESIZING, img2dataset=True)
+    resize_only_if_bigger: bool = setting(True, "never upscale", group=RESIZING, img2dataset=True)
+    upscale_interpolation: str = setting("lanczos", "resampling when an image is enlarged", INTERPOLATIONS,
+                                         group=RESIZING, img2dataset=True)
+    downscale_interpolation: str = setting("area", "resampling when an image is shrunk", INTERPOLATIONS,
+                                           group=RESIZING, img2dataset=True)
+    encode_format: str = setting("jpg", "image format stored in the shards", ("jpg", "png", "webp"), group=RESIZING,
+                                 img2dataset=True)
+    encode_quality: int = setting(95, "JPEG/WebP quality, PNG compression 0-9", group=RESIZING, img2dataset=True)
+    skip_reencode: bool = setting(False, "keep the original bytes of images that need no resize and already have "
+                                         "--encode-format", group=RESIZING, img2dataset=True)
+    disable_all_reencoding: bool = setting(False, "store downloaded bytes as they are (no decode check: run "
+                                                  "shard-tools verify --decode)", group=RESIZING, img2dataset=True)
+    min_image_size: int = setting(0, "drop images whose shorter side is smaller (0: keep all)", group=RESIZING,
+                                  img2dataset=True)
+    max_image_area: float | None = setting(None, "drop images with more pixels (default: keep all)",
+                                           group=RESIZING, img2dataset=True)
+    max_aspect_ratio: float | None = setting(None, "drop images whose side ratio is larger (default: keep all)",
+                                             group=RESIZING, img2dataset=True)
+    extract_exif: bool = setting(True, "keep EXIF in the json", flag="--exif", group=RESIZING, img2dataset=True)
+    processes: int = setting(1, "img2dataset processes", parse=positive_int, group=DOWNLOADING)
+    threads: int = setting(64, "download threads per process", parse=positive_int, group=DOWNLOADING)
+    distributor: str = setting("multiprocessing", "who runs the shard downloads: multiprocessing (--processes here), "
+                                                  "ray (a local Ray instance of --processes CPUs, or --ray-address), "
+                                                  "pyspark (local[--processes], or --spark-master); on a cluster --out "
+                                                  "must be storage every worker reaches", DISTRIBUTORS,
+                               group=DOWNLOADING)
+    ray_address: str | None = setting(None, "with --distributor ray: the cluster to join ('auto': the one this "
+                                            "machine is a node of; ray://HOST:10001 for a remote head); default: a "
+                                            "local instance", metavar="ADDRESS", group=DOWNLOADING)
+    spark_master: str | None = setting(None, "with --distributor pyspark: the master (spark://HOST:7077, yarn, "
+                                             "k8s://...); other settings from SPARK_CONF_DIR/spark-defaults.conf; "
+                                             "default: local[--processes]", metavar="URL", group=DOWNLOADING)
+    timeout: float = setting(10, "seconds per request", group=DOWNLOADING)
+    retries: int = setting(0, "retries per URL", group=DOWNLOADING)
+    max_shard_retry: int = setting(1, "img2dataset retries of a failed shard", group=DOWNLOADING)
+    user_agent_token: str | None = setting(None, "token added to the user agent (and matched in X-Robots-Tag)",
+                                           group=DOWNLOADING, img2dataset=True)
+    img2dataset_options: dict | None = setting(None, "any other img2dataset.download() option (value parsed as "
+                                                     "YAML), e.g. compute_hash=md5; repeatable", parse=_option,
+                                               append=True, flag="--img2dataset-option", metavar="KEY=VALUE",
+                                               group=DOWNLOADING)
+    allow_incomplete: bool = setting(False, "index the finished shards even when some did not finish")
+    overwrite: bool = setting(False, "delete an earlier crawl in --out and start over")
+    storage_options: dict | None = setting(None, STORAGE_OPTIONS_HELP, parse=storage_options_arg)
+    verbose: bool = setting(False, "show img2dataset's own output instead of logging it")
+    progress: bool | None = progress_setting(False)
+
+    @property
+    def cluster_address(self) -> str | None:
+        """The Ray address or Spark master img2dataset's distributor joins (None: a local one)."""
+        return self.ray_address or self.spark_master
+
+    def img2dataset(self) -> dict:
+        """The resize and encode options passed to img2dataset.download() (infinity: no limit), with the extra
+        --img2dataset-option ones."""
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("img2dataset")}
+        for key in ("max_image_area", "max_aspect_ratio"):
+            options[key] = float("inf") if options[key] is None else options[key]
+        return {**options, **(self.img2dataset_options or {})}
+
+
+@dataclass
+class _Where:
+    """What crawl.py reads and where it writes (first in its `--help`)."""
+
+    manifest: str | None = setting(None, "CSV/TSV (header row) or Parquet with a URL column, or YFCC100M metadata; "
+                                         "local or an fsspec URL, optionally compressed", positional=True,
+                                   required=True)
+    out: str | None = setting(None, "output folder of the shard set, or an fsspec URL (s3://bucket/prefix)",
+                              required=True)
+
+
+@dataclass
+class CrawlCommand(CrawlSettings, _Where):
+    """The command line of crawl.py: the manifest and the output, and CrawlSettings."""
+
+    progress: bool | None = progress_setting(None)
 
 
 class CrawlError(ToolError):
@@ -370,121 +492,76 @@ def _img2dataset_version() -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-# Over 60 lines only by its signature: one keyword argument per command-line option.
-def crawl(
-    manifest: str | Path,
-    out: str | Path,
-    name: str | None = None,
-    *,
-    format: str | None = None,
-    url_column: str | None = None,
-    caption_column: str | None = None,
-    label_column: str | None = None,
-    key_column: str | None = None,
-    seed: int = 0,
-    shard_size: int = 1000,
-    image_size: int = 256,
-    resize_mode: str = "keep_ratio",
-    resize_only_if_bigger: bool = True,
-    upscale_interpolation: str = "lanczos",
-    downscale_interpolation: str = "area",
-    encode_format: str = "jpg",
-    encode_quality: int = 95,
-    skip_reencode: bool = False,
-    disable_all_reencoding: bool = False,
-    min_image_size: int = 0,
-    max_image_area: float | None = None,
-    max_aspect_ratio: float | None = None,
-    extract_exif: bool = True,
-    processes: int = 1,
-    threads: int = 64,
-    distributor: str = "multiprocessing",
-    cluster_address: str | None = None,
-    timeout: float = 10,
-    retries: int = 0,
-    max_shard_retry: int = 1,
-    user_agent_token: str | None = None,
-    img2dataset_options: dict | None = None,
-    allow_incomplete: bool = False,
-    overwrite: bool = False,
-    storage_options: dict | None = None,
-    progress: bool | None = False,
-    verbose: bool = False,
-) -> CrawlResult:
-    """Crawl the URLs of `manifest` into the shard set `out` (a folder or an fsspec URL); see the module doc.
+def crawl(manifest: str | Path, out: str | Path, settings: CrawlSettings | None = None, *,
+          cluster_address: str | None = None, **options) -> CrawlResult:
+    """Crawl the URLs of `manifest` into the shard set `out` (a folder or an fsspec URL), with `settings` and keyword
+    `options` named like its fields (crawl(m, out, shard_size=500, image_size=224)); see the module doc.
 
-    `distributor` is img2dataset's (multiprocessing, ray or pyspark) and `cluster_address` the Ray address or
-    Spark master it joins (None: a local one of `processes` CPUs). `progress` None shows the bar on a terminal.
-    Raises ManifestError / CrawlError (ToolError: ordinary
-    exceptions with a one-line message) when the crawl fails as a whole. The phases: check the settings, plan
-    the job (usable rows, shuffled, cut into shards), claim the folder, download, index the finished shards."""
-    start = time.perf_counter()
-    extra_options = _check_settings(shard_size, processes, threads, resize_mode, upscale_interpolation,
-                                    downscale_interpolation, encode_format, img2dataset_options)
-    _check_distributor(distributor, cluster_address)
+    `distributor` is img2dataset's (multiprocessing, ray or pyspark), `ray_address` or `spark_master` the cluster
+    it joins (None: a local one of `processes` CPUs; `cluster_address` sets the one of the distributor). `progress`
+    None shows the bar on a terminal. Raises ManifestError / CrawlError (ToolError: ordinary exceptions with a
+    one-line message) when the crawl fails as a whole. The phases: check the settings, plan the job (usable rows,
+    shuffled, cut into shards), claim the folder, download, index the finished shards."""
+    start, s = time.perf_counter(), _with_address(configure(CrawlSettings, settings, options), cluster_address)
+    _check_settings(s)
     out = str(out).rstrip("/")
-    name = shard_set_name(out, name, CrawlError)
+    name = shard_set_name(out, s.name, CrawlError)
     version = _img2dataset_version()
-    m = read_manifest(manifest, format, url_column, label_column, caption_column, key_column, None, None, False,
-                      storage_options)
-    options = {
-        "image_size": image_size, "resize_mode": resize_mode, "resize_only_if_bigger": resize_only_if_bigger,
-        "upscale_interpolation": upscale_interpolation, "downscale_interpolation": downscale_interpolation,
-        "encode_format": encode_format, "encode_quality": encode_quality, "skip_reencode": skip_reencode,
-        "disable_all_reencoding": disable_all_reencoding, "min_image_size": min_image_size,
-        "max_image_area": max_image_area if max_image_area is not None else float("inf"),
-        "max_aspect_ratio": max_aspect_ratio if max_aspect_ratio is not None else float("inf"),
-        "extract_exif": extract_exif, "user_agent_token": user_agent_token, **extra_options,
-    }
-    job = _plan_job(m, manifest, name, seed, shard_size, options, version)
-    fetch = dict(processes=processes, threads=threads, timeout=timeout, retries=retries,
-                 max_shard_retry=max_shard_retry, progress=progress, verbose=verbose,
-                 cluster={"distributor": distributor, "address": cluster_address})
-    output = open_output(out, storage_options)
+    m = read_manifest(manifest, s.format, s.url_column, s.label_column, s.caption_column, s.key_column, None, None,
+                      False, s.storage_options)
+    job = _plan_job(m, manifest, _resolved(s, m, name), version)
+    output = open_output(out, s.storage_options)
     try:
         output.lock(f"crawl.py --name {name}")
         stopped = stop_marked(FOLDER_ENV, output.url)  # the lock is ours: what is left of a killed crawl is not
         if stopped:
             print(f"note: stopped {stopped} img2dataset processes a killed crawl of {out} left running")
-        done = _claim(output, job, out, overwrite)
+        done = _claim(output, job, out, s.overwrite)
         if done is not None:
             errors = read_errors(output, name)
             return CrawlResult(done, m.total, done["num_samples"], count_by_kind(errors), errors,
                                time.perf_counter() - start, len(done["shards"]), already_complete=True)
-        resumed = _fetch(output, job, fetch)
-        finished = {s for s in job.stems if _stats(output, s) is not None}
-        incomplete = [f"{s}.tar" for s in job.stems if s not in finished]
-        if incomplete and not allow_incomplete:
+        resumed = _fetch(output, job, s)
+        finished = {stem for stem in job.stems if _stats(output, stem) is not None}
+        incomplete = [f"{stem}.tar" for stem in job.stems if stem not in finished]
+        if incomplete and not s.allow_incomplete:
             raise _incomplete(output, job, finished, incomplete, out)
         index = _index_crawl(output, job, finished, incomplete, manifest)
-        result = CrawlResult(index, m.total, index["num_samples"], count_by_kind(job.errors), sorted(job.errors), 0.0,
-                             resumed, incomplete)
-        result.seconds = time.perf_counter() - start
-        return result
+        return CrawlResult(index, m.total, index["num_samples"], count_by_kind(job.errors), sorted(job.errors),
+                           time.perf_counter() - start, resumed, incomplete)
     finally:
         output.close()
 
 
-def _check_settings(shard_size: int, processes: int, threads: int, resize_mode: str, upscale_interpolation: str,
-                    downscale_interpolation: str, encode_format: str, img2dataset_options: dict | None) -> dict:
-    """Raise CrawlError for a setting out of range; returns the extra img2dataset options."""
-    if shard_size < 1:
+def _with_address(s: CrawlSettings, address: str | None) -> CrawlSettings:
+    """The settings with crawl(cluster_address=...): the Ray address or the Spark master, by the distributor."""
+    if not address:
+        return s
+    if s.distributor not in ("ray", "pyspark"):
+        raise CrawlError("a cluster address (--ray-address, --spark-master) needs --distributor ray or pyspark")
+    return replace(s, **{"ray_address" if s.distributor == "ray" else "spark_master": address})
+
+
+def _check_settings(s: CrawlSettings) -> None:
+    """Raise CrawlError for a setting out of range, or a distributor that cannot run here."""
+    check_choices(s, CrawlError)
+    if s.shard_size < 1:
         raise CrawlError("--shard-size must be >= 1")
-    if processes < 1 or threads < 1:
+    if s.processes < 1 or s.threads < 1:
         raise CrawlError("--processes and --threads must be >= 1")
-    if resize_mode not in RESIZE_MODES:
-        raise CrawlError(f"--resize-mode {resize_mode!r}: use one of {', '.join(RESIZE_MODES)}")
-    for option, value in (("--upscale-interpolation", upscale_interpolation),
-                          ("--downscale-interpolation", downscale_interpolation)):
-        if value not in INTERPOLATIONS:
-            raise CrawlError(f"{option} {value!r}: use one of {', '.join(INTERPOLATIONS)}")
-    if encode_format not in ("jpg", "png", "webp"):
-        raise CrawlError("--encode-format: jpg, png or webp")
-    extra_options = dict(img2dataset_options or {})
-    managed = sorted(set(extra_options) & MANAGED)
+    managed = sorted(set(s.img2dataset_options or {}) & MANAGED)
     if managed:
         raise CrawlError(f"--img2dataset-option cannot set {managed}: crawl.py manages them")
-    return extra_options
+    _check_cluster(s)
+    _check_distributor(s.distributor, s.cluster_address)
+
+
+def _check_cluster(s: CrawlSettings) -> None:
+    """Raise CrawlError when a cluster address does not go with the distributor."""
+    for option, value, needs in (("--ray-address", s.ray_address, "ray"), ("--spark-master", s.spark_master,
+                                                                          "pyspark")):
+        if value and s.distributor != needs:
+            raise CrawlError(f"{option} goes with --distributor {needs}")
 
 
 def _check_distributor(distributor: str, address: str | None) -> None:
@@ -493,15 +570,18 @@ def _check_distributor(distributor: str, address: str | None) -> None:
     import importlib.util
     import shutil
 
-    if distributor not in DISTRIBUTORS:
-        raise CrawlError(f"--distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
-    if address and distributor == "multiprocessing":
-        raise CrawlError("a cluster address (--ray-address, --spark-master) needs --distributor ray or pyspark")
     module, extra = {"ray": ("ray", "ray"), "pyspark": ("pyspark", "spark")}.get(distributor, (None, None))
     if module and importlib.util.find_spec(module) is None:
         raise CrawlError(f"--distributor {distributor} needs {module}: pip install 'stream-ssl[{extra}]'")
     if distributor == "pyspark" and not address and shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise CrawlError("--distributor pyspark runs Spark, which needs Java 17 or later (java on PATH or JAVA_HOME)")
+
+
+def _resolved(s: CrawlSettings, m: Manifest, name: str) -> CrawlSettings:
+    """The settings as the crawl uses them: the shard set name, and the manifest's format and columns as its
+    reader chose them."""
+    return replace(s, name=name, format=m.format, url_column=m.path_column, caption_column=m.caption_column,
+                   label_column=m.label_column, key_column=m.key_column)
 
 
 @dataclass
@@ -526,7 +606,9 @@ class _Job:
         return _state_dir(self.name)
 
 
-def _plan_job(m: Manifest, manifest, name: str, seed: int, shard_size: int, options: dict, version: str) -> _Job:
+def _plan_job(m: Manifest, manifest, s: CrawlSettings, version: str) -> _Job:
+    """The usable rows of `m` (URLs) shuffled and cut into shards, and the digest of what shapes the output: the
+    settings declared with `digest` (`s` resolved), the img2dataset options, the manifest's checksum."""
     if m.format == "folder":
         raise CrawlError(f"{manifest} is a folder of images: pack it with shard_tools/pack.py")
     errors: list[tuple[int, str, str]] = list(m.errors)
@@ -539,18 +621,17 @@ def _plan_job(m: Manifest, manifest, name: str, seed: int, shard_size: int, opti
             errors.append((r.row, r.path, "not a URL (local files are packed with shard_tools/pack.py)"))
     if not usable:
         raise CrawlError(f"no URLs in {manifest} (column {m.path_column}); see the rows in its errors")
-    shards_total = math.ceil(len(usable) / shard_size)
+    shards_total = math.ceil(len(usable) / s.shard_size)
     oom_shard_count = max(5, len(str(shards_total - 1)))
+    options = s.img2dataset()
     config = {
         "crawl_version": CRAWL_VERSION, "img2dataset": version.split(".")[0], "manifest_sha256": m.sha256,
-        "format": m.format, "name": name, "seed": seed, "shard_size": shard_size, "url_column": m.path_column,
-        "caption_column": m.caption_column, "label_column": m.label_column, "key_column": m.key_column,
+        **digest_of(s),
         "options": {k: (str(v) if isinstance(v, float) and math.isinf(v) else v) for k, v in options.items()},
     }
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    return _Job(m, name, usable, Shuffle(len(usable), seed).order(),
-                [f"{i:0{oom_shard_count}d}" for i in range(shards_total)], shard_size, options, config, digest,
-                version, seed, errors)
+    return _Job(m, s.name, usable, Shuffle(len(usable), s.seed).order(),
+                [f"{i:0{oom_shard_count}d}" for i in range(shards_total)], s.shard_size, options, config,
+                config_sha256(config), version, s.seed, errors)
 
 
 def _claim(output: Output, job: _Job, out: str, overwrite: bool) -> dict | None:
@@ -577,15 +658,15 @@ def _claim(output: Output, job: _Job, out: str, overwrite: bool) -> dict | None:
     return None
 
 
-def _fetch(output: Output, job: _Job, fetch: dict) -> int:
+def _fetch(output: Output, job: _Job, s: CrawlSettings) -> int:
     """Download the shards no earlier run finished; returns how many were finished before."""
-    finished = {s for s in job.stems if _stats(output, s) is not None}
-    for s in job.stems:
-        if s not in finished:  # img2dataset makes these again: no stale file may outlive it
+    finished = {stem for stem in job.stems if _stats(output, stem) is not None}
+    for stem in job.stems:
+        if stem not in finished:  # img2dataset makes these again: no stale file may outlive it
             for suffix in (".tar", ".tar.tmp", ".idx", ".parquet"):
-                output.remove(s + suffix)
+                output.remove(stem + suffix)
     if len(finished) < len(job.stems):
-        _download(output, job, [s for s in job.stems if s not in finished], **fetch)
+        _download(output, job, [stem for stem in job.stems if stem not in finished], s)
     return len(finished)
 
 
@@ -668,8 +749,7 @@ def _input_table(job: _Job) -> tuple[bytes, list[str]]:
     return buf.getvalue(), extra_cols
 
 
-def _download(output: Output, job: _Job, todo: list[str], processes: int, threads: int, timeout: float,
-              retries: int, max_shard_retry: int, progress: bool | None, verbose: bool, cluster: dict) -> None:
+def _download(output: Output, job: _Job, todo: list[str], s: CrawlSettings) -> None:
     """Write img2dataset's input (the shuffled rows) and run it in a child process, showing a bar over shards."""
     table, extra_cols = _input_table(job)
     output.write_bytes(f"{job.state}/input.parquet", table)
@@ -686,13 +766,13 @@ def _download(output: Output, job: _Job, todo: list[str], processes: int, thread
         "oom_shard_count": len(job.stems[0]),
         "incremental_mode": "incremental",
         "enable_wandb": False,
-        "processes_count": processes,
-        "thread_count": threads,
-        "timeout": timeout,
-        "retries": retries,
-        "max_shard_retry": max_shard_retry,
-        "distributor": cluster["distributor"],
-        "cluster": cluster,
+        "processes_count": s.processes,
+        "thread_count": s.threads,
+        "timeout": s.timeout,
+        "retries": s.retries,
+        "max_shard_retry": s.max_shard_retry,
+        "distributor": s.distributor,
+        "cluster": {"distributor": s.distributor, "address": s.cluster_address},
         **job.options,
     }
     for key in ("max_image_area", "max_aspect_ratio"):
@@ -705,7 +785,7 @@ def _download(output: Output, job: _Job, todo: list[str], processes: int, thread
             log_path = Path(tmp) / "img2dataset.log"
         else:
             log_path = Path(output.url) / job.state / "img2dataset.log"
-        _run_img2dataset(output, spec_path, log_path, todo, progress, verbose)
+        _run_img2dataset(output, spec_path, log_path, todo, s.progress, s.verbose)
 
 
 def _run_img2dataset(output: Output, spec_path: Path, log_path: Path, todo: list[str], progress: bool | None,
@@ -770,117 +850,19 @@ def _update_bar(output: Output, todo: list[str], seen: set[str], counts: dict, b
 # Command line.
 
 
-def _option(text: str) -> tuple[str, object]:
-    key, eq, value = text.partition("=")
-    if not eq or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=tool_prog("crawl.py"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("manifest", help="CSV/TSV (header row) or Parquet with a URL column, or YFCC100M metadata; "
-                                    "local or an fsspec URL, optionally compressed")
-    p.add_argument("--out", required=True, help="output folder of the shard set, or an fsspec URL (s3://bucket/prefix)")
-    p.add_argument("--name", help="shard set name (default: the output folder's name)")
-    p.add_argument("--format", choices=[f for f in FORMATS if f != "folder"], help="manifest format (default: from "
-                                                                                    "the name)")
-    p.add_argument("--url-column", help="column with the image URLs (default: url, image_url, path, ...; yfcc: "
-                                        "download_url)")
-    p.add_argument("--caption-column", help="column with a caption: KEY.txt and the json's caption")
-    p.add_argument("--label-column", help="column with integer labels or class names: KEY.cls (default: 'label' "
-                                          "if present)")
-    p.add_argument("--key-column", help="column with an id kept in each sample's json as 'id'")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle of the rows (default 0)")
-    p.add_argument("--shard-size", type=count_arg, default=1000, help=f"rows per shard, {COUNT_HELP} (default 1000)")
-    g = p.add_argument_group("resizing and encoding (passed to img2dataset)")
-    g.add_argument("--image-size", type=positive_int, default=256, help="target size in pixels (default 256)")
-    g.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
-                   help="keep_ratio: shorter side to --image-size (default); border: fit and pad to a square; "
-                        "center_crop; keep_ratio_largest: longer side; no: keep the size")
-    g.add_argument("--resize-only-if-bigger", action=argparse.BooleanOptionalAction, default=True,
-                   help="never upscale (default: on)")
-    g.add_argument("--upscale-interpolation", choices=INTERPOLATIONS, default="lanczos",
-                   help="resampling when an image is enlarged (default lanczos)")
-    g.add_argument("--downscale-interpolation", choices=INTERPOLATIONS, default="area",
-                   help="resampling when an image is shrunk (default area)")
-    g.add_argument("--encode-format", choices=("jpg", "png", "webp"), default="jpg",
-                   help="image format stored in the shards (default jpg)")
-    g.add_argument("--encode-quality", type=int, default=95, help="JPEG/WebP quality, PNG compression 0-9 "
-                                                                  "(default 95)")
-    g.add_argument("--skip-reencode", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep the original bytes of images that need no resize and already have --encode-format "
-                        "(default: off)")
-    g.add_argument("--disable-all-reencoding", action=argparse.BooleanOptionalAction, default=False,
-                   help="store downloaded bytes as they are (no decode check: run shard-tools verify --decode; "
-                        "default: off)")
-    g.add_argument("--min-image-size", type=int, default=0, help="drop images whose shorter side is smaller "
-                                                                     "(default 0: keep all)")
-    g.add_argument("--max-image-area", type=float, help="drop images with more pixels")
-    g.add_argument("--max-aspect-ratio", type=float, help="drop images whose side ratio is larger")
-    g.add_argument("--exif", dest="extract_exif", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep EXIF in the json (default: on)")
-    _download_options(p.add_argument_group("downloading"))
-    p.add_argument("--allow-incomplete", action=argparse.BooleanOptionalAction, default=False,
-                   help="index the finished shards even when some did not finish (default: off)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="delete an earlier crawl in --out and start over (default: off)")
-    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
-    p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=False,
-                   help="show img2dataset's own output instead of logging it (default: off)")
-    progress_switch(p)
-    return p
-
-
-def _download_options(d) -> None:
-    """The options of the "downloading" group: processes, threads, the distributor, requests."""
-    d.add_argument("--processes", type=positive_int, default=1, help="img2dataset processes (default 1)")
-    d.add_argument("--threads", type=positive_int, default=64, help="download threads per process (default 64)")
-    d.add_argument("--distributor", choices=DISTRIBUTORS, default="multiprocessing",
-                   help="who runs the shard downloads: multiprocessing (--processes here; default), ray (a local Ray "
-                        "instance of --processes CPUs, or --ray-address), pyspark (local[--processes], or "
-                        "--spark-master); on a cluster --out must be storage every worker reaches")
-    d.add_argument("--ray-address", metavar="ADDRESS",
-                   help="with --distributor ray: the cluster to join ('auto': the one this machine is a node of; "
-                        "ray://HOST:10001 for a remote head); default: a local instance")
-    d.add_argument("--spark-master", metavar="URL",
-                   help="with --distributor pyspark: the master (spark://HOST:7077, yarn, k8s://...); other settings "
-                        "from SPARK_CONF_DIR/spark-defaults.conf; default: local[--processes]")
-    d.add_argument("--timeout", type=float, default=10, help="seconds per request (default 10)")
-    d.add_argument("--retries", type=int, default=0, help="retries per URL (default 0)")
-    d.add_argument("--max-shard-retry", type=int, default=1, help="img2dataset retries of a failed shard (default 1)")
-    d.add_argument("--user-agent-token", help="token added to the user agent (and matched in X-Robots-Tag)")
-    d.add_argument("--img2dataset-option", dest="img2dataset_options", type=_option, action="append", default=[],
-                   metavar="KEY=VALUE", help="any other img2dataset.download() option (value parsed as YAML), e.g. "
-                                             "compute_hash=md5; repeatable")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _parser()
-    a = p.parse_args(argv)
-    for option, value, needs in (("--ray-address", a.ray_address, "ray"), ("--spark-master", a.spark_master,
-                                                                          "pyspark")):
-        if value and a.distributor != needs:
-            p.error(f"{option} goes with --distributor {needs}")
-    return run_main("crawl", lambda: _run(a), log_folder=a.out)
+    p = settings_parser(CrawlCommand, tool_prog("crawl.py"), __doc__)
+    c = parse_settings(p, CrawlCommand, argv)
+    try:
+        _check_cluster(c)
+    except CrawlError as e:
+        p.error(str(e))
+    return run_main("crawl", lambda: _run(c), log_folder=c.out)
 
 
-def _run(a: argparse.Namespace) -> int:
-    r = crawl(a.manifest, a.out, a.name, format=a.format, url_column=a.url_column,
-              caption_column=a.caption_column, label_column=a.label_column, key_column=a.key_column,
-              seed=a.seed, shard_size=a.shard_size, image_size=a.image_size, resize_mode=a.resize_mode,
-              resize_only_if_bigger=a.resize_only_if_bigger, upscale_interpolation=a.upscale_interpolation,
-              downscale_interpolation=a.downscale_interpolation, encode_format=a.encode_format,
-              encode_quality=a.encode_quality, skip_reencode=a.skip_reencode,
-              disable_all_reencoding=a.disable_all_reencoding, min_image_size=a.min_image_size,
-              max_image_area=a.max_image_area, max_aspect_ratio=a.max_aspect_ratio, extract_exif=a.extract_exif,
-              processes=a.processes, threads=a.threads, distributor=a.distributor,
-              cluster_address=a.ray_address or a.spark_master, timeout=a.timeout, retries=a.retries,
-              max_shard_retry=a.max_shard_retry, user_agent_token=a.user_agent_token,
-              img2dataset_options=dict(a.img2dataset_options), allow_incomplete=a.allow_incomplete,
-              overwrite=a.overwrite, storage_options=a.storage_options, progress=a.progress, verbose=a.verbose)
-    print(r.summary(a.out))
+def _run(c: CrawlCommand) -> int:
+    r = crawl(c.manifest, c.out, **options_of(c, CrawlSettings))
+    print(r.summary(c.out))
     return 0
 
 

@@ -34,7 +34,6 @@ transformers. Ingestion needs neither.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import inspect
@@ -51,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shard_tools.cli import progress_switch, run_main, tool_prog
+from shard_tools.cli import run_main, tool_prog
 from shard_tools.errors import (
     ShardSetTotals,
     ToolError,
@@ -66,12 +65,24 @@ from shard_tools.images import MAX_PIXELS, ImageError, check_image
 from shard_tools.manifest import label_ids
 from shard_tools.outputs import Output, open_output
 from shard_tools.quantities import COUNT_HELP, count_arg
+from shard_tools.settings import (
+    check_choices,
+    config_sha256,
+    configure,
+    digest_of,
+    options_of,
+    parse_settings,
+    progress_setting,
+    setting,
+    settings_parser,
+)
 from shard_tools.shardset import ShardInfo, idx_name, shard_name, shards_intact
 from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 from shard_tools.writer import ShardWriter, make_index, write_index
 
-__all__ = ["DEFAULT_TEMPLATE", "GenerateError", "GenerateResult", "Prompt", "generate", "image_seed", "ingest",
-           "load_pipeline", "main", "model_folder", "prompts_from_classes", "read_class_names", "read_prompts"]
+__all__ = ["DEFAULT_TEMPLATE", "GenerateCommand", "GenerateError", "GenerateResult", "GenerateSettings",
+           "IngestSettings", "Prompt", "generate", "image_seed", "ingest", "load_pipeline", "main", "model_folder",
+           "prompts_from_classes", "read_class_names", "read_prompts"]
 
 SOURCE = "generated"
 GEN_VERSION = 1  # bump when the bytes written for the same inputs change
@@ -80,6 +91,77 @@ PROMPT_COLUMNS = ("prompt", "text", "caption")
 CLASS_COLUMNS = ("class", "label", "class_name", "name")
 FILE_COLUMNS = ("file", "path", "image", "file_name", "filename")
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+PROMPTS, GENERATION, INGESTION = "prompts", "generation", "ingestion"
+
+
+@dataclass
+class _SetSettings:
+    """What generate() and ingest() share: the shard set and how it is written."""
+
+    name: str | None = setting(None, "shard name prefix (default: the output folder's name)")
+    seed: int = setting(0, "seed of the per-image seeds and of the shuffle", digest=True)
+    shard_size: int = setting(1000, f"samples per shard, {COUNT_HELP}", parse=count_arg, digest=True)
+    overwrite: bool = setting(False, "delete an earlier set in --out and start over")
+    storage_options: dict | None = setting(None, STORAGE_OPTIONS_HELP, parse=storage_options_arg)
+    progress: bool | None = progress_setting(False)
+
+
+@dataclass
+class GenerateSettings(_SetSettings):
+    """What generate() takes besides the output, the prompts and the model: one field per option of the command
+    line (the same name, with dashes, --format for image_format). `digest` marks what shapes the images."""
+
+    per_prompt: int = setting(1, f"images per prompt, {COUNT_HELP}", parse=count_arg, group=GENERATION, digest=True)
+    steps: int = setting(30, "inference steps", parse=positive_int, group=GENERATION, digest=True)
+    guidance: float | None = setting(7.5, "classifier-free guidance scale", group=GENERATION, digest=True)
+    width: int | None = setting(None, "image width (default: --size, else the model's)", parse=positive_int,
+                                group=GENERATION, digest=True)
+    height: int | None = setting(None, "image height (default: --size, else the model's)", parse=positive_int,
+                                 group=GENERATION, digest=True)
+    negative_prompt: str | None = setting(None, "what the images should not show, for pipelines that take one",
+                                          group=GENERATION, digest=True)
+    batch_size: int = setting(4, "images per pipeline call", parse=positive_int, group=GENERATION)
+    device: str = setting("auto", "auto (cuda when available), cpu, cuda, cuda:1, ...", group=GENERATION)
+    dtype: str = setting("auto", "auto: fp16 on GPU, fp32 on CPU", ("auto", "fp32", "fp16", "bf16"), group=GENERATION)
+    image_format: str = setting("jpg", "image encoding", tuple(IMAGE_FORMATS), flag="--format", group=GENERATION,
+                                digest="format")
+    quality: int = setting(95, "JPEG/WebP quality", group=GENERATION, digest=True)
+
+
+@dataclass
+class IngestSettings(_SetSettings):
+    """What ingest() takes besides the folder, the prompts file and the output."""
+
+    max_pixels: int = setting(MAX_PIXELS, f"refuse larger images as possible decompression bombs, {COUNT_HELP}",
+                              parse=count_arg, group=INGESTION, digest=True)
+    max_error_rate: float = setting(0.05, "fail past this fraction of bad rows", group=INGESTION)
+
+
+@dataclass
+class _Where:
+    """Where generate.py writes and what it reads (first in its `--help`)."""
+
+    out: str | None = setting(None, "output folder of the shard set, or an fsspec URL", required=True)
+    classes: str | None = setting(None, "comma-separated class names (label k = the k-th name)", group=PROMPTS)
+    classes_file: str | None = setting(None, "class names, one a line (label k = line k)", group=PROMPTS)
+    template: list[str] | None = setting(None, f"prompt template with {{name}}, repeatable (default "
+                                               f"{DEFAULT_TEMPLATE!r})", append=True, group=PROMPTS)
+    prompts: str | None = setting(None, "prompts file (.txt, .csv, .tsv, .jsonl, .parquet): prompt[, class][, file, "
+                                        "seed]", group=PROMPTS)
+    model: str | None = setting(None, "local folder of a diffusers pipeline (never downloaded)", group=GENERATION)
+    size: int | None = setting(None, "image width and height (default: the model's)", parse=positive_int,
+                               group=GENERATION)
+    from_folder: str | None = setting(None, "ingest the images in this folder listed in --prompts (file column)",
+                                      group=INGESTION)
+
+
+@dataclass
+class GenerateCommand(IngestSettings, GenerateSettings, _Where):
+    """The command line of generate.py: what it reads and writes, GenerateSettings and IngestSettings."""
+
+    progress: bool | None = progress_setting(None)
 
 
 class GenerateError(ToolError):
@@ -306,15 +388,14 @@ Outcome = tuple
 
 
 def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[int], Iterator[Outcome]],
-               shard_size: int, index_meta: dict, overwrite: bool, progress: bool | None, desc: str,
-               max_error_rate: float | None = None, storage_options: dict | None = None) -> GenerateResult:
+               s: _SetSettings, index_meta: dict, desc: str, max_error_rate: float | None = None) -> GenerateResult:
     """Run `produce(position)` (the outcomes of jobs position, position + 1, ... in order) into shards, resumably."""
     start = time.perf_counter()
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    output = open_output(out, storage_options)
+    digest = config_sha256(config)
+    output = open_output(out, s.storage_options)
     try:
         output.lock(f"generate.py --name {name}")
-        if overwrite:
+        if s.overwrite:
             _wipe(output, name)
         done = _claim(output, out, name, config, digest)
         if done is not None:
@@ -325,8 +406,8 @@ def _write_set(out: str, name: str, config: dict, jobs: int, produce: Callable[[
         remove_partial_shards(output, name, keep=len(resume.shards))
         run = _Run(output, name, jobs, None if max_error_rate is None else max_error_rate * jobs, list(resume.errors),
                    resume.next, resume.written)
-        run.writer = ShardWriter(output, name, shard_size, shards=resume.shards, on_shard=run.save_state)
-        _write_jobs(run, produce(run.position), progress, desc, max_error_rate)
+        run.writer = ShardWriter(output, name, s.shard_size, shards=resume.shards, on_shard=run.save_state)
+        _write_jobs(run, produce(run.position), s.progress, desc, max_error_rate)
         write_errors(output, name, run.errors, column="file")
         if run.written == 0:
             raise GenerateError(f"no images were written; see {output.location(f'{name}-errors.csv')}")
@@ -524,58 +605,32 @@ def _encode(image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def generate(
-    out: str | Path,
-    prompts: list[Prompt],
-    model: str | Path | None = None,
-    per_prompt: int = 1,
-    *,
-    name: str | None = None,
-    label_names: list[str] | None = None,
-    seed: int = 0,
-    steps: int = 30,
-    guidance: float | None = 7.5,
-    width: int | None = None,
-    height: int | None = None,
-    negative_prompt: str | None = None,
-    batch_size: int = 4,
-    device: str = "auto",
-    dtype: str = "auto",
-    pipeline=None,
-    shard_size: int = 1000,
-    image_format: str = "jpg",
-    quality: int = 95,
-    overwrite: bool = False,
-    storage_options: dict | None = None,
-    progress: bool | None = False,
-) -> GenerateResult:
+def generate(out: str | Path, prompts: list[Prompt], model: str | Path | None = None,
+             settings: GenerateSettings | None = None, *, label_names: list[str] | None = None, pipeline=None,
+             **options) -> GenerateResult:
     """Generate `per_prompt` images for every prompt with the diffusers pipeline in the folder `model` (or an
-    already loaded `pipeline`, with `model` still naming it) into the shard set `out`. See the module doc."""
+    already loaded `pipeline`, with `model` still naming it) into the shard set `out`, with `settings` and keyword
+    `options` named like its fields (generate(out, prompts, model, per_prompt=10, steps=25)). See the module doc."""
+    s = configure(GenerateSettings, settings, options)
     if model is None:
         raise GenerateError("--model: give the folder of a diffusers pipeline")
     if not prompts:
         raise GenerateError("no prompts")
-    if per_prompt < 1 or batch_size < 1 or shard_size < 1 or steps < 1:
+    check_choices(s, GenerateError)
+    if s.per_prompt < 1 or s.batch_size < 1 or s.shard_size < 1 or s.steps < 1:
         raise GenerateError("--per-prompt, --batch-size, --shard-size and --steps must be >= 1")
-    if image_format not in IMAGE_FORMATS:
-        raise GenerateError(f"--format: one of {', '.join(IMAGE_FORMATS)}")
-    name = shard_set_name(str(out), name, GenerateError)
+    name = shard_set_name(str(out), s.name, GenerateError)
     folder = model_folder(model) if pipeline is None else Path(model)
-    jobs = len(prompts) * per_prompt
+    jobs = len(prompts) * s.per_prompt
     config = {
         "generate_version": GEN_VERSION, "mode": "diffusers", "model": folder.name,
         "model_sha256": _model_digest(folder) if folder.is_dir() else str(model),
-        "prompts_sha256": _prompts_digest(prompts, label_names), "prompts": len(prompts), "per_prompt": per_prompt,
-        "seed": seed, "steps": steps, "guidance": guidance, "width": width, "height": height,
-        "negative_prompt": negative_prompt, "shard_size": shard_size, "format": image_format,
-        "quality": quality if image_format != "png" else None,
+        "prompts_sha256": _prompts_digest(prompts, label_names), "prompts": len(prompts),
+        **digest_of(s), "quality": s.quality if s.image_format != "png" else None,
     }
-    maker = _Diffusion(prompts, label_names, folder, pipeline, device, dtype, per_prompt, seed, steps, guidance,
-                       width, height, negative_prompt, batch_size, image_format, quality,
-                       np.random.default_rng(seed).permutation(jobs))
-    return _write_set(str(out), name, config, jobs, maker.outcomes, shard_size,
-                      _index_meta(prompts, label_names, seed, jobs), overwrite, progress, f"generating {name}",
-                      storage_options=storage_options)
+    maker = _Diffusion(prompts, label_names, folder, pipeline, s, np.random.default_rng(s.seed).permutation(jobs))
+    return _write_set(str(out), name, config, jobs, maker.outcomes, s, _index_meta(prompts, label_names, s.seed, jobs),
+                      f"generating {name}")
 
 
 def _index_meta(prompts: list[Prompt], label_names: list[str] | None, seed: int, rows: int, **more) -> dict:
@@ -607,34 +662,23 @@ class _Diffusion:
     label_names: list[str] | None
     folder: Path
     pipeline: object  # an already loaded pipeline, or None to load the one in `folder`
-    device: str
-    dtype: str
-    per_prompt: int
-    seed: int
-    steps: int
-    guidance: float | None
-    width: int | None
-    height: int | None
-    negative_prompt: str | None
-    batch_size: int
-    image_format: str
-    quality: int
+    s: GenerateSettings
     order: np.ndarray
 
     def outcomes(self, position: int) -> Iterator[Outcome]:
         """The outcomes of jobs position, position + 1, ... in the shuffled order, made batch by batch."""
         if position >= len(self.order):
             return
-        pipe = self.pipeline if self.pipeline is not None else load_pipeline(self.folder, self.device, self.dtype)
+        pipe = self.pipeline if self.pipeline is not None else load_pipeline(self.folder, self.s.device, self.s.dtype)
         params = inspect.signature(pipe.__call__).parameters
         if "prompt" not in params:
             raise GenerateError(f"the pipeline in {self.folder} ({type(pipe).__name__}) takes no text prompt")
-        fixed = {"num_inference_steps": self.steps, "guidance_scale": self.guidance, "height": self.height,
-                 "width": self.width, "output_type": "pil"}
+        fixed = {"num_inference_steps": self.s.steps, "guidance_scale": self.s.guidance, "height": self.s.height,
+                 "width": self.s.width, "output_type": "pil"}
         kwargs = {k: v for k, v in fixed.items() if k in params and v is not None}
-        for q in range(position, len(self.order), self.batch_size):
-            batch = [divmod(int(j), self.per_prompt) for j in self.order[q:q + self.batch_size]]
-            seeds = [image_seed(self.seed, p, k) for p, k in batch]
+        for q in range(position, len(self.order), self.s.batch_size):
+            batch = [divmod(int(j), self.s.per_prompt) for j in self.order[q:q + self.s.batch_size]]
+            seeds = [image_seed(self.s.seed, p, k) for p, k in batch]
             result = self._call(pipe, params, kwargs, batch, seeds)
             images = result.images if hasattr(result, "images") else result[0]
             flags = getattr(result, "nsfw_content_detected", None) or [False] * len(images)
@@ -650,54 +694,43 @@ class _Diffusion:
 
         call = dict(kwargs, prompt=[self.prompts[p].text for p, _ in batch],
                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
-        if self.negative_prompt is not None and "negative_prompt" in params:
-            call["negative_prompt"] = [self.negative_prompt] * len(batch)
+        if self.s.negative_prompt is not None and "negative_prompt" in params:
+            call["negative_prompt"] = [self.s.negative_prompt] * len(batch)
         try:
             with torch.inference_mode():
                 return pipe(**call)
         except torch.cuda.OutOfMemoryError:
-            raise GenerateError(f"out of GPU memory with --batch-size {self.batch_size}: lower it (finished shards "
+            raise GenerateError(f"out of GPU memory with --batch-size {self.s.batch_size}: lower it (finished shards "
                                 "are kept; run again to continue)") from None
 
     def _sample(self, p: int, k: int, seed: int, image, guided: bool) -> dict[str, bytes]:
         pr = self.prompts[p]
         meta = {"source": SOURCE, "prompt": pr.text, "seed": seed, "prompt_index": p, "image_index": k,
-                "model": self.folder.name, "steps": self.steps, "width": image.width, "height": image.height,
+                "model": self.folder.name, "steps": self.s.steps, "width": image.width, "height": image.height,
                 **_label_fields(pr, self.label_names)}
-        if self.guidance is not None and guided:
-            meta["guidance"] = self.guidance
-        if self.negative_prompt is not None:
-            meta["negative_prompt"] = self.negative_prompt
-        return _fields(pr, self.image_format, _encode(image, self.image_format, self.quality), meta)
+        if self.s.guidance is not None and guided:
+            meta["guidance"] = self.s.guidance
+        if self.s.negative_prompt is not None:
+            meta["negative_prompt"] = self.s.negative_prompt
+        return _fields(pr, self.s.image_format, _encode(image, self.s.image_format, self.s.quality), meta)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Ingestion of images generated elsewhere.
 
 
-def ingest(
-    folder: str | Path,
-    prompts_file: str | Path,
-    out: str | Path,
-    *,
-    name: str | None = None,
-    seed: int = 0,
-    shard_size: int = 1000,
-    max_pixels: int = MAX_PIXELS,
-    max_error_rate: float = 0.05,
-    overwrite: bool = False,
-    storage_options: dict | None = None,
-    progress: bool | None = False,
-) -> GenerateResult:
-    """Pack the images under `folder` listed in `prompts_file` (file, prompt, class, seed) as a generated set."""
-    folder = Path(folder)
+def ingest(folder: str | Path, prompts_file: str | Path, out: str | Path, settings: IngestSettings | None = None,
+           **options) -> GenerateResult:
+    """Pack the images under `folder` listed in `prompts_file` (file, prompt, class, seed) as a generated set, with
+    `settings` and keyword `options` named like its fields (ingest(folder, prompts, out, shard_size=500))."""
+    s, folder = configure(IngestSettings, settings, options), Path(folder)
     if not folder.is_dir():
         raise GenerateError(f"--from-folder {folder}: not a folder")
-    if shard_size < 1:
+    if s.shard_size < 1:
         raise GenerateError("--shard-size must be >= 1")
-    if not 0 <= max_error_rate <= 1:
+    if not 0 <= s.max_error_rate <= 1:
         raise GenerateError("--max-error-rate must be in 0..1")
-    name = shard_set_name(str(out), name, GenerateError)
+    name = shard_set_name(str(out), s.name, GenerateError)
     prompts, label_names = read_prompts(prompts_file, need_file=True)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     config = {
@@ -706,16 +739,14 @@ def ingest(
         "prompts_sha256": _prompts_digest(prompts, label_names),
         "files_sha256": hashlib.sha256("\0".join(f"{f}:{(folder / f).stat().st_size}" for f in files).encode())
         .hexdigest(),
-        "seed": seed,
-        "shard_size": shard_size,
-        "max_pixels": max_pixels,
+        **digest_of(s),
     }
-    order = np.random.default_rng(seed).permutation(len(prompts))
-    meta = _index_meta(prompts, label_names, seed, len(prompts), from_folder=str(folder),
+    order = np.random.default_rng(s.seed).permutation(len(prompts))
+    meta = _index_meta(prompts, label_names, s.seed, len(prompts), from_folder=str(folder),
                        prompts_file=str(prompts_file))
     return _write_set(str(out), name, config, len(prompts),
-                      lambda position: _ingested(folder, prompts, label_names, order, position, max_pixels),
-                      shard_size, meta, overwrite, progress, f"ingesting {name}", max_error_rate, storage_options)
+                      lambda position: _ingested(folder, prompts, label_names, order, position, s.max_pixels),
+                      s, meta, f"ingesting {name}", s.max_error_rate)
 
 
 def _ingested(folder: Path, prompts: list[Prompt], label_names: list[str], order: np.ndarray, position: int,
@@ -748,88 +779,41 @@ def _ingested(folder: Path, prompts: list[Prompt], label_names: list[str], order
 # Command line.
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=tool_prog("generate.py"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder of the shard set, or an fsspec URL")
-    p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
-    src = p.add_argument_group("prompts")
-    src.add_argument("--classes", help="comma-separated class names (label k = the k-th name)")
-    src.add_argument("--classes-file", help="class names, one a line (label k = line k)")
-    src.add_argument("--template", action="append", help=f"prompt template with {{name}}, repeatable (default "
-                                                         f"{DEFAULT_TEMPLATE!r})")
-    src.add_argument("--prompts", help="prompts file (.txt, .csv, .tsv, .jsonl, .parquet): prompt[, class][, file, "
-                                       "seed]")
-    gen = p.add_argument_group("generation")
-    gen.add_argument("--model", help="local folder of a diffusers pipeline (never downloaded)")
-    gen.add_argument("--per-prompt", type=count_arg, default=1, help=f"images per prompt, {COUNT_HELP} (default 1)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the per-image seeds and of the shuffle (default 0)")
-    gen.add_argument("--steps", type=positive_int, default=30, help="inference steps (default 30)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    gen.add_argument("--size", type=positive_int, help="image width and height (default: the model's)")
-    gen.add_argument("--width", type=positive_int, help="image width (default: --size, else the model's)")
-    gen.add_argument("--height", type=positive_int, help="image height (default: --size, else the model's)")
-    gen.add_argument("--negative-prompt", help="what the images should not show, for pipelines that take one "
-                                               "(default: none)")
-    gen.add_argument("--batch-size", type=positive_int, default=4, help="images per pipeline call (default 4)")
-    gen.add_argument("--device", default="auto",
-                     help="auto (cuda when available), cpu, cuda, cuda:1, ... (default auto)")
-    gen.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                     help="auto: fp16 on GPU, fp32 on CPU (default auto)")
-    gen.add_argument("--format", choices=tuple(IMAGE_FORMATS), default="jpg", help="image encoding (default jpg)")
-    gen.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
-    ing = p.add_argument_group("ingestion")
-    ing.add_argument("--from-folder", help="ingest the images in this folder listed in --prompts (file column)")
-    ing.add_argument("--max-error-rate", type=float, default=0.05,
-                     help="fail past this fraction of bad rows (default 0.05)")
-    p.add_argument("--shard-size", type=count_arg, default=1000, help=f"samples per shard, {COUNT_HELP} (default 1000)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="delete an earlier set in --out and start over (default: off)")
-    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
-    progress_switch(p)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _parser()
-    a = p.parse_args(argv)
-    if a.from_folder:
-        if not a.prompts:
+    p = settings_parser(GenerateCommand, tool_prog("generate.py"), __doc__)
+    c = parse_settings(p, GenerateCommand, argv)
+    if c.from_folder:
+        if not c.prompts:
             p.error("--from-folder needs --prompts FILE (file, prompt[, class, seed])")
-        if a.model or a.classes or a.classes_file or a.template:
+        if c.model or c.classes or c.classes_file or c.template:
             p.error("--from-folder takes --prompts only (no --model, --classes, --classes-file or --template)")
-        return run_main("generate", lambda: _ingest(a), log_folder=a.out)
-    if not a.model:
+        return run_main("generate", lambda: _ingest(c), log_folder=c.out)
+    if not c.model:
         p.error("give --model PATH (a local diffusers pipeline folder), or --from-folder DIR to ingest images")
-    sources = [bool(a.prompts), bool(a.classes or a.classes_file)]
-    if sum(sources) != 1 or (a.classes and a.classes_file):
+    sources = [bool(c.prompts), bool(c.classes or c.classes_file)]
+    if sum(sources) != 1 or (c.classes and c.classes_file):
         p.error("give one of --prompts FILE, --classes NAMES or --classes-file FILE")
-    if a.template and a.prompts:
+    if c.template and c.prompts:
         p.error("--template goes with --classes/--classes-file, not --prompts")
-    return run_main("generate", lambda: _generate(a), log_folder=a.out)
+    return run_main("generate", lambda: _generate(c), log_folder=c.out)
 
 
-def _ingest(a: argparse.Namespace) -> int:
-    r = ingest(a.from_folder, a.prompts, a.out, name=a.name, seed=a.seed, shard_size=a.shard_size,
-               max_error_rate=a.max_error_rate, overwrite=a.overwrite, storage_options=a.storage_options,
-               progress=a.progress)
-    print(r.summary(a.out))
+def _ingest(c: GenerateCommand) -> int:
+    r = ingest(c.from_folder, c.prompts, c.out, **options_of(c, IngestSettings))
+    print(r.summary(c.out))
     return 0
 
 
-def _generate(a: argparse.Namespace) -> int:
-    if a.prompts:
-        prompts, names = read_prompts(a.prompts)
+def _generate(c: GenerateCommand) -> int:
+    if c.prompts:
+        prompts, names = read_prompts(c.prompts)
     else:
-        names = read_class_names(a.classes_file) if a.classes_file else [n.strip() for n in a.classes.split(",")
+        names = read_class_names(c.classes_file) if c.classes_file else [n.strip() for n in c.classes.split(",")
                                                                           if n.strip()]
-        prompts = prompts_from_classes(names, a.template)
-    r = generate(a.out, prompts, a.model, a.per_prompt, name=a.name, label_names=names, seed=a.seed, steps=a.steps,
-                 guidance=a.guidance, width=a.width or a.size, height=a.height or a.size,
-                 negative_prompt=a.negative_prompt, batch_size=a.batch_size, device=a.device, dtype=a.dtype,
-                 shard_size=a.shard_size, image_format=a.format, quality=a.quality, overwrite=a.overwrite,
-                 storage_options=a.storage_options, progress=a.progress)
-    print(r.summary(a.out))
+        prompts = prompts_from_classes(names, c.template)
+    options = {**options_of(c, GenerateSettings), "width": c.width or c.size, "height": c.height or c.size}
+    r = generate(c.out, prompts, c.model, label_names=names, **options)
+    print(r.summary(c.out))
     return 0
 
 

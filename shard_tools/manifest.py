@@ -207,6 +207,22 @@ def _detect_path_column(columns: list[str], source: str) -> str:
     raise ManifestError(f"{source}: no path column found; columns are {columns}. Name one with --path-column")
 
 
+def _with_columns(source: str, fmt: str, digest: str, columns: list[str], path_column: str | None,
+                  label_column: str | None, caption_column: str | None, key_column: str | None) -> Manifest:
+    """The manifest header of a table (CSV, TSV, Parquet): the columns the options name, checked, or detected (the
+    path column; 'label' when present and no --label-column is given)."""
+    if not columns:
+        raise ManifestError(f"manifest {source} is empty (no columns)")
+    m = Manifest(source, fmt, digest, list(columns), None)
+    m.path_column = _choose_column("--path-column", path_column, columns, source) or _detect_path_column(
+        columns, source)
+    m.label_column = _choose_column("--label-column", "label" if label_column is None and "label" in columns
+                                    else label_column, columns, source)
+    m.caption_column = _choose_column("--caption-column", caption_column, columns, source)
+    m.key_column = _choose_column("--key-column", key_column, columns, source)
+    return m
+
+
 class _Builder:
     """Turns raw records into rows (labels, captions and keys checked) for `sink`: by default the manifest's
     own row list; with a callback, the rows stream through and only their count and label names stay."""
@@ -258,28 +274,14 @@ class _Builder:
 def read_csv(source: str, delimiter: str = ",", path_column: str | None = None, label_column: str | None = None,
              caption_column: str | None = None, key_column: str | None = None, root_dir: str | None = None,
              storage_options: dict | None = None, fmt: str = "csv", sink: RowSink | None = None) -> Manifest:
+    """CSV or TSV with a header row, read line by line (memory: the rows kept, none with a `sink`)."""
     hashing, text = _open_text(source, storage_options)
     csv.field_size_limit(1 << 24)
     try:
         with text:
             reader = csv.reader(text, delimiter=delimiter)
-            try:
-                header = next(reader, None)
-            except (UnicodeDecodeError, csv.Error) as e:
-                raise ManifestError(f"manifest {source} is not readable CSV text ({e})") from None
-            if not header or not any(h.strip() for h in header):
-                raise ManifestError(f"manifest {source} is empty (no header row)")
-            header = [h.strip() for h in header]
-            if delimiter == "," and len(header) == 1 and "\t" in header[0]:
-                raise ManifestError(f"{source}: the header has tabs, not commas; use --format tsv")
-            m = Manifest(source, fmt, "", header, None)
-            m.path_column = _choose_column("--path-column", path_column, header, source) or _detect_path_column(
-                header, source)
-            if label_column is None and "label" in header:
-                label_column = "label"
-            m.label_column = _choose_column("--label-column", label_column, header, source)
-            m.caption_column = _choose_column("--caption-column", caption_column, header, source)
-            m.key_column = _choose_column("--key-column", key_column, header, source)
+            header = _csv_header(reader, source, delimiter)
+            m = _with_columns(source, fmt, "", header, path_column, label_column, caption_column, key_column)
             col = {c: i for i, c in enumerate(header)}
             b = _Builder(m, root_dir or parent(source), sink)
             line = reader.line_num
@@ -315,6 +317,19 @@ def read_csv(source: str, delimiter: str = ",", path_column: str | None = None, 
     return b.done()
 
 
+def _csv_header(reader, source: str, delimiter: str) -> list[str]:
+    """The column names of a CSV/TSV manifest's first line; ManifestError when there are none."""
+    try:
+        header = next(reader, None)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ManifestError(f"manifest {source} is not readable CSV text ({e})") from None
+    if not header or not any(h.strip() for h in header):
+        raise ManifestError(f"manifest {source} is empty (no header row)")
+    if delimiter == "," and len(header) == 1 and "\t" in header[0]:
+        raise ManifestError(f"{source}: the header has tabs, not commas; use --format tsv")
+    return [h.strip() for h in header]
+
+
 def read_parquet(source: str, path_column: str | None = None, label_column: str | None = None,
                  caption_column: str | None = None, key_column: str | None = None, root_dir: str | None = None,
                  storage_options: dict | None = None, sink: RowSink | None = None) -> Manifest:
@@ -329,8 +344,8 @@ def read_parquet(source: str, path_column: str | None = None, label_column: str 
             digest, _ = sha256_stream(f)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            m = _parquet_columns(source, pf.schema_arrow.names, digest, path_column, label_column, caption_column,
-                                 key_column)
+            m = _with_columns(source, "parquet", digest, pf.schema_arrow.names, path_column, label_column,
+                              caption_column, key_column)
             if pf.metadata.num_rows == 0:
                 raise ManifestError(f"manifest {source} has no rows")
             b = _Builder(m, root_dir or parent(source), sink)
@@ -351,22 +366,6 @@ def read_parquet(source: str, path_column: str | None = None, label_column: str 
     except Exception as e:  # pyarrow raises ArrowInvalid and friends
         raise ManifestError(f"cannot read parquet manifest {source}: {e}") from None
     return b.done()
-
-
-def _parquet_columns(source: str, columns: list[str], digest: str, path_column: str | None, label_column: str | None,
-                     caption_column: str | None, key_column: str | None) -> Manifest:
-    """The manifest header of a parquet file: its columns chosen (or detected) and checked."""
-    if not columns:
-        raise ManifestError(f"manifest {source} is empty (no columns)")
-    m = Manifest(source, "parquet", digest, list(columns), None)
-    m.path_column = _choose_column("--path-column", path_column, columns, source) or _detect_path_column(
-        columns, source)
-    if label_column is None and "label" in columns:
-        label_column = "label"
-    m.label_column = _choose_column("--label-column", label_column, columns, source)
-    m.caption_column = _choose_column("--caption-column", caption_column, columns, source)
-    m.key_column = _choose_column("--key-column", key_column, columns, source)
-    return m
 
 
 def _cell(v) -> str:

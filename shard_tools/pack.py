@@ -32,7 +32,6 @@ The result is byte for byte what one run writes (launch/slurm_pack.sbatch runs t
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import itertools
@@ -46,14 +45,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import PIL
 from tqdm import tqdm
 
-from shard_tools.cli import progress_switch, run_main, tool_prog
+from shard_tools.cli import run_main, tool_prog
 from shard_tools.errors import (
     ShardSetTotals,
     ToolError,
@@ -88,17 +87,104 @@ from shard_tools.parts import (
 )
 from shard_tools.processes import KILL_ENV, die_with_parent
 from shard_tools.quantities import COUNT_HELP, SIZE_HELP, count_arg, format_bytes, plural, size_arg
+from shard_tools.settings import (
+    check_choices,
+    config_sha256,
+    configure,
+    digest_of,
+    options_of,
+    parse_settings,
+    progress_setting,
+    setting,
+    settings_parser,
+)
 from shard_tools.shardset import ShardInfo, finished_index, idx_name, shard_name
 from shard_tools.shuffle import Shuffle
 from shard_tools.storage import STORAGE_OPTIONS_HELP, is_url, read_location, storage_options_arg
 from shard_tools.writer import ShardWriter, make_index, write_index
 
-__all__ = ["PATH_COLUMNS", "MAX_PIXELS", "PackError", "PackResult", "Part", "PartPlan", "inspect_image", "label_ids",
-           "merge", "pack", "plan", "main"]
+__all__ = ["PATH_COLUMNS", "MAX_PIXELS", "PackCommand", "PackError", "PackResult", "PackSettings", "Part", "PartPlan",
+           "inspect_image", "label_ids", "merge", "pack", "plan", "main"]
 
 SOURCES = ("real", "yfcc", "crawled", "generated", "downstream")
 PACK_VERSION = 3  # bump when the bytes written for the same inputs change (3: shards are blocks of positions)
 NOT_ERRORS = ("duplicate",)  # skipped on purpose: listed, but not counted against --max-error-rate
+
+
+PARTS = "packing in parts (many machines: see docs/packing-at-scale.md)"
+
+
+@dataclass
+class PackSettings:
+    """What pack() and plan() take besides the manifest and the output: one field per option of the command
+    line (the same name, with dashes), its help, choices and default. `digest` marks what shapes the bytes
+    written: their digest (see `_digest_settings`) tells a resumable run from another one."""
+
+    name: str | None = setting(None, "shard name prefix (default: the output folder's name)", digest=True)
+    format: str | None = setting(None, "manifest format (default: from the name; folder for a folder)", FORMATS,
+                                 digest=True)
+    shard_size: int = setting(1000, f"samples per shard, {COUNT_HELP}", parse=count_arg, digest=True)
+    shard_bytes: int | None = setting(None, f"also start a new shard before passing this size; {SIZE_HELP}",
+                                      parse=size_arg, digest=True)
+    seed: int = setting(0, "seed of the global shuffle", digest=True)
+    path_column: str | None = setting(None, "column with image paths or URLs (default: first of "
+                                            f"{', '.join(PATH_COLUMNS)})", digest=True)
+    label_column: str | None = setting(None, "column with integer labels or class names; a row with an empty cell "
+                                             "is packed without a label; '' reads no labels (default: 'label' if "
+                                             "present)", digest=True)
+    caption_column: str | None = setting(None, "column with a caption, kept in each sample's json", digest=True)
+    key_column: str | None = setting(None, "column with an id appended to each sample key (KEY_ID)", digest=True)
+    root_dir: str | None = setting(None, "folder (or URL) relative paths start from (default: the manifest's); for "
+                                         "yfcc, the local mirror holding the images", digest="root")
+    path_template: str | None = setting(None, "yfcc: mirror file name from the YFCC columns (default {id}.jpg; "
+                                              "e.g. {hash3}/{hash6}/{hash}.jpg)")
+    labels_from_subfolders: bool = setting(False, "folder input: label = top-level subfolder")
+    source: str | None = setting(None, "recorded in index.json and each sample's json (default: yfcc for --format "
+                                       "yfcc, else real)", SOURCES, digest=True)
+    max_side: int | None = setting(None, "re-encode images whose longer side is larger, down to this (JPEG, aspect "
+                                         "kept); others keep their original bytes", parse=positive_int, digest=True)
+    quality: int = setting(90, "JPEG quality of re-encoded images", digest=True)
+    max_pixels: int = setting(MAX_PIXELS, f"refuse larger images as possible decompression bombs, {COUNT_HELP}",
+                              parse=count_arg, digest=True)
+    decode: bool = setting(False, "fully decode every image to catch damaged data (slower)", digest=True)
+    dedup: bool = setting(False, "drop exact duplicate images (content hash); listed in the errors file, not counted "
+                                 "as errors (not with --part)", digest=True)
+    max_error_rate: float = setting(0.05, "fail past this fraction of bad rows")
+    workers: int = setting(1, "processes checking/encoding images", parse=positive_int)
+    threads: int | None = setting(None, "I/O threads per worker (default 8 for URLs, else 1)", parse=positive_int)
+    storage_options: dict | None = setting(None, STORAGE_OPTIONS_HELP, parse=storage_options_arg)
+    tmp_dir: str | None = setting(None, "local folder for staging shards of a remote --out (default: system temp)")
+    overwrite: bool = setting(False, "replace a finished shard set of other settings in --out (default: off: stop)")
+    part: Part | None = setting(None, "K/N: write only the shards of part K of N (counted from 1), e.g. 3/16; every "
+                                      "part gets the same other options, then --merge (launch/slurm_pack.sbatch runs "
+                                      "the parts as a SLURM array)", parse=part_arg, group=PARTS)
+    progress: bool | None = progress_setting(False)
+
+
+@dataclass
+class _Where:
+    """What pack.py reads and where it writes (first in its `--help`)."""
+
+    manifest: str | None = setting(None, "CSV/TSV (header row), Parquet, YFCC100M metadata file, or a folder of "
+                                         "images; local or an fsspec URL, optionally .gz/.bz2/.xz compressed (not "
+                                         "with --merge)", positional=True)
+    out: str | None = setting(None, "output folder of the shard set, or an fsspec URL (s3://bucket/prefix) "
+                                    "(default: shards/<manifest name>, e.g. shards/pool for pool.csv)")
+
+
+@dataclass
+class PackCommand(PackSettings, _Where):
+    """The command line of pack.py: the manifest and the output, PackSettings, and what only the command does."""
+
+    labels: bool = setting(True, "read labels from --label-column (or a 'label' column); --no-labels packs every row "
+                                 "without one, as --label-column '' does")
+    merge: bool = setting(False, "write index.json of --out once all its parts are done (no manifest; the parts' "
+                                 "--name is found in --out unless given; names the parts still missing otherwise; "
+                                 "checks the highest --max-error-rate the parts ran with)", group=PARTS)
+    plan_only: bool = setting(False, "read the manifest and assign the rows (of --part) to shards, write nothing, "
+                                     "print the shards, the time and the peak memory (image paths need not exist)",
+                              group=PARTS)
+    progress: bool | None = progress_setting(None)
 
 
 class PackError(ToolError):
@@ -289,11 +375,10 @@ def _owned_rows(m: Manifest, read: Callable[..., Manifest], seed: int, layout: L
     return positions, [m.label_id(r) for r in rows]
 
 
-def _reader(manifest, format, path_column, label_column, caption_column, key_column, root_dir, path_template,
-            labels_from_subfolders, storage_options) -> Callable[..., Manifest]:
-    """read(rows=None): the manifest read with these options (see read_manifest)."""
-    return functools.partial(read_manifest, manifest, format, path_column, label_column, caption_column, key_column,
-                             root_dir, path_template, labels_from_subfolders, storage_options)
+def _reader(manifest, s: PackSettings) -> Callable[..., Manifest]:
+    """read(rows=None): the manifest read with the settings' options (see read_manifest)."""
+    return functools.partial(read_manifest, manifest, s.format, s.path_column, s.label_column, s.caption_column,
+                             s.key_column, s.root_dir, s.path_template, s.labels_from_subfolders, s.storage_options)
 
 
 def _none_usable(manifest, total: int) -> str:
@@ -308,38 +393,9 @@ def _failures(errors: list[tuple[int, str, str]]) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def pack(
-    manifest: str | Path,
-    out: str | Path,
-    name: str | None = None,
-    shard_size: int = 1000,
-    seed: int = 0,
-    path_column: str | None = None,
-    label_column: str | None = None,
-    root_dir: str | Path | None = None,
-    source: str | None = None,
-    max_error_rate: float = 0.05,
-    *,
-    format: str | None = None,
-    caption_column: str | None = None,
-    key_column: str | None = None,
-    path_template: str | None = None,
-    labels_from_subfolders: bool = False,
-    shard_bytes: int | None = None,
-    max_side: int | None = None,
-    quality: int = 90,
-    max_pixels: int = MAX_PIXELS,
-    decode: bool = False,
-    dedup: bool = False,
-    workers: int = 1,
-    threads: int | None = None,
-    storage_options: dict | None = None,
-    tmp_dir: str | Path | None = None,
-    part: Part | None = None,
-    progress: bool | None = False,
-    overwrite: bool = False,
-) -> PackResult:
-    """Pack `manifest` into the shard set `out` (a folder or an fsspec URL such as s3://bucket/prefix).
+def pack(manifest: str | Path, out: str | Path, settings: PackSettings | None = None, **options) -> PackResult:
+    """Pack `manifest` into the shard set `out` (a folder or an fsspec URL such as s3://bucket/prefix), with
+    `settings` and keyword `options` named like its fields (pack(m, out, name="pool", shard_size=500)).
 
     `source` defaults to 'yfcc' for --format yfcc, else 'real'. Rows with an empty label are packed without one;
     `label_column` '' reads no labels at all. `progress` None shows the bar on a terminal. A
@@ -349,37 +405,33 @@ def pack(
     line message) when the run fails as a whole. The phases: check the settings, read the manifest, resume or start,
     write, record the part, merge (the whole run).
     """
-    start, out, part = time.perf_counter(), str(out), part or Part()
-    name = _check_settings(out, name, shard_size, max_side, quality, max_error_rate, dedup, part)
-    read = _reader(manifest, format, path_column, label_column, caption_column, key_column, root_dir, path_template,
-                   labels_from_subfolders, storage_options)
+    start, out, s = time.perf_counter(), str(out), configure(PackSettings, settings, options)
+    part = s.part or Part()
+    name = _check_settings(out, s)
+    read = _reader(manifest, s)
     m: Manifest = read() if part.whole else read(rows=_CountOnly())
-    source = source or ("yfcc" if m.format == "yfcc" else "real")
-    config = _settings(m, name, seed, shard_size, shard_bytes, source, root_dir, max_side, quality, max_pixels,
-                       decode, dedup)
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-    opts = ImageOptions(max_pixels, decode, max_side, quality, dedup, storage_options)
-    output = open_output(out, storage_options, tmp_dir)
+    s = _resolved(s, m, name)
+    config = _digest_settings(s, m)
+    digest = config_sha256(config)
+    output = open_output(out, s.storage_options, s.tmp_dir)
     try:
         output.lock(f"pack.py --name {name}" + ("" if part.whole else f" --part {part}"), part.scope)
         if not m.usable:
             write_errors(output, errors_stem(name, part), m.errors)
             raise PackError(f"{_none_usable(manifest, m.total)}; see "
                             f"{output.location(errors_stem(name, part) + '-errors.csv')}")
-        layout = Layout(m.usable, shard_size, part)
+        layout = Layout(m.usable, s.shard_size, part)
         done = finished_index(output, "packing", digest, name, lambda path: layout.writes(block_of(name, path)))
         if done is not None:  # a part checks its own shards only: the others' are theirs to check
             output.remove(state_dir(name))  # left behind if a run was killed right after writing index.json
-            errors = read_errors(output, name)
-            return PackResult(done, done["num_samples"], count_by_kind(errors), errors, time.perf_counter() - start,
-                              m.total, done.get("duplicates", 0), m.filtered, len(done["shards"]), True,
-                              unlabeled=_unlabeled(done))
-        if not overwrite and _other_settings(output, digest):
+            return _finished(output, name, done, m, start)
+        if not s.overwrite and _other_settings(output, digest):
             raise PackError(f"{out} holds a finished shard set packed from another manifest or with other settings; "
                             "use --overwrite to replace it, or choose another --out")
-        positions, rows = _owned_rows(m, read, seed, layout)
-        run = _start(output, m, layout, name, source, digest, shard_bytes, max_error_rate, dedup)
-        _write_part(run, positions, rows, opts, workers, threads, progress)
+        positions, rows = _owned_rows(m, read, s.seed, layout)
+        run = _start(output, m, layout, name, s.source, digest, s.shard_bytes, s.max_error_rate, s.dedup)
+        opts = ImageOptions(s.max_pixels, s.decode, s.max_side, s.quality, s.dedup, s.storage_options)
+        _write_part(run, positions, rows, opts, s.workers, s.threads, s.progress)
         record = _record_part(run, manifest, config)
         result = _merge(output, name) if part.whole else _part_result(record, m)
         result.resumed_shards = sum(len(r["shards"]) for r in run.kept.values())
@@ -387,6 +439,14 @@ def pack(
         return result
     finally:
         output.close()
+
+
+def _finished(output: Output, name: str, index: dict, m: Manifest, start: float) -> PackResult:
+    """The result of a run whose shard set is already complete (its index.json)."""
+    errors = read_errors(output, name)
+    return PackResult(index, index["num_samples"], count_by_kind(errors), errors, time.perf_counter() - start,
+                      m.total, index.get("duplicates", 0), m.filtered, len(index["shards"]), True,
+                      unlabeled=_unlabeled(index))
 
 
 def _unlabeled(index: dict) -> int:
@@ -403,49 +463,43 @@ def _other_settings(output: Output, digest: str) -> bool:
         return False  # a damaged index.json is no finished set
 
 
-def _check_settings(out: str, name: str | None, shard_size: int, max_side: int | None, quality: int,
-                    max_error_rate: float, dedup: bool = False, part: Part | None = None) -> str:
+def _check_settings(out: str, s: PackSettings) -> str:
     """Raise PackError for a setting out of range; returns the shard name (default: the folder's name)."""
-    name = shard_set_name(out, name, PackError)
-    if shard_size < 1:
+    name = shard_set_name(out, s.name, PackError)
+    check_choices(s, PackError)
+    if s.shard_size < 1:
         raise PackError("--shard-size must be >= 1")
-    if max_side is not None and max_side < 1:
+    if s.max_side is not None and s.max_side < 1:
         raise PackError("--max-side must be >= 1")
-    if not 1 <= quality <= 100:
+    if not 1 <= s.quality <= 100:
         raise PackError("--quality must be in 1..100")
-    if not 0 <= max_error_rate <= 1:
+    if not 0 <= s.max_error_rate <= 1:
         raise PackError("--max-error-rate must be in 0..1")
-    if dedup and part is not None and not part.whole:
-        raise PackError(f"--dedup with --part {part}: a duplicate is judged against every image before it in the "
+    if s.dedup and s.part is not None and not s.part.whole:
+        raise PackError(f"--dedup with --part {s.part}: a duplicate is judged against every image before it in the "
                         "whole shuffled order, which no part sees; pack with --dedup in one run, or without it")
     return name
 
 
-def _settings(m: Manifest, name: str, seed: int, shard_size: int, shard_bytes: int | None, source: str,
-              root_dir, max_side: int | None, quality: int, max_pixels: int, decode: bool, dedup: bool) -> dict:
-    """Everything that shapes the bytes written: its digest tells a resumable run from another one. Rows without
-    a label are named only when there are some (pack version 3 refused them), so the sets it packed keep their
-    digest."""
+def _resolved(s: PackSettings, m: Manifest, name: str) -> PackSettings:
+    """The settings as the run uses them: the shard name, the source, and the manifest's format and columns as
+    its reader chose them."""
+    return replace(s, name=name, source=s.source or ("yfcc" if m.format == "yfcc" else "real"),
+                    format=m.format, path_column=m.path_column, label_column=m.label_column,
+                    caption_column=m.caption_column, key_column=m.key_column)
+
+
+def _digest_settings(s: PackSettings, m: Manifest) -> dict:
+    """Everything that shapes the bytes written (`s` resolved): the settings declared with `digest`, the pack
+    version and the manifest's checksum. Its digest tells a resumable run from another one. The quality and the
+    encoder count only when images are re-encoded; rows without a label are named only when there are some (pack
+    version 3 refused them), so the sets it packed keep their digest."""
     return {
+        **digest_of(s),
         "pack_version": PACK_VERSION,
         "manifest_sha256": m.sha256,
-        "format": m.format,
-        "name": name,
-        "seed": seed,
-        "shard_size": shard_size,
-        "shard_bytes": shard_bytes,
-        "source": source,
-        "path_column": m.path_column,
-        "label_column": m.label_column,
-        "caption_column": m.caption_column,
-        "key_column": m.key_column,
-        "root": str(root_dir) if root_dir is not None else None,
-        "max_side": max_side,
-        "quality": quality if max_side else None,
-        "encoder": PIL.__version__ if max_side else None,
-        "max_pixels": max_pixels,
-        "decode": decode,
-        "dedup": dedup,
+        "quality": s.quality if s.max_side else None,
+        "encoder": PIL.__version__ if s.max_side else None,
         **({"unlabeled_rows": m.unlabeled} if m.unlabeled else {}),
     }
 
@@ -805,26 +859,22 @@ class PartPlan:
                 f"{format_bytes(self.peak_bytes)}")
 
 
-def plan(manifest: str | Path, out: str | Path, name: str | None = None, shard_size: int = 1000, seed: int = 0,
-         path_column: str | None = None, label_column: str | None = None, root_dir: str | Path | None = None, *,
-         format: str | None = None, caption_column: str | None = None, key_column: str | None = None,
-         path_template: str | None = None, labels_from_subfolders: bool = False, part: Part | None = None,
-         storage_options: dict | None = None) -> PartPlan:
-    """Read the manifest and assign the rows of `part` to its shards as pack() does, writing nothing (images
-    are not opened: their paths need not exist). Times both steps and reports the peak memory."""
+def plan(manifest: str | Path, out: str | Path, settings: PackSettings | None = None, **options) -> PartPlan:
+    """Read the manifest and assign the rows of the settings' `part` to its shards as pack() does, writing nothing
+    (images are not opened: their paths need not exist). Times both steps and reports the peak memory."""
     import resource
 
-    part = part or Part()
-    name = _check_settings(str(out), name, shard_size, None, 90, 0.0)
-    read = _reader(manifest, format, path_column, label_column, caption_column, key_column, root_dir, path_template,
-                   labels_from_subfolders, storage_options)
+    s = configure(PackSettings, settings, options)
+    part = s.part or Part()
+    name = _check_settings(str(out), s)
+    read = _reader(manifest, s)
     t0 = time.perf_counter()
     m = read() if part.whole else read(rows=_CountOnly())
     t1 = time.perf_counter()
     if not m.usable:
         raise PackError(_none_usable(manifest, m.total))
-    layout = Layout(m.usable, shard_size, part)
-    positions, _ = _owned_rows(m, read, seed, layout)
+    layout = Layout(m.usable, s.shard_size, part)
+    positions, _ = _owned_rows(m, read, s.seed, layout)
     t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     return PartPlan(name, part, m.total, m.usable, layout, len(positions), (t1 - t0, t2 - t1), peak)
@@ -842,100 +892,27 @@ def default_out(manifest: str) -> str:
     return os.path.join("shards", name)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=tool_prog("pack.py"), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("manifest", nargs="?", help="CSV/TSV (header row), Parquet, YFCC100M metadata file, or a folder of "
-                                               "images; local or an fsspec URL, optionally .gz/.bz2/.xz compressed "
-                                               "(not with --merge)")
-    p.add_argument("--out", help="output folder of the shard set, or an fsspec URL (s3://bucket/prefix) (default: "
-                                 "shards/<manifest name>, e.g. shards/pool for pool.csv)")
-    p.add_argument("--name", help="shard name prefix (default: the output folder's name)")
-    p.add_argument("--format", choices=FORMATS, help="manifest format (default: from the name; folder for a folder)")
-    p.add_argument("--shard-size", type=count_arg, default=1000, help=f"samples per shard, {COUNT_HELP} (default 1000)")
-    p.add_argument("--shard-bytes", type=size_arg, help=f"also start a new shard before passing this size; {SIZE_HELP}")
-    p.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
-    p.add_argument("--path-column", help=f"column with image paths or URLs (default: first of {', '.join(PATH_COLUMNS)}"
-                                         ")")
-    p.add_argument("--label-column", help="column with integer labels or class names; a row with an empty cell is "
-                                          "packed without a label; '' reads no labels (default: 'label' if present)")
-    p.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
-                   help="read labels from --label-column (or a 'label' column); --no-labels packs every row without "
-                        "one, as --label-column '' does (default: on)")
-    p.add_argument("--caption-column", help="column with a caption, kept in each sample's json")
-    p.add_argument("--key-column", help="column with an id appended to each sample key (KEY_ID)")
-    p.add_argument("--root-dir", help="folder (or URL) relative paths start from (default: the manifest's); for "
-                                      "yfcc, the local mirror holding the images")
-    p.add_argument("--path-template", help="yfcc: mirror file name from the YFCC columns (default {id}.jpg; "
-                                           "e.g. {hash3}/{hash6}/{hash}.jpg)")
-    p.add_argument("--labels-from-subfolders", action=argparse.BooleanOptionalAction, default=False,
-                   help="folder input: label = top-level subfolder (default: off)")
-    p.add_argument("--source", choices=SOURCES, help="recorded in index.json and each sample's json "
-                                                     "(default: yfcc for --format yfcc, else real)")
-    p.add_argument("--max-side", type=positive_int, help="re-encode images whose longer side is larger, down to this "
-                                                      "(JPEG, aspect kept); others keep their original bytes")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
-    p.add_argument("--max-pixels", type=count_arg, default=MAX_PIXELS,
-                   help=f"refuse larger images as possible decompression bombs, {COUNT_HELP} (default {MAX_PIXELS})")
-    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=False,
-                   help="fully decode every image to catch damaged data (slower; default: off)")
-    p.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=False,
-                   help="drop exact duplicate images (content hash); listed in the errors file, not counted as errors "
-                        "(default: off; not with --part)")
-    p.add_argument("--max-error-rate", type=float, default=0.05,
-                   help="fail past this fraction of bad rows (default 0.05)")
-    p.add_argument("--workers", type=positive_int, default=1, help="processes checking/encoding images (default 1)")
-    p.add_argument("--threads", type=positive_int, help="I/O threads per worker (default 8 for URLs, else 1)")
-    p.add_argument("--storage-options", type=storage_options_arg, help=STORAGE_OPTIONS_HELP)
-    p.add_argument("--tmp-dir", help="local folder for staging shards of a remote --out (default: system temp)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="replace a finished shard set of other settings in --out (default: off: stop)")
-    g = p.add_argument_group("packing in parts (many machines: see docs/packing-at-scale.md)")
-    g.add_argument("--part", type=part_arg, help="K/N: write only the shards of part K of N (counted from 1), e.g. "
-                                                 "3/16; every part gets the same other options, then --merge "
-                                                 "(launch/slurm_pack.sbatch runs the parts as a SLURM array)")
-    g.add_argument("--merge", action=argparse.BooleanOptionalAction, default=False,
-                   help="write index.json of --out once all its parts are done (no manifest; the parts' --name is "
-                        "found in --out unless given; names the parts still missing otherwise; checks the highest "
-                        "--max-error-rate the parts ran with; default: off)")
-    g.add_argument("--plan-only", action=argparse.BooleanOptionalAction, default=False,
-                   help="read the manifest and assign the rows (of --part) to shards, write nothing, print the "
-                        "shards, the time and the peak memory (image paths need not exist; default: off)")
-    progress_switch(p)
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _parser()
-    a = p.parse_args(argv)
-    if a.merge and (a.manifest or not a.out or a.plan_only):
+    p = settings_parser(PackCommand, tool_prog("pack.py"), __doc__)
+    c = parse_settings(p, PackCommand, argv)
+    if c.merge and (c.manifest or not c.out or c.plan_only):
         p.error("--merge takes --out (and --name) only: it reads the records the parts left there")
-    if not a.merge and not a.manifest:
+    if not c.merge and not c.manifest:
         p.error("the manifest is required (except with --merge)")
-    if not a.labels and (a.label_column or a.labels_from_subfolders):
+    if not c.labels and (c.label_column or c.labels_from_subfolders):
         p.error("--no-labels reads no labels: leave out --label-column and --labels-from-subfolders")
-    label_column = a.label_column if a.labels else ""
-    out = a.out or default_out(a.manifest)
-    reading = dict(format=a.format, caption_column=a.caption_column, key_column=a.key_column,
-                   path_template=a.path_template, labels_from_subfolders=a.labels_from_subfolders,
-                   part=a.part, storage_options=a.storage_options)
+    out = c.out or default_out(c.manifest)
+    options = {**options_of(c, PackSettings), **({} if c.labels else {"label_column": ""})}
 
     def run() -> int:
-        if a.plan_only:
-            print(plan(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, label_column, a.root_dir,
-                       **reading).summary())
+        if c.plan_only:
+            print(plan(c.manifest, out, **options).summary())
             return 0
-        if a.merge:
-            r = merge(out, a.name, a.storage_options, a.tmp_dir)
-        else:
-            r = pack(a.manifest, out, a.name, a.shard_size, a.seed, a.path_column, label_column, a.root_dir,
-                     a.source, a.max_error_rate, shard_bytes=a.shard_bytes, max_side=a.max_side, quality=a.quality,
-                     max_pixels=a.max_pixels, decode=a.decode, dedup=a.dedup, workers=a.workers, threads=a.threads,
-                     tmp_dir=a.tmp_dir, progress=a.progress, overwrite=a.overwrite, **reading)
+        r = merge(out, c.name, c.storage_options, c.tmp_dir) if c.merge else pack(c.manifest, out, **options)
         print(r.summary(out))
         return 0
 
-    return run_main("pack", run, log_folder=None if a.plan_only else out)
+    return run_main("pack", run, log_folder=None if c.plan_only else out)
 
 
 if __name__ == "__main__":

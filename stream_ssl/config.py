@@ -2,7 +2,8 @@
 
 Every setting is a field of `TrainConfig` with its help text (and, where the value is one of a few names, its
 choices) next to it; `parse_config` builds `train.py --help` from them, so what a flag means is written once.
-Boolean settings are switches (`--progress` / `--no-progress`).
+Boolean settings are switches (`--progress` / `--no-progress`). The machinery (`setting`, the flags, reading and
+checking a file's values) is shard_tools/settings.py, which the shard tools use too; the recipes are the trainer's.
 
 Batch vocabulary: `batch_size` is the micro-batch of one process (what one forward pass sees, and what the
 plan's per-rank batch is); an optimizer step accumulates `grad_accum` micro-batches, so the global batch is
@@ -21,16 +22,25 @@ recipe's optimizer settings.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from shard_tools.quantities import COUNT_HELP, SIZE_HELP
+from shard_tools.settings import (
+    add_config_option,
+    add_settings,
+    check_required,
+    file_value,
+    given_values,
+    read_mapping,
+    setting,
+    text_or_none,
+)
 from shard_tools.storage import STORAGE_OPTIONS_HELP, redact_options
 from stream_ssl.data.decoders import DECODERS
 from stream_ssl.data.fetch import LOCAL_READS
@@ -45,12 +55,11 @@ RECIPE_KEYS = ("method_options", *OPTIMIZER_KEYS, "warmup_fraction", "clip_grad"
 LARGE_IMAGES = 160  # from this side on, the 224 px recipes (NAME_r50) apply to convolutional backbones
 
 
-def setting(default, help: str, choices: tuple[str, ...] | None = None):
-    """A TrainConfig field with its `--help` text (and allowed values)."""
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
+def _method_names() -> tuple[str, ...]:
+    """The choices of --method: the method registry's names (imported when asked: the registry imports torch)."""
+    from stream_ssl.methods import METHODS
+
+    return tuple(sorted(METHODS))
 
 
 @dataclass
@@ -59,11 +68,11 @@ class TrainConfig:
     data: str = setting("", "required: comma-separated shard sets (folders or s3://, gs://, http(s):// URLs with "
                             "index.json), folders of plain WebDataset tars, single tars or brace patterns "
                             "(pool-{000000..000099}.tar; local tars are indexed on the fly), on the command line "
-                            "or in --config")
-    unique_samples: str = setting("1.0", f"N, the unique samples of the pool: {COUNT_RULE}")
-    budget_samples: str = setting("100K", f"C, the samples seen in pretraining: {COUNT_HELP}")
+                            "or in --config", required=True)
+    unique_samples: str = setting("1.0", f"N, the unique samples of the pool: {COUNT_RULE}", parse=str)
+    budget_samples: str = setting("100K", f"C, the samples seen in pretraining: {COUNT_HELP}", parse=str)
     mix: str | None = setting(None, "pool weights per source or set name: real=0.7,generated=0.3 "
-                                    "(default: proportional to size)")
+                                    "(default: proportional to size)", parse=text_or_none)
     num_workers: int = setting(2, "loader worker processes per training process")
     decoder: str = setting("pil", "; ".join(f"{d.name}: {d.help}" for d in DECODERS.values()), tuple(DECODERS))
     dali_threads: int = setting(2, "DALI CPU threads per process (--decoder dali)")
@@ -94,7 +103,7 @@ class TrainConfig:
                                   "auto (NAME.yaml for ResNets under 160 px, NAME_r50.yaml from 160 px, NAME_vit.yaml "
                                   "for ViTs), a recipe name (simclr_r50), a YAML path, or none (only the generic "
                                   "defaults); --config and flags override it")
-    method: str = setting("simclr", "SSL method")  # choices: the method registry (see `choices`)
+    method: str = setting("simclr", "SSL method", _method_names)
     method_options: dict = setting({}, "settings passed to the method, as JSON or YAML: "
                                        "'{\"temperature\": 0.2}'")
     backbone: str = setting("resnet18", "timm model name (random weights; nothing is downloaded)")
@@ -172,120 +181,30 @@ class TrainConfig:
         return d
 
 
-def choices(f: dataclasses.Field) -> tuple[str, ...] | None:
-    """The allowed values of a setting (the method names come from the registry)."""
-    if f.name == "method":
-        from stream_ssl.methods import METHODS
-
-        return tuple(sorted(METHODS))
-    return f.metadata.get("choices")
-
-
-def _kind(f: dataclasses.Field) -> str:
-    return str(f.type).split(" ")[0].split("|")[0].strip()  # 'bool', 'int', 'float', 'str', 'dict'
-
-
-def _parse_value(text: str, f: dataclasses.Field):
-    if "None" in str(f.type) and text.strip().lower() in ("none", "null", ""):
-        return None
-    kind = _kind(f)
-    if kind == "dict":
-        value = yaml.safe_load(text)  # JSON is YAML; YAML flow style ({temperature: 0.2}) works too
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping like '{{\"temperature\": 0.2}}', got {text!r}")
-        return value
-    if kind == "int":
-        return int(text)
-    if kind == "float":
-        return float(text)
-    return text
-
-
-def _check_value(f: dataclasses.Field, value, where: str):
-    """`value` of setting `f` with the YAML quirks undone (1e-6 read as a string, 1 as an int); raises ValueError
-    naming `where` and the setting when it has the wrong type or is not one of the choices."""
-    kind = _kind(f)
-    if value is None:
-        if "None" not in str(f.type):
-            raise ValueError(f"{where}: {f.name} may not be null")
-        return None
-    if kind == "float" and not isinstance(value, bool):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: {f.name} must be a number, got {value!r}") from None
-    if f.name in ("unique_samples", "budget_samples"):
-        value = str(value)  # a count or fraction, parsed with the pool size later
-    wanted = {"bool": bool, "int": int, "float": float, "dict": dict, "str": str}.get(kind, object)
-    if not isinstance(value, wanted) or (kind in ("int", "float") and isinstance(value, bool)):
-        name = {"bool": "true or false", "int": "an integer", "float": "a number", "dict": "a mapping"}.get(kind, kind)
-        raise ValueError(f"{where}: {f.name} must be {name}, got {value!r}")
-    allowed = choices(f)
-    if allowed and value not in allowed:
-        raise ValueError(f"{where}: {f.name} {value!r} is not one of {', '.join(allowed)}")
-    return value
-
-
 def load_yaml_settings(path: Path) -> dict:
-    """A YAML file of TrainConfig settings; unknown keys are an error."""
-    loaded = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
-    unknown = set(loaded) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-    return loaded
+    """A YAML file of TrainConfig settings, as written (a recipe, a --config file); unknown keys are an error."""
+    return read_mapping(TrainConfig, path)
 
 
 def build_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, usage="%(prog)s --data SETS [--config FILE] [options]",
                                 description="Streaming self-supervised pretraining at a fixed budget of samples seen "
                                 "with a controlled number of unique samples.")
-    p.add_argument("--config", type=Path, help="YAML file of settings; flags given here override it")
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"]
-        default = "" if f.name == "data" or "(default" in help_text else f" (default: {getattr(defaults, f.name)!r})"
-        text = f"{help_text}{default}".replace("%", "%%")
-        if _kind(f) == "bool":
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            allowed = choices(f)
-            p.add_argument(flag, dest=f.name, default=None, metavar=None if allowed else f.name.upper(),
-                           choices=allowed, help=text)
+    add_config_option(p, "batch_size: 128")
+    add_settings(p, TrainConfig)
     return p
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "train.py") -> TrainConfig:
+    """The run's settings: the defaults, its recipe, a YAML file (--config), then the flags."""
     p = build_parser(prog)
-    args = p.parse_args(argv)
-    values: dict = {}
-    if args.config:
-        try:
-            values.update(load_yaml_settings(args.config))
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            p.error(str(e))
-    for f in dataclasses.fields(TrainConfig):
-        raw = getattr(args, f.name)
-        if raw is None:
-            continue
-        try:
-            values[f.name] = raw if isinstance(raw, bool) else _parse_value(raw, f)
-        except (ValueError, yaml.YAMLError) as e:
-            p.error(f"--{f.name.replace('_', '-')}: {e}")
+    values = given_values(p, TrainConfig, p.parse_args(argv))
     try:
-        for f in dataclasses.fields(TrainConfig):
-            if f.name in values:
-                from_file = args.config and getattr(args, f.name) is None
-                values[f.name] = _check_value(f, values[f.name], str(args.config) if from_file else "settings")
         values = with_recipe(values)
     except (OSError, ValueError, yaml.YAMLError) as e:
         p.error(str(e))
-    cfg = TrainConfig(**values)
-    if not cfg.data:
-        p.error("--data is required (comma-separated shard sets)")
-    return cfg
+    check_required(p, TrainConfig, values)
+    return TrainConfig(**values)
 
 
 def _default(name: str):
@@ -327,7 +246,7 @@ def with_recipe(values: dict) -> dict:
     if values.get("optimizer", optimizer) != optimizer:
         taken = {k: v for k, v in taken.items() if k not in OPTIMIZER_KEYS}
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    taken = {k: _check_value(fields[k], v, str(path)) for k, v in taken.items()}
+    taken = {k: file_value(fields[k], v, str(path)) for k, v in taken.items()}
     name = path.stem if path.resolve().parent == RECIPES else str(path)
     return {**taken, **values, "recipe": name}
 

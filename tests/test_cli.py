@@ -101,7 +101,7 @@ def test_one_size_rule_in_every_tool(monkeypatch, make_shard_set):
     fake = _Recorder(SUMMARY)
     monkeypatch.setattr(shard_tools.pack, "pack", fake)
     shard_tools.pack.main(["m.csv", "--out", "o", "--shard-bytes", "1G", "--shard-size", "2K"])
-    assert fake.kwargs["shard_bytes"] == 10**9 and fake.args[3] == 2000
+    assert fake.kwargs["shard_bytes"] == 10**9 and fake.kwargs["shard_size"] == 2000
     cfg = parse_config(["--data", "d", "--cache-size", "1G", "--budget-samples", "1G"])
     assert stream_ssl.run.parse_bytes is parse_bytes and parse_bytes(cfg.cache_size) == 10**9
     assert parse_count(cfg.budget_samples) == 10**9 == parse_bytes("1GB") and parse_bytes("1GiB") == 2**30
