@@ -6,11 +6,12 @@ JSON files of settings and the digest that tells one output from another.
         shard_size: int = setting(1000, f"samples per shard, {COUNT_HELP}", parse=count_arg, digest=True)
 
 `settings_parser` makes the flags (`--shard-size`; booleans as `--x/--no-x` switches; choices checked at parse
-time; every help text ends with its default) and `--config FILE`. `parse_settings` layers them, lowest first:
-the defaults, the file (keys are the field names, or the options' names: `shard_size: 2K`), then the flags. A value from a file is
-read as its flag's text would be (`parse`) and checked against the field's type and choices; an error names
-the file and the setting. `digest_of` gives the settings marked `digest` (those that shape the bytes a tool
-writes), and `configure` builds the settings of a library call from keyword arguments.
+time; every help text ends with its default) and `--config FILE`. `parse_settings` layers them, lowest
+first: the defaults, the file (keys are the field names, or the options' names: `shard_size: 2K`), then the
+flags. A value from a file is read as its flag's text would be (`parse`) and checked against the field's type
+and choices; an error names the file and the setting. `digest_of` gives the settings marked `digest` (those
+that shape the bytes a tool writes), and `configure` builds the settings of a library call from keyword
+arguments.
 
 Used by the shard tools (pack, crawl, generate) and the trainer (stream_ssl/config.py).
 """
