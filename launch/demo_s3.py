@@ -18,14 +18,6 @@ folders stay under --out (OUT/runs/local, OUT/runs/s3, the cache in OUT/cache). 
 
 from __future__ import annotations
 
-# Run as a script, sys.path[0] is this folder, where launch.py would shadow the `launch` package: the repository
-# root takes its place, before any other import.
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import json
 import os

@@ -43,14 +43,6 @@ are), starts nothing, and warns about missing inputs.
 
 from __future__ import annotations
 
-# Run as a script, sys.path[0] is this folder, where launch.py would shadow the `launch` package: the repository
-# root takes its place, before any other import.
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import csv
 import dataclasses
@@ -338,7 +330,7 @@ def train_command(sweep: Sweep, cell: Cell, python: str | None = None) -> list[s
     config = cell_config_path(sweep, cell)
     procs = int(sweep.launch.get("processes", 1))
     if procs > 1:
-        launcher = REPO / "launch" / "launch.py"
+        launcher = REPO / "launch" / "nodes.py"
         return [python or sys.executable, str(launcher), "--procs-per-node", str(procs), "--",
                 "--config", str(config)]
     return [python or sys.executable, str(TRAIN), "--config", str(config)]

@@ -4,7 +4,7 @@
 #   NNODES=2 NODE_RANK=0 GPUS_PER_NODE=8 MAIN_ADDRESS=node001 launch/torchrun_train.sh --config ... --out ...  # node 0
 #   NNODES=2 NODE_RANK=1 GPUS_PER_NODE=8 MAIN_ADDRESS=node001 launch/torchrun_train.sh --config ... --out ...  # node 1
 #
-# (python launch/launch.py --launcher torchrun --nodes 2 --gpus-per-node 8 --main-address node001 --dry-run -- ...
+# (python launch/nodes.py --launcher torchrun --nodes 2 --gpus-per-node 8 --main-address node001 --dry-run -- ...
 # prints the same commands.) train.py's Accelerator picks up the process group torchrun sets up; on a machine
 # without GPUs the processes use gloo.
 set -euo pipefail

@@ -235,14 +235,14 @@ def test_pack_a_manifest_verbatim_from_anywhere(tmp_path, make_shard_set):
 
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "shard_tools").glob("*.py")
                  if "def main(" in p.read_text() and p.name != "cli.py")
-SCRIPTS += ["launch/sweep.py", "launch/demo.py", "launch/launch.py", "stream_ssl/train.py"]
+SCRIPTS += ["launch/sweep.py", "launch/demo.py", "launch/demo_s3.py", "launch/nodes.py", "stream_ssl/train.py"]
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_command_runs_as_a_script(tmp_path, script):
-    """Run by path from another folder: the script's own folder first on sys.path must not shadow a module
-    (launch/launch.py would hide the `launch` package: demo.py and sweep.py put the repository first)."""
+    """Run by path from another folder: the script's own folder first on sys.path must not shadow a module (no
+    file in launch/ is named like the `launch` package, so none of them edits sys.path)."""
     proc = _run([PYTHON, REPO / script, "--help"], tmp_path)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
 

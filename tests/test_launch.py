@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from launch.launch import Topology, expand_nodelist, from_slurm, main, node_command, slurm_gpus
+from launch.nodes import Topology, expand_nodelist, from_slurm, main, node_command, slurm_gpus
 from tests.helpers import PYTHON, REPO
 from tests.helpers.runs import TINY_BACKBONE
 from tests.helpers.trainer import child_env, free_port
@@ -92,7 +92,7 @@ def test_accelerate_templates_and_batch_scripts():
         assert cfg["distributed_type"] == kind and cfg["num_machines"] == machines
         assert cfg["mixed_precision"] == "no"  # train.py --precision decides
     sbatch = (REPO / "launch" / "slurm_train.sbatch").read_text()
-    assert "#SBATCH --ntasks-per-node=1" in sbatch and "srun" in sbatch and "launch/launch.py --slurm" in sbatch
+    assert "#SBATCH --ntasks-per-node=1" in sbatch and "srun" in sbatch and "launch/nodes.py --slurm" in sbatch
     torchrun = (REPO / "launch" / "torchrun_train.sh").read_text()
     assert "torchrun" in torchrun and "NODE_RANK" in torchrun
     for script in ("slurm_train.sbatch", "torchrun_train.sh"):
@@ -156,7 +156,7 @@ def test_slurm_batch_script_stops_the_step_and_requeues_on_usr1(tmp_path):
 def test_two_cpu_processes_through_the_launcher(make_shard_set, tmp_path):
     pool = make_shard_set(200, shard_size=100, seed=31)
     run = tmp_path / "ddp"
-    cmd = [PYTHON, str(REPO / "launch" / "launch.py"), "--procs-per-node", "2", "--main-port", str(free_port()), "--",
+    cmd = [PYTHON, str(REPO / "launch" / "nodes.py"), "--procs-per-node", "2", "--main-port", str(free_port()), "--",
            "--data", str(pool), "--unique-samples", "100", "--budget-samples", "128", "--batch-size", "16",
            "--backbone", TINY_BACKBONE, "--image-size", "32", "--num-workers", "0", "--no-progress",
            "--log-with", "none", "--method-options", '{"proj_hidden": 64}', "--log-keys",

@@ -78,7 +78,7 @@ def _int(env: Mapping[str, str], *names: str) -> tuple[int, str] | None:
 def node_from_env(env: Mapping[str, str] | None = None) -> Node:
     """This process's node from the launcher's environment: torchrun and `accelerate launch` set LOCAL_RANK,
     LOCAL_WORLD_SIZE, GROUP_RANK (the node) and GROUP_WORLD_SIZE; NODE_RANK, then SLURM's SLURM_NODEID /
-    SLURM_NNODES / SLURM_LOCALID / SLURM_NTASKS_PER_NODE are used where those are missing (launch/launch.py
+    SLURM_NNODES / SLURM_LOCALID / SLURM_NTASKS_PER_NODE are used where those are missing (launch/nodes.py
     passes SLURM's node rank on as the machine rank). Without a launcher: node 0 of 1."""
     env = os.environ if env is None else env
     world = (_int(env, "WORLD_SIZE") or (1, ""))[0]

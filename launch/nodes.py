@@ -1,14 +1,14 @@
 r"""Start train.py on one node or many: builds the `accelerate launch` (or `torchrun`) command of each node.
 
     # on every node (rank 0 and 1), or let SLURM do it (launch/slurm_train.sbatch):
-    python launch/launch.py --nodes 2 --gpus-per-node 8 --node-rank 0 --main-address node001 -- \
+    python launch/nodes.py --nodes 2 --gpus-per-node 8 --node-rank 0 --main-address node001 -- \
         --config configs/demo.yaml --data s3://bucket/shards/pool --out runs/big
     # print the exact command every node runs, start nothing:
-    python launch/launch.py --nodes 2 --gpus-per-node 8 --main-address node001 --dry-run -- --data ... --out ...
+    python launch/nodes.py --nodes 2 --gpus-per-node 8 --main-address node001 --dry-run -- --data ... --out ...
     # inside a SLURM allocation (srun, one task per node): nodes, rank, address and GPUs come from SLURM
-    python launch/launch.py --slurm -- --data ... --out ...
+    python launch/nodes.py --slurm -- --data ... --out ...
     # two CPU processes over gloo (what CI runs): the same path
-    python launch/launch.py --procs-per-node 2 -- --data shards/pool --out runs/ddp ...
+    python launch/nodes.py --procs-per-node 2 -- --data shards/pool --out runs/ddp ...
 
 Everything after `--` goes to train.py unchanged. The Accelerate config templates are in launch/accelerate/
 (single_gpu.yaml, multi_gpu.yaml, multi_node.yaml); the per-node values (machine rank, main address, totals) are
@@ -156,7 +156,7 @@ def node_command(topo: Topology, node_rank: int, train_args: list[str], launcher
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python launch/launch.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python launch/nodes.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, help="machines (default 1; --slurm: SLURM_NNODES)")
     p.add_argument("--gpus-per-node", "--procs-per-node", dest="procs", type=int,
