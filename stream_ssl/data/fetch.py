@@ -376,7 +376,7 @@ class Fetcher:
                 if attempt == self.policy.retries:
                     raise ReadError(redact(f"{url}: failed {attempt + 1} times: {type(e).__name__}: {e}")) from e
                 with self._lock:
-                    self.stats.add(retries=1, cut=1)
+                    self.stats.add(retries=1, cut=1, throttled=int(is_throttled(e)))
                 await asyncio.sleep(self.policy.wait(attempt))
         raise AssertionError("unreachable")
 
