@@ -21,6 +21,7 @@ from stream_ssl.data.readahead import ReadAhead
 from stream_ssl.data.reader import ShardReader
 from stream_ssl.plan import main as plan_main
 from tests.helpers.emulators import AZURITE_KEY, EMULATORS, EmulatorMissing
+from tests.helpers.faults import lost_and_duplicated
 from tests.helpers.servers import FaultProxy, fault_schedule
 
 pytestmark = pytest.mark.emulator
@@ -112,8 +113,15 @@ def test_training_from_the_store_trains_on_the_local_keys(store, local, remote, 
     assert summary["requests"] > 0 and summary["bytes_read"] > 0
 
 
-@pytest.mark.parametrize("faults", ["cuts", "503s"])
-def test_cut_connections_and_503s_still_yield_every_planned_sample_exactly_once(faults, store, local, remote):
+FAULTS = {"cuts": "connections cut at random points (every 2nd: cut mid-body, reset, or 503)",
+          "503s": "503 bursts (requests 2-7)"}
+STORES = {"gs": "GCS", "az": "Azure Blob"}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("faults", list(FAULTS))
+def test_cut_connections_and_503s_still_yield_every_planned_sample_exactly_once(faults, store, local, remote,
+                                                                                fault_row):
     """Through the fault proxy: every 2nd connection cut mid-body, reset or answered 503 (`cuts`), or requests
     answered `503 SlowDown` in a burst (`503s`); the reader resumes at sample boundaries."""
     want, plan = _plans(local, remote, store.options(), unique_samples=120, budget_samples=240, world_size=1,
@@ -124,10 +132,15 @@ def test_cut_connections_and_503s_still_yield_every_planned_sample_exactly_once(
     try:
         reader = ShardReader(plan.sets, store.options(proxy.endpoint), backoff=0.01, retries=10,
                              request_bytes=16 * 1024)
-        assert _samples(plan, 0, reader) == _samples(want, 0, ShardReader(want.sets))
+        got, expected = _samples(plan, 0, reader), _samples(want, 0, ShardReader(want.sets))
     finally:
         proxy.close()
-    assert reader.stats.retries > 0 and reader.stats.cut > 0, proxy.kinds
+    lost, dup = lost_and_duplicated([s for _, ss in got for s in ss], [s for _, ss in expected for s in ss])
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(proxy.kinds.items()))
+    fault_row(f"{STORES[store.scheme]} (emulator), reads: {FAULTS[faults]}", lost, dup,
+              samples=sum(len(ss) for _, ss in got), faults=kinds, requests=proxy.requests,
+              retries=reader.stats.retries, throttled=reader.stats.throttled)
+    assert got == expected and reader.stats.retries > 0 and reader.stats.cut > 0, proxy.kinds
     if faults == "cuts":
         assert proxy.faults >= 4 and proxy.kinds.get("cut", 0) >= 3, proxy.kinds
     else:
@@ -180,7 +193,18 @@ def test_every_scheme_has_one_entry_and_aliases_share_options():
     assert fs_path("az://c/sets/pool") == fs_path("abfs://c/sets/pool") == "c/sets/pool"
 
 
-def test_gcs_and_azure_errors_are_classified():
+def test_a_ranged_get_answered_with_more_than_the_range_is_an_error():
+    from shard_tools.protocols.base import RangeIgnored, check_range
+
+    check_range(206, 10, 5, 15)  # partial content
+    check_range(200, 10, 0, 10)  # the whole object was the range
+    check_range(200, 999, None, None)  # not a ranged GET
+    for status, length, start in ((200, 100, 5), (200, 100, 0)):
+        with pytest.raises(RangeIgnored, match=rf"ignores range requests \(status {status}\)"):
+            check_range(status, length, start, start + 10)
+
+
+def test_gcs_and_azure_errors_are_classified(monkeypatch):
     pytest.importorskip("gcsfs")
     pytest.importorskip("adlfs")
     from azure.core.exceptions import HttpResponseError
@@ -199,6 +223,8 @@ def test_gcs_and_azure_errors_are_classified():
     gone = storage_error("az://c/k", azure(404, "ContainerNotFound"), {"az": {"account_name": "acct"}})
     assert isinstance(gone, BucketNotFound) and str(gone).startswith("az://c: the container does not exist "
                                                                      "(account acct)")
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", "from-env")  # (adlfs's variables, when no option names it)
+    assert "does not exist (account from-env)" in str(storage_error("az://c/k", azure(404, "ContainerNotFound")))
     slow, bad = HttpError({"code": 429, "message": "rateLimitExceeded"}), HttpError({"code": 401, "message": "no"})
     assert is_transient(slow) and is_throttled(slow) and not is_transient(bad)
     denied = storage_error("gs://b/k", OSError("Forbidden: b/o/k\nno access"))

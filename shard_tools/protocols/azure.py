@@ -11,9 +11,10 @@ Options are adlfs's: `account_name` with `account_key`, `sas_token` or `credenti
 
 from __future__ import annotations
 
+import os
 import re
 
-from shard_tools.protocols.base import Body, Errors, Protocol, folder_prefix
+from shard_tools.protocols.base import Body, Errors, Protocol, RangeIgnored, check_range, folder_prefix
 
 
 async def get(fs, path: str, start: int | None, end: int | None) -> Body:
@@ -23,6 +24,11 @@ async def get(fs, path: str, start: int | None, end: int | None) -> Body:
         range=None if start is None else f"bytes={start}-{end - 1}", version_id=version, retry_total=0,
         cls=lambda pipeline_response, body, headers: pipeline_response.http_response)
     r = response.internal_response  # aiohttp's response
+    try:
+        check_range(r.status, r.content_length, start, end)
+    except RangeIgnored:
+        r.release()
+        raise
     return Body(r.content.read, r.release)
 
 
@@ -64,10 +70,13 @@ def error_code(e: BaseException) -> str | None:
 
 
 def endpoint(opts: dict) -> str:
-    found = re.search(r"BlobEndpoint=([^;]+)", opts.get("connection_string") or "")
+    """The blob endpoint of a connection string, else the account (options first, then adlfs's variables)."""
+    text = opts.get("connection_string") or os.environ.get("AZURE_STORAGE_CONNECTION_STRING") or ""
+    found = re.search(r"BlobEndpoint=([^;]+)", text)
     if found:
         return f"endpoint {found.group(1)}"
-    account = opts.get("account_name")
+    named = re.search(r"AccountName=([^;]+)", text)
+    account = opts.get("account_name") or (named and named.group(1)) or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
     return f"account {account}" if account else "no account set"
 
 

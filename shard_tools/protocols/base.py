@@ -39,6 +39,13 @@ class RangeIgnored(OSError):
     """A server that answered a ranged GET with the whole object."""
 
 
+def check_range(status: int, length: int | None, start: int | None, end: int | None) -> None:
+    """Raise RangeIgnored when a ranged GET (`start` not None) was answered with more than the range: a status
+    other than 206 Partial Content, unless it is the whole object from byte 0 and no longer than asked."""
+    if start is not None and status != 206 and (start > 0 or (length or 0) > end - start):
+        raise RangeIgnored(f"the server ignores range requests (status {status})")
+
+
 @dataclass(frozen=True)
 class Errors:
     """How a protocol's client reports errors: the store's error codes and what they mean."""

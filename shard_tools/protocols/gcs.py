@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from shard_tools.protocols.base import Body, Errors, MissingBucket, Protocol, folder_prefix
+from shard_tools.protocols.base import Body, Errors, MissingBucket, Protocol, check_range, folder_prefix
 
 
 def make(opts: dict):
@@ -30,11 +30,13 @@ async def get(fs, path: str, start: int | None, end: int | None) -> Body:
     headers = fs._get_headers(None if start is None else {"Range": f"bytes={start}-{end - 1}"})
     timeout = {} if fs.requests_timeout is None else {"timeout": fs.requests_timeout}
     r = await session.get(fs.url(path), headers=headers, **timeout)
-    if r.status >= 400:
-        try:
+    try:
+        if r.status >= 400:
             validate_response(r.status, await r.read(), path)  # raises gcsfs's error (FileNotFoundError, ...)
-        finally:
-            r.release()
+        check_range(r.status, r.content_length, start, end)
+    except BaseException:
+        r.release()
+        raise
     return Body(r.content.read, r.release)
 
 

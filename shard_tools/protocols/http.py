@@ -5,7 +5,7 @@ download. There is no listing: shard sets over http are not checked before train
 
 from __future__ import annotations
 
-from shard_tools.protocols.base import Body, Protocol, RangeIgnored
+from shard_tools.protocols.base import Body, Protocol, check_range
 
 
 async def get(fs, url: str, start: int | None, end: int | None) -> Body:
@@ -18,8 +18,7 @@ async def get(fs, url: str, start: int | None, end: int | None) -> Body:
         if r.status in (404, 410):
             raise FileNotFoundError(url)
         r.raise_for_status()
-        if start is not None and r.status != 206 and (start > 0 or (r.content_length or 0) > end - start):
-            raise RangeIgnored(f"the server ignores range requests (status {r.status})")
+        check_range(r.status, r.content_length, start, end)
     except BaseException:
         r.release()
         raise
