@@ -219,7 +219,7 @@ _TRANSIENT_CODES = frozenset().union(*(e.transient for e in _ERRORS))
 _NOT_FOUND_CODES = frozenset().union(*(e.not_found for e in _ERRORS))
 _MISSING_BUCKET_CODES = frozenset().union(*(e.missing_bucket for e in _ERRORS))
 _THROTTLED_CODES = frozenset().union(*(e.throttled for e in _ERRORS))
-_THROTTLED_WORDS = ("Throttl", "429", "503", *_THROTTLED_CODES)
+_THROTTLED_NAMES = ("Throttl", *(c for c in _THROTTLED_CODES if not c.isdigit()))  # in messages: SlowDown, ...
 _NO_CREDENTIALS = tuple(name for e in _ERRORS for name in e.no_credentials)
 _DENIED = {"403": "wrong credentials, or no permission", **{k: v for e in _ERRORS for k, v in e.denied.items()}}
 
@@ -279,7 +279,7 @@ def is_transient(e: BaseException) -> bool:
     for err in chain:
         if isinstance(err, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
             return True
-        if any(t in str(err) for t in ("SlowDown", "reduce your request rate", "Throttl")):
+        if any(word in str(err) for word in _THROTTLED_NAMES):
             return True
         module = type(err).__module__ or ""
         if module.split(".")[0] in _IO_MODULES and _TRANSIENT_NAME.search(type(err).__name__):
@@ -295,7 +295,7 @@ def is_throttled(e: BaseException) -> bool:
     for err in _chain(e):
         if http_status(err) in (429, 503) or _error_code(err) in _THROTTLED_CODES:
             return True
-        if any(word in str(err) for word in _THROTTLED_WORDS):
+        if any(word in str(err) for word in ("429", "503", *_THROTTLED_NAMES)):
             return True
     return False
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 
-from shard_tools.protocols.base import Body, Errors, Protocol, RangeIgnored, check_range, folder_prefix
+from shard_tools.protocols.base import Body, Errors, Protocol, RangeIgnored, blocking, check_range, folder_prefix
 
 
 async def get(fs, path: str, start: int | None, end: int | None) -> Body:
@@ -41,9 +41,7 @@ async def _walk(fs, path: str, visit) -> None:
 
 
 def list_files(fs, path: str, visit) -> None:
-    from fsspec.asyn import sync
-
-    sync(fs.loop, _walk, fs, path, visit)
+    blocking(fs, _walk, fs, path, visit)
 
 
 async def _first(fs, path: str) -> None:
@@ -55,9 +53,7 @@ async def _first(fs, path: str) -> None:
 
 def probe(fs, path: str) -> None:
     """One List Blobs of at most one blob: ContainerNotFound, or the credentials refused."""
-    from fsspec.asyn import sync
-
-    sync(fs.loop, _first, fs, path)
+    blocking(fs, _first, fs, path)
 
 
 def error_code(e: BaseException) -> str | None:

@@ -76,6 +76,13 @@ def ls_files(fs, path: str, visit: Callable[[str, int], None]) -> None:
             visit(entry["name"].rstrip("/").rsplit("/", 1)[-1], int(entry.get("size") or 0))
 
 
+def blocking(fs, fn, *args, **kwargs):
+    """`await fn(*args, **kwargs)` on the event loop of the async filesystem `fs`, from synchronous code."""
+    from fsspec.asyn import sync
+
+    return sync(fs.loop, fn, *args, **kwargs)
+
+
 def folder_prefix(key: str) -> str:
     """The key prefix of the objects directly in folder `key` ("" for a bucket's top)."""
     return key.rstrip("/") + "/" if key else ""

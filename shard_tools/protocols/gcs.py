@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from shard_tools.protocols.base import Body, Errors, MissingBucket, Protocol, check_range, folder_prefix
+from shard_tools.protocols.base import Body, Errors, MissingBucket, Protocol, blocking, check_range, folder_prefix
 
 
 def make(opts: dict):
@@ -62,17 +62,13 @@ async def _pages(fs, path: str, visit) -> None:
 
 
 def list_files(fs, path: str, visit) -> None:
-    from fsspec.asyn import sync
-
-    sync(fs.loop, _pages, fs, path, visit)
+    blocking(fs, _pages, fs, path, visit)
 
 
 def probe(fs, path: str) -> None:
     """One objects list of at most one object: a missing bucket, or the credentials refused."""
-    from fsspec.asyn import sync
-
     bucket, key, _ = fs.split_path(path)
-    sync(fs.loop, _objects, fs, bucket, prefix=key, maxResults=1)
+    blocking(fs, _objects, fs, bucket, prefix=key, maxResults=1)
 
 
 def error_code(e: BaseException) -> str | None:

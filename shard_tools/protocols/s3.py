@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from shard_tools.protocols.base import Body, Errors, Protocol, folder_prefix
+from shard_tools.protocols.base import Body, Errors, Protocol, blocking, folder_prefix
 
 
 async def get(fs, path: str, start: int | None, end: int | None) -> Body:
@@ -21,10 +21,8 @@ async def get(fs, path: str, start: int | None, end: int | None) -> Body:
 
 
 def list_files(fs, path: str, visit) -> None:
-    from fsspec.asyn import sync
-
     bucket, key, _ = fs.split_path(path)
-    sync(fs.loop, _pages, fs, bucket, folder_prefix(key), visit)
+    blocking(fs, _pages, fs, bucket, folder_prefix(key), visit)
 
 
 async def _pages(fs, bucket: str, prefix: str, visit) -> None:
