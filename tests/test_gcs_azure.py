@@ -99,18 +99,27 @@ def test_plan_prints_the_same_keys_and_one_listing_checks_the_shards(store, loca
 
 
 def test_training_from_the_store_trains_on_the_local_keys(store, local, remote, tmp_path):
+    """train.py (in this process) on the store, directly and through the fault proxy cutting every 3rd connection
+    after 20-60 KB: the same keys at the same steps as from local disk."""
     from stream_ssl.train import main as train_main
     from tests.helpers.trainer import train_args
 
-    flags = dict(unique_samples="64", budget_samples="128", log_with="none", log_keys="true")
+    flags = dict(unique_samples="64", budget_samples="128", log_with="none", log_keys="true",
+                 read_ahead_bytes="64KiB")  # (many requests: each a chance to be cut)
+    proxy = FaultProxy(store.port, fault_schedule(seed=7, every=3, max_faults=10, cut_range=(20_000, 60_000)))
     keys = {}
-    for name, data, extra in (("local", str(local), {}), ("store", remote,
-                                                          {"storage_options": json.dumps(store.options())})):
-        assert train_main(train_args(data, tmp_path / name, **flags, **extra)) == 0
-        keys[name] = (tmp_path / name / "keys" / "rank-0.txt").read_text().split()
-    assert keys["store"] == keys["local"] and len(keys["local"]) == 2 * 128
+    try:
+        for name, data, options in (("local", str(local), None), ("store", remote, store.options()),
+                                    ("cut", remote, store.options(proxy.endpoint))):
+            extra = {"storage_options": json.dumps(options)} if options else {}
+            assert train_main(train_args(data, tmp_path / name, **flags, **extra)) == 0
+            keys[name] = (tmp_path / name / "keys" / "rank-0.txt").read_text().split()
+    finally:
+        proxy.close()
+    assert keys["store"] == keys["cut"] == keys["local"] and len(keys["local"]) == 2 * 128
     summary = json.loads((tmp_path / "store" / "summary.json").read_text())["storage"]
     assert summary["requests"] > 0 and summary["bytes_read"] > 0
+    assert proxy.kinds.get("cut", 0) >= 1, proxy.kinds
 
 
 FAULTS = {"cuts": "connections cut at random points (every 2nd: cut mid-body, reset, or 503)",
