@@ -81,12 +81,14 @@ def fs_path(url: str) -> str:
 
 _USERINFO = re.compile(r"([a-zA-Z][\w+.-]*://)[^/@\s]*@")
 _QUERY = re.compile(r"([a-zA-Z][\w+.-]*://[^\s?]*)\?[^\s'\"]*")
-_SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|session|signature", re.IGNORECASE)
-# `'aws_secret_access_key': 'X'`, `"token": "X"`, `password=X` in a message or a traceback.
+_SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|session|signature|connection_?string",
+                          re.IGNORECASE)  # (an Azure connection string holds the account key)
+# `'aws_secret_access_key': 'X'`, `"token": "X"`, `password=X`, `AccountKey=X` in a message or a traceback.
 # An exception's type name is not a secret's name (`NoCredentialsError: Unable to ...`), hence the lookahead.
 _SECRET_PAIR = re.compile(r"""(['"]?\b(?![\w-]*(?-i:Error|Exception|Warning)['"]?\s*[:=])"""
                           r"""[\w-]*(?:secret|token|password|passwd|credential|signature|key_id|"""
-                          r"""access_key)[\w-]*['"]?\s*[:=]\s*|['"]key['"]\s*:\s*)(['"]?)[^'"\s,}&)]+""",
+                          r"""access_key|accountkey|connection_?string)[\w-]*['"]?\s*[:=]\s*|['"]key['"]\s*:\s*)(['"]?)"""
+                          r"""[^'"\s,}&)]+""",
                           re.IGNORECASE)
 
 

@@ -117,6 +117,8 @@ def test_training_from_the_store_trains_on_the_local_keys(store, local, remote, 
     finally:
         proxy.close()
     assert keys["store"] == keys["cut"] == keys["local"] and len(keys["local"]) == 2 * 128
+    for f in (tmp_path / "store").rglob("*"):  # config.json and checkpoints keep the options, redacted
+        assert not f.is_file() or AZURITE_KEY.encode() not in f.read_bytes(), f
     summary = json.loads((tmp_path / "store" / "summary.json").read_text())["storage"]
     assert summary["requests"] > 0 and summary["bytes_read"] > 0
     assert proxy.kinds.get("cut", 0) >= 1, proxy.kinds
@@ -186,6 +188,17 @@ def test_refused_azure_credentials_name_the_url_and_where_credentials_come_from(
 
 # ----------------------------------------------------------------------------------------------------------
 # The entries' rules, without a server.
+
+
+def test_azure_connection_strings_and_account_keys_are_never_written_down():
+    from shard_tools.storage import redact, redact_options
+
+    text = f"DefaultEndpointsProtocol=http;AccountName=a;AccountKey={AZURITE_KEY};BlobEndpoint=http://h/a;"
+    assert AZURITE_KEY not in redact(f"failed with {text} and more") and "AccountName=a" in redact(text)
+    kept = json.loads(redact_options(json.dumps({"az": {"connection_string": text, "account_key": "k",
+                                                        "account_name": "a", "sas_token": "s"}})))
+    assert kept == {"az": {"connection_string": "<redacted>", "account_key": "<redacted>", "account_name": "a",
+                           "sas_token": "<redacted>"}}
 
 
 def test_every_scheme_has_one_entry_and_aliases_share_options():
