@@ -98,7 +98,7 @@ class Protocol:
     list: Callable[[Any, str, Callable[[str, int], None]], None] | None = ls_files
     probe: Callable[[Any, str], None] | None = None
     errors: Errors = Errors()
-    local: bool = False  # files on this machine: read directly (pread / mmap), never cached
+    local: bool = False  # files on this machine: the reader maps or preads them itself, no client
     make: Callable[[dict], fsspec.AbstractFileSystem] | None = None  # the client (None: fsspec.filesystem)
     defaults: Callable[[dict], None] | None = None  # fills options from the environment (s3: endpoint, region)
     client_env: tuple[str, ...] = ()  # environment variables that change where or as whom a client connects
