@@ -2,6 +2,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+NODE := .venv-node
+AZURITE ?= azurite@3.37.0
 
 .PHONY: demo demo-s3 test quick faults lint install clean gpu-bundle gpu-check bench-venv
 
@@ -15,10 +17,17 @@ $(VENV)/.installed: $(BIN)/python requirements.txt pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed $(NODE)/.installed
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps img2dataset==1.47.0
 	touch $@
+
+# Azurite, the Azure Blob emulator of tests/test_gcs_azure.py and benchmarks/stream.py, is an npm package: it goes
+# under .venv-node/ (node and npm are on the development and CI machines; without npm the Azure tests skip, saying so).
+$(NODE)/.installed:
+	@if command -v npm >/dev/null; then \
+	    npm install --silent --no-audit --no-fund --prefix $(NODE) $(AZURITE) && touch $@; \
+	else echo "npm not found: Azurite not installed, the Azure Blob tests will skip"; fi
 
 install: $(VENV)/.installed
 

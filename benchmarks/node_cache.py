@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.stream import BUCKET, SCENARIOS, _s3fs, run_child, write_set  # noqa: E402
+from benchmarks.stream import BUCKET, SCENARIOS, run_child, serve, write_set  # noqa: E402
 from shard_tools.quantities import SIZE_HELP, size_arg  # noqa: E402
 
 MODES = ("none", "on-demand", "fill")
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="per-rank batch (default 16)")
     p.add_argument("--nodes", default="1,2,4", help="simulated node counts, comma-separated (default 1,2,4)")
     p.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)} (default all)")
-    p.add_argument("--scenario", default="s3-30ms", choices=[s for s in SCENARIOS if s != "local"],
+    p.add_argument("--scenario", default="s3-30ms", choices=[s for s, v in SCENARIOS.items() if v and v[0] == "s3"],
                    help="storage shaping, as in benchmarks/stream.py (default s3-30ms: 30 ms, 40 MB/s)")
     p.add_argument("--read-ahead", type=size_arg, default=2 << 20,
                    help=f"read-ahead per rank and per filler, {SIZE_HELP} (default 2MiB: a small part of a pass, as "
@@ -218,19 +218,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(a) -> int:
     from shard_tools.quantities import parse_bytes
+    from shard_tools.storage import filesystem
     from stream_ssl.data.nodecache import storage_summary
-    from tests.helpers.servers import FaultProxy, MotoServer, upload_folder
+    from tests.helpers.servers import FaultProxy, upload_folder
 
     tmp = Path(tempfile.mkdtemp(prefix="node-cache-bench-"))
     moto = proxy = None
     try:
         write_set(tmp / "set", a.samples, a.sample_kb, a.shards)
-        moto = MotoServer()
-        fs = _s3fs(moto.options())
-        fs.call_s3("create_bucket", Bucket=BUCKET)
+        moto = serve("s3")
         folder = f"s3://{BUCKET}/set"
-        upload_folder(fs, tmp / "set", folder)
-        latency, rate = SCENARIOS[a.scenario]
+        upload_folder(filesystem(folder, moto.options()), tmp / "set", folder)
+        _, latency, rate = SCENARIOS[a.scenario]
         proxy = FaultProxy(moto.port, latency=latency, rate=rate)
         options = moto.options(proxy.endpoint)
         plan = make_bench_plan(str(tmp / "set"), {}, a.passes, a.world_size, a.batch)

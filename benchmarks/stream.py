@@ -1,23 +1,26 @@
 """Streaming throughput without decoding, side by side in one run: our reader, plain webdataset, LitData and
 MosaicML Streaming (when installed), and the raw ceiling of parallel whole-object GETs; from local disk, from
-S3 on loopback (moto), and from S3 behind a proxy that makes it behave like a real object store.
+S3 on loopback (moto), and from S3, Google Cloud Storage and Azure Blob (their emulators) behind a proxy that
+makes each behave like a real object store.
 
     python benchmarks/stream.py                       # 4000 samples of ~52 KB in 16 shards, every scenario
     python benchmarks/stream.py --peers-python .venv-bench/bin/python   # LitData / Mosaic live there
     python benchmarks/stream.py --scenarios local,s3-30ms --samples 2000
-    python benchmarks/stream.py --quick                 # every reader once, local and s3-30ms, toy sizes (seconds)
+    python benchmarks/stream.py --quick                 # every reader once, local and the 30 ms stores, toy sizes
 
 Scenarios: `local` (page cache warm), `s3` (moto on 127.0.0.1, no shaping), `s3-30ms` (30 ms added to the first
-byte of every request, 40 MB/s per connection: what S3-class stores look like) and `s3-100ms` (100 ms, 20 MB/s:
-another region). Readers, each timed over one pass in its own process (so none shares a client, a cache or
-the GIL with the proxy):
+byte of every request, 40 MB/s per connection: what S3-class stores look like), `s3-100ms` (100 ms, 20 MB/s:
+another region), and `gcs-30ms` and `azure-30ms`: the 30 ms shaping in front of gcp-storage-emulator and Azurite
+(tests/helpers/emulators.py; a row whose emulator cannot start is left out, saying why). Readers, each timed
+over one pass in its own process (so none shares a client, a cache or the GIL with the proxy):
 
   webdataset       webdataset.WebDataset over the shards in order, one stream per shard (the baseline)
   ours             one pass of a plan with the default mixing (1 rank, batch 64), stream_ssl's ReadAhead
   ours unmixed     the same plan with --shuffle-block 0 (stream order)
-  litdata          litdata.StreamingDataset over the same samples converted with litdata.optimize
-  mosaic           streaming.StreamingDataset over the same samples written with MDSWriter
-  ceiling          whole-object GETs of every shard on 8 threads (s3fs): what the store can give this process
+  litdata          litdata.StreamingDataset over the same samples converted with litdata.optimize (S3 rows)
+  mosaic           streaming.StreamingDataset over the same samples written with MDSWriter (S3 rows)
+  ceiling          whole-object GETs of every shard on 8 threads (the store's fsspec client): what the store
+                   can give this process
 
 and prints samples/s, MB/s, GET requests (counted at the proxy) and the ratios that matter: ours against the
 ceiling, against LitData and against webdataset, in each scenario. LitData and Mosaic need packages that
@@ -43,7 +46,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SCENARIOS = {"local": None, "s3": (0.0, None), "s3-30ms": (0.030, 40e6), "s3-100ms": (0.100, 20e6)}
+# scenario -> None (local disk) or (store, latency added to the first byte in s, bytes/s per connection or None)
+SCENARIOS = {"local": None, "s3": ("s3", 0.0, None), "s3-30ms": ("s3", 0.030, 40e6), "s3-100ms": ("s3", 0.100, 20e6),
+             "gcs-30ms": ("gs", 0.030, 40e6), "azure-30ms": ("az", 0.030, 40e6)}
 READERS = ("webdataset", "ours", "ours unmixed", "litdata", "mosaic", "ceiling")
 BUCKET = "bench"
 
@@ -58,7 +63,7 @@ def measure_ours(folder: str, options: dict, unmixed: bool, batch: int) -> dict:
     from stream_ssl.data.readahead import ReadAhead
     from stream_ssl.data.reader import ShardReader
 
-    sets = [load_shard_set(folder, options.get("s3"))]
+    sets = [load_shard_set(folder, options)]
     n = sets[0].num_samples
     plan = make_plan(sets, n, n, batch_size=batch, shuffle_block=0 if unmixed else None)
     reader = ShardReader(plan.sets, options)
@@ -72,20 +77,15 @@ def measure_ours(folder: str, options: dict, unmixed: bool, batch: int) -> dict:
             "concurrency": reader.fetcher.concurrency}
 
 
-def _s3fs(options: dict):
-    import s3fs
-
-    o = options["s3"]
-    return s3fs.S3FileSystem(key=o["key"], secret=o["secret"], client_kwargs=o["client_kwargs"],
-                             skip_instance_cache=True)
-
-
 def measure_webdataset(urls: list[str], options: dict) -> dict:
     import webdataset as wds
 
-    if urls[0].startswith("s3://"):
-        fs = _s3fs(options)
-        wds.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: fs.open(url, "rb")
+    from shard_tools.storage import filesystem, protocol_of
+
+    if "://" in urls[0]:  # webdataset opens only local files and http(s) itself: the store's client opens the rest,
+        fs = filesystem(urls[0], options)  # with s3fs's defaults for every store (50 MiB blocks read ahead)
+        wds.gopen_schemes[protocol_of(urls[0])] = lambda url, mode="rb", bufsize=8192, **kw: fs.open(
+            url, "rb", block_size=50 << 20, cache_type="readahead")
     t0, c0 = time.perf_counter(), time.process_time()
     count = nbytes = 0
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
@@ -97,9 +97,10 @@ def measure_webdataset(urls: list[str], options: dict) -> dict:
 def measure_ceiling(urls: list[str], options: dict, samples: int, threads: int = 8) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    if urls[0].startswith("s3://"):
-        fs = _s3fs(options)
-        get = fs.cat_file
+    if "://" in urls[0]:
+        from shard_tools.storage import filesystem
+
+        get = filesystem(urls[0], options).cat_file
     else:
         get = lambda path: Path(path).read_bytes()  # noqa: E731
     t0, c0 = time.perf_counter(), time.process_time()
@@ -162,13 +163,31 @@ def run_child(python: str, args: list[str], timeout: float = 900) -> dict:
     return json.loads(lines[-1])
 
 
+def serve(store: str):
+    """A server of `store` (moto for s3, else its emulator) holding the bucket BUCKET; EmulatorMissing when an
+    emulator cannot start."""
+    from tests.helpers.emulators import EMULATORS
+
+    if store != "s3":
+        server = EMULATORS[store]()
+        server.create_bucket(BUCKET)
+        return server
+    from shard_tools.storage import filesystem
+    from tests.helpers.servers import MotoServer
+
+    server = MotoServer()
+    filesystem("s3://x", server.options()).call_s3("create_bucket", Bucket=BUCKET)
+    return server
+
+
 class Bench:
     def __init__(self, a, tmp: Path):
         self.a, self.tmp = a, tmp
         self.folder = tmp / "set"
         self.peers = tmp / "peers"
         self.results: dict[tuple[str, str], dict] = {}
-        self.moto = None
+        self.servers: dict[str, object] = {}  # store -> its running server, the set uploaded
+        self.missing: dict[str, str] = {}  # store -> why its emulator did not start
         self.runs = 0
 
     def setup(self) -> None:
@@ -178,29 +197,36 @@ class Bench:
                                                "--tars", ",".join(self.urls_local), "--out", str(self.peers)])
         self.peer_error = peer.get("error")
 
-    def start_s3(self) -> None:
-        from tests.helpers.servers import MotoServer, upload_folder
+    def start(self, store: str):
+        """The server of `store`, started and filled on first use; None when it cannot start (`missing` says why)."""
+        from shard_tools.storage import filesystem
+        from tests.helpers.emulators import EmulatorMissing
+        from tests.helpers.servers import upload_folder
 
-        self.moto = MotoServer()
-        fs = _s3fs(self.moto.options())
-        fs.call_s3("create_bucket", Bucket=BUCKET)
-        upload_folder(fs, self.folder, f"s3://{BUCKET}/set")
-        if not self.peer_error:
-            for sub in ("litdata", "mosaic"):
-                if (self.peers / sub).exists():
-                    fs.put(str(self.peers / sub), f"s3://{BUCKET}/{sub}", recursive=True)
+        if store in self.servers or store in self.missing:
+            return self.servers.get(store)
+        try:
+            server = self.servers[store] = serve(store)
+        except EmulatorMissing as e:
+            self.missing[store] = str(e)
+            return None
+        fs = filesystem(f"{store}://{BUCKET}", server.options())
+        upload_folder(fs, self.folder, f"{store}://{BUCKET}/set")
+        for sub in ("litdata", "mosaic") if store == "s3" and not self.peer_error else ():
+            if (self.peers / sub).exists():
+                fs.put(str(self.peers / sub), f"s3://{BUCKET}/{sub}", recursive=True)
+        return server
 
-    def measure(self, scenario: str, reader: str, endpoint: str | None) -> dict:
+    def measure(self, scenario: str, reader: str, store: str | None, endpoint: str | None) -> dict:
         a, me = self.a, str(Path(__file__).resolve())
         self.runs += 1  # every pass starts with an empty cache: each is a first epoch
-        options = self.moto.options(endpoint) if endpoint else {}
-        remote = endpoint is not None
-        folder = f"s3://{BUCKET}/set" if remote else str(self.folder)
-        urls = [f"s3://{BUCKET}/set/{Path(u).name}" for u in self.urls_local] if remote else self.urls_local
+        options = self.servers[store].options(endpoint) if store else {}
+        folder = f"{store}://{BUCKET}/set" if store else str(self.folder)
+        urls = [f"{folder}/{Path(u).name}" for u in self.urls_local] if store else self.urls_local
         if reader in ("litdata", "mosaic"):
-            if self.peer_error:
-                return {"error": self.peer_error}
-            where = f"s3://{BUCKET}/{reader}" if remote else str(self.peers / reader)
+            if self.peer_error or store not in (None, "s3"):
+                return {"error": self.peer_error or "the peers read S3 only here"}
+            where = f"s3://{BUCKET}/{reader}" if store else str(self.peers / reader)
             return run_child(a.peers_python, [str(REPO / "benchmarks" / "stream_peers.py"), "measure", reader,
                                               "--where", where, "--endpoint", endpoint or "",
                                               "--cache", str(self.tmp / f"cache-{scenario}-{reader}-{self.runs}")])
@@ -211,26 +237,32 @@ class Bench:
     def scenario(self, name: str) -> None:
         from tests.helpers.servers import FaultProxy
 
-        shaping = SCENARIOS[name]
+        store, latency, rate = SCENARIOS[name] or (None, 0.0, None)
         proxy = None
-        if shaping is not None:
-            if self.moto is None:
-                self.start_s3()
-            proxy = FaultProxy(self.moto.port, latency=shaping[0], rate=shaping[1])
+        if store is not None:
+            server = self.start(store)
+            if server is None:
+                print(f"  {name:<10} left out: {self.missing[store]}", flush=True)
+                return
+            proxy = FaultProxy(server.port, latency=latency, rate=rate)
         try:
             for _ in range(self.a.repeats):  # readers alternate, so each sees the same load; best kept
                 for reader in READERS:
                     before = proxy.requests if proxy else 0
-                    r = self.measure(name, reader, proxy.endpoint if proxy else None)
+                    r = self.measure(name, reader, store, proxy.endpoint if proxy else None)
                     if proxy and "error" not in r:
                         r["requests"] = proxy.requests - before
                     best = self.results.get((name, reader))
                     if best is None or "error" in best or ("seconds" in r and r["seconds"] < best["seconds"]):
                         self.results[(name, reader)] = r
-                    print(f"  {name:<9} {reader:<13} {describe(r)}", flush=True)
+                    print(f"  {name:<10} {reader:<13} {describe(r)}", flush=True)
         finally:
             if proxy:
                 proxy.close()
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
 
 
 def describe(r: dict) -> str:
@@ -271,13 +303,18 @@ def report(bench: Bench) -> None:
         if "ours" in per and "litdata" in per:
             print(f"local, samples per CPU second: ours {per['ours']:,.0f}, LitData {per['litdata']:,.0f} "
                   f"(ratio {per['ours'] / per['litdata']:.2f})")
+    for name in a.scenarios:
+        store = (SCENARIOS[name] or (None,))[0]
+        if store in bench.missing:
+            print(f"row {name} left out: {bench.missing[store]}")
     if bench.peer_error:
         print(f"columns litdata and mosaic left out: {bench.peer_error} (install them with `make bench-venv` and pass "
               "--peers-python .venv-bench/bin/python)")
 
 
-# --quick: a few seconds; local and one shaped S3 scenario (moto and the proxy)
-QUICK = {"samples": 48, "sample_kb": 8, "shards": 4, "batch": 8, "repeats": 1, "scenarios": "local,s3-30ms"}
+# --quick: toy sizes; local and the stores at 30 ms (moto and the emulators behind the proxy)
+QUICK = {"samples": 48, "sample_kb": 8, "shards": 4, "batch": 8, "repeats": 1,
+         "scenarios": "local,s3-30ms,gcs-30ms,azure-30ms"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.scenario(name)
         report(bench)
     finally:
-        if bench.moto is not None:
-            bench.moto.close()
+        bench.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

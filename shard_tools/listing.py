@@ -4,10 +4,12 @@
     check.ok, check.summary()      # missing shards, shards whose size changed, missing .idx files
     require_shards([(set_a, shards_a), (set_b, None)], storage_options)       # raises ShardsMissing (one line)
 
-A folder is listed once, with sizes: `os.scandir` for local folders; for `s3://` a paginated ListObjectsV2 of
-the prefix (one request per 1000 entries, each retried by s3fs); `fs.ls(detail=True)` for other fsspec
-filesystems. Nothing is asked per shard. A shard passes when it is listed with the size index.json records
-and its `.idx` is listed too. `http(s)://` has no listing: such sets are not checked (`listed` is False).
+A folder is listed once, with sizes, the way its protocol's registry entry lists (shard_tools/protocols):
+`os.scandir` for local folders; for `s3://` a paginated ListObjectsV2 of the prefix (one request per 1000
+entries, each retried by s3fs); for `gs://` the objects list and for `az://` List Blobs, also by pages;
+`fs.ls(detail=True)` for other fsspec filesystems. Nothing is asked per shard. A shard passes when it is
+listed with the size index.json records and its `.idx` is listed too. `http(s)://` has no listing: such
+sets are not checked (`listed` is False).
 Only the shards asked about are compared, so the memory is O(shards checked), not O(entries listed).
 
 The trainer runs this before training (`--check-shards`, on), `python -m stream_ssl.plan ... --check` on
@@ -16,17 +18,16 @@ its own, and `shard-tools verify` as its first step.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from shard_tools.protocols import protocol
 from shard_tools.shardset import ShardSet, idx_name
 from shard_tools.storage import filesystem, is_transient, join, protocol_of, redact, storage_error
 
-UNLISTABLE = ("http", "https")
 SHOWN = 3  # names given in a one-line message; the rest are counted
 
 
@@ -59,30 +60,10 @@ def list_folder(folder: str, visit: Callable[[str, int], None], storage_options:
 
 
 def _list_once(folder: str, visit, storage_options, fs) -> None:
-    protocol = protocol_of(folder)
-    if protocol in ("file", "local"):
-        with os.scandir(folder.split("://", 1)[-1]) as entries:
-            for entry in entries:
-                if entry.is_file():
-                    visit(entry.name, entry.stat().st_size)
-        return
-    fs = fs if fs is not None else filesystem(folder, storage_options)
-    if protocol in ("s3", "s3a"):
-        from fsspec.asyn import sync
-
-        bucket, key, _ = fs.split_path(folder)
-        sync(fs.loop, _s3_pages, fs, bucket, key.rstrip("/") + "/" if key else "", visit)
-        return
-    for entry in fs.ls(fs._strip_protocol(folder), detail=True):
-        if entry.get("type") == "file":
-            visit(entry["name"].rstrip("/").rsplit("/", 1)[-1], int(entry.get("size") or 0))
-
-
-async def _s3_pages(fs, bucket: str, prefix: str, visit) -> None:
-    """ListObjectsV2 of `prefix`, page by page (s3fs retries each page); no listing cache is read or filled."""
-    async for entry in fs._iterdir(bucket, prefix=prefix, delimiter="/"):
-        if entry.get("type") == "file":
-            visit(entry["name"].rsplit("/", 1)[-1], int(entry["size"]))
+    entry = protocol(folder)
+    if not entry.local:
+        fs = fs if fs is not None else filesystem(folder, storage_options)
+    entry.list(fs, entry.path(folder), visit)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,7 +148,7 @@ def check_shards(shard_set: ShardSet, shards: Iterable[int] | None = None, stora
     recorded = np.fromiter((shard_set.shards[i].bytes for i in wanted.tolist()), dtype=np.int64, count=len(wanted))
     check = ShardCheck(shard_set, wanted, recorded, np.full(len(wanted), -1, dtype=np.int64),
                        np.zeros(len(wanted), dtype=bool))
-    if protocol_of(shard_set.url) in UNLISTABLE:
+    if protocol(shard_set.url).list is None:
         check.listed = False
         return check
     for folder, names in _by_folder(shard_set, wanted).items():

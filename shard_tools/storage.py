@@ -1,11 +1,13 @@
-"""How every tool reaches storage: local folders and fsspec URLs (`s3://` through s3fs, `http(s)://`, ...).
+"""How every tool reaches storage: local folders and fsspec URLs (`s3://` through s3fs, `gs://` through gcsfs,
+`az://` through adlfs, `http(s)://`, ...). What differs between protocols is in their registry entries
+(`shard_tools/protocols/`): this module asks them and names none.
 
 One module owns, for the shard tools and the trainer alike:
 - URLs: `protocol_of`, `is_url`, `join`, `parent`, `resolve`, `fs_path`, and `redact` for messages;
 - storage options: `parse_storage_options` (`--storage-options` as inline JSON or the path of a JSON file),
   `options_for` (the options that apply to one URL) and `redact_options` (what a run may write down);
-- clients: `filesystem`, one fsspec client per process for a protocol, its options and the AWS environment;
-- errors: `http_status`, `is_transient` (worth retrying), `is_not_found`, and `describe_storage_error` /
+- clients: `filesystem`, one fsspec client per process for a protocol, its options and its environment;
+- errors: `http_status`, `is_transient` (worth retrying), `is_throttled`, `is_not_found`, and `describe_storage_error` /
   `storage_error` / `check_access` for what users trip over (a missing bucket, missing or rejected
   credentials): one line naming the URL and where credentials come from;
 - whole-file reads: `read_location` (manifests, images, `index.json`), retried.
@@ -14,7 +16,8 @@ Output folders (whole files published atomically) are in `shard_tools/outputs.py
 Storage options come in two shapes:
 - flat, for every remote URL: `{"anon": true}`;
 - per protocol: `{"s3": {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}, "https": {...}}`
-  (`http` and `https`, `s3` and `s3a` stand in for each other).
+  (a protocol's schemes stand in for each other: `http` and `https`, `s3` and `s3a`, `gs` and `gcs`,
+  `az`, `abfs` and `abfss`).
 For `s3://` the usual AWS environment variables work without any option: credentials through botocore
 (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, ...), the region from
 `AWS_REGION`/`AWS_DEFAULT_REGION`, and the endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`
@@ -35,19 +38,14 @@ from pathlib import Path
 import fsspec
 
 from shard_tools.errors import ToolError
+from shard_tools.protocols import ENTRIES, MissingBucket, protocol, scheme_of, schemes
 
-PROTOCOL_KEYS = ("file", "local", "s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https", "hf", "ftp", "sftp",
-                 "memory")
-_ALIASES = {"https": ("https", "http"), "http": ("http", "https"), "s3a": ("s3a", "s3"), "s3": ("s3", "s3a"),
-            "local": ("local", "file"), "file": ("file", "local")}
+PROTOCOL_KEYS = schemes()  # the keys of per-protocol storage options
 
 # ---------------------------------------------------------------------------------------------------
 # URLs.
 
-
-def protocol_of(url: str) -> str:
-    """`s3` for `s3://b/k`, `file` for a local path."""
-    return url.split("://", 1)[0].lower() if "://" in url else "file"
+protocol_of = scheme_of  # `s3` for `s3://b/k`, `file` for a local path
 
 
 def is_url(location: str) -> bool:
@@ -77,18 +75,20 @@ def resolve(location: str, root: str) -> str:
 
 
 def fs_path(url: str) -> str:
-    """`url` as its filesystem names it: the bucket/key for s3, the whole URL for http(s), a local path."""
-    return fsspec.get_filesystem_class(protocol_of(url))._strip_protocol(url)
+    """`url` as its filesystem names it: the bucket/key for object stores, the whole URL for http(s), a local path."""
+    return protocol(url).path(url)
 
 
 _USERINFO = re.compile(r"([a-zA-Z][\w+.-]*://)[^/@\s]*@")
 _QUERY = re.compile(r"([a-zA-Z][\w+.-]*://[^\s?]*)\?[^\s'\"]*")
-_SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|session|signature", re.IGNORECASE)
-# `'aws_secret_access_key': 'X'`, `"token": "X"`, `password=X` in a message or a traceback.
+_SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|session|signature|connection_?string",
+                          re.IGNORECASE)  # (an Azure connection string holds the account key)
+# `'aws_secret_access_key': 'X'`, `"token": "X"`, `password=X`, `AccountKey=X` in a message or a traceback.
 # An exception's type name is not a secret's name (`NoCredentialsError: Unable to ...`), hence the lookahead.
 _SECRET_PAIR = re.compile(r"""(['"]?\b(?![\w-]*(?-i:Error|Exception|Warning)['"]?\s*[:=])"""
                           r"""[\w-]*(?:secret|token|password|passwd|credential|signature|key_id|"""
-                          r"""access_key)[\w-]*['"]?\s*[:=]\s*|['"]key['"]\s*:\s*)(['"]?)[^'"\s,}&)]+""",
+                          r"""access_key|accountkey|connection_?string)[\w-]*['"]?\s*[:=]\s*|['"]key['"]\s*:\s*)(['"]?)"""
+                          r"""[^'"\s,}&)]+""",
                           re.IGNORECASE)
 
 
@@ -164,70 +164,66 @@ def redact_options(text: str) -> str:
 
 
 def options_for(url: str, storage_options: dict | None = None) -> dict:
-    """The fsspec options for `url`: the per-protocol entry if options are given per protocol, else all of them
-    (for remote URLs only); for s3, the endpoint and region from the environment when the options name none."""
+    """The fsspec options for `url`: the per-protocol entry if options are given per protocol (a scheme reads its
+    aliases' entry: s3a the s3 one, http the https one, ...), else all of them (for remote URLs only); then what
+    the protocol takes from the environment (s3: the endpoint and region) when the options name none."""
     so = storage_options or {}
-    protocol = protocol_of(url)
+    scheme, entry = protocol_of(url), protocol(url)
     if any(k in PROTOCOL_KEYS and isinstance(v, dict) for k, v in so.items()):
-        opts = next((so[name] for name in _ALIASES.get(protocol, (protocol,)) if name in so), {})
+        names = (scheme, *(name for name in entry.schemes if name != scheme))
+        opts = next((so[name] for name in names if name in so), {})
     else:
-        opts = {} if protocol in ("file", "local") else so
+        opts = {} if entry.local else so
     opts = copy.deepcopy(opts)
-    if protocol in ("s3", "s3a"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        client_kwargs = opts.setdefault("client_kwargs", {})
-        if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:
-            client_kwargs["endpoint_url"] = endpoint
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region and "region_name" not in client_kwargs:
-            client_kwargs["region_name"] = region
-        if not client_kwargs:
-            opts.pop("client_kwargs")
+    if entry.defaults is not None:
+        entry.defaults(opts)
     return opts
 
 
 # ---------------------------------------------------------------------------------------------------
 # Clients.
 
-# Environment that decides where an object store client connects and as whom: part of the cache key, so a
-# process whose endpoint or credentials change (a test server restarted, another profile) gets a new client.
-_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE",
-               "AWS_CONFIG_FILE")
 _CLIENTS: dict[tuple, fsspec.AbstractFileSystem] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> fsspec.AbstractFileSystem:
     """The fsspec filesystem for `url`: one client per process for its protocol, its options (`options_for`)
-    and the AWS environment, shared by every reader and writer in the process.
+    and the environment that decides where or as whom it connects (the protocol's `client_env`: AWS_PROFILE,
+    STORAGE_EMULATOR_HOST, ...), shared by every reader and writer in the process.
 
     The process id is part of the key, so a forked DataLoader worker makes its own client (an async client's
     event loop and connections must not cross a fork), and fsspec's own instance cache is never used (it would
     hand back a client made for another endpoint or another process)."""
-    protocol = protocol_of(url)
+    scheme, entry = protocol_of(url), protocol(url)
     opts = options_for(url, storage_options)
-    key = (os.getpid(), protocol, json.dumps(opts, sort_keys=True, default=repr),
-           tuple(os.environ.get(k) for k in _CLIENT_ENV))
+    key = (os.getpid(), scheme, json.dumps(opts, sort_keys=True, default=repr),
+           tuple(os.environ.get(k) for k in entry.client_env))
     with _CLIENTS_LOCK:
         fs = _CLIENTS.get(key)
         if fs is None:
-            fs = _CLIENTS[key] = fsspec.filesystem(protocol, skip_instance_cache=True, **opts)
+            fs = _CLIENTS[key] = entry.filesystem(scheme, opts)
     return fs
 
 
 # ---------------------------------------------------------------------------------------------------
 # Errors.
 
-_TRANSIENT_NAME = re.compile(
-    r"Timeout|Connection|Incomplete|Streaming|Payload|Disconnected|Protocol|Endpoint|ReadError|Reset|Broken|"
-    r"Throttl|SlowDown|ServiceUnavailable|RemoteDisconnected|ChunkedEncoding|HTTPClient|ServerDisconnected"
-)
-_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-                    "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "TooManyRequests"}
-_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
-_IO_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "http", "fsspec", "s3fs", "ssl",
-               "socket")
+# What every protocol's errors share, then what each entry adds (shard_tools/protocols: Errors).
+_ERRORS = [entry.errors for entry in ENTRIES]
+_TRANSIENT_NAME = re.compile("|".join((
+    "Timeout", "Connection", "Incomplete", "Streaming", "Payload", "Disconnected", "Protocol", "ReadError", "Reset",
+    "Broken", "Throttl", "SlowDown", "ServiceUnavailable", "RemoteDisconnected", "ChunkedEncoding",
+    "ServerDisconnected", *(name for e in _ERRORS for name in e.transient_names))))
+_IO_MODULES = ("aiohttp", "urllib3", "requests", "http", "fsspec", "ssl", "socket",
+               *(m for e in _ERRORS for m in e.modules))
+_TRANSIENT_CODES = frozenset().union(*(e.transient for e in _ERRORS))
+_NOT_FOUND_CODES = frozenset().union(*(e.not_found for e in _ERRORS))
+_MISSING_BUCKET_CODES = frozenset().union(*(e.missing_bucket for e in _ERRORS))
+_THROTTLED_CODES = frozenset().union(*(e.throttled for e in _ERRORS))
+_THROTTLED_NAMES = ("Throttl", *(c for c in _THROTTLED_CODES if not c.isdigit()))  # in messages: SlowDown, ...
+_NO_CREDENTIALS = tuple(name for e in _ERRORS for name in e.no_credentials)
+_DENIED = {"403": "wrong credentials, or no permission", **{k: v for e in _ERRORS for k, v in e.denied.items()}}
 
 
 def http_status(e: BaseException) -> int | None:
@@ -245,9 +241,11 @@ def http_status(e: BaseException) -> int | None:
 
 
 def _error_code(e: BaseException) -> str | None:
-    response = getattr(e, "response", None)
-    if isinstance(response, dict):
-        return str((response.get("Error") or {}).get("Code", ""))
+    """The store's error code an exception carries (each protocol entry reads its own client's errors)."""
+    for errors in _ERRORS:
+        code = errors.code(e)
+        if code is not None:
+            return code
     return None
 
 
@@ -261,7 +259,7 @@ def _chain(e: BaseException, depth: int = 5) -> list[BaseException]:
 
 
 def is_not_found(e: BaseException) -> bool:
-    """Whether an error says the object does not exist (FileNotFoundError, HTTP 404/410, NoSuchKey)."""
+    """Whether an error says the object does not exist (FileNotFoundError, HTTP 404/410, NoSuchKey, BlobNotFound)."""
     if isinstance(e, FileNotFoundError):
         return True
     return http_status(e) in (404, 410) or _error_code(e) in _NOT_FOUND_CODES
@@ -283,7 +281,7 @@ def is_transient(e: BaseException) -> bool:
     for err in chain:
         if isinstance(err, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
             return True
-        if any(t in str(err) for t in ("SlowDown", "reduce your request rate", "Throttl")):
+        if any(word in str(err) for word in _THROTTLED_NAMES):
             return True
         module = type(err).__module__ or ""
         if module.split(".")[0] in _IO_MODULES and _TRANSIENT_NAME.search(type(err).__name__):
@@ -291,6 +289,17 @@ def is_transient(e: BaseException) -> bool:
     # A plain OSError from a remote filesystem (EIO, short reads, s3fs's wrapped server errors) is usually a
     # hiccup; a persistent one fails after the retries run out.
     return isinstance(e, OSError)
+
+
+def is_throttled(e: BaseException) -> bool:
+    """Whether an error asks to slow down: HTTP 429 or 503, or a protocol's throttling code (S3 SlowDown, Azure
+    ServerBusy, GCS rateLimitExceeded, ...) in the error or its message."""
+    for err in _chain(e):
+        if http_status(err) in (429, 503) or _error_code(err) in _THROTTLED_CODES:
+            return True
+        if any(word in str(err) for word in ("429", "503", *_THROTTLED_NAMES)):
+            return True
+    return False
 
 
 class BucketNotFound(ToolError, FileNotFoundError):
@@ -302,21 +311,8 @@ class StorageAccessDenied(ToolError, PermissionError):
     credentials come from."""
 
 
-_DENIED = {"InvalidAccessKeyId": "the store does not know the access key",
-           "SignatureDoesNotMatch": "the secret does not match the access key",
-           "ExpiredToken": "the session token has expired", "TokenRefreshRequired": "the session token has expired",
-           "InvalidToken": "the session token is not valid", "AccessDenied": "wrong credentials, or no permission",
-           "AllAccessDisabled": "all access to this bucket is disabled", "403": "wrong credentials, or no permission"}
-_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
-S3_CREDENTIALS_HINT = ("credentials come from --storage-options (keys \"key\", \"secret\", \"token\" or \"profile\"), "
-                       "the variables AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, or a profile "
-                       "(AWS_PROFILE, ~/.aws/credentials); a public bucket needs {\"anon\": true}; see docs/storage.md")
-
-
 def _endpoint(url: str, storage_options: dict | None) -> str:
-    opts = options_for(url, storage_options)
-    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
-    return f"endpoint {redact(str(endpoint))}" if endpoint else "at AWS: no endpoint set"
+    return redact(protocol(url).endpoint(options_for(url, storage_options)))
 
 
 def _bucket_url(url: str) -> str:
@@ -340,14 +336,13 @@ def storage_error(url: str, error: BaseException, storage_options: dict | None =
 
 
 def _classify(url: str, error: BaseException, storage_options: dict | None) -> tuple[type, str] | None:
-    chain = _chain(error)
+    chain, entry = _chain(error), protocol(url)
     codes = [c for c in map(_error_code, chain) if c]
-    if "NoSuchBucket" in codes:
-        return BucketNotFound, (f"{_bucket_url(url)}: the bucket does not exist ({_endpoint(url, storage_options)}): "
-                                "check its name and the endpoint, or create it (docs/storage.md)")
-    protocol = protocol_of(url)
-    hint = (S3_CREDENTIALS_HINT if protocol in ("s3", "s3a")
-            else f"pass the credentials {protocol}:// needs in --storage-options")
+    if any(isinstance(e, MissingBucket) for e in chain) or _MISSING_BUCKET_CODES.intersection(codes):
+        return BucketNotFound, (f"{_bucket_url(url)}: the {entry.bucket_word} does not exist "
+                                f"({_endpoint(url, storage_options)}): check its name and the endpoint, or create it "
+                                "(docs/storage.md)")
+    hint = entry.errors.hint or f"pass the credentials {protocol_of(url)}:// needs in --storage-options"
     missing = next((e for e in chain if type(e).__name__ in _NO_CREDENTIALS), None)
     if missing is not None:
         what = "no credentials found" if type(missing).__name__ == "NoCredentialsError" else redact(str(missing))
@@ -357,20 +352,20 @@ def _classify(url: str, error: BaseException, storage_options: dict | None) -> t
         code = "403"
     if code is None:
         return None
-    label = "403 Forbidden" if code == "403" else code
+    label = {"403": "403 Forbidden", "401": "401 Unauthorized"}.get(code, code)
     return StorageAccessDenied, f"{redact(url)}: access denied ({_DENIED[code]}: {label}); {hint}"
 
 
 def check_access(url: str, storage_options: dict | None = None, fs=None) -> None:
-    """Fail early on an `s3://` URL whose bucket is missing or refuses these credentials (BucketNotFound,
-    StorageAccessDenied), with one ListObjectsV2 of at most one key; writers call it before any work. Other
-    protocols are not checked."""
-    if protocol_of(url) not in ("s3", "s3a"):
+    """Fail early on an object-store URL whose bucket is missing or refuses these credentials (BucketNotFound,
+    StorageAccessDenied), with the protocol's probe: one listing of at most one key (S3 ListObjectsV2, the GCS
+    objects list, Azure List Blobs); writers call it before any work. Protocols without a probe are not checked."""
+    entry = protocol(url)
+    if entry.probe is None:
         return
     fs = fs if fs is not None else filesystem(url, storage_options)
-    bucket, _, prefix = fs_path(url).partition("/")
     try:
-        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        entry.probe(fs, entry.path(url, fs))
     except Exception as e:  # noqa: BLE001 - classified here
         error = storage_error(url, e, storage_options)
         if error is None:

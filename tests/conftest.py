@@ -19,12 +19,12 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-SLOW_KINDS = ("s3", "multiprocess", "dali", "faults")
+SLOW_KINDS = ("s3", "emulator", "multiprocess", "dali", "faults")
 
 
 def pytest_collection_modifyitems(items):
-    """Every test of a slow kind (S3 server, several processes, DALI, fault scenarios) is also `slow`:
-    `pytest -m "not slow"` is the quick loop."""
+    """Every test of a slow kind (S3 server, GCS/Azure emulators, several processes, DALI, fault scenarios) is
+    also `slow`: `pytest -m "not slow"` is the quick loop."""
     for item in items:
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
             item.add_marker(pytest.mark.slow)

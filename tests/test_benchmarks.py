@@ -59,6 +59,9 @@ EXPECTED = {
                # webdataset, ours, ours unmixed, (litdata, mosaic), ceiling, ours/ceiling, ..., GETs per pass (shards)
                *(rf"^\| {s} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| .* \| {NUMBER} \| {RATIO} \| .* \| {RATIO} \| "
                  rf"{gets} \(4\) \|$" for s, gets in (("local", "-"), ("s3-30ms", r"\d+"))),
+               # the emulated stores: their row, or the reason their emulator did not start
+               *(rf"^\| {s} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| n/a \| n/a \| {NUMBER} \| {RATIO} \| n/a \| "
+                 rf"{RATIO} \| \d+ \(4\) \|$|^row {s} left out: " for s in ("gcs-30ms", "azure-30ms")),
                r"^columns litdata and mosaic left out: |^\| local \|( [^|]+ \|){3} [\d,]+ \| [\d,]+ \|"],
     "stream_peers": [r"^  tar \(baseline\) +[\d,]+ samples/s$"] +
                     [rf"^ratio {r} / tar: ({RATIO}|n/a \(left out\))$" for r in ("litdata", "mosaic")] +

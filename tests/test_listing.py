@@ -42,7 +42,7 @@ def _count_scandir(monkeypatch) -> list[str]:
         calls.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(listing.os, "scandir", scandir)
+    monkeypatch.setattr(os, "scandir", scandir)  # (local folders are listed by shard_tools/protocols/local.py)
     return calls
 
 

@@ -2,7 +2,8 @@
 
 A request asks for samples [first, stop) of one shard; the `.idx` boundaries give their byte range. What it
 guarantees, whatever the store does:
-- The body is read as it arrives (a streamed GET for `s3://` and `http(s)://`). When the connection breaks,
+- The body is read as it arrives (the streamed GET of the protocol's registry entry, shard_tools/protocols:
+  `s3://`, `gs://`, `az://`, `http(s)://`; other fsspec protocols answer whole). When the connection breaks,
   the complete samples already received are kept and the next request asks only for the rest: nothing is
   read twice into the output, nothing is lost.
 - A request that keeps being cut is made smaller (halved, down to one sample), so a middlebox that cuts every
@@ -34,9 +35,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from shard_tools.storage import filesystem, is_not_found, is_transient, protocol_of, redact
+from shard_tools.protocols import Body, Protocol, protocol
+from shard_tools.storage import filesystem, is_not_found, is_throttled, is_transient, protocol_of, redact
 
-LOCAL = ("file", "local")
 LOCAL_READS = ("mmap", "pread")  # how local files are read (see above)
 PAGE = mmap.PAGESIZE
 
@@ -104,27 +105,14 @@ class Partial(Exception):
         self.data, self.error = data, error
 
 
-async def _s3_get(fs, path: str, start: int, end: int, policy: Policy, t0: float) -> tuple[bytearray, float]:
-    bucket, key, version = fs.split_path(path)
-    extra = {"VersionId": version} if version else {}
-    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **extra)
-    return await _drain(resp["Body"].read, resp["Body"].close, end - start, policy, t0)
-
-
-async def _http_get(fs, url: str, start: int, end: int, policy: Policy, t0: float) -> tuple[bytearray, float]:
-    session = await fs.set_session()
-    kw = dict(fs.kwargs)
-    kw["headers"] = {**kw.get("headers", {}), "Range": f"bytes={start}-{end - 1}"}
-    r = await session.get(fs.encode_url(url), **kw)
-    try:
-        if r.status in (404, 410):
-            raise FileNotFoundError(url)
-        r.raise_for_status()
-        if r.status != 206 and (start > 0 or (r.content_length or 0) > end - start):
-            raise ReadError(f"{redact(url)}: the server ignores range requests (status {r.status})")
-        return await _drain(r.content.read, r.release, end - start, policy, t0)
-    finally:
-        r.release()
+async def _get(entry: Protocol, fs, path: str, start: int, end: int, policy: Policy,
+               t0: float) -> tuple[bytes | bytearray, float]:
+    """Bytes [start, end) with the protocol's GET: a streamed body is read as it arrives (a break raises Partial
+    with what arrived); (data, time to first byte)."""
+    body = await entry.get(fs, path, start, end)
+    if not isinstance(body, Body):  # (a protocol without a streamed GET: the bytes, all at once)
+        return body, time.perf_counter() - t0
+    return await _drain(body.read, body.close, end - start, policy, t0)
 
 
 async def _drain(read, close, n: int, policy: Policy, t0: float) -> tuple[bytearray, float]:
@@ -142,26 +130,24 @@ async def _drain(read, close, n: int, policy: Policy, t0: float) -> tuple[bytear
     except Exception as e:  # noqa: BLE001 - classified by the caller
         raise Partial(buf, e) from e
     finally:
-        res = close()
-        if asyncio.iscoroutine(res):
-            await res
+        await _closed(close())
     return buf, ttfb if ttfb is not None else time.perf_counter() - t0
 
 
-async def _generic_get(fs, path: str, start: int, end: int, policy: Policy, t0: float) -> tuple[bytes, float]:
-    if getattr(fs, "async_impl", False):
-        data = await fs._cat_file(path, start=start, end=end)
-    else:
-        data = await asyncio.get_running_loop().run_in_executor(None, lambda: fs.cat_file(path, start=start, end=end))
-    return data, time.perf_counter() - t0
+async def _get_whole(entry: Protocol, fs, path: str) -> bytes:
+    """All bytes of an object with the protocol's GET (no range, no HEAD first)."""
+    body = await entry.get(fs, path, None, None)
+    if not isinstance(body, Body):
+        return body
+    try:
+        return await body.read()
+    finally:
+        await _closed(body.close())
 
 
-def _getter(protocol: str):
-    if protocol in ("s3", "s3a"):
-        return _s3_get
-    if protocol in ("http", "https"):
-        return _http_get
-    return _generic_get
+async def _closed(result) -> None:
+    if asyncio.iscoroutine(result):
+        await result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,9 +264,8 @@ class Fetcher:
         return asyncio.run_coroutine_threadsafe(coro, loop)
 
     def submit(self, url: str, bounds: np.ndarray, first: int, stop: int) -> Future:
-        protocol = protocol_of(url)
         fut: Future = Future()
-        if protocol in LOCAL and self.direct_local:
+        if protocol(url).local and self.direct_local:
             try:
                 fut.set_result(self.read_local(url.split("://", 1)[-1], bounds, first, stop))
             except FileNotFoundError as e:
@@ -321,8 +306,8 @@ class Fetcher:
         """The bytes of samples [first, stop): GETs of at most `request_bytes`, each resumed after the last
         complete sample it delivered; halved after two cuts in a row; ReadError after `retries` attempts in a
         row without a complete sample."""
-        path = url if protocol_of(url) in ("http", "https") else fs._strip_protocol(url)
-        get, policy = _getter(protocol_of(url)), self.policy
+        entry, policy = protocol(url), self.policy
+        path = entry.path(url, fs)
         parts: list = []
         pos, failures, cuts, size = first, 0, 0, policy.request_bytes
         while pos < stop:
@@ -330,7 +315,7 @@ class Fetcher:
             upto = max(pos + 1, min(stop, int(np.searchsorted(bounds, start + size, side="right")) - 1))
             end = int(bounds[upto])
             try:
-                data, error = await self._attempt(get, fs, path, start, end)
+                data, error = await self._attempt(entry, fs, path, start, end)
             except Exception as e:
                 if is_not_found(e):
                     raise gone(url) from e
@@ -361,7 +346,7 @@ class Fetcher:
 
     def read_whole(self, url: str) -> bytes:
         """All bytes of a small object (an `.idx`), retried on transient errors; no HEAD request."""
-        if protocol_of(url) in LOCAL and self.direct_local:
+        if protocol(url).local and self.direct_local:
             try:
                 with open(url.split("://", 1)[-1], "rb") as f:
                     data = f.read()
@@ -374,19 +359,12 @@ class Fetcher:
         return self.run(fs, self._whole(fs, url)).result()
 
     async def _whole(self, fs, url: str) -> bytes:
-        path = url if protocol_of(url) in ("http", "https") else fs._strip_protocol(url)
+        entry = protocol(url)
+        path = entry.path(url, fs)
         for attempt in range(self.policy.retries + 1):
             t0 = time.perf_counter()
             try:
-                if protocol_of(url) in ("s3", "s3a"):
-                    bucket, key, _ = fs.split_path(path)
-                    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-                    data = await resp["Body"].read()
-                    resp["Body"].close()
-                elif getattr(fs, "async_impl", False):
-                    data = await fs._cat_file(path)
-                else:
-                    data = await asyncio.get_running_loop().run_in_executor(None, fs.cat_file, path)
+                data = await _get_whole(entry, fs, path)
                 with self._lock:
                     self.stats.add(requests=1, index_bytes=len(data), request_seconds=time.perf_counter() - t0)
                 return data
@@ -398,23 +376,23 @@ class Fetcher:
                 if attempt == self.policy.retries:
                     raise ReadError(redact(f"{url}: failed {attempt + 1} times: {type(e).__name__}: {e}")) from e
                 with self._lock:
-                    self.stats.add(retries=1, cut=1)
+                    self.stats.add(retries=1, cut=1, throttled=int(is_throttled(e)))
                 await asyncio.sleep(self.policy.wait(attempt))
         raise AssertionError("unreachable")
 
-    async def _attempt(self, get, fs, path: str, start: int, end: int):
+    async def _attempt(self, entry: Protocol, fs, path: str, start: int, end: int):
         """One GET: (data, None) when whole, (partial data, error) when it broke in a transient way."""
         t0 = time.perf_counter()
         data, error, ttfb = b"", None, None
         try:
-            data, ttfb = await get(fs, path, start, end, self.policy, t0)
+            data, ttfb = await _get(entry, fs, path, start, end, self.policy, t0)
         except Partial as p:
             data, error = p.data, p.error
         except Exception as e:  # noqa: BLE001 - classified below
             error = e
         if error is not None and not is_transient(error):
             raise error
-        throttled = error is not None and any(s in str(error) for s in ("SlowDown", "503", "429", "Throttl"))
+        throttled = error is not None and is_throttled(error)
         with self._lock:
             self.stats.add(requests=1, bytes_read=len(data), request_seconds=time.perf_counter() - t0,
                            ttfb_seconds=ttfb or 0.0, cut=int(error is not None), throttled=int(throttled))
