@@ -74,4 +74,4 @@ faults: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests -m faults -q -n 2
 
 clean:
-	rm -rf demo_out sweeps bench_out .pytest_cache .ruff_cache
+	rm -rf demo_out demo_s3_out sweeps bench_out .pytest_cache .ruff_cache
