@@ -50,7 +50,7 @@ quick: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # What the GPU machine lacks, as wheels for its Python 3.12 (see docs/performance.md): carry .gpu-bundle along
-# and run `make gpu-check` there, or benchmarks/gpu_check.py directly (it needs none of them).
+# and run `make gpu-check` there, or python3 -m benchmarks.gpu_check directly (it needs none of them).
 GPU_PY ?= 3.12
 gpu-bundle: $(BIN)/python
 	rm -rf .gpu-bundle && mkdir -p .gpu-bundle
@@ -61,7 +61,7 @@ gpu-bundle: $(BIN)/python
 
 gpu-check:
 	python3 -m pip install -q --no-index --no-deps --target /tmp/stream-ssl-site .gpu-bundle/*.whl 2>/dev/null; \
-	PYTHONPATH=/tmp/stream-ssl-site:. python3 benchmarks/gpu_check.py --out gpu_check.md
+	PYTHONPATH=/tmp/stream-ssl-site:. python3 -m benchmarks.gpu_check --out gpu_check.md
 
 # LitData and MosaicML Streaming for benchmarks/stream.py, in their own environment (their pins clash with ours).
 bench-venv:

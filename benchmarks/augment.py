@@ -1,8 +1,8 @@
 """Augmentation throughput per core against the torchvision baseline, all measured in the same run.
 
-    python benchmarks/augment.py [--images 256] [--baseline-images 96] [--batch 64] [--size 224]
+    python -m benchmarks.augment [--images 256] [--baseline-images 96] [--batch 64] [--size 224]
                                  [--recipes simclr,simclr-noblur,dino] [--repeats 3] [--gpu]
-    python benchmarks/augment.py --quick      # every variant once at toy sizes (seconds): does it still run?
+    python -m benchmarks.augment --quick      # every variant once at toy sizes (seconds): does it still run?
 
 Renders photo-like 500x375 JPEGs (smooth multi-scale noise, flat shapes, grain; q90, ~50 KB), then times,
 per recipe (simclr: two views at --size px; dino: two at --size + eight local views at 3/7 of it), best of

@@ -1,9 +1,9 @@
 """Near-duplicate and leakage detection (shard_tools/dedup.py): precision, recall and speed, measured in one run.
 
-    python benchmarks/dedup.py [--pool 1000] [--down 400] [--leaked 100] [--speed-images 300] [--search 1000000]
-    python benchmarks/dedup.py --quick       # every step at toy sizes (seconds): does it still run?
+    python -m benchmarks.dedup [--pool 1000] [--down 400] [--leaked 100] [--speed-images 300] [--search 1000000]
+    python -m benchmarks.dedup --quick       # every step at toy sizes (seconds): does it still run?
 
-1. Quality: a generated photo-like set (tests/helpers/near_dups.py) with planted near-duplicates in the pool
+1. Quality: a generated photo-like set (stream_ssl/testing/near_dups.py) with planted near-duplicates in the pool
    (re-encodes, resizes, 2-6% crops per side, colour changes, and mixes of them) and planted leakage (variants
    of downstream images hidden in the pool); dedup.py's report at several thresholds, scored as pairwise
    precision/recall of the groups, per-image precision/recall of the leakage, and recall per kind of variant.
@@ -28,14 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from shard_tools.dedup import DEFAULT_THRESHOLD, DEFAULT_VERIFY, VIEWS, WORDS, hash_graph, hash_samples  # noqa: E402
-from tests.helpers.near_dups import VARIANTS, jpeg, origin_of, photo, planted_sets, scores  # noqa: E402
+from stream_ssl.testing.near_dups import VARIANTS, jpeg, origin_of, photo, planted_sets, scores  # noqa: E402
 
 
 def child_cpu() -> float:
@@ -46,7 +43,7 @@ def child_cpu() -> float:
 def run_dedup(args: list[str]) -> float:
     """CPU seconds of one dedup.py command (a child process)."""
     before = child_cpu()
-    subprocess.run([sys.executable, str(REPO / "shard_tools" / "dedup.py"), *args, "--no-progress"], check=True,
+    subprocess.run([sys.executable, "-m", "shard_tools.dedup", *args, "--no-progress"], check=True,
                    capture_output=True, text=True)
     return child_cpu() - before
 

@@ -1,9 +1,9 @@
 """The study's trend at a larger budget than the demo, with seeds: how much do more unique samples help, in the
 pretraining domain and on a shifted domain?
 
-    python benchmarks/diversity_trend.py                      # budget 256K, N = 1%/10%/100% of 4000, seeds 0,1
-    python benchmarks/diversity_trend.py --budget 128K --seeds 0,1,2 --out bench_out/trend128k
-    python benchmarks/diversity_trend.py --quick              # the same path at toy size: two tiny runs (< a minute)
+    python -m benchmarks.diversity_trend                      # budget 256K, N = 1%/10%/100% of 4000, seeds 0,1
+    python -m benchmarks.diversity_trend --budget 128K --seeds 0,1,2 --out bench_out/trend128k
+    python -m benchmarks.diversity_trend --quick              # the same path at toy size: two tiny runs (< a minute)
 
 Runs the demo's sweep (launch/demo.py settings: generated pool in domain a, downstream sets in domain a and in
 the shifted domain b, SimCLR) with the given budget and seeds, then reports per downstream set:

@@ -1,8 +1,8 @@
 """The GPU path in one script: under ten minutes on one H100/H200, a minute on a CPU (CUDA parts skipped).
 
-    python benchmarks/gpu_check.py --out gpu_check.md       # on the GPU machine (see docs/performance.md)
-    python benchmarks/gpu_check.py --cpu                    # every code path, tiny, no CUDA (about a minute)
-    python benchmarks/gpu_check.py --quick                  # what CI runs: --cpu, fewer images, narrower heads
+    python -m benchmarks.gpu_check --out gpu_check.md       # on the GPU machine (see docs/performance.md)
+    python -m benchmarks.gpu_check --cpu                    # every code path, tiny, no CUDA (about a minute)
+    python -m benchmarks.gpu_check --quick                  # what CI runs: --cpu, fewer images, narrower heads
 
 Prints one table and writes it (plus JSON) next to --out:
   1. ceiling   ResNet-50 SimCLR at 224 px, bf16, global batch 256, channels-last: steps/s on synthetic uint8
@@ -33,9 +33,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script on a machine where the project is not installed
 
 from shard_tools.writer import ShardWriter  # noqa: E402
 from stream_ssl.config import TrainConfig  # noqa: E402
@@ -73,8 +70,7 @@ class Sizes:
 
 
 def _jpeg(i: int) -> bytes:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from augment import photo_jpeg
+    from benchmarks.augment import photo_jpeg
 
     return photo_jpeg(i)
 
@@ -230,8 +226,8 @@ def augment(sz: Sizes) -> list[dict]:
                                                             ["--quick"] if sz.quick else
                                                             ["--images", "4", "--baseline-images", "2",
                                                              "--repeats", "1", "--size", "32"])
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "augment.py"), *args], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.augment", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}, timeout=600)
     lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip().startswith("(")]
     if proc.returncode != 0:
         return [{"check": "benchmarks/augment.py", "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}]

@@ -1,9 +1,9 @@
 """The seven-method study: does every SSL method learn on the demo's data, and does each gain from more unique
 samples at a fixed budget?
 
-    python benchmarks/methods_study.py                        # 7 methods x N = 1%, 100% x seeds 0, 1 at C = 128K
-    python benchmarks/methods_study.py --methods byol --unique 100% --seeds 0 --out bench_out/tune_byol
-    python benchmarks/methods_study.py --quick                # the same path at toy size: one tiny run (seconds)
+    python -m benchmarks.methods_study                        # 7 methods x N = 1%, 100% x seeds 0, 1 at C = 128K
+    python -m benchmarks.methods_study --methods byol --unique 100% --seeds 0 --out bench_out/tune_byol
+    python -m benchmarks.methods_study --quick                # the same path at toy size: one tiny run (seconds)
 
 Data, budget and network are the demo's (launch/demo.py: a pool of 4000 procedural images in domain a,
 downstream sets in domain a and in the shifted domain b; a narrow ResNet-10 at 24 px, batch 128, budget
@@ -25,13 +25,6 @@ unless --out / --data-root are given; its figures mean nothing.
 """
 
 from __future__ import annotations
-
-# Run as a script, sys.path[0] is this folder: the repository root takes its place, before any other import.
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
 import json

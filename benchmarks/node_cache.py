@@ -2,9 +2,9 @@
 filled on demand (before: each process stores what it reads), and with the node filler (after); and the time of
 a pass with a warm cache against a cold one, at a shaped latency.
 
-    python benchmarks/node_cache.py                                  # 1200 samples of ~52 KB, 4 passes
-    python benchmarks/node_cache.py --nodes 1,2 --passes 3 --scenario s3
-    python benchmarks/node_cache.py --quick           # every mode on 1 and 2 nodes at toy sizes (seconds)
+    python -m benchmarks.node_cache                                  # 1200 samples of ~52 KB, 4 passes
+    python -m benchmarks.node_cache --nodes 1,2 --passes 3 --scenario s3
+    python -m benchmarks.node_cache --quick           # every mode on 1 and 2 nodes at toy sizes (seconds)
 
 Every run reads one plan (the pool = the whole set, `--passes` passes, `--world-size` ranks of `--batch`) from
 S3 on loopback (moto) behind benchmarks/stream.py's shaping proxy (`--scenario s3-30ms`: 30 ms to the first byte,
@@ -32,10 +32,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from benchmarks.stream import BUCKET, SCENARIOS, run_child, serve, write_set  # noqa: E402
 from shard_tools.quantities import SIZE_HELP, size_arg  # noqa: E402
@@ -129,8 +125,7 @@ def run_nodes(a, folder: str, options: dict, nodes: int, mode: str, tmp: Path) -
     """All `nodes` simulated nodes at once; their per-pass bytes summed, per-pass seconds of the slowest."""
     from concurrent.futures import ThreadPoolExecutor
 
-    me = str(Path(__file__).resolve())
-    cmds = [[me, "--node", str(n), "--nodes", str(nodes), "--mode", mode, "--folder", folder,
+    cmds = [["-m", "benchmarks.node_cache", "--node", str(n), "--nodes", str(nodes), "--mode", mode, "--folder", folder,
              "--options", json.dumps(options), "--cache", str(tmp / f"cache-{nodes}-{mode}-{n}"),
              "--passes", str(a.passes), "--world-size", str(a.world_size), "--batch", str(a.batch),
              "--read-ahead", str(a.read_ahead), "--step-ms", str(a.step_ms)] for n in range(nodes)]
@@ -220,7 +215,7 @@ def run(a) -> int:
     from shard_tools.quantities import parse_bytes
     from shard_tools.storage import filesystem
     from stream_ssl.data.nodecache import storage_summary
-    from tests.helpers.servers import FaultProxy, upload_folder
+    from stream_ssl.testing.servers import FaultProxy, upload_folder
 
     tmp = Path(tempfile.mkdtemp(prefix="node-cache-bench-"))
     moto = proxy = None

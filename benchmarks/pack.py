@@ -1,7 +1,7 @@
 """Packing throughput against plain sequential tar writing of the same files, measured in the same run.
 
-    python benchmarks/pack.py [--images 2000] [--copies 3] [--size 384] [--shard-size 500] [--repeats 3]
-    python benchmarks/pack.py --quick       # every variant once at toy sizes (seconds): does it still run?
+    python -m benchmarks.pack [--images 2000] [--copies 3] [--size 384] [--shard-size 500] [--repeats 3]
+    python -m benchmarks.pack --quick       # every variant once at toy sizes (seconds): does it still run?
 
 Renders a labeled image set with shard_tools/synth.py (JPEG, ~35 KB each at 384 px) and a manifest listing
 every image --copies times (longer runs without rendering more), then times, best of --repeats, alternating

@@ -1,7 +1,7 @@
 """Assigning a large manifest's rows to shards and parts: memory and rows/s of `pack.py --plan-only`.
 
-    python benchmarks/pack_plan.py [--rows 10M] [--parts 10,100] [--shard-size 1000] [--folder DIR] [--keep]
-    python benchmarks/pack_plan.py --quick  # every measurement at toy sizes (seconds): does it still run?
+    python -m benchmarks.pack_plan [--rows 10M] [--parts 10,100] [--shard-size 1000] [--folder DIR] [--keep]
+    python -m benchmarks.pack_plan --quick  # every measurement at toy sizes (seconds): does it still run?
 
 Writes a CSV manifest of --rows rows (path, one of 1000 class names, a short caption; the image paths do not
 exist) and then measures, each in a fresh process so that its peak resident memory (ru_maxrss) is its own:
@@ -28,10 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run by path from anywhere
-    sys.path.insert(0, str(REPO))
 
 from shard_tools.quantities import format_bytes, format_count, parse_count  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Plan time and memory at scale: 1K, 100K and 1M shards holding 1B samples, planned for 512 ranks.
 
-    python benchmarks/plan_scale.py [--shards 1000,100000,1000000] [--samples 1B] [--passes 10]
-    python benchmarks/plan_scale.py --quick  # every measurement at toy sizes (seconds): does it still run?
+    python -m benchmarks.plan_scale [--shards 1000,100000,1000000] [--samples 1B] [--passes 10]
+    python -m benchmarks.plan_scale --quick  # every measurement at toy sizes (seconds): does it still run?
 
 For each shard count it builds the in-memory index (ShardSet with one ShardInfo per shard: what
 `load_shard_set` produces from `index.json`; the baseline, measured in the same run) and then times:

@@ -1,9 +1,9 @@
 """The shard check before training at scale: 1M shards (2M listed entries: every .tar and its .idx).
 
-    python benchmarks/shard_check.py [--shards 1000,100000,1000000]
-    python benchmarks/shard_check.py --quick    # 10 and 1500 shards (two list pages), in a second or two
+    python -m benchmarks.shard_check [--shards 1000,100000,1000000]
+    python -m benchmarks.shard_check --quick    # 10 and 1500 shards (two list pages), in a second or two
 
-The store is a fake S3 bucket (tests/helpers/listing.py) whose ListObjectsV2 pages of 1000 entries are
+The store is a fake S3 bucket (stream_ssl/testing/listing.py) whose ListObjectsV2 pages of 1000 entries are
 generated, so what is measured is our side of the check (shard_tools/listing.py on its s3 path: the pages
 consumed, every entry looked up, the comparison with index.json), not a store's latency. Measured in the same
 run, per shard count:
@@ -24,15 +24,10 @@ import gc
 import sys
 import time
 import tracemalloc
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from shard_tools.listing import check_shards  # noqa: E402
 from shard_tools.quantities import format_bytes  # noqa: E402
-from tests.helpers.listing import PAGE, FakeBucket, fake_set  # noqa: E402
+from stream_ssl.testing.listing import PAGE, FakeBucket, fake_set  # noqa: E402
 
 
 def timed(fn):

@@ -3,15 +3,15 @@ MosaicML Streaming (when installed), and the raw ceiling of parallel whole-objec
 S3 on loopback (moto), and from S3, Google Cloud Storage and Azure Blob (their emulators) behind a proxy that
 makes each behave like a real object store.
 
-    python benchmarks/stream.py                       # 4000 samples of ~52 KB in 16 shards, every scenario
-    python benchmarks/stream.py --peers-python .venv-bench/bin/python   # LitData / Mosaic live there
-    python benchmarks/stream.py --scenarios local,s3-30ms --samples 2000
-    python benchmarks/stream.py --quick                 # every reader once, local and the 30 ms stores, toy sizes
+    python -m benchmarks.stream                       # 4000 samples of ~52 KB in 16 shards, every scenario
+    python -m benchmarks.stream --peers-python .venv-bench/bin/python   # LitData / Mosaic live there
+    python -m benchmarks.stream --scenarios local,s3-30ms --samples 2000
+    python -m benchmarks.stream --quick                 # every reader once, local and the 30 ms stores, toy sizes
 
 Scenarios: `local` (page cache warm), `s3` (moto on 127.0.0.1, no shaping), `s3-30ms` (30 ms added to the first
 byte of every request, 40 MB/s per connection: what S3-class stores look like), `s3-100ms` (100 ms, 20 MB/s:
 another region), and `gcs-30ms` and `azure-30ms`: the 30 ms shaping in front of gcp-storage-emulator and Azurite
-(tests/helpers/emulators.py; a row whose emulator cannot start is left out, saying why). Readers, each timed
+(stream_ssl/testing/emulators.py; a row whose emulator cannot start is left out, saying why). Readers, each timed
 over one pass in its own process (so none shares a client, a cache or the GIL with the proxy):
 
   webdataset       webdataset.WebDataset over the shards in order, one stream per shard (the baseline)
@@ -43,8 +43,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 # scenario -> None (local disk) or (store, latency added to the first byte in s, bytes/s per connection or None)
 SCENARIOS = {"local": None, "s3": ("s3", 0.0, None), "s3-30ms": ("s3", 0.030, 40e6), "s3-100ms": ("s3", 0.100, 20e6),
@@ -166,14 +164,14 @@ def run_child(python: str, args: list[str], timeout: float = 900) -> dict:
 def serve(store: str):
     """A server of `store` (moto for s3, else its emulator) holding the bucket BUCKET; EmulatorMissing when an
     emulator cannot start."""
-    from tests.helpers.emulators import EMULATORS
+    from stream_ssl.testing.emulators import EMULATORS
 
     if store != "s3":
         server = EMULATORS[store]()
         server.create_bucket(BUCKET)
         return server
     from shard_tools.storage import filesystem
-    from tests.helpers.servers import MotoServer
+    from stream_ssl.testing.servers import MotoServer
 
     server = MotoServer()
     filesystem("s3://x", server.options()).call_s3("create_bucket", Bucket=BUCKET)
@@ -193,15 +191,15 @@ class Bench:
     def setup(self) -> None:
         write_set(self.folder, self.a.samples, self.a.sample_kb, self.a.shards)
         self.urls_local = sorted(str(p) for p in self.folder.glob("*.tar"))
-        peer = run_child(self.a.peers_python, [str(REPO / "benchmarks" / "stream_peers.py"), "convert",
+        peer = run_child(self.a.peers_python, ["-m", "benchmarks.stream_peers", "convert",
                                                "--tars", ",".join(self.urls_local), "--out", str(self.peers)])
         self.peer_error = peer.get("error")
 
     def start(self, store: str):
         """The server of `store`, started and filled on first use; None when it cannot start (`missing` says why)."""
         from shard_tools.storage import filesystem
-        from tests.helpers.emulators import EmulatorMissing
-        from tests.helpers.servers import upload_folder
+        from stream_ssl.testing.emulators import EmulatorMissing
+        from stream_ssl.testing.servers import upload_folder
 
         if store in self.servers or store in self.missing:
             return self.servers.get(store)
@@ -218,7 +216,7 @@ class Bench:
         return server
 
     def measure(self, scenario: str, reader: str, store: str | None, endpoint: str | None) -> dict:
-        a, me = self.a, str(Path(__file__).resolve())
+        a = self.a
         self.runs += 1  # every pass starts with an empty cache: each is a first epoch
         options = self.servers[store].options(endpoint) if store else {}
         folder = f"{store}://{BUCKET}/set" if store else str(self.folder)
@@ -227,15 +225,15 @@ class Bench:
             if self.peer_error or store not in (None, "s3"):
                 return {"error": self.peer_error or "the peers read S3 only here"}
             where = f"s3://{BUCKET}/{reader}" if store else str(self.peers / reader)
-            return run_child(a.peers_python, [str(REPO / "benchmarks" / "stream_peers.py"), "measure", reader,
+            return run_child(a.peers_python, ["-m", "benchmarks.stream_peers", "measure", reader,
                                               "--where", where, "--endpoint", endpoint or "",
                                               "--cache", str(self.tmp / f"cache-{scenario}-{reader}-{self.runs}")])
-        return run_child(sys.executable, [me, "--measure", reader, "--folder", folder, "--urls", ",".join(urls),
-                                          "--options", json.dumps(options), "--batch", str(a.batch),
-                                          "--samples", str(a.samples)])
+        return run_child(sys.executable, ["-m", "benchmarks.stream", "--measure", reader, "--folder", folder,
+                                          "--urls", ",".join(urls), "--options", json.dumps(options),
+                                          "--batch", str(a.batch), "--samples", str(a.samples)])
 
     def scenario(self, name: str) -> None:
-        from tests.helpers.servers import FaultProxy
+        from stream_ssl.testing.servers import FaultProxy
 
         store, latency, rate = SCENARIOS[name] or (None, 0.0, None)
         proxy = None

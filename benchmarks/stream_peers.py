@@ -22,10 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.stream import touch, write_set  # noqa: E402
 
-KEY, SECRET, REGION = "testing-key", "testing-secret-DO-NOT-LOG", "us-east-1"  # tests/helpers/servers.py
+KEY, SECRET, REGION = "testing-key", "testing-secret-DO-NOT-LOG", "us-east-1"  # stream_ssl/testing/servers.py
 
 
 def samples_of(tars: list[str]):

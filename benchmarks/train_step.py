@@ -1,9 +1,9 @@
 """Training throughput with the streaming loader vs an in-memory source of identical batches.
 
-    python benchmarks/train_step.py                                  # CPU: generated data, test_resnet, 32 px
-    python benchmarks/train_step.py --data shards/pool --device cuda --backbone resnet50 --image-size 224 \
+    python -m benchmarks.train_step                                  # CPU: generated data, test_resnet, 32 px
+    python -m benchmarks.train_step --data shards/pool --device cuda --backbone resnet50 --image-size 224 \
         --batch-size 128 --num-workers 8 --precision bf16 --method simclr --steps 60
-    python benchmarks/train_step.py --quick       # a few steps of each source at toy sizes: does it still run?
+    python -m benchmarks.train_step --quick       # a few steps of each source at toy sizes: does it still run?
 
 Both runs do the same training step (photometric augmentation on the device, forward, backward, optimizer
 step, momentum updates) from the same initial weights; the in-memory run takes its uint8 batches from a list

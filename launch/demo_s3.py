@@ -109,7 +109,7 @@ def prepare_out(out: Path) -> None:
 def demo(a: argparse.Namespace) -> dict:
     """Data, a server, a proxy and the two runs; returns {"local": summary, "s3": summary, "proxy": counts,
     "server": its endpoint}. The server and the proxy are stopped before it returns or raises."""
-    from tests.helpers.servers import FaultProxy, MotoServer
+    from stream_ssl.testing.servers import FaultProxy, MotoServer
 
     prepare_out(a.out)
     server = proxy = None

@@ -61,8 +61,8 @@ def make_shard_set(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def moto():
-    """A moto S3 server on loopback for the tests of one module (tests/helpers/servers.py)."""
-    from tests.helpers.servers import MotoServer
+    """A moto S3 server on loopback for the tests of one module (stream_ssl/testing/servers.py)."""
+    from stream_ssl.testing.servers import MotoServer
 
     server = MotoServer()
     yield server

@@ -1,4 +1,4 @@
-"""Every script in benchmarks/ in its quick mode (`python benchmarks/NAME.py --quick` from the repository root):
+"""Every script in benchmarks/ in its quick mode (`python -m benchmarks.NAME --quick` from the repository root):
 it exits 0 and prints its table and ratio lines. A benchmark that no longer starts (an import that moved, an
 option that changed) or that stops printing its figures fails here; its figures themselves are not checked
 (toy sizes measure nothing). gpu_check.py's quick mode is its CPU mode: its rows are checked in detail."""
@@ -72,7 +72,7 @@ EXPECTED = {
 
 
 def quick(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([PYTHON, f"benchmarks/{script}.py", "--quick", *args], cwd=REPO, env=child_env(),
+    proc = subprocess.run([PYTHON, "-m", f"benchmarks.{script}", "--quick", *args], cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script}.py --quick exited {proc.returncode}:\n" + (proc.stdout +
                                                                                       proc.stderr)[-4000:]
@@ -80,7 +80,7 @@ def quick(script: str, *args: str, timeout: float = 300) -> subprocess.Completed
 
 
 def test_every_benchmark_has_a_quick_test():
-    assert {p.stem for p in (REPO / "benchmarks").glob("*.py")} == set(EXPECTED) | {"gpu_check"}
+    assert {p.stem for p in (REPO / "benchmarks").glob("*.py")} == set(EXPECTED) | {"gpu_check", "__init__"}
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))

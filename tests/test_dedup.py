@@ -25,9 +25,9 @@ from shard_tools.shardset import load_shard_set
 from shard_tools.verify import verify
 from stream_ssl.data.plan import Slice, make_plan
 from stream_ssl.data.reader import ShardReader
+from stream_ssl.testing.near_dups import VARIANTS, jpeg, origin_of, photo, planted_sets, scores, variant
 from tests.helpers import PYTHON
 from tests.helpers.images import corrupt_copy
-from tests.helpers.near_dups import VARIANTS, jpeg, origin_of, photo, planted_sets, scores, variant
 from tests.helpers.packing import run_tool, tree
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.plan import make_plan
+from stream_ssl.testing.servers import free_port
 from tests.helpers import PYTHON, REPO
-from tests.helpers.servers import free_port
 
 pytestmark = pytest.mark.multiprocess
 

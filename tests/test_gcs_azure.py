@@ -1,5 +1,5 @@
 """Google Cloud Storage (`gs://`, gcsfs) and Azure Blob Storage (`az://`, adlfs) end to end, each against its
-emulator on loopback (tests/helpers/emulators.py): a set packed to the store, planned, checked and read with
+emulator on loopback (stream_ssl/testing/emulators.py): a set packed to the store, planned, checked and read with
 the same keys and bytes as from local disk, trained from in-process, and read through the fault proxy's cuts,
 resets and 503s; a missing bucket or container and refused credentials named in one line. A store whose
 emulator cannot start skips with the reason. The registry entries' rules (shard_tools/protocols) are checked
@@ -20,9 +20,9 @@ from stream_ssl.data.plan import make_plan
 from stream_ssl.data.readahead import ReadAhead
 from stream_ssl.data.reader import ShardReader
 from stream_ssl.plan import main as plan_main
-from tests.helpers.emulators import AZURITE_KEY, EMULATORS, EmulatorMissing
+from stream_ssl.testing.emulators import AZURITE_KEY, EMULATORS, EmulatorMissing
+from stream_ssl.testing.servers import FaultProxy, fault_schedule
 from tests.helpers.faults import lost_and_duplicated
-from tests.helpers.servers import FaultProxy, fault_schedule
 
 pytestmark = pytest.mark.emulator
 

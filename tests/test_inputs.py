@@ -18,7 +18,7 @@ from shard_tools.storage import filesystem
 from stream_ssl.data.plan import Slice, make_plan
 from stream_ssl.data.reader import ShardReader
 from stream_ssl.plan import print_keys
-from tests.helpers.servers import upload_folder
+from stream_ssl.testing.servers import upload_folder
 
 NAMES = [f"set-{i:06d}.tar" for i in range(4)]
 

@@ -17,8 +17,8 @@ from shard_tools.storage import BucketNotFound, StorageAccessDenied
 from shard_tools.verify import verify
 from stream_ssl.data.plan import make_plan
 from stream_ssl.plan import main as plan_main
+from stream_ssl.testing.listing import PAGE, FakeBucket, fake_set
 from stream_ssl.train import main as train_main
-from tests.helpers.listing import PAGE, FakeBucket, fake_set
 from tests.helpers.trainer import train_args
 from tests.test_storage import _client_error
 

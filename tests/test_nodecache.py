@@ -21,8 +21,8 @@ from stream_ssl.data.plan import make_plan
 from stream_ssl.data.readahead import ReadAhead
 from stream_ssl.data.reader import ShardReader
 from stream_ssl.plan import main as plan_main
+from stream_ssl.testing.servers import HttpServer
 from tests.helpers.plans import fake_set
-from tests.helpers.servers import HttpServer
 
 KEY = "k" * 40
 

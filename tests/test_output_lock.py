@@ -11,7 +11,7 @@ from shard_tools.pack import pack
 from tests.helpers import PYTHON, REPO
 from tests.helpers.packing import run_tool, write_csv, write_images
 
-HOLD = ("import sys; sys.path.insert(0, sys.argv[2]); from shard_tools.outputs import LocalOutput; "
+HOLD = ("import sys; from shard_tools.outputs import LocalOutput; "
         "o = LocalOutput(sys.argv[1]); o.lock('pack.py --name held'); print('locked', flush=True); "
         "sys.stdin.readline(); o.close()")
 

@@ -21,8 +21,8 @@ from stream_ssl.data.reader import ReadError, ShardReader
 from stream_ssl.data.streaming import TooManySkipped
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
+from stream_ssl.testing.servers import HttpServer
 from tests.helpers.images import corrupt_copy
-from tests.helpers.servers import HttpServer
 
 
 @pytest.fixture(scope="module")

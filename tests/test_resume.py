@@ -38,7 +38,7 @@ def test_killed_and_resumed_run_matches_straight_run(make_shard_set, tmp_path, m
 
     r = run([PYTHON, TRAIN, *train_args(data, straight, method, **flags)])
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run([PYTHON, DRIVER, *train_args(data, killed, method, **flags)], FAULT_KILL_AFTER_CHECKPOINT=str(K))
+    r = run([PYTHON, "-m", DRIVER, *train_args(data, killed, method, **flags)], FAULT_KILL_AFTER_CHECKPOINT=str(K))
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
     assert (killed / "checkpoints" / "latest").read_text().strip() == f"step-{K:08d}.pt"
     assert not (killed / "summary.json").exists()

@@ -27,8 +27,8 @@ from stream_ssl.errors import RunError
 from stream_ssl.methods import METHODS, SSLMethod
 from stream_ssl.models.heads import mlp
 from stream_ssl.run import apply_device_settings, build_run, make_accelerator, sync_batchnorm, trackers
+from stream_ssl.testing.servers import free_port
 from stream_ssl.train import Meter, main, release_accelerator, train, train_step
-from tests.helpers.servers import free_port
 from tests.helpers.trainer import TINY
 
 

@@ -25,7 +25,7 @@ from stream_ssl.data.readahead import ReadAhead
 from stream_ssl.data.reader import ReadError, ShardReader
 from stream_ssl.plan import main as plan_main
 from stream_ssl.plan import print_keys
-from tests.helpers.servers import KEY, REGION, SECRET, FaultProxy, fault_schedule, upload_folder
+from stream_ssl.testing.servers import KEY, REGION, SECRET, FaultProxy, fault_schedule, upload_folder
 
 pytestmark = pytest.mark.s3
 

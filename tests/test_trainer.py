@@ -24,7 +24,7 @@ from tests.helpers.trainer import TINY, accelerate_cmd, run
 
 pytestmark = pytest.mark.multiprocess
 
-DRIVER = REPO / "tests" / "helpers" / "trainer_driver.py"
+DRIVER = "tests.helpers.trainer_driver"  # a module, run from the repository root under accelerate launch
 STEPS = 20
 
 

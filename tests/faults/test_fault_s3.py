@@ -1,5 +1,5 @@
 """Object storage that misbehaves: training runs stream the suite's shard set from a moto S3 server through a
-fault proxy (tests/helpers/servers.py), and each must train on exactly the keys the local run trains on."""
+fault proxy (stream_ssl/testing/servers.py), and each must train on exactly the keys the local run trains on."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from shard_tools.listing import check_shards
 from shard_tools.shardset import load_shard_set
 from shard_tools.storage import filesystem
 from stream_ssl import checkpoint
+from stream_ssl.testing.servers import FaultProxy, fault_schedule, upload_folder
 from tests.helpers.fault_runs import Trained, compare_keys, read_late, train
-from tests.helpers.servers import FaultProxy, fault_schedule, upload_folder
 
 pytestmark = [pytest.mark.faults, pytest.mark.s3]
 

@@ -1,5 +1,6 @@
-"""train.py with faults injected at chosen points, for tests/faults (run it as train.py, also under
-`accelerate launch`): the arguments are train.py's, the faults come from the environment.
+"""train.py with faults injected at chosen points, for tests/faults: `python -m tests.helpers.fault_driver` from the
+repository root (also under `accelerate launch -m`); the arguments are train.py's, the faults come from the
+environment.
 
     FAULT_DELETE=STEP:PATH[,PATH...]   delete these files (or s3:// objects) once optimizer step STEP (1-based) is
                                        done (main process)
@@ -23,9 +24,8 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repo holds `tests`
-from shard_tools.storage import filesystem, is_url  # noqa: E402
-from stream_ssl import checkpoint, checkpointer, train  # noqa: E402
+from shard_tools.storage import filesystem, is_url
+from stream_ssl import checkpoint, checkpointer, train
 
 TORN_BYTES = 64 << 10
 

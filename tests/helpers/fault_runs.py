@@ -15,7 +15,7 @@ from tests.helpers import PYTHON, REPO
 from tests.helpers.faults import lost_and_duplicated
 from tests.helpers.trainer import TRAIN, accelerate_cmd, child_env, train_args
 
-DRIVER = REPO / "tests" / "helpers" / "fault_driver.py"
+DRIVER = "tests.helpers.fault_driver"  # a module, run from the repository root
 # 8 shards of 30 samples (~120 KB each); one pass over the 240 samples in 15 steps of 16.
 SET = dict(samples=240, shard_size=30, seed=11)
 RUN = dict(unique_samples="240", budget_samples="240", log_with="none", log_keys="true", log_every=1)
@@ -46,7 +46,7 @@ class Trained:
 def train_command(data, out: Path, processes: int = 1, faults: bool = False, **flags) -> list[str]:
     """train.py (the fault driver with `faults`) on `data` with the suite's settings, as a command line."""
     script = DRIVER if faults else TRAIN
-    cmd = accelerate_cmd(script, processes) if processes > 1 else [PYTHON, script]
+    cmd = accelerate_cmd(script, processes) if processes > 1 else [PYTHON, *(["-m"] if faults else []), script]
     return [str(c) for c in [*cmd, *train_args(data, out, **{**RUN, **flags})]]
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stream_ssl.testing.servers import MotoServer
 from tests.helpers import PYTHON, REPO
-from tests.helpers.servers import MotoServer
 
 TOOLS = REPO / "shard_tools"
 

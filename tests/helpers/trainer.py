@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stream_ssl.testing.servers import free_port
 from tests.helpers import REPO
-from tests.helpers.servers import free_port
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TRAIN = REPO / "stream_ssl" / "train.py"
@@ -42,10 +42,12 @@ def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.Complete
                           timeout=timeout)
 
 
-def accelerate_cmd(script: Path, num_processes: int = 2) -> list[str]:
-    """`accelerate launch` of two CPU processes over gloo (`--multi_gpu`: `--cpu --num_processes 2` starts one)."""
+def accelerate_cmd(script: Path | str, num_processes: int = 2) -> list[str]:
+    """`accelerate launch` of two CPU processes over gloo (`--multi_gpu`: `--cpu --num_processes 2` starts one) of
+    a script, or of a module given by name (`tests.helpers.fault_driver`, run from the repository root)."""
+    target = ["-m", script] if isinstance(script, str) and not script.endswith(".py") else [str(script)]
     return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script)]
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *target]
 
 
 def node_env(node: int, nodes: int, port: int) -> dict:

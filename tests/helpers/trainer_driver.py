@@ -1,7 +1,7 @@
 """Run by tests/test_trainer.py under `accelerate launch --multi_gpu --num_processes 2` (two CPU processes
 over gloo): trains every method for a few steps in one launch and writes OUT/results.json (main process).
 
-    accelerate launch --multi_gpu --num_processes 2 tests/helpers/trainer_driver.py DATA OUT [METHODS] [STEPS]
+    accelerate launch --multi_gpu --num_processes 2 -m tests.helpers.trainer_driver DATA OUT [METHODS] [STEPS]
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script under accelerate: the repo holds `tests`
-from stream_ssl.config import TrainConfig  # noqa: E402
-from stream_ssl.train import train  # noqa: E402
-from tests.helpers.trainer import TINY  # noqa: E402
+from stream_ssl.config import TrainConfig
+from stream_ssl.train import train
+from tests.helpers.trainer import TINY
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ with `o<origin>v<variant>`, the ground truth.
 
 from __future__ import annotations
 
+import csv
 import io
 import re
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from shard_tools.pack import pack
-from tests.helpers.packing import write_csv
 
 VARIANTS = ("reencode", "resize", "crop", "colour", "mixed")
 
@@ -119,7 +119,9 @@ def _write(folder: Path, items: list[tuple[str, bytes]], name: str, shard_size: 
     for ident, data in items:
         (folder / f"{ident}.jpg").write_bytes(data)
         rows.append([f"{ident}.jpg", ident])
-    manifest = write_csv(folder / "manifest.csv", ["path", "id"], rows)
+    manifest = folder / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([["path", "id"], *rows])
     out = folder.parent / f"{name}_shards"
     pack(manifest, out, name=name, shard_size=shard_size, key_column="id", source="generated")
     return out

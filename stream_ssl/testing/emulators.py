@@ -1,6 +1,6 @@
 """Local emulators of the object stores other than S3, as subprocesses on 127.0.0.1: Google Cloud Storage
 (`gcp-storage-emulator`, a Python package of the test extras) and Azure Blob Storage (Azurite, the npm package
-`azurite` that `make test` installs under .venv-node/). Each stands where tests/helpers/servers.py's MotoServer
+`azurite` that `make test` installs under .venv-node/). Each stands where stream_ssl/testing/servers.py's MotoServer
 stands for S3: `port`, `endpoint`, `options(endpoint)` (per-protocol storage options that point a client at it,
 or at a proxy in front of it), `create_bucket(name)` and `close()`. One that cannot start raises
 EmulatorMissing, whose message says why (the tests skip with it)."""
@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.helpers.servers import free_port, wait_for_port
+from stream_ssl.testing.servers import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 # Azurite's well-known development account (its README): public, accepted by every Azurite.
