@@ -22,7 +22,7 @@ $(VENV)/.installed-test: $(VENV)/.installed $(NODE)/.installed
 	$(BIN)/pip install -q --no-deps img2dataset==1.47.0
 	touch $@
 
-# Azurite, the Azure Blob emulator of tests/test_gcs_azure.py and benchmarks/stream.py, is an npm package: it goes
+# Azurite, the Azure Blob emulator of tests/shard_tools/test_protocols_gcs_azure.py and benchmarks/stream.py, is an npm package: it goes
 # under .venv-node/ (node and npm are on the development and CI machines; without npm the Azure tests skip, saying so).
 $(NODE)/.installed:
 	@if command -v npm >/dev/null; then \

@@ -23,7 +23,7 @@ Color jitter modes (`ViewSpec.jitter`):
   saturation are exactly torchvision's operations; hue is a rotation of RGB space about the gray axis by
   2 pi h (it keeps gray, and maps red -> green -> blue at h = 1/3 as the HSV hue shift does) instead of
   torchvision's HSV shift: mean |difference| ~0.05 (max ~0.25) on [0, 1] for |h| <= 0.1 (see
-  tests/test_photometric.py). Intermediate clamps are dropped (torchvision clamps after each operation).
+  tests/stream_ssl/data/test_photometric.py). Intermediate clamps are dropped (torchvision clamps after each operation).
 - "exact": torchvision's ColorJitter operation by operation in the drawn order, each clamped, with the
   exact HSV hue shift. Slower (a few extra passes); matches torchvision.transforms.v2.functional to ~1e-6.
 """

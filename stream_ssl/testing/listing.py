@@ -1,5 +1,5 @@
 """A fake object store listing for the shard check (shard_tools/listing.py): an s3fs stand-in whose
-ListObjectsV2 pages are generated, so a million-shard folder costs no storage. Used by tests/test_listing.py
+ListObjectsV2 pages are generated, so a million-shard folder costs no storage. Used by tests/shard_tools/test_listing.py
 and benchmarks/shard_check.py."""
 
 from __future__ import annotations

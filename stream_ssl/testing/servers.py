@@ -372,3 +372,13 @@ class HttpServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def s3_client_error(code: str, status: int, operation: str = "GetObject") -> Exception:
+    """A botocore ClientError as s3fs raises it: translated to a Python error, the ClientError as its cause."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    error = ClientError({"Error": {"Code": code, "Message": f"message of {code}"},
+                         "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
+    return translate_boto_error(error)

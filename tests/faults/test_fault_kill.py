@@ -1,7 +1,7 @@
 """kill -9 of a 2-process run (`accelerate launch --multi_gpu --num_processes 2`, two CPU processes over gloo):
 at three random steps one after the other, and in the middle of a checkpoint write. Each time `--resume auto`
 continues from the last checkpoint; the final weights and the keys every rank trained on equal a straight run's.
-(tests/test_resume.py proves the same for one process killed right after a checkpoint, for three methods.)"""
+(tests/stream_ssl/test_resume.py proves the same for one process killed right after a checkpoint, for three methods.)"""
 
 from __future__ import annotations
 

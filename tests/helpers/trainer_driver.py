@@ -1,4 +1,4 @@
-"""Run by tests/test_trainer.py under `accelerate launch --multi_gpu --num_processes 2` (two CPU processes
+"""Run by tests/stream_ssl/test_train.py under `accelerate launch --multi_gpu --num_processes 2` (two CPU processes
 over gloo): trains every method for a few steps in one launch and writes OUT/results.json (main process).
 
     accelerate launch --multi_gpu --num_processes 2 -m tests.helpers.trainer_driver DATA OUT [METHODS] [STEPS]

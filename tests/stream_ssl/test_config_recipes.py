@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import stat
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +15,7 @@ from shard_tools.synth import synthesize
 from stream_ssl.config import RECIPES, TrainConfig, parse_config
 from stream_ssl.metrics import Meter
 from stream_ssl.train import divergence_hints, main, read_rate
+from tests.helpers import REPO
 from tests.helpers.trainer import train_args
 
 BASE = ["--data", "d", "--out", "o"]
@@ -63,7 +63,7 @@ def test_recipe_none_a_name_or_a_file(tmp_path, capsys):
             parse(*flags)
         assert said in capsys.readouterr().err
     assert sorted(p.stem for p in RECIPES.glob("*.yaml"))[:3] == ["barlow", "barlow_r50", "barlow_vit"]
-    assert (Path(__file__).parent.parent / "configs" / "methods" / "dino.yaml").read_text() == \
+    assert (REPO / "configs" / "methods" / "dino.yaml").read_text() == \
         (RECIPES / "dino.yaml").read_text()  # the documented path leads to the same files
 
 

@@ -18,9 +18,9 @@ from shard_tools.verify import verify
 from stream_ssl.data.plan import make_plan
 from stream_ssl.plan import main as plan_main
 from stream_ssl.testing.listing import PAGE, FakeBucket, fake_set
+from stream_ssl.testing.servers import s3_client_error
 from stream_ssl.train import main as train_main
 from tests.helpers.trainer import train_args
-from tests.test_storage import _client_error
 
 
 @pytest.fixture
@@ -130,6 +130,6 @@ def test_a_missing_bucket_is_not_an_empty_folder():
     listing.list_folder("memory://bucket/set", lambda *e: seen.append(e), fs=_Store(FileNotFoundError("no folder")))
     assert seen == []  # a folder that does not exist has no files
     with pytest.raises(BucketNotFound, match=r"^memory://bucket: the bucket does not exist"):
-        listing.list_folder("memory://bucket/set", seen.append, fs=_Store(_client_error("NoSuchBucket", 404)))
+        listing.list_folder("memory://bucket/set", seen.append, fs=_Store(s3_client_error("NoSuchBucket", 404)))
     with pytest.raises(StorageAccessDenied, match=r"^memory://bucket/set: access denied \(the store does not know"):
-        listing.list_folder("memory://bucket/set", seen.append, fs=_Store(_client_error("InvalidAccessKeyId", 403)))
+        listing.list_folder("memory://bucket/set", seen.append, fs=_Store(s3_client_error("InvalidAccessKeyId", 403)))

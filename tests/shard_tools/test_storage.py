@@ -26,6 +26,7 @@ from shard_tools.storage import (
     redact,
     storage_error,
 )
+from stream_ssl.testing.servers import s3_client_error
 from tests.helpers.packing import http_server
 
 OPTIONS = {"s3": {"anon": True, "client_kwargs": {"region_name": "eu-west-1"}}, "https": {"headers": {"a": "b"}}}
@@ -170,27 +171,17 @@ def test_redact_keeps_exception_names_and_ordinary_words():
     assert not any(s in got for s in ("T0K3N", "S3CR3T", "T2")), got
 
 
-def _client_error(code: str, status: int, operation: str = "GetObject") -> Exception:
-    """A botocore ClientError as s3fs raises it: translated to a Python error, the ClientError as its cause."""
-    from botocore.exceptions import ClientError
-    from s3fs.errors import translate_boto_error
-
-    error = ClientError({"Error": {"Code": code, "Message": f"message of {code}"},
-                         "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
-    return translate_boto_error(error)
-
-
 def test_store_errors_are_described_naming_the_url_and_where_credentials_come_from():
     from botocore.exceptions import NoCredentialsError
 
     url, so = "s3://no-such-bucket/shards/pool/index.json", {"s3": {"client_kwargs": {"endpoint_url": "http://h:9"}}}
-    bucket = storage_error(url, _client_error("NoSuchBucket", 404), so)
+    bucket = storage_error(url, s3_client_error("NoSuchBucket", 404), so)
     assert isinstance(bucket, BucketNotFound) and isinstance(bucket, FileNotFoundError) and is_not_found(bucket)
     assert str(bucket).startswith("s3://no-such-bucket: the bucket does not exist (endpoint http://h:9)")
     denied = {"InvalidAccessKeyId": "does not know the access key", "SignatureDoesNotMatch": "secret does not match",
               "ExpiredToken": "expired", "AccessDenied": "no permission", "403": "403 Forbidden"}
     for code, words in denied.items():
-        error = storage_error(url, _client_error(code, 403, "HeadObject"))
+        error = storage_error(url, s3_client_error(code, 403, "HeadObject"))
         assert isinstance(error, StorageAccessDenied) and isinstance(error, PermissionError), code
         assert not is_transient(error)
         text = str(error)
@@ -199,18 +190,18 @@ def test_store_errors_are_described_naming_the_url_and_where_credentials_come_fr
     missing = describe_storage_error(url, NoCredentialsError())
     assert missing.startswith(f"{url}: no credentials found; credentials come from --storage-options"), missing
     # Not about the store: a missing object, clock skew (another 403), a server error, a local file.
-    for error in (_client_error("NoSuchKey", 404), _client_error("RequestTimeTooSkewed", 403),
-                  _client_error("InternalError", 500), FileNotFoundError("x"), ConnectionResetError()):
+    for error in (s3_client_error("NoSuchKey", 404), s3_client_error("RequestTimeTooSkewed", 403),
+                  s3_client_error("InternalError", 500), FileNotFoundError("x"), ConnectionResetError()):
         assert describe_storage_error(url, error) is None and storage_error(url, error) is None
-    assert "https:// needs" in describe_storage_error("https://h/a", _client_error("403", 403))
+    assert "https:// needs" in describe_storage_error("https://h/a", s3_client_error("403", 403))
 
 
 def test_read_location_raises_the_described_error_at_once(monkeypatch):
-    flaky = _Flaky([_client_error("SignatureDoesNotMatch", 403)])
+    flaky = _Flaky([s3_client_error("SignatureDoesNotMatch", 403)])
     monkeypatch.setattr(storage, "filesystem", lambda url, so=None: flaky)
     with pytest.raises(StorageAccessDenied, match=r"^s3://b/k: access denied \(the secret does not match"):
         read_location("s3://b/k", retries=3, backoff=0)
     assert flaky.calls == 1
-    flaky = _Flaky([_client_error("NoSuchBucket", 404)])
+    flaky = _Flaky([s3_client_error("NoSuchBucket", 404)])
     with pytest.raises(BucketNotFound, match=r"^s3://b: the bucket does not exist"):
         load_shard_set("s3://b/set")  # the bucket, not "not a shard set"
