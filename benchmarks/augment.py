@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from benchmarks.quick import parse_quick
 from stream_ssl.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -184,11 +185,7 @@ def main(argv=None) -> int:
                     help="toy sizes, every variant once, in seconds: checks that the benchmark runs, its figures "
                          f"mean nothing ({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; "
                          "default: off)")
-    args = ap.parse_args(argv)
-    if args.quick:
-        ap.set_defaults(**QUICK)
-        args = ap.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    args = parse_quick(ap, argv, QUICK)
     torch.set_num_threads(1)
     gpu = args.gpu and torch.cuda.is_available()
     if not gpu:

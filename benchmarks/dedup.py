@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.quick import parse_quick
 from shard_tools.dedup import DEFAULT_THRESHOLD, DEFAULT_VERIFY, VIEWS, WORDS, hash_graph, hash_samples  # noqa: E402
 from stream_ssl.testing.near_dups import VARIANTS, jpeg, origin_of, photo, planted_sets, scores  # noqa: E402
 
@@ -147,11 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
                    help="toy sizes, in seconds: checks that the benchmark runs, its figures mean nothing "
                         f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
-    a = p.parse_args(argv)
-    if a.quick:
-        p.set_defaults(**QUICK)
-        a = p.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    a = parse_quick(p, argv, QUICK)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         pool, n = quality(a, root)

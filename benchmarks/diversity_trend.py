@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.quick import parse_quick
+
 # --quick: the smallest sweep that has a smallest and a largest N (timm's toy network, no loader workers)
 QUICK = {"pool": 64, "down_train": 60, "down_test": 60, "budget": "64", "unique": "50%,100%", "seeds": "0",
          "backbone": "test_byobnet", "backbone_options": "{}", "batch_size": 16, "workers": 0, "out": None}
@@ -78,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="toy sizes, in well under a minute: checks that the benchmark runs, its figures mean nothing "
                         f"({', '.join(f'{k}={v}' for k, v in QUICK.items() if k != 'out').replace('%', '%%')}, "
                         "a temporary --out; options given win; default: off)")
-    a = p.parse_args(argv)
-    if a.quick:
-        p.set_defaults(**QUICK)
-        a = p.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    a = parse_quick(p, argv, QUICK)
     temporary = a.out is None
     if temporary:
         a.out = Path(tempfile.mkdtemp(prefix="diversity-trend-"))

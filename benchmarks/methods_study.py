@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.quick import parse_quick
+
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("simclr", "mocov3", "byol", "barlow", "vicreg", "swav", "dino")
 # What a method's YAML contributes; the rest (backbone, size, batch, data) is the study's.
@@ -240,11 +242,7 @@ def plot(rows: list[dict], methods: list[str], downs: list[str], path: Path) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
-    a = p.parse_args(argv)
-    if a.quick:
-        p.set_defaults(**QUICK)
-        a = p.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    a = parse_quick(p, argv, QUICK)
     temporary = [key for key in ("out", "data_root") if getattr(a, key) is None]
     for key in temporary:
         setattr(a, key, Path(tempfile.mkdtemp(prefix=f"methods-study-{key}-")))

@@ -33,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.quick import parse_quick
 from benchmarks.stream import BUCKET, SCENARIOS, run_child, serve, write_set  # noqa: E402
 from shard_tools.quantities import SIZE_HELP, size_arg  # noqa: E402
 
@@ -196,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
     for hidden in ("--node", "--mode", "--folder", "--options", "--cache"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.quick:
-        p.set_defaults(**QUICK)
-        a = p.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    a = parse_quick(p, argv, QUICK)
     if a.node is not None:
         a.node, a.nodes = int(a.node), int(a.nodes)
         return node_main(a)

@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.quick import parse_quick
 from shard_tools.pack import pack
 from shard_tools.synth import synthesize
 
@@ -81,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="toy sizes, every variant once, in seconds: checks that the benchmark runs, its figures "
                         f"mean nothing ({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; "
                         "default: off)")
-    a = p.parse_args(argv)
-    if a.quick:
-        p.set_defaults(**QUICK)
-        a = p.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    a = parse_quick(p, argv, QUICK)
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-pack-"))
     images = work / f"images-{a.images}-{a.size}"
     manifest = images / "manifest.csv"

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.quick import parse_quick
 from shard_tools.quantities import format_bytes, format_count, parse_count  # noqa: E402
 
 
@@ -117,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.quick:
-        p.set_defaults(**QUICK)
-        a = p.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    a = parse_quick(p, argv, QUICK)
     if a.child:
         print(json.dumps(child(a.child, a.manifest, a.shard_size)))
         return 0

@@ -24,6 +24,7 @@ import sys
 import time
 import tracemalloc
 
+from benchmarks.quick import parse_quick
 from shard_tools.quantities import format_bytes, parse_count
 from shard_tools.shardset import ShardInfo, ShardSet
 from stream_ssl.data.plan import make_plan
@@ -79,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
                    help="toy sizes, in seconds: checks that the benchmark runs, its figures mean nothing "
                         f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
-    a = p.parse_args(argv)
-    if a.quick:
-        p.set_defaults(**QUICK)
-        a = p.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    a = parse_quick(p, argv, QUICK)
     samples = parse_count(a.samples)
     rows = [run(int(k), samples, a.passes, a.world_size, a.batch_size) for k in a.shards.split(",")]
     print(f"{samples:,} samples, {a.passes} passes, {a.world_size} ranks x {a.batch_size}")

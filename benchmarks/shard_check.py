@@ -25,6 +25,7 @@ import sys
 import time
 import tracemalloc
 
+from benchmarks.quick import parse_quick
 from shard_tools.listing import check_shards  # noqa: E402
 from shard_tools.quantities import format_bytes  # noqa: E402
 from stream_ssl.testing.listing import PAGE, FakeBucket, fake_set  # noqa: E402
@@ -76,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
                    help="toy sizes, in seconds: checks that the benchmark runs, its figures mean nothing "
                         f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
-    a = p.parse_args(argv)
-    if a.quick:
-        p.set_defaults(**QUICK)
-        a = p.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    a = parse_quick(p, argv, QUICK)
     rows = [run(int(k)) for k in a.shards.split(",")]
     print(f"{'shards':>9} {'entries':>9} {'pages':>6} {'index s':>8} {'listing s':>9} {'check s':>8} "
           f"{'check/index':>11} {'check/listing':>13} {'peak mem':>9} {'B/shard':>8}")

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.quick import parse_quick
+
 REPO = Path(__file__).resolve().parent.parent
 
 # scenario -> None (local disk) or (store, latency added to the first byte in s, bytes/s per connection or None)
@@ -332,11 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure", help=argparse.SUPPRESS)
     for hidden in ("--folder", "--urls", "--options"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.quick:
-        p.set_defaults(**QUICK)
-        a = p.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    a = parse_quick(p, argv, QUICK)
     if a.measure:
         return child_main(a)
     a.scenarios = [s for s in a.scenarios.split(",") if s]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.quick import parse_quick
 from shard_tools.shardset import load_shard_set
 from stream_ssl.data.augment import photometric
 from stream_ssl.data.loader import make_loader
@@ -120,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=False,
                    help="toy sizes on the CPU, in seconds: checks that the benchmark runs, its figures mean nothing "
                         f"({', '.join(f'{k}={v}' for k, v in QUICK.items())}; options given win; default: off)")
-    args = p.parse_args(argv)
-    if args.quick:
-        p.set_defaults(**QUICK)
-        args = p.parse_args(argv)
-        print("quick mode: toy sizes, to check that the benchmark runs; its figures measure nothing", flush=True)
+    args = parse_quick(p, argv, QUICK)
     device = torch.device(args.device)
     total = args.warmup_steps + args.steps
 

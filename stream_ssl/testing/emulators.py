@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stream_ssl.testing.servers import free_port, wait_for_port
+from stream_ssl.testing.servers import free_port, stop_server, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 # Azurite's well-known development account (its README): public, accepted by every Azurite.
@@ -54,13 +54,7 @@ class Emulator:
         filesystem(f"{self.scheme}://{name}", self.options()).mkdir(name)
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        stop_server(self.proc, self.log)
 
 
 class GcsEmulator(Emulator):

@@ -66,16 +66,21 @@ class MotoServer:
                        **extra}}
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        stop_server(self.proc, self.log)
         # fsspec caches filesystems by their options; one made from environment variables alone would keep
         # pointing at this (now dead) server in later tests.
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def stop_server(proc: subprocess.Popen, log) -> None:
+    """End a server process (SIGTERM, then SIGKILL after 10 s) and close the file its log went to."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
 
 
 def upload_folder(fs, local: Path, url: str) -> None:
