@@ -77,8 +77,9 @@ def child(kind: str, manifest: str, shard_size: int) -> dict:
 
 
 def measure(kind: str, manifest: Path, shard_size: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--manifest", str(manifest), "--shard-size",
-                           str(shard_size)], capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.pack_plan", "--child", kind, "--manifest", str(manifest),
+                           "--shard-size", str(shard_size)], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
