@@ -193,79 +193,20 @@ class FaultProxy:
                        + (b"" if request.startswith(b"HEAD") else body))
 
     def _serve(self, client: socket.socket, action) -> None:
+        """One client connection: refused (`reset`, `503`), or passed to the server and back (cut after
+        `action[1]` bytes when it is `cut`), with the store's latency and pacing."""
         if action and action[0] in ("reset", "503"):
-            try:
-                request = client.recv(65536)
-                if action[0] == "503":
-                    self._slow_down(client, request)
-                    client.close()
-                else:
-                    self._reset(client)
-            except OSError:
-                pass
-            self._fault(action[0])
+            self._refuse(client, action[0])
             return
         try:
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
         except OSError:
             self._reset(client)
             return
-        budget = action[1] if action else None
         done = threading.Event()
         pace = {"t0": time.perf_counter(), "sent": 0}  # the response being paced: its start and bytes sent
-
-        def up() -> None:
-            try:
-                while not done.is_set():
-                    data = client.recv(65536)
-                    if not data:
-                        break
-                    with self.lock:
-                        self.requests += 1
-                        number = self.requests
-                    if self.outage_at and number == self.outage_at[0]:
-                        threading.Thread(target=self.outage, args=(self.outage_at[1],), daemon=True).start()
-                    if number in self.slowdown:  # answered here; the server never sees it
-                        self._slow_down(client, data)
-                        self._fault("503")
-                        upstream.shutdown(socket.SHUT_RDWR)
-                        break
-                    if self.latency:
-                        time.sleep(self.latency)  # the store "thinks" before the first byte of its answer
-                    pace.update(t0=time.perf_counter(), sent=0)
-                    upstream.sendall(data)
-            except OSError:
-                pass
-            finally:
-                try:
-                    upstream.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-
-        t = threading.Thread(target=up, daemon=True)
-        t.start()
-        passed, faulted = 0, False
-        try:
-            while True:
-                data = upstream.recv(65536)
-                if not data:
-                    break
-                if budget is not None and passed + len(data) >= budget:
-                    client.sendall(data[: max(0, budget - passed)])
-                    self._fault("cut")
-                    faulted = True
-                    break
-                client.sendall(data)
-                passed += len(data)
-                with self.lock:
-                    self.bytes_down += len(data)
-                if self.rate:
-                    pace["sent"] += len(data)
-                    ahead = pace["t0"] + pace["sent"] / self.rate - time.perf_counter()
-                    if ahead > 0:
-                        time.sleep(ahead)
-        except OSError:
-            pass
+        threading.Thread(target=self._requests, args=(client, upstream, done, pace), daemon=True).start()
+        faulted = self._responses(client, upstream, action[1] if action else None, pace)
         done.set()
         if faulted:
             self._reset(client, upstream)
@@ -276,6 +217,71 @@ class FaultProxy:
                 except OSError:
                     pass
                 sock.close()
+
+    def _refuse(self, client: socket.socket, kind: str) -> None:
+        try:
+            request = client.recv(65536)
+            if kind == "503":
+                self._slow_down(client, request)
+                client.close()
+            else:
+                self._reset(client)
+        except OSError:
+            pass
+        self._fault(kind)
+
+    def _requests(self, client: socket.socket, upstream: socket.socket, done: threading.Event, pace: dict) -> None:
+        """Client to server: each request counted, delayed by the latency, or answered 503 here (`slowdown`)."""
+        try:
+            while not done.is_set():
+                data = client.recv(65536)
+                if not data:
+                    break
+                with self.lock:
+                    self.requests += 1
+                    number = self.requests
+                if self.outage_at and number == self.outage_at[0]:
+                    threading.Thread(target=self.outage, args=(self.outage_at[1],), daemon=True).start()
+                if number in self.slowdown:  # answered here; the server never sees it
+                    self._slow_down(client, data)
+                    self._fault("503")
+                    upstream.shutdown(socket.SHUT_RDWR)
+                    break
+                if self.latency:
+                    time.sleep(self.latency)  # the store "thinks" before the first byte of its answer
+                pace.update(t0=time.perf_counter(), sent=0)
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                upstream.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _responses(self, client: socket.socket, upstream: socket.socket, budget: int | None, pace: dict) -> bool:
+        """Server to client, paced to `rate`; cut after `budget` bytes (returns True when it cut)."""
+        passed = 0
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    return False
+                if budget is not None and passed + len(data) >= budget:
+                    client.sendall(data[: max(0, budget - passed)])
+                    self._fault("cut")
+                    return True
+                client.sendall(data)
+                passed += len(data)
+                with self.lock:
+                    self.bytes_down += len(data)
+                if self.rate:
+                    pace["sent"] += len(data)
+                    ahead = pace["t0"] + pace["sent"] / self.rate - time.perf_counter()
+                    if ahead > 0:
+                        time.sleep(ahead)
+        except OSError:
+            return False
 
     def close(self) -> None:
         self.closed = True
