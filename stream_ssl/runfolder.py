@@ -24,8 +24,10 @@ from pathlib import Path
 
 from shard_tools.outputs import RemoteOutput
 from shard_tools.storage import is_url, redact
+from stream_ssl.errors import RunError
 
 LATEST = "checkpoints/latest"
+MARKER = ".mirror-of"  # in a local mirror: the URL it mirrors (a mirror is emptied when its run starts)
 
 
 def default_mirror(url: str) -> Path:
@@ -55,9 +57,16 @@ class RemoteRunFolder:
 
     def pull(self) -> None:
         """Make the mirror what the URL holds: its small files and its newest checkpoint (an empty URL: an empty
-        mirror). What the mirror held before is dropped; the URL is the run."""
+        mirror). What the mirror held before is dropped (the URL is the run); a folder that is not empty and was
+        not this URL's mirror is refused, never emptied."""
+        marker = self.local / MARKER
+        if self.local.exists() and any(self.local.iterdir()) and not (
+                marker.is_file() and marker.read_text().strip() == self.url):
+            raise RunError(f"--local-out {self.local}: a folder that is not empty and is not the mirror of {self}; "
+                           "choose an empty or new folder")
         shutil.rmtree(self.local, ignore_errors=True)
         (self.local / "checkpoints").mkdir(parents=True)
+        marker.write_text(self.url + "\n")
         fs, root = self.out.fs, self.out.fs._strip_protocol(self.url)
         fs.invalidate_cache(self.url)
         for path in fs.find(root):
@@ -90,7 +99,7 @@ class RemoteRunFolder:
     def _files(self):
         for path in sorted(self.local.rglob("*")):
             name = path.relative_to(self.local).as_posix()
-            if path.is_file() and not name.startswith("checkpoints/") and not name.endswith(".tmp"):
+            if path.is_file() and not name.startswith("checkpoints/") and not name.endswith(".tmp") and name != MARKER:
                 yield name, path
 
     def _put(self, path: Path, name: str) -> None:
