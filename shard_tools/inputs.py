@@ -129,13 +129,14 @@ def set_name(path: str) -> str:
 
 
 def restrict(shard_set: ShardSet, paths: Iterable[str]) -> ShardSet:
-    """`shard_set` with only the shards whose paths are in `paths`, in the set's own order."""
+    """`shard_set` with only the shards whose paths are in `paths`, in the set's own order. Its shards' `.idx`
+    are read from their files: the index packs number the whole set's shards."""
     wanted = set(paths)
     shards = tuple(s for s in shard_set.shards if s.path in wanted)
     total = sum(s.samples for s in shards)
-    meta = {**shard_set.meta, "num_samples": total,
+    meta = {**shard_set.meta, "num_samples": total, "idx_packs": [],
             "shards": [s for s in shard_set.meta.get("shards", []) if s.get("path") in wanted]}
-    return dataclasses.replace(shard_set, shards=shards, num_samples=total, meta=meta)
+    return dataclasses.replace(shard_set, shards=shards, num_samples=total, meta=meta, packs=())
 
 
 def indexed_subset(tars: list[str]) -> ShardSet | None:

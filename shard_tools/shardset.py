@@ -2,6 +2,13 @@
 
 A shard set is a folder with `NAME-000000.tar` shards, one DALI-style `.idx` per shard (wds2idx v1.2)
 and `index.json`, which is written last: a folder without it is not a shard set.
+
+Index packs: `index-000000.idxpack`, `index-000001.idxpack`, ... hold the `.idx` texts of up to IDX_PACK_SHARDS
+consecutive shards each, end to end, byte for byte; index.json's `idx_packs` lists them (path, first shard,
+each shard's byte offset in the pack plus the end, size, sha256). A reader fetches one object for a thousand
+shards instead of one `.idx` each, or, when it reads few of a pack's shards, one shard's range of it. The
+per-shard `.idx` files stay (DALI reads them); a set without `idx_packs` (written before, or by other tools)
+is read through them.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ FORMAT = "stream-ssl-shards"
 VERSION = 1
 IDX_VERSION = "v1.2"
 TAR_BLOCK = 512
+IDX_PACK_SHARDS = 1000  # shards per index pack: a set of S shards has ceil(S / 1000) packs
 # Members the reader will ever decode. Anything else (notably .pyd/.pickle) is ignored, never unpickled.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SAFE_EXTS = IMAGE_EXTS + ("cls", "json", "txt")
@@ -31,6 +39,22 @@ class ShardInfo:
 
 
 @dataclass(frozen=True)
+class IdxPack:
+    """One index pack: the `.idx` texts of shards [first, first + len(offsets) - 1), shard first + j's at bytes
+    [offsets[j], offsets[j + 1])."""
+
+    path: str  # relative to the shard-set folder
+    first: int
+    offsets: tuple[int, ...]
+    bytes: int
+    sha256: str
+
+    @property
+    def stop(self) -> int:
+        return self.first + len(self.offsets) - 1
+
+
+@dataclass(frozen=True)
 class ShardSet:
     url: str  # folder URL: local path, s3://..., http(s)://...
     name: str
@@ -39,12 +63,24 @@ class ShardSet:
     shards: tuple[ShardInfo, ...]
     labels: tuple[str, ...]
     meta: dict
+    packs: tuple[IdxPack, ...] = ()  # index packs (empty: one `.idx` per shard only)
 
     def shard_url(self, i: int) -> str:
         return join(self.url, self.shards[i].path)
 
     def idx_url(self, i: int) -> str:
         return join(self.url, idx_name(self.shards[i].path))
+
+    def pack_of(self, i: int) -> int | None:
+        """The number of the index pack holding shard `i`'s `.idx` text, None when the set has no packs."""
+        return i // IDX_PACK_SHARDS if self.packs else None
+
+    def pack_url(self, k: int) -> str:
+        return join(self.url, self.packs[k].path)
+
+
+def idx_pack_name(k: int) -> str:
+    return f"index-{k:06d}.idxpack"
 
 
 def idx_name(tar_path: str) -> str:
@@ -81,6 +117,7 @@ def load_shard_set(url: str, storage_options: dict | None = None, retries: int =
         raise ValueError(f"{where}: malformed shard list or num_samples ({e!r})") from None
     if sum(s.samples for s in shards) != total:
         raise ValueError(f"{where}: num_samples={total} but shards hold {sum(s.samples for s in shards)}")
+    packs = _packs(meta.get("idx_packs") or [], len(shards), where)
     return ShardSet(
         url=url.rstrip("/"),
         name=str(meta.get("name", "")),
@@ -89,7 +126,28 @@ def load_shard_set(url: str, storage_options: dict | None = None, retries: int =
         shards=shards,
         labels=tuple(meta.get("labels", {}).get("names", []) or []),
         meta=meta,
+        packs=packs,
     )
+
+
+def _packs(entries: list, shards: int, where: str) -> tuple[IdxPack, ...]:
+    """The `idx_packs` of index.json, checked: pack k holds shards [1000k, min(1000(k+1), shards)), its offsets
+    rise from 0 to its size. ValueError (naming the field) otherwise."""
+    packs = []
+    try:
+        for k, e in enumerate(entries):
+            pack = IdxPack(str(e["path"]), int(e["first"]), tuple(int(o) for o in e["offsets"]), int(e["bytes"]),
+                           str(e.get("sha256", "")))
+            want = (k * IDX_PACK_SHARDS, min((k + 1) * IDX_PACK_SHARDS, shards))
+            rising = all(a < b for a, b in zip(pack.offsets, pack.offsets[1:]))
+            if (pack.first, pack.stop) != want or pack.offsets[0] != 0 or pack.offsets[-1] != pack.bytes or not rising:
+                raise ValueError(f"pack {k} does not hold shards {want[0]}-{want[1] - 1} end to end")
+            packs.append(pack)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"{where}: malformed idx_packs ({e})") from None
+    if packs and packs[-1].stop != shards:
+        raise ValueError(f"{where}: malformed idx_packs (they end at shard {packs[-1].stop}, the set has {shards})")
+    return tuple(packs)
 
 
 def format_idx(samples: list[list[tuple[str, int, int, str]]]) -> str:

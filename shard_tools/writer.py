@@ -1,4 +1,4 @@
-"""Write samples into WebDataset tar shards with DALI `.idx` files; publish `index.json` last.
+"""Write samples into WebDataset tar shards with DALI `.idx` files; publish the index packs, then `index.json` last.
 
 Every file is written under a temporary name and renamed (or, for object stores, uploaded) when complete,
 so a crash never leaves a partial shard or index that looks finished. Tar headers carry no time, user or
@@ -9,6 +9,7 @@ arrive: memory stays at one sample, whatever the shard size.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import queue
 import shutil
@@ -20,7 +21,17 @@ from pathlib import Path
 from shard_tools.errors import ToolError
 from shard_tools.outputs import LocalOutput, Output
 from shard_tools.quantities import format_bytes, plural
-from shard_tools.shardset import FORMAT, TAR_BLOCK, VERSION, ShardInfo, format_idx, idx_name, shard_name
+from shard_tools.shardset import (
+    FORMAT,
+    IDX_PACK_SHARDS,
+    TAR_BLOCK,
+    VERSION,
+    ShardInfo,
+    format_idx,
+    idx_name,
+    idx_pack_name,
+    shard_name,
+)
 
 RECORD = tarfile.RECORDSIZE  # tarfile pads archives to whole 10 KiB records; we do the same
 END_OF_ARCHIVE = 2 * TAR_BLOCK
@@ -305,4 +316,35 @@ def index_bytes(index: dict) -> bytes:
 
 
 def write_index(output: Output, index: dict) -> None:
+    """Publish `index.json` of the shards that `index` lists, after their index packs (shard_tools/shardset.py),
+    which are made from the `.idx` files in `output` and recorded in `index` as `idx_packs`. Packs of an
+    earlier, larger set in the folder are removed."""
+    shards = index.pop("shards")
+    packs = write_idx_packs(output, [s["path"] for s in shards])
+    if packs:
+        index["idx_packs"] = packs
+    index["shards"] = shards  # (last: index.json reads best with the long list at the end)
+    old = {e for e in output.list() if e.startswith("index-") and e.endswith(".idxpack")}
+    for stale in sorted(old - {p["path"] for p in packs}):
+        output.remove(stale)
     output.write_bytes("index.json", index_bytes(index), durable=True)
+
+
+def write_idx_packs(output: Output, paths: list[str], threads: int = 16) -> list[dict]:
+    """Write the index packs of the shards `paths` (in set order) from their `.idx` files in `output`; return
+    their `idx_packs` entries. A shard without a `.idx` (an empty set, an index.json of other tools) means no
+    packs: []."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    packs = []
+    with ThreadPoolExecutor(threads) as pool:
+        for k, first in enumerate(range(0, len(paths), IDX_PACK_SHARDS)):
+            texts = list(pool.map(output.read_bytes, [idx_name(p) for p in paths[first:first + IDX_PACK_SHARDS]]))
+            if any(t is None for t in texts):
+                return []
+            data = b"".join(texts)
+            offsets = [0, *itertools.accumulate(len(t) for t in texts)]
+            output.write_bytes(idx_pack_name(k), data, durable=True)
+            packs.append({"path": idx_pack_name(k), "first": first, "offsets": offsets, "bytes": len(data),
+                          "sha256": hashlib.sha256(data).hexdigest()})
+    return packs

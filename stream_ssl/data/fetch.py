@@ -134,9 +134,9 @@ async def _drain(read, close, n: int, policy: Policy, t0: float) -> tuple[bytear
     return buf, ttfb if ttfb is not None else time.perf_counter() - t0
 
 
-async def _get_whole(entry: Protocol, fs, path: str) -> bytes:
-    """All bytes of an object with the protocol's GET (no range, no HEAD first)."""
-    body = await entry.get(fs, path, None, None)
+async def _get_whole(entry: Protocol, fs, path: str, start: int | None = None, end: int | None = None) -> bytes:
+    """All bytes of an object, or bytes [start, end), with the protocol's GET (no HEAD first)."""
+    body = await entry.get(fs, path, start, end)
     if not isinstance(body, Body):
         return body
     try:
@@ -344,27 +344,31 @@ class Fetcher:
             await asyncio.sleep(policy.wait(failures))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def read_whole(self, url: str) -> bytes:
-        """All bytes of a small object (an `.idx`), retried on transient errors; no HEAD request."""
+    def read_whole(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
+        """All bytes of a small object (an `.idx`, an index pack), or bytes [start, end) of it, retried on
+        transient errors; no HEAD request."""
         if protocol(url).local and self.direct_local:
             try:
                 with open(url.split("://", 1)[-1], "rb") as f:
-                    data = f.read()
+                    f.seek(start or 0)
+                    data = f.read() if start is None else f.read(end - start)
             except FileNotFoundError:
                 raise gone(url) from None
             with self._lock:
                 self.stats.add(index_bytes=len(data))
             return data
         fs = self.filesystem(url)
-        return self.run(fs, self._whole(fs, url)).result()
+        return self.run(fs, self._whole(fs, url, start, end)).result()
 
-    async def _whole(self, fs, url: str) -> bytes:
+    async def _whole(self, fs, url: str, start: int | None, end: int | None) -> bytes:
         entry = protocol(url)
         path = entry.path(url, fs)
         for attempt in range(self.policy.retries + 1):
             t0 = time.perf_counter()
             try:
-                data = await _get_whole(entry, fs, path)
+                data = await _get_whole(entry, fs, path, start, end)
+                if start is not None and len(data) != end - start:
+                    raise ConnectionError(f"response body ended after {len(data)} of {end - start} bytes")
                 with self._lock:
                     self.stats.add(requests=1, index_bytes=len(data), request_seconds=time.perf_counter() - t0)
                 return data

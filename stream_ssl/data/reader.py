@@ -7,7 +7,9 @@
 - Samples are cut out of the bytes with the `.idx` offsets (no tar parsing). Each member's tar header is
   checked against the `.idx` (name and size): a sample whose bytes do not match is returned with an
   `__error__` and no members, so the loader skips and counts it.
-- `.idx` files are fetched once per shard however many threads ask (single flight), kept in a small LRU.
+- A shard's `.idx` is fetched once however many threads ask (single flight) and kept in a small LRU: from the
+  set's index pack (shard_tools/shardset.py: one object for a thousand shards, fetched whole when the run reads
+  enough of them, else the shard's range of it), or, for sets without packs, from the shard's `.idx` file.
 - With a `DiskCache` (one folder per node), ranges of remote shards that the run reads again are stored on
   local disk, and any range held there is served from it (`obtain`): a range another process of the node is
   fetching is waited for, not fetched again; fetched ranges are stored as soon as they arrive.
@@ -27,13 +29,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shard_tools.shardset import IMAGE_EXTS, SAFE_EXTS, TAR_BLOCK, ShardSet, parse_idx, sample_boundaries
+from shard_tools.shardset import (
+    IDX_PACK_SHARDS,
+    IMAGE_EXTS,
+    SAFE_EXTS,
+    TAR_BLOCK,
+    ShardSet,
+    parse_idx,
+    sample_boundaries,
+)
 from shard_tools.storage import protocol_of, redact
 from stream_ssl.data.cache import BUSY, HELD, MISSING, DiskCache, covers
 from stream_ssl.data.fetch import Fetcher, Policy, ReadError, ReadStats
 from stream_ssl.data.plan import Plan, Slice
 
 __all__ = ["ReadError", "ReadStats", "ShardIndex", "ShardReader", "member_key"]
+
+WHOLE_PACK_BYTES = 4 << 20  # an index pack this small is always fetched whole (at 20 MB/s, 0.2 s)
+PACKS_HELD = 4  # index packs a reader keeps in memory (a thousand shards' offsets each)
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,9 @@ class ShardReader:
         self.cache_local, self.share = cache_local, share
         self._executors: dict[str, ThreadPoolExecutor] = {}  # cache reads and waits, stores
         self._index: OrderedDict[tuple[int, int], ShardIndex] = OrderedDict()
-        self._loading: dict[tuple[int, int], Future] = {}
+        self._packs: OrderedDict[tuple[int, int], bytes] = OrderedDict()  # index packs held whole
+        self._pool_packs: dict[int, np.ndarray] = {}  # per source: how many of each pack's shards the plan reads
+        self._loading: dict[tuple, Future] = {}
         self._idx_cache = idx_cache
         self._lock = threading.Lock()
 
@@ -143,27 +158,35 @@ class ShardReader:
 
     def index(self, source: int, shard: int) -> ShardIndex:
         """The parsed `.idx` of a shard, fetched once however many threads ask at the same time."""
-        key = (source, shard)
+        return self._once(self._index, (source, shard), lambda: self._load_index(source, shard), self._idx_cache)
+
+    def _once(self, table: OrderedDict, key, load: Callable, limit: int):
+        """`table[key]`, made by `load()` once however many threads ask at the same time; `table` keeps the
+        `limit` most recently used."""
         with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
-                return self._index[key]
-            fut = self._loading.get(key)
+            if key in table:
+                table.move_to_end(key)
+                return table[key]
+            fut = self._loading.get((id(table), key))
             mine = fut is None
             if mine:
-                fut = self._loading[key] = Future()
+                fut = self._loading[(id(table), key)] = Future()
         if not mine:
             return fut.result()
         try:
-            entry = self._load_index(source, shard)
-            fut.set_result(entry)
+            value = load()
+            with self._lock:
+                table[key] = value
+                while len(table) > limit:
+                    table.popitem(last=False)
+            fut.set_result(value)
         except BaseException as e:
             fut.set_exception(e)
             raise
         finally:
             with self._lock:
-                self._loading.pop(key, None)
-        return entry
+                self._loading.pop((id(table), key), None)
+        return value
 
     def load_indexes(self, keys) -> None:
         """Fetch the `.idx` of many shards at once (the start of a run reads dozens; one at a time, each
@@ -178,8 +201,7 @@ class ShardReader:
         url, shard_url = self.sets[source].idx_url(shard), self.sets[source].shard_url(shard)
         raw = self.cache.get_blob(self.shard_key(source, shard), "idx") if self.is_cached(url) else None
         if raw is None:
-            raw = self.fetcher.read_whole(url)
-            self._count(index_fetches=1)
+            raw, url = self._idx_text(source, shard)
             if self.is_cached(url):
                 self.cache.put_blob(self.shard_key(source, shard), "idx", raw)
         entry = ShardIndex.of(parse_idx(raw.decode(), redact(url)))
@@ -187,11 +209,56 @@ class ShardReader:
         if len(entry.keys) != expected:
             raise ValueError(f"{redact(url)}: holds {len(entry.keys)} samples, index.json says {expected} "
                              f"for {redact(shard_url)}")
-        with self._lock:
-            self._index[(source, shard)] = entry
-            while len(self._index) > self._idx_cache:
-                self._index.popitem(last=False)
         return entry
+
+    def _idx_text(self, source: int, shard: int) -> tuple[bytes, str]:
+        """A shard's `.idx` text and where it came from: its `.idx` file, or its slice of the set's index pack,
+        which is fetched whole (once) when `_whole_pack` says so, else as that one range."""
+        s = self.sets[source]
+        k = s.pack_of(shard)
+        if k is None:
+            self._count(index_fetches=1)
+            return self.fetcher.read_whole(s.idx_url(shard)), s.idx_url(shard)
+        pack, url = s.packs[k], s.pack_url(k)
+        start, end = pack.offsets[shard - pack.first], pack.offsets[shard - pack.first + 1]
+        if not self._whole_pack(source, k):
+            self._count(index_fetches=1)
+            return bytes(self.fetcher.read_whole(url, start, end)), url
+        data = self._once(self._packs, (source, k), lambda: self._fetch_pack(source, k), PACKS_HELD)
+        return data[start:end], url
+
+    def _fetch_pack(self, source: int, k: int) -> bytes:
+        """Index pack `k` of a set, whole: from the node's cache when it holds it, else from storage (and then
+        stored there for the node's other processes); checked against index.json's size and sha256."""
+        pack, url = self.sets[source].packs[k], self.sets[source].pack_url(k)
+        key = DiskCache.shard_key(url, pack.bytes, pack.sha256) if self.is_cached(url) else None
+        data = self.cache.get_blob(key, "pack") if key else None
+        if data is None:
+            data = self.fetcher.read_whole(url)
+            self._count(index_fetches=1)
+            if key and len(data) == pack.bytes:
+                self.cache.put_blob(key, "pack", data)
+        if len(data) != pack.bytes or (pack.sha256 and hashlib.sha256(data).hexdigest() != pack.sha256):
+            raise ValueError(f"{redact(url)}: not the index pack that index.json lists ({len(data)} bytes, "
+                             f"expected {pack.bytes} and its sha256): rewrite the index with shard_tools/index.py")
+        return data
+
+    def _whole_pack(self, source: int, k: int) -> bool:
+        """Whether to fetch index pack `k` of a set whole: it is small (WHOLE_PACK_BYTES), or the plan reads at
+        least a quarter of its shards (a pass over a whole set costs one GET per thousand shards). Otherwise
+        (a pool scattered over a large set) each shard's range of it is fetched: no GET brings much unused."""
+        pack = self.sets[source].packs[k]
+        if pack.bytes <= WHOLE_PACK_BYTES:
+            return True
+        if self.plan is None:
+            return False
+        with self._lock:
+            counts = self._pool_packs.get(source)
+            if counts is None:
+                shards = np.unique(self.plan.unit_shard[self.plan.unit_source == source])
+                counts = self._pool_packs[source] = np.bincount(shards // IDX_PACK_SHARDS,
+                                                                minlength=len(self.sets[source].packs))
+        return 4 * int(counts[k]) >= pack.stop - pack.first
 
     def boundaries(self, source: int, shard: int) -> np.ndarray:
         return self.index(source, shard).bounds

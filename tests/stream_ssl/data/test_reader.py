@@ -112,7 +112,7 @@ def test_resume_reads_only_what_the_remaining_steps_need(shards):
             b = reader.boundaries(p.source, p.shard)
             needed.setdefault(shards.shard_url(p.shard), set()).update(range(int(b[p.start]), int(b[p.stop])))
     for path, a, z in rec.requests:  # nothing only the steps before the resume point need was read
-        assert path.endswith(".idx") or set(range(a, z)) <= needed[path]
+        assert path.endswith((".idx", ".idxpack")) or set(range(a, z)) <= needed[path]
     assert reader.stats.bytes_read <= sum(len(v) for v in needed.values()) * 3  # at most once per pass
 
 
@@ -120,13 +120,13 @@ def test_reads_of_a_window_of_steps_are_merged_into_few_requests(shards):
     plan = make_plan([shards], 300, 300, world_size=1, batch_size=12, seed=1)  # mixing on: blocks of 1 sample
     reader, rec = _recording_reader(plan)
     _stream(plan, 0, reader)
-    rec.requests = [r for r in rec.requests if not r[0].endswith(".idx")]
+    rec.requests = [r for r in rec.requests if not r[0].endswith((".idx", ".idxpack"))]
     assert len(rec.requests) <= 2 * len(shards.shards)  # per shard read, not per block
     per_step = sum(len(plan.rank_slices(step, 0)) for step in range(plan.steps))  # step by step: one per block
     assert per_step > 4 * len(shards.shards)
     reader, rec = _recording_reader(plan)
     _stream(plan, 0, reader, read_ahead_bytes=1)  # the least read-ahead still reads a window at a time
-    rec.requests = [r for r in rec.requests if not r[0].endswith(".idx")]
+    rec.requests = [r for r in rec.requests if not r[0].endswith((".idx", ".idxpack"))]
     assert len(rec.requests) <= 2 * len(shards.shards) + plan.steps // plan.shuffle_window
 
 
@@ -153,9 +153,9 @@ class Flaky:
         key = (path.rsplit("/", 1)[-1], start, end)
         attempt = self.attempts[key] = self.attempts.get(key, -1) + 1
         action = self.pattern(zlib.crc32(repr(key).encode()), attempt)
-        if path.endswith(".idx") or action is None:
+        if path.endswith((".idx", ".idxpack")) or action is None:
             data = self.fs.cat_file(path, start=start, end=end)
-            if not path.endswith(".idx"):
+            if not path.endswith((".idx", ".idxpack")):
                 self.requests.append((path, start, end, len(data)))
             return data
         if action == "reset":
@@ -373,7 +373,7 @@ def test_an_index_is_fetched_once_however_many_threads_ask(shards):
     for t in threads:
         t.join()
     assert len(got) == 8 and all(g is got[0] for g in got)
-    assert [p for p, *_ in slow.requests] == [shards.idx_url(3)] and reader.stats.index_fetches == 1
+    assert [p for p, *_ in slow.requests] == [shards.pack_url(0)] and reader.stats.index_fetches == 1
 
 
 def test_local_shards_read_ahead_at_most_the_local_bound(shards):

@@ -213,7 +213,7 @@ def test_training_streams_from_s3_through_the_cache_and_writes_no_credentials(mo
 @pytest.mark.multiprocess
 def test_two_simulated_nodes_read_the_pool_at_most_once_each(moto, local_folder, s3_url, tmp_path):
     """Two processes as two nodes (torchrun's variables per process, a cache folder each) train 4 passes from S3
-    through a counting proxy: each node gets at most the pool from the object store (+ .idx files, index.json
+    through a counting proxy: each node gets at most the pool from the object store (+ the index pack, index.json
     and HTTP headers), the run reports it next to the estimate, and every rank trained on the plan's keys."""
     from tests.helpers import PYTHON
     from tests.helpers.trainer import TRAIN, run_nodes, train_args
@@ -237,7 +237,7 @@ def test_two_simulated_nodes_read_the_pool_at_most_once_each(moto, local_folder,
     storage = json.loads((out / "summary.json").read_text())["object_store"]
     assert storage["nodes"] == 2 and storage["cache_policy"] == "whole pool" and storage["cache_fill"]
     assert 0 < storage["object_store_bytes_read"] <= 2 * pool < 4 * pool  # 4 passes, 2 nodes
-    idx = sum(len(reader.fetcher.read_whole(plan.sets[s].idx_url(h))) for s, h, _ in units)
+    idx = sum(p.bytes for p in plan.sets[0].packs)  # the index pack, fetched once per node (the node's cache)
     index_json = (local_folder / "index.json").stat().st_size
     assert proxy.bytes_down <= 2 * (pool + idx) + 4 * index_json + 1000 * proxy.requests  # (headers)
     for rank in range(2):
