@@ -39,6 +39,7 @@ import fsspec
 
 from shard_tools.errors import ToolError
 from shard_tools.protocols import ENTRIES, MissingBucket, protocol, scheme_of, schemes
+from shard_tools.protocols.base import blocking
 
 PROTOCOL_KEYS = schemes()  # the keys of per-protocol storage options
 
@@ -384,10 +385,10 @@ def read_location(url: str, storage_options: dict | None = None, retries: int = 
     if not is_url(url):
         with open(resolve(url, "."), "rb") as f:
             return f.read()
-    fs, path = filesystem(url, storage_options), fs_path(url)
+    fs, path, entry = filesystem(url, storage_options), fs_path(url), protocol(url)
     for attempt in range(retries + 1):
-        try:
-            return fs.cat_file(path)
+        try:  # (the protocol's GET: s3fs's cat_file asks for the object's metadata first, a HEAD request)
+            return blocking(fs, entry.get_bytes, fs, path) if getattr(fs, "async_impl", False) else fs.cat_file(path)
         except Exception as e:  # fsspec backends raise many types (aiohttp, botocore, ...)
             error = storage_error(url, e, storage_options)
             if error is not None:

@@ -15,14 +15,14 @@ from __future__ import annotations
 import functools
 
 from shard_tools.protocols.azure import AZURE
-from shard_tools.protocols.base import Body, Errors, MissingBucket, Protocol, RangeIgnored
+from shard_tools.protocols.base import Body, Errors, MissingBucket, Protocol, RangeIgnored, closed
 from shard_tools.protocols.gcs import GCS
 from shard_tools.protocols.http import HTTP
 from shard_tools.protocols.local import LOCAL
 from shard_tools.protocols.s3 import S3
 
-__all__ = ["Body", "Errors", "MissingBucket", "Protocol", "RangeIgnored", "ENTRIES", "OTHER_SCHEMES", "protocol",
-           "scheme_of", "schemes"]
+__all__ = ["Body", "Errors", "MissingBucket", "Protocol", "RangeIgnored", "ENTRIES", "OTHER_SCHEMES", "closed",
+           "protocol", "scheme_of", "schemes"]
 
 ENTRIES: tuple[Protocol, ...] = (LOCAL, S3, GCS, AZURE, HTTP)
 # Schemes without an entry that may still key per-protocol storage options.

@@ -88,6 +88,12 @@ def folder_prefix(key: str) -> str:
     return key.rstrip("/") + "/" if key else ""
 
 
+async def closed(result) -> None:
+    """Await `result` when closing a body returned a coroutine."""
+    if asyncio.iscoroutine(result):
+        await result
+
+
 @dataclass(frozen=True)
 class Protocol:
     """One storage protocol family. The defaults are fsspec's generic behaviour (any protocol it knows)."""
@@ -104,6 +110,16 @@ class Protocol:
     client_env: tuple[str, ...] = ()  # environment variables that change where or as whom a client connects
     endpoint: Callable[[dict], str] = lambda opts: "no endpoint set"  # where a client with these options goes
     bucket_word: str = "bucket"  # what the store calls a bucket
+
+    async def get_bytes(self, fs, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        """All bytes of an object, or bytes [start, end), with this protocol's GET (no HEAD first)."""
+        body = await self.get(fs, path, start, end)
+        if not isinstance(body, Body):
+            return body
+        try:
+            return await body.read()
+        finally:
+            await closed(body.close())
 
     def path(self, url: str, fs=None) -> str:
         """`url` as its filesystem names it (the bucket/key for object stores, the whole URL for http)."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from shard_tools.protocols import Body, Protocol, protocol
+from shard_tools.protocols import Body, Protocol, closed, protocol
 from shard_tools.storage import filesystem, is_not_found, is_throttled, is_transient, protocol_of, redact
 
 LOCAL_READS = ("mmap", "pread")  # how local files are read (see above)
@@ -130,24 +130,9 @@ async def _drain(read, close, n: int, policy: Policy, t0: float) -> tuple[bytear
     except Exception as e:  # noqa: BLE001 - classified by the caller
         raise Partial(buf, e) from e
     finally:
-        await _closed(close())
+        await closed(close())
     return buf, ttfb if ttfb is not None else time.perf_counter() - t0
 
-
-async def _get_whole(entry: Protocol, fs, path: str, start: int | None = None, end: int | None = None) -> bytes:
-    """All bytes of an object, or bytes [start, end), with the protocol's GET (no HEAD first)."""
-    body = await entry.get(fs, path, start, end)
-    if not isinstance(body, Body):
-        return body
-    try:
-        return await body.read()
-    finally:
-        await _closed(body.close())
-
-
-async def _closed(result) -> None:
-    if asyncio.iscoroutine(result):
-        await result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,7 +351,7 @@ class Fetcher:
         for attempt in range(self.policy.retries + 1):
             t0 = time.perf_counter()
             try:
-                data = await _get_whole(entry, fs, path, start, end)
+                data = await entry.get_bytes(fs, path, start, end)
                 if start is not None and len(data) != end - start:
                     raise ConnectionError(f"response body ended after {len(data)} of {end - start} bytes")
                 with self._lock:
