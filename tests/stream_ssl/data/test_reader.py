@@ -433,3 +433,28 @@ def test_cached_ranges_are_views_of_the_entry_and_checked_on_first_read(tmp_path
     other = DiskCache(tmp_path / "c", 1 << 20)  # a process that has not checked the entry yet
     path.write_bytes(bytes(damaged))
     assert other.read(path, 0, 10, len(payload)) is None and not path.exists()
+
+
+def test_the_first_window_is_read_in_small_gets_all_sent_at_once(shards, monkeypatch):
+    """The first item's samples lie anywhere in the first mixing window: its bytes come in GETs of at most
+    OPENING_REQUEST_BYTES (one sample may be more), every GET of the first fill in flight at once; the samples
+    are the same."""
+    from stream_ssl.data import readahead
+
+    plan = make_plan([shards], 300, 300, world_size=1, batch_size=12, seed=1)
+    want = [[s["__key__"] for s in samples] for _, samples in _stream(plan, 0, ShardReader(plan.sets))]
+    monkeypatch.setattr(readahead, "OPENING_REQUEST_BYTES", 4096)
+    reader, rec = _recording_reader(plan)  # GETs of up to 16 MiB otherwise
+    assert [[s["__key__"] for s in samples] for _, samples in _stream(plan, 0, reader)] == want
+    first, _, start, steps = plan.window(0)
+    opening: dict[str, set] = {}
+    for step in range(start, start + steps):
+        for p in plan.rank_slices(step, 0):
+            b = reader.boundaries(p.source, p.shard)
+            opening.setdefault(shards.shard_url(p.shard), set()).update(range(int(b[p.start]), int(b[p.stop])))
+    data = [(path, a, z) for path, a, z in rec.requests if path.endswith(".tar")]
+    biggest = max(int(max(b[1:] - b[:-1])) for b in (reader.boundaries(0, i) for i in range(len(shards.shards))))
+    small = [(a, z) for path, a, z in data if set(range(a, z)) & opening.get(path, set())]
+    assert small and all(z - a <= max(4096, biggest) for a, z in small)
+    assert len(data) > len(shards.shards)  # (one GET per shard without the opening)
+    assert reader.fetcher.concurrency >= min(64, len(data))  # the whole pass was the first fill here
