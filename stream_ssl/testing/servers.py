@@ -105,6 +105,10 @@ class FaultProxy:
       `outage`      (n, t): at request n, reset every open connection and refuse new ones for t seconds (nothing
                     listens on the port: "connection refused"), then accept again.
     Counts connections, requests, response bytes and faults. Threads only; `close()` stops it.
+    `records` holds one dict per HTTP request seen (a recv that starts with a request line): `method`, `path` (with
+    its query, as sent), `start` (when the proxy got it, before the latency), `first` and `end` (the first and the
+    last response byte passed on, None when none came), `bytes` (response bytes, headers included); times are
+    `time.perf_counter()`, which on Linux is CLOCK_MONOTONIC and so comparable with other processes' clocks.
     """
 
     def __init__(self, upstream_port: int, schedule=lambda i: None, latency: float = 0.0, rate: float | None = None,
@@ -121,6 +125,7 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.connections = self.bytes_down = self.faults = 0
         self.kinds: dict[str, int] = {}
+        self.records: list[dict] = []
         self.closed = False
         self.sockets: list[socket.socket] = []
         self.thread = threading.Thread(target=self._accept, daemon=True)
@@ -240,6 +245,7 @@ class FaultProxy:
                 with self.lock:
                     self.requests += 1
                     number = self.requests
+                record = self._record(data)
                 if self.outage_at and number == self.outage_at[0]:
                     threading.Thread(target=self.outage, args=(self.outage_at[1],), daemon=True).start()
                 if number in self.slowdown:  # answered here; the server never sees it
@@ -250,6 +256,8 @@ class FaultProxy:
                 if self.latency:
                     time.sleep(self.latency)  # the store "thinks" before the first byte of its answer
                 pace.update(t0=time.perf_counter(), sent=0)
+                if record is not None:
+                    pace["record"] = record
                 upstream.sendall(data)
         except OSError:
             pass
@@ -258,6 +266,16 @@ class FaultProxy:
                 upstream.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+    def _record(self, data: bytes) -> dict | None:
+        """A record of the request that `data` starts, appended to `records`; None when `data` continues a body."""
+        parts = data[: data.find(b"\r\n")].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return None
+        record = {"method": parts[0].decode("latin-1"), "path": parts[1].decode("latin-1"),
+                  "start": time.perf_counter(), "first": None, "end": None, "bytes": 0}
+        self.records.append(record)  # list.append is atomic: no lock
+        return record
 
     def _responses(self, client: socket.socket, upstream: socket.socket, budget: int | None, pace: dict) -> bool:
         """Server to client, paced to `rate`; cut after `budget` bytes (returns True when it cut)."""
@@ -271,8 +289,14 @@ class FaultProxy:
                     client.sendall(data[: max(0, budget - passed)])
                     self._fault("cut")
                     return True
+                record, now = pace.get("record"), time.perf_counter()  # taken before the client can ask again
                 client.sendall(data)
                 passed += len(data)
+                if record is not None:
+                    if record["first"] is None:
+                        record["first"] = now
+                    record["end"] = time.perf_counter()
+                    record["bytes"] += len(data)
                 with self.lock:
                     self.bytes_down += len(data)
                 if self.rate:
