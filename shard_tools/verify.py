@@ -4,7 +4,8 @@
 
 For every shard listed in `index.json` (DIR local or an fsspec URL): the file exists, its size and sha256
 match the index, its `.idx` parses, holds the indexed number of samples and describes exactly the members
-the tar holds (names, data offsets, sizes), and sample keys are unique across the set. With --decode,
+the tar holds (names, data offsets, sizes), and sample keys are unique across the set; each index pack has the
+size and sha256 the index records and holds every shard's `.idx` byte for byte. With --decode,
 every image is fully decoded, every json parsed and every .cls read as an integer.
 
 Presence and sizes come from one listing of the folder (shard_tools/listing.py, as train.py checks them before
@@ -17,6 +18,7 @@ is wrong, 0 when the set is sound.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +29,15 @@ from shard_tools.listing import ShardCheck, check_shards
 from shard_tools.outputs import Output, open_output
 from shard_tools.quantities import plural
 from shard_tools.scan import scan_shard
-from shard_tools.shardset import ShardInfo, idx_name, load_shard_set, parse_idx, sample_boundaries, split_member
+from shard_tools.shardset import (
+    ShardInfo,
+    ShardSet,
+    idx_name,
+    load_shard_set,
+    parse_idx,
+    sample_boundaries,
+    split_member,
+)
 from shard_tools.storage import STORAGE_OPTIONS_HELP, storage_options_arg
 
 
@@ -98,6 +108,27 @@ def verify_shard(output: Output, info: ShardInfo, decode: bool = False, size: in
     return r
 
 
+def verify_pack(output: Output, shard_set: ShardSet, k: int) -> ShardReport:
+    """The problems of index pack `k`: missing, another size or sha256 than index.json records, or a shard's
+    range of it that differs from the shard's `.idx` file."""
+    pack = shard_set.packs[k]
+    r = ShardReport(pack.path)
+    data = output.read_bytes(pack.path)
+    if data is None:
+        r.problems.append("missing (index.json lists it in idx_packs)")
+        return r
+    if len(data) != pack.bytes or hashlib.sha256(data).hexdigest() != pack.sha256:
+        r.problems.append(f"size {len(data)} bytes or its sha256 differ from index.json's ({pack.bytes} bytes)")
+        return r
+    differ = [shard_set.shards[i].path for i in range(pack.first, pack.stop)
+              if data[pack.offsets[i - pack.first]:pack.offsets[i - pack.first + 1]]
+              != output.read_bytes(idx_name(shard_set.shards[i].path))]
+    if differ:
+        r.problems.append(f"holds another .idx than the file of {plural(len(differ), 'shard')} (e.g. {differ[0]}); "
+                          "rewrite the index with shard_tools/index.py")
+    return r
+
+
 def listed_reports(check: ShardCheck) -> list[tuple[int | None, list[str]]]:
     """Per shard of a whole-set listing: (listed size or None, problems the listing shows: a missing .idx)."""
     info = check.shard_set.shards
@@ -132,6 +163,7 @@ def verify(url: str, decode: bool = False, workers: int = 4, storage_options: di
                 reports = list(ex.map(one, range(len(shard_set.shards))))
         else:
             reports = [one(i) for i in range(len(shard_set.shards))]
+        packs = [verify_pack(output, shard_set, k) for k in range(len(shard_set.packs))] if contents else []
     finally:
         output.close()
     seen: dict[str, str] = {}
@@ -143,7 +175,7 @@ def verify(url: str, decode: bool = False, workers: int = 4, storage_options: di
             seen.setdefault(k, r.path)
         if len(set(r.keys)) != len(r.keys):
             r.problems.append("repeated sample keys within the shard")
-    bad = [r for r in reports if r.problems]
+    bad = [r for r in reports + packs if r.problems]
     for r in bad:
         print(f"BAD {r.path}: {'; '.join(r.problems)}", file=out)
     for n in check.extra:

@@ -86,7 +86,27 @@ def test_damage_is_found(shard_set, damage, expected):
     ok, text = report(shard_set)
     assert not ok
     lines = bad_lines(text)
-    assert len(lines) == 1 and lines[0].startswith("BAD set-000002.tar: ") and expected in lines[0], text
+    assert lines[0].startswith("BAD set-000002.tar: ") and expected in lines[0], text
+    # a .idx changed after index.json: the index pack (written with the old one) no longer agrees with it
+    pack = ["BAD index-000000.idxpack: holds another .idx than the file of 1 shard (e.g. set-000002.tar); "
+            "rewrite the index with shard_tools/index.py"]
+    assert lines[1:] == (pack if damage.startswith("idx") else []), text
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("missing", "missing (index.json lists it in idx_packs)"),
+    ("changed", "size 0 bytes or its sha256 differ from index.json's"),
+])
+def test_a_damaged_index_pack_is_found(shard_set, damage, expected):
+    pack = shard_set / "index-000000.idxpack"
+    pack.unlink() if damage == "missing" else pack.write_bytes(b"")
+    ok, text = report(shard_set)
+    listed = "" if damage == "missing" else f" ({_listed_bytes(shard_set)} bytes)"
+    assert not ok and bad_lines(text) == [f"BAD index-000000.idxpack: {expected}{listed}"]
+
+
+def _listed_bytes(folder) -> int:
+    return json.loads((folder / "index.json").read_text())["idx_packs"][0]["bytes"]
 
 
 def test_decode_finds_undecodable_images_and_keys_must_be_unique(tmp_path):
