@@ -141,8 +141,10 @@ class ReadAhead:
         return True
 
     def _opening(self, round_items: list[Pending]) -> int:
-        """How many items (from the first) belong to the mixing window of the first one."""
+        """How many items (from the first) belong to the mixing window of the first one (1 when it is not mixed)."""
         first = self.plan.window(self._where(round_items[0].item)[0])[:2]
+        if first[1] == -1:
+            return 1
         return next((n for n, r in enumerate(round_items) if self.plan.window(self._where(r.item)[0])[:2] != first),
                     len(round_items))
 
@@ -171,7 +173,9 @@ class ReadAhead:
         self.position += len(round_items)
         out: list[Segment] = []
         for (source, shard), ranges in wanted.items():
-            for a, b, need in _merge(ranges):
+            early = _merge([r for r in ranges if r[2] < self.opening])  # (their own runs: small GETs)
+            late = _minus(_merge([r for r in ranges if r[2] >= self.opening]), early)
+            for a, b, need in early + late:
                 for lo, hi in self._uncovered(source, shard, a, b):
                     out += self._cut(source, shard, lo, hi, need)
         return out
@@ -337,6 +341,20 @@ def _merge(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         else:
             out.append([a, b, need])
     return [tuple(r) for r in out]
+
+
+def _minus(runs: list[tuple[int, int, int]], cover: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The parts of `runs` (start, stop, need) that no run of `cover` holds."""
+    out = []
+    for a, b, need in runs:
+        for c, d, _ in cover:
+            if c < b and a < d:
+                if a < c:
+                    out.append((a, c, need))
+                a = max(a, d)
+        if a < b:
+            out.append((a, b, need))
+    return out
 
 
 def _pieces(bounds: np.ndarray, a: int, b: int, limit: int) -> list[tuple[int, int]]:

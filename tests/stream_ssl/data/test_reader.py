@@ -458,3 +458,22 @@ def test_the_first_window_is_read_in_small_gets_all_sent_at_once(shards, monkeyp
     assert small and all(z - a <= max(4096, biggest) for a, z in small)
     assert len(data) > len(shards.shards)  # (one GET per shard without the opening)
     assert reader.fetcher.concurrency >= min(64, len(data))  # the whole pass was the first fill here
+
+
+def test_without_mixing_only_the_first_item_is_read_in_small_gets(shards, monkeypatch):
+    from stream_ssl.data import readahead
+
+    plan = make_plan([shards], 300, 300, world_size=1, batch_size=12, seed=1, shuffle_block=0)
+    monkeypatch.setattr(readahead, "OPENING_REQUEST_BYTES", 1)  # one sample per GET for the opening
+    reader, rec = _recording_reader(plan)
+    _stream(plan, 0, reader)
+    first = plan.rank_slices(0, 0)
+    data = [r for r in rec.requests if r[0].endswith(".tar")]
+    assert len(data) <= sum(len(p) for p in first) + 2 * len(shards.shards)
+
+
+def test_minus_keeps_what_the_cover_does_not_hold():
+    from stream_ssl.data.readahead import _minus
+
+    assert _minus([(0, 10, 5), (20, 30, 6)], [(2, 4, 0), (8, 22, 0)]) == [(0, 2, 5), (4, 8, 5), (22, 30, 6)]
+    assert _minus([(0, 10, 1)], []) == [(0, 10, 1)] and _minus([(3, 5, 1)], [(0, 10, 0)]) == []
