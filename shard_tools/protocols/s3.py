@@ -38,7 +38,12 @@ def probe(fs, path: str) -> None:
     fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
 
 
+POOL_CONNECTIONS = 64  # botocore keeps 10 connections per client: the reader has up to 64 GETs in flight
+
+
 def defaults(opts: dict) -> None:
+    config = opts.setdefault("config_kwargs", {})
+    config.setdefault("max_pool_connections", POOL_CONNECTIONS)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     client_kwargs = opts.setdefault("client_kwargs", {})
     if endpoint and "endpoint_url" not in opts and "endpoint_url" not in client_kwargs:

@@ -39,9 +39,9 @@ DEFAULT_READ_AHEAD = 256 << 20  # bytes per process: ~1 s of a fast GPU's intake
 # 3 ms, the latency of a network filesystem mounted locally.
 LOCAL_READ_AHEAD = 16 << 20
 # The first mixing window's reads (what the first item waits for: its samples lie anywhere in the window) go in
-# GETs of at most this much, and every GET of the first fill is sent at once: the first batch then waits for one
-# time to first byte and a slice of the window per connection, not for whole-shard GETs (at 20 MB/s per
-# connection, 13 MB take 0.65 s).
+# GETs of at most this much, all sent at once, and every other GET of the first fill once one of them is done:
+# the first batch then waits for one time to first byte and a slice of the window per connection, not for
+# whole-shard GETs (at 20 MB/s per connection, 13 MB take 0.65 s), nor shares the link with the rest of the fill.
 OPENING_REQUEST_BYTES = 4 << 20
 
 
@@ -109,10 +109,16 @@ class ReadAhead:
                 (self.max_pending is None or len(self.pending) < self.max_pending):
             if not self._plan_round():
                 self.exhausted = True
-        if opening:  # the first fill's GETs (up to max_concurrency) all in flight at once: none waits its turn
-            gets = sum(not seg.local for segs in self.live.values() for seg in segs)
-            fetcher = self.reader.fetcher
-            fetcher.set_concurrency(max(fetcher.concurrency, min(self.max_concurrency, gets)))
+        if opening:  # the first window's GETs at once, then (once one of them is done) every GET of the fill
+            segs = [seg for segs in self.live.values() for seg in segs if not seg.local]
+            first = [seg for seg in segs if seg.need < self.opening]
+            self._widen(len(first))
+            if first:
+                first[0].future.add_done_callback(lambda _: self._widen(len(segs)))
+
+    def _widen(self, gets: int) -> None:
+        fetcher = self.reader.fetcher
+        fetcher.set_concurrency(max(fetcher.concurrency, min(self.max_concurrency, gets)))
 
     def _plan_round(self) -> bool:
         """Take the next items (about `round_bytes` of them) and send their reads."""

@@ -48,7 +48,7 @@ SCENARIOS = {
         (dict(schedule=fault_schedule(seed=5, every=2, max_faults=40, cut_range=(64, 60_000))), 2),
     "every connection cut after 24 KB (persistently)": (dict(schedule=lambda i: ("cut", 24_000)), 1),
     "every request delayed 50 ms, every connection paced to 2 MB/s": (dict(latency=0.05, rate=2e6), 2),
-    "refused for 3 s mid-run (open connections reset, nothing listening)": (dict(outage=(14, 3.0)), 0),
+    "refused for 3 s mid-run (open connections reset, nothing listening)": (dict(outage=(7, 3.0)), 0),
     "503 SlowDown bursts (requests 12-19 and 24-27)": (dict(slowdown=[*range(12, 20), *range(24, 28)]), 1),
 }
 

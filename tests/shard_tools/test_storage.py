@@ -50,10 +50,13 @@ def test_options_for_aliases_and_the_environment(monkeypatch):
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     assert options_for("s3a://b/k", OPTIONS)["anon"] is True  # s3a reads the s3 entry
-    assert options_for("s3://b/k", {"s3a": {"anon": True}}) == {"anon": True}  # and the other way round
+    pool = {"config_kwargs": {"max_pool_connections": 64}}  # (botocore's 10 would cap the reader's GETs in flight)
+    assert options_for("s3://b/k", {"s3a": {"anon": True}}) == {"anon": True, **pool}  # and the other way round
     assert options_for("http://h/x", OPTIONS) == {"headers": {"a": "b"}}  # http reads https's
     assert options_for("/local/x", {"anon": True}) == {} and options_for("file:///x", OPTIONS) == {}
-    assert options_for("s3://b/k", {"anon": True}) == {"anon": True}  # flat: every remote URL
+    assert options_for("s3://b/k", {"anon": True}) == {"anon": True, **pool}  # flat: every remote URL
+    assert options_for("s3://b/k", {"config_kwargs": {"max_pool_connections": 8}})["config_kwargs"] == \
+        {"max_pool_connections": 8}  # the user's setting wins
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_REGION", "us-east-2")
     got = options_for("s3://b/k", OPTIONS)
