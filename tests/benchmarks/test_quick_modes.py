@@ -52,8 +52,9 @@ EXPECTED = {
                   for k in ("baseline", "1/1", "1/4")],
     "plan_scale": [r"^ +shards +index s +plan s +plan/index", rf"^ratio plan/index-build at 100 shards: {RATIO}$",
                    rf"^ratio per-shard plan time 100 vs 10 shards: {RATIO} ", r"^plan memory: \d+ bytes/shard peak"],
-    "shard_check": [r"^ +shards +entries +pages +index s", rf"^ +1,500 +2,99\d +\d+ +{RATIO}",
+    "shard_check": [r"^ +shards +entries +pages +prefixes +index s", rf"^ +1,500 +2,99\d +\d+ +\d+ +{RATIO}",
                     rf"^ratio check/index-build at 1,500 shards: {RATIO}; check/listing alone: {RATIO}$",
+                    rf"^requests: \d+ list requests .* ratio in turn / measured {RATIO} ",
                     r"^report: s3://bucket/pool: 3 of 1500 shards missing"],
     "stream": [r"^\| scenario \| webdataset \| ours \| ours unmixed \| litdata \| mosaic \| ceiling \| ours/ceiling",
                # webdataset, ours, ours unmixed, (litdata, mosaic), ceiling, ours/ceiling, ..., GETs per pass (shards)
