@@ -319,25 +319,33 @@ def _visitor(names: list[str], whole: bool) -> tuple[Callable[[str, int], None],
     (`whole`, for a whole-set check) the listed .tar files that are not shards of the set."""
     n = len(names)
     sizes, has_idx, extra = array("q", [-1]) * n, bytearray(n), []  # (8 and 1 bytes a shard)
-    after = 0  # where the last shard found was, plus one: a listing comes in key order, so its next one is there
+    bare = any(not name.endswith(".tar") for name in names)  # shards named without .tar (their .idx: NAME.idx)
+    idx_named = any(name.endswith(".idx") for name in names)  # (a shard named like an .idx: never, but allowed)
+    after = 0  # where the last name looked up was or would be: a listing comes in key order, so the next is there
 
     def find(name: str) -> int:
-        j = bisect_left(names, name)
-        return j if j < n and names[j] == name else -1
+        """The position of `name` in `names`, -1 when it is not there."""
+        nonlocal after
+        if after < n and names[after] == name:
+            return after
+        if (after == n or name < names[after]) and (after == 0 or names[after - 1] < name):
+            return -1  # (between two neighbours: not there)
+        after = bisect_left(names, name)
+        return after if after < n and names[after] == name else -1
 
     def visit(name: str, size: int) -> None:
         nonlocal after
         if name.endswith(".idx"):  # (NAME.idx comes just before NAME.tar)
             stem = name[:-4]
-            tar = stem + ".tar"
-            j = after if after < n and names[after] == tar else find(tar)
-            if j < 0:
+            j = find(stem + ".tar")
+            if j < 0 and bare:
                 j = find(stem)
             if j >= 0:
                 has_idx[j] = 1
-                after = j
                 return
-        j = after if after < n and names[after] == name else find(name)
+            if not idx_named:
+                return
+        j = find(name)
         if j >= 0:
             sizes[j] = size
             after = j + 1

@@ -211,3 +211,23 @@ def test_a_failing_prefix_is_retried_alone_and_a_missing_bucket_is_named():
     bucket.fail = lambda prefix: (_ for _ in ()).throw(s3_client_error("AccessDenied", 403, "ListObjectsV2"))
     with pytest.raises(StorageAccessDenied, match=r"^s3://bucket/pool: access denied \(wrong credentials"):
         check_shards(s, range(5000), fs=bucket, storage_options={})
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_random_subset_checked_by_interleaved_prefixes_is_reported_exactly(seed, monkeypatch):
+    """Prefix listings in flight together deliver their pages interleaved: whatever the order, every shard asked
+    about is found or reported, and nothing else is."""
+    monkeypatch.setattr(listing, "PER_PREFIX", 10)
+    rng = np.random.default_rng(seed)
+    n = 20_000
+    s = fake_set(n)
+    wanted = np.sort(rng.choice(n, 3000, replace=False))
+    faults = {k: rng.choice(n, 300, replace=False).tolist() for k in ("missing", "resized", "no_idx")}
+    bucket = FakeBucket(s, **faults, latency=0.0005)
+    check = check_shards(s, wanted.tolist(), fs=bucket)
+    w = set(wanted.tolist())
+    missing = w & set(faults["missing"])
+    assert check.missing.tolist() == sorted(missing)
+    assert check.changed.tolist() == sorted(w & set(faults["resized"]) - missing)
+    assert check.no_idx.tolist() == sorted(w & set(faults["no_idx"]) - missing)
+    assert bucket.most_in_flight > 1 and check.listings == bucket.listings
