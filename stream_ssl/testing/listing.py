@@ -35,9 +35,13 @@ class FakeBucket:
         self.set, self.latency = shard_set, latency
         key = shard_set.url.split("://", 1)[-1].partition("/")[2].strip("/")
         self.folder = key + "/" if key else ""
-        order = sorted(range(len(shard_set.shards)), key=lambda i: shard_set.shards[i].path)
-        self.order, self.paths = order, [shard_set.shards[i].path for i in order]
-        self.sizes = [shard_set.shards[i].bytes for i in order]
+        shards = shard_set.shards
+        if hasattr(shards, "paths"):  # (generated shards, stream_ssl/testing/fakestore.py: in name order, lazy)
+            self.order, self.paths, self.sizes = range(len(shards)), shards.paths, shards.sizes
+        else:
+            order = sorted(range(len(shards)), key=lambda i: shards[i].path)
+            self.order, self.paths = order, [shards[i].path for i in order]
+            self.sizes = [shards[i].bytes for i in order]
         self.missing, self.resized, self.no_idx = set(missing), set(resized), set(no_idx)
         self.pages = self.listings = self.in_flight = self.most_in_flight = 0
         self.fail: Callable[[str], None] | None = None

@@ -56,6 +56,12 @@ EXPECTED = {
                     rf"^ratio check/index-build at 1,500 shards: {RATIO}; check/listing alone: {RATIO}$",
                     rf"^requests: \d+ list requests .* ratio in turn / measured {RATIO} ",
                     r"^report: s3://bucket/pool: 3 of 1500 shards missing"],
+    "startup": [r"^phase +seconds +RSS after +traced peak +what$",
+                *(rf"^{re.escape(phase)} +{RATIO} " for phase in ("index.json read", "index.json parse", "plan",
+                                                                   "shard check", ".idx fetches", "first batch")),
+                rf"^total to the first batch: {RATIO} s \(target <= 15 s .*ratio total / index.json read alone "
+                rf"\(the floor, {RATIO} s\): {RATIO}$",
+                r"^peak memory: ru_maxrss [\d.]+ [KMG]i?B .* tracemalloc peak [\d.]+ [KMG]i?B$"],
     "stream": [r"^\| scenario \| webdataset \| ours \| ours unmixed \| litdata \| mosaic \| ceiling \| ours/ceiling",
                # webdataset, ours, ours unmixed, (litdata, mosaic), ceiling, ours/ceiling, ..., GETs per pass (shards)
                *(rf"^\| {s} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| .* \| {NUMBER} \| {RATIO} \| .* \| {RATIO} \| "
