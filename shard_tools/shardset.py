@@ -13,6 +13,8 @@ is read through them.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 from dataclasses import dataclass
 
@@ -87,6 +89,20 @@ def idx_name(tar_path: str) -> str:
     return tar_path[: -len(".tar")] + ".idx" if tar_path.endswith(".tar") else tar_path + ".idx"
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector off meanwhile: parsing a million shards makes millions of objects, and every
+    collection on the way would walk them all again (three times slower at 1M shards)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_collector_paused()
 def load_shard_set(url: str, storage_options: dict | None = None, retries: int = 3) -> ShardSet:
     """Read and check `index.json` of the shard set at `url` (local or any fsspec URL). `storage_options` are
     the run's options (flat or per protocol, see shard_tools.storage); transient errors are retried. A missing

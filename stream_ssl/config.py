@@ -96,7 +96,8 @@ class TrainConfig:
                                      "batch / 16, at most ~4 MB of samples)")
     skip_fraction: float = setting(0.01, "fail when more than this share of samples (past 32) cannot be decoded")
     check_shards: bool = setting(True, "before training, check that every shard the plan reads and its .idx exist "
-                                       "with the size index.json records (one listing per folder; stops at once "
+                                       "with the size index.json records (listings of each folder, by name prefixes "
+                                       "many at once in object stores, never a request per shard; stops at once "
                                        "naming what is missing)")
     # model
     recipe: str = setting("auto", "the method's recommended settings this run starts from (stream_ssl/recipes/): "

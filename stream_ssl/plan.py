@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="--keys also checks each member's tar header (default: off)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=False,
                    help="check that every shard the plan reads and its .idx exist with the size index.json records "
-                        "(one listing per folder, as train.py does before training; default: off)")
+                        "(listings of each folder, as train.py does before training; default: off)")
     p.add_argument("--micro-batches", type=int, default=1,
                    help="--keys in the order of a loader that splits each batch into this many micro-batches "
                         "(default 1)")

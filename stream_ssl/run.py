@@ -229,7 +229,7 @@ def make_run_plan(cfg: TrainConfig, storage: dict, acc: Accelerator) -> Plan:
 
 def check_plan_shards(acc: Accelerator, plan: Plan, storage: dict) -> None:
     """Before anything is trained: every shard the plan reads, and its .idx, exists with the size index.json
-    records (shard_tools/listing.py: one listing per folder, on the main process). Every process stops with the
+    records (shard_tools/listing.py: listings of each folder, on the main process). Every process stops with the
     main process's one line, so none waits for the others in a collective."""
     verdict = None
     if acc.is_main_process:

@@ -1,5 +1,6 @@
 """`az://`, `abfs://` and `abfss://` (Azure Blob Storage) through adlfs: Get Blob with `x-ms-range: bytes=a-b`,
-streamed; listing with List Blobs (prefix and delimiter), page by page.
+streamed; listing with List Blobs (prefix and delimiter), page by page, of a folder or of the blobs in it whose
+names start with a prefix.
 
 GETs go through the blob client's own pipeline (its credentials and API version) with the client's retries off
 (`retry_total=0`): the reader retries, resuming at sample boundaries, as for every store. The body is read as it
@@ -32,16 +33,18 @@ async def get(fs, path: str, start: int | None, end: int | None) -> Body:
     return Body(r.content.read, r.release)
 
 
-async def _walk(fs, path: str, visit) -> None:
+async def list_prefix(fs, path: str, prefix: str, visit) -> None:
+    """List Blobs of the folder's blobs whose names start with `prefix`, page by page."""
     container, key, _ = fs.split_path(path)
+    folder = folder_prefix(key)
     client = fs.service_client.get_container_client(container)
-    async for item in client.walk_blobs(name_starts_with=folder_prefix(key), delimiter="/"):
+    async for item in client.walk_blobs(name_starts_with=folder + prefix, delimiter="/"):
         if getattr(item, "size", None) is not None:  # (a BlobPrefix, a subfolder, has no size)
-            visit(item.name.rsplit("/", 1)[-1], int(item.size))
+            visit(item.name[len(folder):], int(item.size))
 
 
 def list_files(fs, path: str, visit) -> None:
-    blocking(fs, _walk, fs, path, visit)
+    blocking(fs, list_prefix, fs, path, "", visit)
 
 
 async def _first(fs, path: str) -> None:
@@ -97,7 +100,8 @@ ERRORS = Errors(
           "container needs {\"anon\": true}; see docs/storage.md"),
 )
 
-AZURE = Protocol(name="az", schemes=("az", "abfs", "abfss"), get=get, list=list_files, probe=probe, errors=ERRORS,
+AZURE = Protocol(name="az", schemes=("az", "abfs", "abfss"), get=get, list=list_files, list_prefix=list_prefix,
+                 probe=probe, errors=ERRORS,
                  client_env=("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME",
                              "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CLIENT_ID",
                              "AZURE_STORAGE_CLIENT_SECRET", "AZURE_STORAGE_TENANT_ID", "AZURE_STORAGE_ANON"),

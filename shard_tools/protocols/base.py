@@ -4,7 +4,9 @@ An entry does five things for one protocol family (s3 and s3a, gs and gcs, ...):
 - GET bytes: `get(fs, path, start, end)` -> a `Body` being received (streamed), or the bytes when the protocol
   has no streamed GET; `start is None` asks for the whole object (an `.idx`, `index.json`), with no HEAD first;
 - list a folder: `list(fs, path, visit)` calls `visit(name, size)` for every file directly in it, from one
-  listing (None: the protocol cannot list, as http);
+  listing (None: the protocol cannot list, as http); object stores also list part of a folder,
+  `await list_prefix(fs, path, prefix, visit)`: the files directly in it whose names start with `prefix`, on
+  the filesystem's event loop, so that many prefixes are listed at once (shard_tools/listing.py);
 - check a bucket: `probe(fs, path)` raises the store's error when the bucket is missing or refuses the
   credentials (None: not checked);
 - path rules: its URL schemes (aliases) and how a URL becomes the path its filesystem takes;
@@ -102,6 +104,7 @@ class Protocol:
     schemes: tuple[str, ...]  # URL schemes, the first the canonical one; each stands in for the others in options
     get: Callable[..., Awaitable[Body | bytes]] = cat_range
     list: Callable[[Any, str, Callable[[str, int], None]], None] | None = ls_files
+    list_prefix: Callable[[Any, str, str, Callable[[str, int], None]], Awaitable[None]] | None = None  # async
     probe: Callable[[Any, str], None] | None = None
     errors: Errors = Errors()
     local: bool = False  # files on this machine: the reader maps or preads them itself, no client

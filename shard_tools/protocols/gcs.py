@@ -1,5 +1,6 @@
 """`gs://` (and `gcs://`) through gcsfs: GETs on the JSON API's media endpoint with `Range: bytes=a-b`, streamed;
-listing with the objects list (prefix and delimiter), page by page.
+listing with the objects list (prefix and delimiter), page by page, of a folder or of the objects in it
+whose names start with a prefix.
 
 The client is gcsfs's JSON-API filesystem (`gcsfs.core.GCSFileSystem`). Newer gcsfs versions hand out an
 "extended" client by default that first asks Google's gRPC control API what kind each bucket is; an emulator or
@@ -48,21 +49,23 @@ async def _objects(fs, bucket: str, **params) -> dict:
         raise MissingBucket(f"gs://{bucket}: no such bucket") from e
 
 
-async def _pages(fs, path: str, visit) -> None:
+async def list_prefix(fs, path: str, prefix: str, visit) -> None:
+    """The objects list of the folder's objects whose names start with `prefix`, page by page."""
     bucket, key, _ = fs.split_path(path)
-    prefix, token = folder_prefix(key), None
+    folder, token = folder_prefix(key), None
+    cut = len(folder)
     while True:
-        page = await _objects(fs, bucket, prefix=prefix, delimiter="/", pageToken=token)
+        page = await _objects(fs, bucket, prefix=folder + prefix, delimiter="/", pageToken=token)
         for item in page.get("items", []):
-            if item["name"] != prefix:  # (a folder's own placeholder object)
-                visit(item["name"].rsplit("/", 1)[-1], int(item["size"]))
+            if item["name"] != folder:  # (a folder's own placeholder object)
+                visit(item["name"][cut:], int(item["size"]))
         token = page.get("nextPageToken")
         if not token:
             return
 
 
 def list_files(fs, path: str, visit) -> None:
-    blocking(fs, _pages, fs, path, visit)
+    blocking(fs, list_prefix, fs, path, "", visit)
 
 
 def probe(fs, path: str) -> None:
@@ -99,7 +102,8 @@ ERRORS = Errors(
           "login`; a public bucket needs {\"token\": \"anon\"}; see docs/storage.md"),
 )
 
-GCS = Protocol(name="gs", schemes=("gs", "gcs"), get=get, list=list_files, probe=probe, errors=ERRORS, make=make,
+GCS = Protocol(name="gs", schemes=("gs", "gcs"), get=get, list=list_files, list_prefix=list_prefix, probe=probe,
+               errors=ERRORS, make=make,
                client_env=("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
                            "GCSFS_DEFAULT_PROJECT"),
                endpoint=endpoint)

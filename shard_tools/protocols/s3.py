@@ -1,4 +1,5 @@
-"""`s3://` (and `s3a://`) through s3fs: GetObject with `Range: bytes=a-b`, streamed; ListObjectsV2 page by page.
+"""`s3://` (and `s3a://`) through s3fs: GetObject with `Range: bytes=a-b`, streamed; ListObjectsV2 page by page,
+of a folder or of the keys in it that start with a prefix.
 
 Options default to the AWS environment: the endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`
 (S3-compatible stores), the region from `AWS_REGION` / `AWS_DEFAULT_REGION`; credentials come through botocore.
@@ -21,15 +22,18 @@ async def get(fs, path: str, start: int | None, end: int | None) -> Body:
 
 
 def list_files(fs, path: str, visit) -> None:
+    blocking(fs, list_prefix, fs, path, "", visit)
+
+
+async def list_prefix(fs, path: str, prefix: str, visit) -> None:
+    """ListObjectsV2 of the folder's keys that start with `prefix`, page by page (s3fs retries each page); no
+    listing cache is read or filled."""
     bucket, key, _ = fs.split_path(path)
-    blocking(fs, _pages, fs, bucket, folder_prefix(key), visit)
-
-
-async def _pages(fs, bucket: str, prefix: str, visit) -> None:
-    """ListObjectsV2 of `prefix`, page by page (s3fs retries each page); no listing cache is read or filled."""
-    async for entry in fs._iterdir(bucket, prefix=prefix, delimiter="/"):
+    folder = folder_prefix(key)
+    cut = len(bucket) + 1 + len(folder)  # s3fs names an entry "bucket/key"
+    async for entry in fs._iterdir(bucket, prefix=folder + prefix, delimiter="/"):
         if entry.get("type") == "file":
-            visit(entry["name"].rsplit("/", 1)[-1], int(entry["size"]))
+            visit(entry["name"][cut:], int(entry["size"]))
 
 
 def probe(fs, path: str) -> None:
@@ -92,7 +96,8 @@ ERRORS = Errors(
 )
 
 S3 = Protocol(
-    name="s3", schemes=("s3", "s3a"), get=get, list=list_files, probe=probe, errors=ERRORS, defaults=defaults,
+    name="s3", schemes=("s3", "s3a"), get=get, list=list_files, list_prefix=list_prefix, probe=probe, errors=ERRORS,
+    defaults=defaults,
     client_env=("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                 "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE",
                 "AWS_CONFIG_FILE"),

@@ -52,9 +52,16 @@ EXPECTED = {
                   for k in ("baseline", "1/1", "1/4")],
     "plan_scale": [r"^ +shards +index s +plan s +plan/index", rf"^ratio plan/index-build at 100 shards: {RATIO}$",
                    rf"^ratio per-shard plan time 100 vs 10 shards: {RATIO} ", r"^plan memory: \d+ bytes/shard peak"],
-    "shard_check": [r"^ +shards +entries +pages +index s", rf"^ +1,500 +2,99\d +\d+ +{RATIO}",
+    "shard_check": [r"^ +shards +entries +pages +prefixes +index s", rf"^ +1,500 +2,99\d +\d+ +\d+ +{RATIO}",
                     rf"^ratio check/index-build at 1,500 shards: {RATIO}; check/listing alone: {RATIO}$",
+                    rf"^requests: \d+ list requests .* ratio in turn / measured {RATIO} ",
                     r"^report: s3://bucket/pool: 3 of 1500 shards missing"],
+    "startup": [r"^phase +seconds +RSS after +traced peak +what$",
+                *(rf"^{re.escape(phase)} +{RATIO} " for phase in ("index.json read", "index.json parse", "plan",
+                                                                   "shard check", ".idx fetches", "first batch")),
+                rf"^total to the first batch: {RATIO} s \(target <= 15 s .*ratio total / index.json read alone "
+                rf"\(the floor, {RATIO} s\): {RATIO}$",
+                r"^peak memory: ru_maxrss [\d.]+ [KMG]i?B .* tracemalloc peak [\d.]+ [KMG]i?B$"],
     "stream": [r"^\| scenario \| webdataset \| ours \| ours unmixed \| litdata \| mosaic \| ceiling \|$",
                # samples/s: webdataset, ours, ours unmixed, (litdata, mosaic), ceiling, a median (one round: no range)
                *(rf"^\| {s} \| {NUMBER} \| {NUMBER} \| {NUMBER} \| [^|]+ \| [^|]+ \| {NUMBER} \|$"
@@ -66,8 +73,8 @@ EXPECTED = {
                rf"^\| local-workers \| n/a \| ({RATIO}|n/a) \| {RATIO} \|$",
                r"^read only: samples/s from the end of construction$",
                r"^time to the first batch of 8, construction included, ms$",
-               # requests per pass, data/meta/HEAD/LIST: ours reads index.json and the 4 .idx besides its data GETs
-               r"^\| s3-30ms \| \d+/0/\d+/\d+ \| [1-9]\d*/[5-9]/\d+/\d+ \| [1-9]\d*/[5-9]/\d+/\d+ \|",
+               # requests per pass, data/meta/HEAD/LIST: ours reads index.json and its index pack, no HEAD
+               r"^\| s3-30ms \| \d+/0/\d+/\d+ \| [1-9]\d*/2/0/\d+ \| [1-9]\d*/2/0/\d+ \|",
                # samples per CPU second, with the workers' CPU; the last column is ours/litdata
                rf"^\| local-workers \| {NUMBER} \| {NUMBER} \| n/a \| ({NUMBER}|n/a) \| n/a \| n/a \| "
                rf"({RATIO}|n/a) \|$",

@@ -1,6 +1,6 @@
-"""The shard check before training (shard_tools/listing.py): one listing per folder finds missing shards, shards
-of another size and missing .idx files; the trainer, `python -m stream_ssl.plan --check` and `shard-tools verify`
-use it and stop with one line naming them."""
+"""The shard check before training (shard_tools/listing.py): listings of each folder (object stores: by name
+prefixes, many at once) find missing shards, shards of another size and missing .idx files; the trainer,
+`python -m stream_ssl.plan --check` and `shard-tools verify` use it and stop with one line naming them."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import io
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from shard_tools import listing
 from shard_tools.listing import ShardsMissing, check_shards, require_shards
-from shard_tools.shardset import load_shard_set
+from shard_tools.shardset import idx_name, load_shard_set
 from shard_tools.storage import BucketNotFound, StorageAccessDenied
 from shard_tools.verify import verify
 from stream_ssl.data.plan import make_plan
@@ -133,3 +134,100 @@ def test_a_missing_bucket_is_not_an_empty_folder():
         listing.list_folder("memory://bucket/set", seen.append, fs=_Store(s3_client_error("NoSuchBucket", 404)))
     with pytest.raises(StorageAccessDenied, match=r"^memory://bucket/set: access denied \(the store does not know"):
         listing.list_folder("memory://bucket/set", seen.append, fs=_Store(s3_client_error("InvalidAccessKeyId", 403)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Listing by prefixes, many at once (object stores).
+
+
+def _report(check) -> tuple:
+    return check.missing.tolist(), check.changed.tolist(), check.no_idx.tolist(), check.summary().split(" (")[0]
+
+
+def test_a_million_entries_listed_by_prefixes_give_the_one_listing_report():
+    """500,000 shards and their .idx (1M entries): the check of every shard lists 500 prefixes of 1000 shards,
+    many at once, in about entries / 1000 requests, and reports what one listing of the folder reports."""
+    n = 500_000
+    s = fake_set(n)
+    faults = dict(missing=[0, 1, 250_000, n - 1], resized=[7, 400_000], no_idx=[3, 123_456])
+    whole = check_shards(s, fs=FakeBucket(s, **faults))  # a whole-set check: one listing, page after page
+    bucket = FakeBucket(s, **faults, latency=0.001)
+    check = check_shards(s, range(n), fs=bucket)
+    assert _report(check) == _report(whole)
+    assert check.missing.tolist() == [0, 1, 250_000, n - 1] and check.changed.tolist() == [7, 400_000]
+    assert check.no_idx.tolist() == [3, 123_456] and check.listings == bucket.listings == n // 1000
+    assert 2 * n / PAGE <= bucket.pages <= 2 * n / PAGE + 5
+    assert bucket.most_in_flight > 8  # listed at once, not one after another
+
+
+def test_a_small_set_costs_one_request_and_a_few_shards_of_a_large_one_a_few():
+    small = fake_set(400)
+    bucket = FakeBucket(small, missing=[5])
+    assert check_shards(small, [1, 5, 399], fs=bucket).missing.tolist() == [5]
+    assert bucket.pages == bucket.listings == 1
+    large = fake_set(100_000)
+    bucket = FakeBucket(large, missing=[99_999])
+    check = check_shards(large, [3, 50_001, 99_999], fs=bucket)
+    assert check.missing.tolist() == [99_999] and check.listings == 3 and bucket.pages <= 6  # not 200 pages
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prefixes_cover_every_wanted_shard_and_its_idx(seed):
+    """Irregular names (different lengths, a stem that begins other names, names without .tar): every wanted
+    shard and its .idx start with one listed prefix, and a prefix holds at most `limit` shards where the names
+    can be told apart."""
+    rng = np.random.default_rng(seed)
+    names = {"".join(rng.choice(list("ab.-0"), size=rng.integers(1, 6))) + rng.choice([".tar", ""])
+             for _ in range(300)}
+    names = sorted(n for n in names if n not in (".tar", ""))
+    wanted = rng.random(len(names)) < 0.5
+    prefixes = listing.shard_prefixes(names, wanted, limit=4)
+    for name in np.array(names)[wanted]:
+        holding = [p for p in prefixes if name.startswith(p) and idx_name(name).startswith(p)]
+        assert holding, (name, prefixes)
+    for p in prefixes:
+        within = [n for n in names if n.startswith(p)]
+        assert len(within) <= 4 or p in within or any(len(n) - 4 * n.endswith(".tar") <= len(p) for n in within)
+    assert listing.shard_prefixes(names, np.zeros(len(names), bool)) == []
+    assert listing.shard_prefixes(names, wanted) == [""]  # at most PER_PREFIX shards: the whole folder
+
+
+def test_a_failing_prefix_is_retried_alone_and_a_missing_bucket_is_named():
+    s = fake_set(5000)
+    bucket = FakeBucket(s)
+    failed: list[str] = []
+
+    def once(prefix: str) -> None:
+        if prefix.endswith("pool-0003") and not failed:
+            failed.append(prefix)
+            raise s3_client_error("SlowDown", 503, "ListObjectsV2")
+
+    bucket.fail = once
+    check = check_shards(s, range(5000), fs=bucket, storage_options={})
+    assert check.ok and failed == ["pool/pool-0003"] and bucket.listings == check.listings + 1 == 6
+    bucket.fail = lambda prefix: (_ for _ in ()).throw(s3_client_error("NoSuchBucket", 404, "ListObjectsV2"))
+    with pytest.raises(BucketNotFound, match=r"^s3://bucket: the bucket does not exist"):
+        check_shards(s, range(5000), fs=bucket, storage_options={})
+    bucket.fail = lambda prefix: (_ for _ in ()).throw(s3_client_error("AccessDenied", 403, "ListObjectsV2"))
+    with pytest.raises(StorageAccessDenied, match=r"^s3://bucket/pool: access denied \(wrong credentials"):
+        check_shards(s, range(5000), fs=bucket, storage_options={})
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_random_subset_checked_by_interleaved_prefixes_is_reported_exactly(seed, monkeypatch):
+    """Prefix listings in flight together deliver their pages interleaved: whatever the order, every shard asked
+    about is found or reported, and nothing else is."""
+    monkeypatch.setattr(listing, "PER_PREFIX", 10)
+    rng = np.random.default_rng(seed)
+    n = 20_000
+    s = fake_set(n)
+    wanted = np.sort(rng.choice(n, 3000, replace=False))
+    faults = {k: rng.choice(n, 300, replace=False).tolist() for k in ("missing", "resized", "no_idx")}
+    bucket = FakeBucket(s, **faults, latency=0.0005)
+    check = check_shards(s, wanted.tolist(), fs=bucket)
+    w = set(wanted.tolist())
+    missing = w & set(faults["missing"])
+    assert check.missing.tolist() == sorted(missing)
+    assert check.changed.tolist() == sorted(w & set(faults["resized"]) - missing)
+    assert check.no_idx.tolist() == sorted(w & set(faults["no_idx"]) - missing)
+    assert bucket.most_in_flight > 1 and check.listings == bucket.listings

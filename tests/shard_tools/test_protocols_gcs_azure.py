@@ -7,14 +7,16 @@ without a server at the end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import pytest
 
+from shard_tools import listing
 from shard_tools.listing import check_shards, list_folder
 from shard_tools.pack import main as pack_main
-from shard_tools.shardset import load_shard_set
+from shard_tools.shardset import ShardInfo, load_shard_set
 from shard_tools.storage import BucketNotFound, StorageAccessDenied, check_access
 from stream_ssl.data.plan import make_plan
 from stream_ssl.data.readahead import ReadAhead
@@ -96,6 +98,23 @@ def test_plan_prints_the_same_keys_and_one_listing_checks_the_shards(store, loca
     assert from_store == capsys.readouterr().out.split() and len(from_store) == 180 // 18 * 9
     check = check_shards(load_shard_set(remote, store.options()), storage_options=store.options())
     assert check.ok and check.listings == 1 and check.summary().startswith(f"{remote}: 4 shards and their .idx")
+
+
+def test_the_shard_check_lists_prefixes_at_once(store, remote, monkeypatch):
+    """Given shards are listed by name prefixes (one shard a prefix here), many at once; a shard index.json names
+    that the store lacks is missing, as one listing of the folder finds."""
+    monkeypatch.setattr(listing, "PER_PREFIX", 1)
+    pool = load_shard_set(remote, store.options())
+    check = check_shards(pool, range(4), storage_options=store.options())
+    assert check.ok and check.listings == 4
+    ghost = ShardInfo("set-000009.tar", 30, 1000)  # (not in the store)
+    more = dataclasses.replace(pool, shards=(*pool.shards, ghost))
+    check = check_shards(more, range(5), storage_options=store.options())
+    whole = check_shards(more, storage_options=store.options())
+    assert check.listings == 5 and check.missing.tolist() == whole.missing.tolist() == [4]
+    assert check.summary() == whole.summary()
+    two = check_shards(more, [1, 4], storage_options=store.options())
+    assert two.listings == 2 and two.missing.tolist() == [4]
 
 
 def test_training_from_the_store_trains_on_the_local_keys(store, local, remote, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from shard_tools import listing
 from shard_tools.listing import list_folder
 from shard_tools.shardset import load_shard_set
 from shard_tools.storage import BucketNotFound, StorageAccessDenied, check_access, filesystem
@@ -371,3 +372,23 @@ def test_pack_names_a_missing_bucket(moto, tmp_path, capsys):
                       json.dumps(moto.options())]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: s3://no-such-bucket: the bucket does not exist (endpoint {moto.endpoint})"), err
+
+
+def test_the_shard_check_lists_prefixes_at_once_with_the_one_listing_report(moto, local_folder, s3_url, monkeypatch):
+    """Against a real S3 server: the check of given shards lists them by name prefixes (one shard a prefix
+    here), and reports what one listing of the folder reports, the missing shard and .idx included."""
+    monkeypatch.setattr(listing, "PER_PREFIX", 1)
+    fs = filesystem("s3://x", moto.options())
+    url = f"s3://{BUCKET}/sets/damaged"
+    upload_folder(fs, local_folder, url)
+    fs.rm(f"{BUCKET}/sets/damaged/set-000003.tar")
+    fs.rm(f"{BUCKET}/sets/damaged/set-000005.idx")
+    damaged = load_shard_set(url, moto.options())
+    whole = listing.check_shards(damaged, storage_options=moto.options())
+    check = listing.check_shards(damaged, range(8), storage_options=moto.options())
+    assert check.listings == 8 and whole.listings == 1
+    assert check.missing.tolist() == whole.missing.tolist() == [3]
+    assert check.no_idx.tolist() == whole.no_idx.tolist() == [5] and check.summary() == whole.summary()
+    two = listing.check_shards(damaged, [3, 6], storage_options=moto.options())
+    assert two.listings == 2 and two.missing.tolist() == [3]
+    assert listing.check_shards(load_shard_set(s3_url, moto.options()), range(8), storage_options=moto.options()).ok
