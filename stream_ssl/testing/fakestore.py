@@ -11,8 +11,9 @@ client (`split_path`, `_iterdir`, `_call_s3("get_object", ...)`, `cat_file`). Ev
 seconds and then its bytes at `bandwidth` bytes/s (an `asyncio.sleep` on fsspec's loop: requests in flight
 together overlap, as on separate connections). The set: shards `NAME-000000.tar`, ... of `samples` samples, each
 one `KEY.jpg` member of `sample_bytes` bytes (valid tar headers, filler bytes: nothing decodes them), the
-`.idx` of any shard (`NAME-0001234.idx`, wds2idx v1.2) made from its name, and index.json as the writer writes
-it. A name the layout cannot make is not found. `store.log` records (kind, start, end) of every request.
+`.idx` of any shard (`NAME-0001234.idx`, wds2idx v1.2) and index pack (`index-000012.idxpack`) made from its
+name, and index.json as the writer writes it (its packs without a sha256). A name the layout cannot make is not
+found. `store.log` records (kind, start, end) of every request.
 """
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ from functools import cached_property
 
 from fsspec.asyn import AsyncFileSystem
 
-from shard_tools.shardset import FORMAT, IDX_VERSION, TAR_BLOCK, VERSION, ShardInfo, ShardSet, shard_name
+from shard_tools.shardset import (
+    FORMAT,
+    IDX_PACK_SHARDS,
+    IDX_VERSION,
+    TAR_BLOCK,
+    VERSION,
+    ShardInfo,
+    ShardSet,
+    idx_pack_name,
+    shard_name,
+)
 from stream_ssl.testing.listing import FakeBucket
 
 
@@ -72,12 +83,37 @@ class Layout:
                  + str(self.shard_bytes) + f',\n   "sha256": "{sha}"\n  }}}}')
         out = bytearray(f'{{\n "format": "{FORMAT}",\n "version": {VERSION},\n "name": "{self.name}",\n '
                         f'"num_samples": {self.shards * self.samples},\n "source": "real",\n "seed": 0,\n '
-                        '"fields": [\n  "jpg"\n ],\n "labels": {\n  "names": []\n },\n "shards": [\n '.encode())
+                        '"fields": [\n  "jpg"\n ],\n "labels": {\n  "names": []\n },\n "idx_packs": [\n  '.encode())
+        out += ",\n  ".join(self.pack_entry(k) for k in range(-(-self.shards // IDX_PACK_SHARDS))).encode()
+        out += b'\n ],\n "shards": [\n '
+
         for first in range(0, self.shards, 10_000):
             chunk = ",\n ".join(entry.format(self.path(i)) for i in range(first, min(first + 10_000, self.shards)))
             out += (",\n " if first else "").encode() + chunk.encode()
         out += b"\n ]\n}\n"
         return out
+
+    @cached_property
+    def idx_bytes(self) -> int:
+        """Every shard's `.idx` has this length (keys of fixed width)."""
+        return len(self.idx(0))
+
+    def pack_entry(self, k: int) -> str:
+        """Index pack k's entry in index.json, as the writer formats it (no sha256: the reader checks the size)."""
+        first = k * IDX_PACK_SHARDS
+        n = min(IDX_PACK_SHARDS, self.shards - first)
+        offsets = ",\n    ".join(str(j * self.idx_bytes) for j in range(n + 1))
+        return (f'{{\n   "path": "{idx_pack_name(k)}",\n   "first": {first},\n   "offsets": [\n    {offsets}\n   ],\n'
+                f'   "bytes": {n * self.idx_bytes},\n   "sha256": ""\n  }}')
+
+    def pack_range(self, k: int, start: int | None, end: int | None) -> bytes:
+        """Bytes [start, end) of index pack k: the `.idx` texts of the shards they cross."""
+        first = k * IDX_PACK_SHARDS
+        size = min(IDX_PACK_SHARDS, self.shards - first) * self.idx_bytes
+        start, end = start or 0, size if end is None else min(end, size)
+        a, b = start // self.idx_bytes, -(-end // self.idx_bytes)
+        blob = b"".join(self.idx(first + j) for j in range(a, b))
+        return blob[start - a * self.idx_bytes:end - a * self.idx_bytes]
 
     def idx(self, shard: int) -> bytes:
         lines = [f"{IDX_VERSION} {self.samples}"]
@@ -157,6 +193,9 @@ class FakeStore:
         folder, _, name = key.rpartition("/")
         if folder == self.folder and name == "index.json":
             return "index.json", bytes(self.index[start:end])  # (a copy: what a client receives)
+        pack = re.fullmatch(r"index-(\d{6})\.idxpack", name) if folder == self.folder else None
+        if pack is not None and int(pack.group(1)) * IDX_PACK_SHARDS < self.layout.shards:
+            return "idx", self.layout.pack_range(int(pack.group(1)), start, end)
         found = self.layout.shard_of(name) if folder == self.folder else None
         if found is None:
             raise FileNotFoundError(f"s3://{self.bucket}/{key}")
