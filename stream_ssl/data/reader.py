@@ -56,8 +56,10 @@ class ShardIndex:
     first: np.ndarray  # n + 1: the members of sample i are [first[i], first[i + 1]) below
     heads: np.ndarray  # per member: where its tar header starts in the shard
     checked: np.ndarray  # members + 1: member m's checked bytes are where/want[checked[m]:checked[m + 1]]
+    counts: np.ndarray  # per member: checked[m + 1] - checked[m]
     where: np.ndarray  # uint8 per checked byte: its place in the header
     want: np.ndarray  # uint8 per checked byte: what the header holds there
+    ascending: bool  # whether the headers lie in member order (as in any tar)
 
     @classmethod
     def of(cls, members: list) -> ShardIndex:
@@ -72,8 +74,9 @@ class ShardIndex:
             bounds[1:] = -(-ends // TAR_BLOCK) * TAR_BLOCK
         kinds = {e: (e.lower(), e.lower() in SAFE_EXTS, e.lower() in IMAGE_EXTS) for e in set(exts)}
         parts = [[(kinds[e][0], o, z, kinds[e][2]) for e, o, z, _ in m if kinds[e][1]] for m in members]
+        checked, where, want = _expected_fields(names, sizes)
         return cls(bounds, members, [member_key(m[0][3]) for m in members], parts, first, offsets - TAR_BLOCK,
-                   *_expected_fields(names, sizes))
+                   checked, np.diff(checked), where, want, bool((np.diff(offsets) > 0).all()))
 
     def key(self, i: int) -> str:
         return self.keys[i]
@@ -86,15 +89,15 @@ class ShardIndex:
         c0, c1 = int(self.checked[m0]), int(self.checked[m1])
         if c0 == c1:
             return np.zeros(0, dtype=np.int64)
-        buf = np.frombuffer(data, dtype=np.uint8)
-        counts = np.diff(self.checked[m0: m1 + 1])
-        pos = np.repeat(self.heads[m0:m1] - base, counts) + self.where[c0:c1]
-        if pos.min() < 0 or pos.max() >= len(buf):  # a header outside the bytes (an .idx that does not fit)
+        heads = self.heads[m0:m1]
+        lo, hi = (int(heads[0]), int(heads[-1])) if self.ascending else (int(heads.min()), int(heads.max()))
+        if lo < base or hi + SIZE_FIELD + 12 > base + len(data):  # a header outside the bytes (a wrong .idx)
             return np.arange(m0, m1)
-        wrong = np.flatnonzero(buf[pos] != self.want[c0:c1])
-        if not len(wrong):
-            return wrong
-        return np.unique(np.searchsorted(self.checked, wrong + c0, side="right") - 1)
+        pos = np.repeat(heads - base, self.counts[m0:m1]) + self.where[c0:c1]
+        same = np.frombuffer(data, dtype=np.uint8)[pos] == self.want[c0:c1]
+        if same.all():
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(np.searchsorted(self.checked, np.flatnonzero(~same) + c0, side="right") - 1)
 
 
 def _expected_fields(names, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from shard_tools.inputs import open_shard_sets
 from shard_tools.shardset import TAR_BLOCK, load_shard_set
 from stream_ssl.data.plan import make_plan
 from stream_ssl.data.readahead import ReadAhead
-from stream_ssl.data.reader import ShardReader, _header_mismatch
+from stream_ssl.data.reader import ShardIndex, ShardReader, _header_mismatch
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,18 @@ def test_every_range_of_a_valid_shard_passes_and_splits_as_the_idx_says(folder):
         for ext, offset, size, _ in idx.members[i]:
             assert bytes(s[ext]) == bytes(data[offset: offset + size])
     assert isinstance(samples[0]["jpg"], memoryview) and isinstance(samples[0]["cls"], bytes)
+
+
+def test_an_index_out_of_order_or_past_the_bytes_is_checked_member_by_member(folder):
+    reader = ShardReader((load_shard_set(str(folder)),))
+    data = reader.read_range(0, 0, 0, 40)
+    idx = reader.index(0, 0)
+    swapped = ShardIndex.of([idx.members[1], idx.members[0]] + idx.members[2:])  # headers not in member order
+    assert idx.ascending and not swapped.ascending and len(swapped.suspects(data, 0, 40, 0)) == 0
+    short = data[: int(idx.bounds[39]) + 100]  # the last sample's headers cut
+    assert list(idx.suspects(short, 0, 40, 0)) == list(range(int(idx.first[40])))
+    found = reader.mismatches(short, 0, 0, 0, 40)
+    assert list(found) == [39] and "missing header" in found[39]
 
 
 def test_random_header_damage_is_flagged_as_member_by_member(folder):
