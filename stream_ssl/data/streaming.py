@@ -144,6 +144,8 @@ class StreamingDataset(IterableDataset):
 
         if decode not in DECODES:
             raise ValueError(f"decode must be one of None, 'pil', 'tensor'; got {decode!r}")
+        if decode is not None:  # the decoders, loaded here once rather than in every loader worker
+            import stream_ssl.data.augment  # noqa: F401
         rank, world_size = distributed_position(rank, world_size)
         if isinstance(mix, dict):
             mix = ",".join(f"{k}={v}" for k, v in mix.items())
