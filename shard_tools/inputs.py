@@ -32,12 +32,10 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from shard_tools.index import index_shard, natural_key
 from shard_tools.outputs import LocalOutput
 from shard_tools.quantities import plural
 from shard_tools.shardset import ShardSet, load_shard_set
 from shard_tools.storage import is_url, join, redact
-from shard_tools.writer import make_index, write_index
 
 CACHE_VERSION = 1  # in every cache entry's hash: a new layout never reuses an old entry
 INDEX_HINT = "write one with `shard-tools index {folder}`"
@@ -114,6 +112,8 @@ def local_tars(path: str) -> list[str]:
         if not (t.endswith(".tar") and os.path.isfile(t)):
             raise ValueError(f"{t}: not a .tar file (--data takes shard-set folders, folders of .tar files, "
                              ".tar files and brace patterns of them)")
+    from shard_tools.index import natural_key  # (the tar indexer, and PIL behind it, only where tars are given)
+
     return sorted({os.path.abspath(t) for t in tars}, key=natural_key)
 
 
@@ -220,9 +220,18 @@ def cached_set(tars: list[str], name: str, cache_dir: str | Path | None = None) 
     return load_shard_set(str(entry))
 
 
+def index_shard(output, tar: str, **kw):
+    """shard_tools.index.index_shard, imported when tars are indexed (it brings the tar scanner and PIL)."""
+    from shard_tools.index import index_shard as index
+
+    return index(output, tar, **kw)
+
+
 def build_set(folder: Path, tars: list[str], name: str, workers: int = 8) -> dict:
     """Links to `tars`, their `.idx` files and, last, `index.json` in `folder`; returns the index. Tars without
     samples are left out. Raises ValueError naming the first bad tar (unreadable, truncated)."""
+    from shard_tools.writer import make_index, write_index
+
     links = [os.path.basename(t) for t in tars]
     if len(set(links)) < len(links):  # the same file name in several folders
         links = [f"{i:06d}-{link}" for i, link in enumerate(links)]

@@ -60,6 +60,7 @@ class Segment:
     future: Future | None = None
     stored: Future | None = None  # done once a claimed segment is stored
     refs: int = 0
+    bad: dict | None = None  # its samples whose tar headers do not match the .idx (checked once, at first use)
 
 
 @dataclass
@@ -280,8 +281,11 @@ class ReadAhead:
                     seg.future.result()
                     waited += time.perf_counter() - t0
                 data = seg.future.result()
+                if seg.bad is None:  # the headers of the whole segment at once, not per item
+                    seg.bad = self.reader.mismatches(data, seg.source, seg.shard, seg.first, seg.stop) \
+                        if self.reader.check_headers else {}
                 lo, hi = max(piece.start, seg.first), min(piece.stop, seg.stop)
-                samples += self.reader.split(data, seg.source, seg.shard, lo, hi, data_first=seg.first)
+                samples += self.reader.split(data, seg.source, seg.shard, lo, hi, data_first=seg.first, bad=seg.bad)
                 self._release(seg)
         self.reader._count(wait_seconds=waited)
         self._tune(waited=waited > 0)

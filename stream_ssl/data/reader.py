@@ -5,8 +5,11 @@
 - A slice's bytes come from one or more ranged GETs (fetch.py: streamed, resumed after the last complete
   sample on a break, retried on lack of progress).
 - Samples are cut out of the bytes with the `.idx` offsets (no tar parsing). Each member's tar header is
-  checked against the `.idx` (name and size): a sample whose bytes do not match is returned with an
-  `__error__` and no members, so the loader skips and counts it.
+  checked against the `.idx` (name and size), which catches a shard replaced under its index: the name and size
+  bytes of every header of a fetched range are compared with the expected bytes at once (one numpy gather,
+  once per range), and only a header that differs is parsed (a valid one written another way, such as a ustar
+  prefix or a GNU long name, passes). A sample whose bytes do not match is returned with an `__error__` and no
+  members, so the loader skips and counts it.
 - A shard's `.idx` is fetched once however many threads ask (single flight) and kept in a small LRU: from the
   set's index pack (shard_tools/shardset.py: one object for a thousand shards, fetched whole when the run reads
   enough of them, else the shard's range of it), or, for sets without packs, from the shard's `.idx` file.
@@ -29,15 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shard_tools.shardset import (
-    IDX_PACK_SHARDS,
-    IMAGE_EXTS,
-    SAFE_EXTS,
-    TAR_BLOCK,
-    ShardSet,
-    parse_idx,
-    sample_boundaries,
-)
+from shard_tools.protocols import protocol
+from shard_tools.shardset import IDX_PACK_SHARDS, IMAGE_EXTS, SAFE_EXTS, TAR_BLOCK, ShardSet, parse_idx
 from shard_tools.storage import protocol_of, redact
 from stream_ssl.data.cache import BUSY, HELD, MISSING, DiskCache, covers
 from stream_ssl.data.fetch import Fetcher, Policy, ReadError, ReadStats
@@ -49,23 +45,92 @@ WHOLE_PACK_BYTES = 4 << 20  # an index pack this small is always fetched whole (
 PACKS_HELD = 4  # index packs a reader keeps in memory (a thousand shards' offsets each)
 
 
+# Where the bytes that the check compares lie in a member's 512-byte tar header: its name field, its size field.
+NAME_FIELD, SIZE_FIELD = 0, 124
+
+
 @dataclass(frozen=True)
 class ShardIndex:
+    """A shard's `.idx`, as the reader uses it: sample boundaries and keys, the members it returns, and what the
+    tar header of every member must hold (its name, up to 100 bytes, and its size as 11 octal digits), laid out
+    so that the headers of a whole range are compared in a few numpy operations (`suspects`)."""
+
     bounds: np.ndarray  # n + 1 byte offsets
     members: list  # per sample [(ext, offset, size, name)]
     keys: list[str]  # per sample
-    parts: list  # per sample, per member: (ext, offset, size, name, name bytes, size field of a ustar header,
-    #              whether the reader returns it (SAFE_EXTS), whether it is an image)
+    parts: list  # per sample, the members the reader returns (SAFE_EXTS): [(ext, offset, size, whether an image)]
+    first: np.ndarray  # n + 1: the members of sample i are [first[i], first[i + 1]) below
+    heads: np.ndarray  # per member: where its tar header starts in the shard
+    checked: np.ndarray  # members + 1: member m's checked bytes are where/want[checked[m]:checked[m + 1]]
+    counts: np.ndarray  # per member: checked[m + 1] - checked[m]
+    where: np.ndarray  # uint8 per checked byte: its place in the header
+    want: np.ndarray  # uint8 per checked byte: what the header holds there
+    ascending: bool  # whether the headers lie in member order (as in any tar)
 
     @classmethod
     def of(cls, members: list) -> ShardIndex:
-        parts = [[(ext.lower(), offset, size, name, name.encode()[:100], b"%011o\0" % size,
-                   ext.lower() in SAFE_EXTS, ext.lower() in IMAGE_EXTS) for ext, offset, size, name in m]
-                 for m in members]
-        return cls(sample_boundaries(members), members, [member_key(m[0][3]) for m in members], parts)
+        """The index of a shard from its `.idx` entries (`parse_idx`: per sample [(ext, offset, size, name)])."""
+        exts, offsets, sizes, names = zip(*[m for ms in members for m in ms]) if members else ((),) * 4
+        first = np.zeros(len(members) + 1, dtype=np.int64)
+        np.cumsum([len(m) for m in members], out=first[1:])
+        offsets, sizes = np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64)
+        bounds = np.zeros(len(members) + 1, dtype=np.int64)  # as shardset.sample_boundaries
+        if len(members):
+            ends = np.maximum.reduceat(offsets + sizes, first[:-1])
+            bounds[1:] = -(-ends // TAR_BLOCK) * TAR_BLOCK
+        kinds = {e: (e.lower(), e.lower() in SAFE_EXTS, e.lower() in IMAGE_EXTS) for e in set(exts)}
+        parts = [[(kinds[e][0], o, z, kinds[e][2]) for e, o, z, _ in m if kinds[e][1]] for m in members]
+        checked, where, want = _expected_fields(names, sizes)
+        return cls(bounds, members, [member_key(m[0][3]) for m in members], parts, first, offsets - TAR_BLOCK,
+                   checked, np.diff(checked), where, want, bool((np.diff(offsets) > 0).all()))
 
     def key(self, i: int) -> str:
         return self.keys[i]
+
+    def suspects(self, data, first: int, stop: int, base: int) -> np.ndarray:
+        """The members of samples [first, stop) whose tar header in `data` (the shard's bytes from `base` on)
+        does not hold exactly the expected name and size bytes, in shard order: one gather and one comparison
+        for the whole range. A suspect may still be a valid header (`_header_mismatch` decides)."""
+        m0, m1 = int(self.first[first]), int(self.first[stop])
+        c0, c1 = int(self.checked[m0]), int(self.checked[m1])
+        if c0 == c1:
+            return np.zeros(0, dtype=np.int64)
+        heads = self.heads[m0:m1]
+        lo, hi = (int(heads[0]), int(heads[-1])) if self.ascending else (int(heads.min()), int(heads.max()))
+        if lo < base or hi + SIZE_FIELD + 12 > base + len(data):  # a header outside the bytes (a wrong .idx)
+            return np.arange(m0, m1)
+        pos = np.repeat(heads - base, self.counts[m0:m1]) + self.where[c0:c1]
+        same = np.frombuffer(data, dtype=np.uint8)[pos] == self.want[c0:c1]
+        if same.all():
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(np.searchsorted(self.checked, np.flatnonzero(~same) + c0, side="right") - 1)
+
+
+def _expected_fields(names, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(checked, where, want) of ShardIndex: per member, the bytes its tar header holds in the name field (the
+    name's first 100 bytes) and the size field (11 octal digits and a NUL); a size that field cannot hold (8 GiB
+    or more, or negative) expects twelve 0x80 bytes, which no such header holds, so that its header is always
+    parsed."""
+    joined = "".join(names).encode()
+    lens = np.fromiter(map(len, names), dtype=np.int64, count=len(names))
+    if len(joined) != lens.sum() or (lens > 100).any():  # (names not all ASCII, or longer than the field)
+        encoded = [n.encode()[:100] for n in names]
+        joined, lens = b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    counts = lens + 12
+    checked = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum(counts, out=checked[1:])
+    k = np.arange(checked[-1]) - np.repeat(checked[:-1], counts)  # place among the member's checked bytes
+    name_len = np.repeat(lens, counts)
+    in_name = k < name_len
+    where = np.where(in_name, NAME_FIELD + k, SIZE_FIELD + k - name_len).astype(np.uint8)
+    digits = (sizes[:, None] >> (3 * np.arange(10, -1, -1))) & 7
+    size_field = np.zeros((len(sizes), 12), dtype=np.uint8)
+    size_field[:, :11] = digits + ord("0")
+    size_field[(sizes >= 8**11) | (sizes < 0)] = 0x80
+    want = np.empty(checked[-1], dtype=np.uint8)
+    want[in_name] = np.frombuffer(joined, dtype=np.uint8)
+    want[~in_name] = size_field.ravel()
+    return checked, where, want
 
 
 def member_key(name: str) -> str:
@@ -190,12 +255,13 @@ class ShardReader:
 
     def load_indexes(self, keys) -> None:
         """Fetch the `.idx` of many shards at once (the start of a run reads dozens; one at a time, each
-        would cost a round trip)."""
+        would cost a round trip); those of local sets one after another."""
         missing = [k for k in dict.fromkeys(keys) if k not in self._index]
-        if len(missing) > 1:
-            list(self._pools("idx", 16).map(lambda k: self.index(*k), missing))
-        elif missing:
-            self.index(*missing[0])
+        remote = [k for k in missing if not protocol(self.sets[k[0]].url).local]
+        if len(remote) > 1:  # (local files have no round trip to hide: threads would only cost CPU)
+            list(self._pools("idx", 16).map(lambda k: self.index(*k), remote))
+        for k in missing:
+            self.index(*k)
 
     def _load_index(self, source: int, shard: int) -> ShardIndex:
         url, shard_url = self.sets[source].idx_url(shard), self.sets[source].shard_url(shard)
@@ -423,28 +489,51 @@ class ShardReader:
         for name, pool in pools.items():
             pool.shutdown(wait=True, cancel_futures=name != "writer")
 
-    def split(self, data, source: int, shard: int, first: int, stop: int, data_first: int | None = None) -> list[dict]:
-        """Cut samples [first, stop) out of `data`, the bytes of samples [data_first (default first), ...), with
-        the `.idx` offsets. Images are zero-copy views when `data` is a memoryview (a local read of ours);
-        other members, and everything from remote reads, are `bytes`."""
+    def mismatches(self, data, source: int, shard: int, first: int, stop: int,
+                   data_first: int | None = None) -> dict[int, str]:
+        """{sample: why} for the samples of [first, stop) in `data` (the bytes of samples [data_first (default
+        first), ...)) with a member whose tar header does not match the `.idx` (name and size): the headers of
+        the whole range are compared at once (`ShardIndex.suspects`), and only those that differ from the
+        expected bytes are parsed (`_header_mismatch`: a valid header written another way passes)."""
         idx = self.index(source, shard)
         base = int(idx.bounds[first if data_first is None else data_first])
+        out: dict[int, str] = {}
+        flat = None
+        for m in idx.suspects(data, first, stop, base).tolist():
+            i = int(np.searchsorted(idx.first, m, side="right")) - 1
+            if i in out:
+                continue
+            if flat is None:
+                flat = [t for ms in idx.members[first:stop] for t in ms]
+            _, offset, size, name = flat[m - int(idx.first[first])]
+            a = offset - base
+            why = _header_mismatch(data[a - TAR_BLOCK: a] if a >= TAR_BLOCK else b"", name, size)
+            if why:
+                out[i] = f"{redact(self.sets[source].shard_url(shard))} sample {i}: {why}"
+        return out
+
+    def split(self, data, source: int, shard: int, first: int, stop: int, data_first: int | None = None,
+              bad: dict[int, str] | None = None) -> list[dict]:
+        """Cut samples [first, stop) out of `data`, the bytes of samples [data_first (default first), ...), with
+        the `.idx` offsets. Images are zero-copy views when `data` is a memoryview (a local read of ours);
+        other members, and everything from remote reads, are `bytes`. `bad`: what `mismatches` found for a
+        range that holds [first, stop) (checked here when not given, and `check_headers` is on); those samples
+        come back with an `__error__` and no members."""
+        idx = self.index(source, shard)
+        base = int(idx.bounds[first if data_first is None else data_first])
+        if bad is None:
+            bad = self.mismatches(data, source, shard, first, stop, data_first) if self.check_headers else {}
         url = self.sets[source].shard_url(shard)
         view = isinstance(data, memoryview)
         out = []
-        for i in range(first, stop):
-            sample = {"__key__": idx.keys[i], "__url__": url, "__source__": source, "__shard__": shard, "__index__": i}
-            for ext, offset, size, name, name_b, size_field, safe, image in idx.parts[i]:
+        for i, key, parts in zip(range(first, stop), idx.keys[first:stop], idx.parts[first:stop]):
+            sample = {"__key__": key, "__url__": url, "__source__": source, "__shard__": shard, "__index__": i}
+            if bad and i in bad:
+                out.append(self._corrupt(sample, bad[i]))
+                continue
+            for ext, offset, size, image in parts:
                 a = offset - base
-                if self.check_headers:
-                    header = data[a - TAR_BLOCK: a]
-                    if not (header[124:136] == size_field and header[: len(name_b)] == name_b):
-                        why = _header_mismatch(header, name, size)
-                        if why:
-                            sample = self._corrupt(sample, f"{redact(url)} sample {i}: {why}")
-                            break
-                if safe:
-                    sample[ext] = data[a: a + size] if view and image else bytes(data[a: a + size])
+                sample[ext] = data[a: a + size] if view and image else bytes(data[a: a + size])
             out.append(sample)
         return out
 

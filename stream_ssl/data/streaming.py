@@ -144,6 +144,8 @@ class StreamingDataset(IterableDataset):
 
         if decode not in DECODES:
             raise ValueError(f"decode must be one of None, 'pil', 'tensor'; got {decode!r}")
+        if decode is not None:  # the decoders, loaded here once rather than in every loader worker
+            import stream_ssl.data.augment  # noqa: F401
         rank, world_size = distributed_position(rank, world_size)
         if isinstance(mix, dict):
             mix = ",".join(f"{k}={v}" for k, v in mix.items())
@@ -300,12 +302,48 @@ def _counters(readers: list[ShardReader]) -> dict:
 def collate_samples(samples: list[dict]) -> dict:
     """A batch of sample dicts: tensors and numbers stacked (torch's default collate), anything else (PIL images,
     bytes, strings) kept as a list."""
-    out = {}
+    return {key: _collated([s[key] for s in samples]) for key in samples[0]}
+
+
+def _collated(values: list):
+    stacked = isinstance(values[0], (torch.Tensor, np.ndarray, int, float)) and not isinstance(values[0], bool)
+    return default_collate(values) if stacked else values
+
+
+class InTransit:
+    """A batch of `collate_samples` on its way from a loader worker: plain numbers (the step, the label) as numpy
+    arrays, which travel inside the pickled batch, made tensors in the training process (`landed`). A tensor made
+    in the worker travels in shared memory, at the price of a file descriptor passed over a socket for each
+    tensor of each batch (about a millisecond on each side): worth it for images, not for 64 integers."""
+
+    def __init__(self, batch: dict, numbers: list[str]):
+        self.batch, self.numbers = batch, numbers
+
+    def landed(self) -> dict:
+        """The batch as `collate_samples` makes it (the same tensors: int64 or float64, as torch's collate)."""
+        return {k: torch.from_numpy(v) if k in self.numbers else v for k, v in self.batch.items()}
+
+    def pin_memory(self) -> dict:  # (the DataLoader's pin-memory thread)
+        from torch.utils.data._utils.pin_memory import pin_memory
+
+        return pin_memory(self.landed())
+
+
+def collate_in_worker(samples: list[dict]) -> InTransit:
+    """`collate_samples` for a loader worker: columns of plain ints or floats as numpy arrays (see InTransit)."""
+    batch, numbers = {}, []
     for key in samples[0]:
         values = [s[key] for s in samples]
-        out[key] = default_collate(values) if isinstance(values[0], (torch.Tensor, np.ndarray, int, float)) \
-            and not isinstance(values[0], bool) else values
-    return out
+        kind = type(values[0])
+        if kind in (int, float) and all(type(v) is kind for v in values):
+            try:
+                batch[key] = np.array(values, dtype=np.int64 if kind is int else np.float64)
+                numbers.append(key)
+                continue
+            except OverflowError:  # (an int beyond int64: torch's collate says so)
+                pass
+        batch[key] = _collated(values)
+    return InTransit(batch, numbers)
 
 
 def worker_signals(worker_id: int) -> None:
@@ -331,7 +369,8 @@ class StreamingDataLoader(DataLoader):
         num_workers, pin_memory, prefetch_factor, timeout, multiprocessing_context: as torch's DataLoader. The
             batches do not depend on the number of workers.
         collate_fn: makes a batch of the samples (default `collate_samples`: tensors and numbers stacked, PIL
-            images, bytes and strings as lists).
+            images, bytes and strings as lists; with workers, `collate_in_worker`, whose numbers become tensors
+            here: the same batches).
 
     `len(loader)` is the batches left. `state_dict()` after k batches and `load_state_dict(state)` on a new
     loader (another number of workers allowed) continue with batch k + 1 of the same stream, as torchdata's
@@ -355,7 +394,8 @@ class StreamingDataLoader(DataLoader):
         batched = dataset.yields_batches
         extra = {"prefetch_factor": prefetch_factor or 2, "persistent_workers": False} if num_workers > 0 else {}
         super().__init__(dataset, batch_size=None if batched else dataset.batch_size, num_workers=num_workers,
-                         collate_fn=collate_fn or (_identity if batched else collate_samples), pin_memory=pin_memory,
+                         collate_fn=collate_fn or (_identity if batched else collate_in_worker if num_workers > 0
+                                                   else collate_samples), pin_memory=pin_memory,
                          timeout=timeout, worker_init_fn=worker_signals if num_workers > 0 else None,
                          multiprocessing_context=multiprocessing_context, **extra)
         self._delivered = 0  # batches handed out since `start_step`
@@ -372,7 +412,7 @@ class StreamingDataLoader(DataLoader):
         try:
             for batch in batches:
                 self._delivered += 1
-                yield batch
+                yield batch.landed() if isinstance(batch, InTransit) else batch
         finally:
             shutdown = getattr(batches, "_shutdown_workers", None)  # (torch's multi-process iterator)
             if shutdown is not None:

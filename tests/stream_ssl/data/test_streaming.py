@@ -134,3 +134,33 @@ def test_importing_the_package_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert stream_ssl.__all__ == sorted(stream_ssl.__all__) and "StreamingDataset" in dir(stream_ssl)
+
+
+def test_batches_from_workers_are_those_of_one_process(data):
+    """With workers, plain numbers cross as numpy arrays and become tensors in this process: every batch equals
+    the one-process batch, value, type and dtype."""
+    def typed(batch):
+        return {k: (v.dtype, v.tolist()) if isinstance(v, torch.Tensor) else (type(v[0]), v) for k, v in batch.items()}
+
+    streams = [[typed(b) for b in StreamingDataLoader(dataset(data, decode="tensor"), num_workers=w)] for w in (0, 2)]
+    assert streams[0] == streams[1] and streams[0][0]["__step__"][0] == torch.int64
+
+
+@pytest.mark.parametrize("column", [[1, 2, 3], [0.5, 1.0, 2.0], [1, 2.5, 3], [True, False, True], [2**70, 1, 2],
+                                    [np.int32(1), np.int32(2), np.int32(3)], ["a", "b", "c"], [b"x", b"y", b"z"]])
+def test_collate_in_worker_lands_as_collate_samples(column):
+    from stream_ssl.data.streaming import collate_in_worker, collate_samples
+
+    samples = [{"x": v, "t": torch.tensor([i])} for i, v in enumerate(column)]
+    try:
+        want = collate_samples(samples)
+    except (RuntimeError, OverflowError, ValueError) as e:  # (torch refuses an int beyond int64; so does the worker)
+        with pytest.raises(type(e)):
+            collate_in_worker(samples).landed()
+        return
+    got = collate_in_worker(samples).landed()
+    assert list(got) == list(want) and torch.equal(got["t"], want["t"])
+    if isinstance(want["x"], torch.Tensor):
+        assert got["x"].dtype == want["x"].dtype and torch.equal(got["x"], want["x"])
+    else:
+        assert got["x"] == want["x"]
