@@ -172,12 +172,12 @@ QUICK = {"shards": "2000", "samples_per_shard": 20, "sample_bytes": "50000", "un
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default="1M", help="shards in the generated set, a count (default: 1M)")
-    p.add_argument("--samples-per-shard", type=int, default=100, help="(default: 100)")
+    p.add_argument("--samples-per-shard", type=int, default=100, help="samples in each shard (default: 100)")
     p.add_argument("--sample-bytes", default="110000", help="bytes of a sample's one member (default: 110000)")
     p.add_argument("--unique-samples", default="1M,100M", help="N, comma-separated: one start-up each, in its own "
                    "process (default: 1M,100M: a 1%% pool, and every shard)")
     p.add_argument("--budget", default="10M", help="C, the budget (default: 10M)")
-    p.add_argument("--batch-size", type=int, default=256, help="(default: 256)")
+    p.add_argument("--batch-size", type=int, default=256, help="per-rank batch of the plan (default: 256)")
     p.add_argument("--workers", type=int, default=2, help="loader workers per process (default: 2)")
     p.add_argument("--latency", type=float, default=0.03, help="seconds per request (default: 0.03)")
     p.add_argument("--bandwidth", default="100M", help="bytes/s of one request (default: 100M)")

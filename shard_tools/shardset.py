@@ -152,10 +152,13 @@ def _packs(entries: list, shards: int, where: str) -> tuple[IdxPack, ...]:
     packs = []
     try:
         for k, e in enumerate(entries):
-            pack = IdxPack(str(e["path"]), int(e["first"]), tuple(int(o) for o in e["offsets"]), int(e["bytes"]),
+            offsets = np.asarray(e["offsets"])
+            if offsets.dtype.kind not in "iu" or offsets.ndim != 1:
+                raise ValueError(f"pack {k}: offsets must be a list of integers")
+            pack = IdxPack(str(e["path"]), int(e["first"]), tuple(offsets.tolist()), int(e["bytes"]),
                            str(e.get("sha256", "")))
             want = (k * IDX_PACK_SHARDS, min((k + 1) * IDX_PACK_SHARDS, shards))
-            rising = all(a < b for a, b in zip(pack.offsets, pack.offsets[1:]))
+            rising = bool(np.all(np.diff(offsets) > 0))
             if (pack.first, pack.stop) != want or pack.offsets[0] != 0 or pack.offsets[-1] != pack.bytes or not rising:
                 raise ValueError(f"pack {k} does not hold shards {want[0]}-{want[1] - 1} end to end")
             packs.append(pack)

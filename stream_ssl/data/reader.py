@@ -41,7 +41,7 @@ from stream_ssl.data.plan import Plan, Slice
 
 __all__ = ["ReadError", "ReadStats", "ShardIndex", "ShardReader", "member_key"]
 
-WHOLE_PACK_BYTES = 4 << 20  # an index pack this small is always fetched whole (at 20 MB/s, 0.2 s)
+WHOLE_PACK_BYTES = 4 << 20  # without a plan, an index pack this small is fetched whole (at 20 MB/s, 0.2 s)
 PACKS_HELD = 4  # index packs a reader keeps in memory (a thousand shards' offsets each)
 
 
@@ -310,14 +310,13 @@ class ShardReader:
         return data
 
     def _whole_pack(self, source: int, k: int) -> bool:
-        """Whether to fetch index pack `k` of a set whole: it is small (WHOLE_PACK_BYTES), or the plan reads at
-        least a quarter of its shards (a pass over a whole set costs one GET per thousand shards). Otherwise
-        (a pool scattered over a large set) each shard's range of it is fetched: no GET brings much unused."""
+        """Whether to fetch index pack `k` of a set whole: the plan reads at least a quarter of its shards (a pass
+        over a whole set costs one GET per thousand shards), or, without a plan, it is small (WHOLE_PACK_BYTES).
+        Otherwise (a pool scattered over a large set: a 1% pool of a million shards touches 10,000 packs) each
+        shard's range of it is fetched: no GET brings much that is not used."""
         pack = self.sets[source].packs[k]
-        if pack.bytes <= WHOLE_PACK_BYTES:
-            return True
         if self.plan is None:
-            return False
+            return pack.bytes <= WHOLE_PACK_BYTES
         with self._lock:
             counts = self._pool_packs.get(source)
             if counts is None:
