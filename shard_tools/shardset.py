@@ -205,10 +205,18 @@ def sample_boundaries(samples: list[list[tuple[str, int, int, str]]]) -> np.ndar
     A sample starts right after the previous one ends (the data end rounded up to a 512-byte block), so any
     extended headers (pax, GNU long names) in front of its members belong to it. The first starts at 0.
     """
-    bounds = np.zeros(len(samples) + 1, dtype=np.int64)
-    for i, members in enumerate(samples):
-        end = max(offset + size for _, offset, size, _ in members)
-        bounds[i + 1] = -(-end // TAR_BLOCK) * TAR_BLOCK
+    first = np.zeros(len(samples) + 1, dtype=np.int64)
+    np.cumsum([len(m) for m in samples], out=first[1:])
+    ends = np.array([offset + size for members in samples for _, offset, size, _ in members], dtype=np.int64)
+    return boundaries_of(ends, first)
+
+
+def boundaries_of(ends: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """`sample_boundaries` from the members' data ends (offset + size, in member order) and where each sample's
+    members start among them (`first`, n + 1 values)."""
+    bounds = np.zeros(len(first), dtype=np.int64)
+    if len(first) > 1:
+        bounds[1:] = -(-np.maximum.reduceat(ends, first[:-1]) // TAR_BLOCK) * TAR_BLOCK
     return bounds
 
 

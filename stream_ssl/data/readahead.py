@@ -282,8 +282,7 @@ class ReadAhead:
                     waited += time.perf_counter() - t0
                 data = seg.future.result()
                 if seg.bad is None:  # the headers of the whole segment at once, not per item
-                    seg.bad = self.reader.mismatches(data, seg.source, seg.shard, seg.first, seg.stop) \
-                        if self.reader.check_headers else {}
+                    seg.bad = self.reader.mismatches(data, seg.source, seg.shard, seg.first, seg.stop)
                 lo, hi = max(piece.start, seg.first), min(piece.stop, seg.stop)
                 samples += self.reader.split(data, seg.source, seg.shard, lo, hi, data_first=seg.first, bad=seg.bad)
                 self._release(seg)

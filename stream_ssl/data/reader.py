@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shard_tools.protocols import protocol
-from shard_tools.shardset import IDX_PACK_SHARDS, IMAGE_EXTS, SAFE_EXTS, TAR_BLOCK, ShardSet, parse_idx
+from shard_tools.shardset import IDX_PACK_SHARDS, IMAGE_EXTS, SAFE_EXTS, TAR_BLOCK, ShardSet, boundaries_of, parse_idx
 from shard_tools.storage import protocol_of, redact
 from stream_ssl.data.cache import BUSY, HELD, MISSING, DiskCache, covers
 from stream_ssl.data.fetch import Fetcher, Policy, ReadError, ReadStats
@@ -74,10 +74,7 @@ class ShardIndex:
         first = np.zeros(len(members) + 1, dtype=np.int64)
         np.cumsum([len(m) for m in members], out=first[1:])
         offsets, sizes = np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64)
-        bounds = np.zeros(len(members) + 1, dtype=np.int64)  # as shardset.sample_boundaries
-        if len(members):
-            ends = np.maximum.reduceat(offsets + sizes, first[:-1])
-            bounds[1:] = -(-ends // TAR_BLOCK) * TAR_BLOCK
+        bounds = boundaries_of(offsets + sizes, first)
         kinds = {e: (e.lower(), e.lower() in SAFE_EXTS, e.lower() in IMAGE_EXTS) for e in set(exts)}
         parts = [[(kinds[e][0], o, z, kinds[e][2]) for e, o, z, _ in m if kinds[e][1]] for m in members]
         checked, where, want = _expected_fields(names, sizes)
@@ -257,9 +254,11 @@ class ShardReader:
         """Fetch the `.idx` of many shards at once (the start of a run reads dozens; one at a time, each
         would cost a round trip); those of local sets one after another."""
         missing = [k for k in dict.fromkeys(keys) if k not in self._index]
-        remote = [k for k in missing if not protocol(self.sets[k[0]].url).local]
+        local = {s for s in {k[0] for k in missing} if protocol(self.sets[s].url).local}
+        remote = [k for k in missing if k[0] not in local]
         if len(remote) > 1:  # (local files have no round trip to hide: threads would only cost CPU)
             list(self._pools("idx", 16).map(lambda k: self.index(*k), remote))
+            missing = [k for k in missing if k[0] in local]
         for k in missing:
             self.index(*k)
 
@@ -289,7 +288,7 @@ class ShardReader:
         start, end = pack.offsets[shard - pack.first], pack.offsets[shard - pack.first + 1]
         if not self._whole_pack(source, k):
             self._count(index_fetches=1)
-            return bytes(self.fetcher.read_whole(url, start, end)), url
+            return self.fetcher.read_whole(url, start, end), url
         data = self._once(self._packs, (source, k), lambda: self._fetch_pack(source, k), PACKS_HELD)
         return data[start:end], url
 
@@ -493,7 +492,10 @@ class ShardReader:
         """{sample: why} for the samples of [first, stop) in `data` (the bytes of samples [data_first (default
         first), ...)) with a member whose tar header does not match the `.idx` (name and size): the headers of
         the whole range are compared at once (`ShardIndex.suspects`), and only those that differ from the
-        expected bytes are parsed (`_header_mismatch`: a valid header written another way passes)."""
+        expected bytes are parsed (`_header_mismatch`: a valid header written another way passes). Nothing is
+        checked when the reader's `check_headers` is off."""
+        if not self.check_headers:
+            return {}
         idx = self.index(source, shard)
         base = int(idx.bounds[first if data_first is None else data_first])
         out: dict[int, str] = {}
@@ -516,12 +518,12 @@ class ShardReader:
         """Cut samples [first, stop) out of `data`, the bytes of samples [data_first (default first), ...), with
         the `.idx` offsets. Images are zero-copy views when `data` is a memoryview (a local read of ours);
         other members, and everything from remote reads, are `bytes`. `bad`: what `mismatches` found for a
-        range that holds [first, stop) (checked here when not given, and `check_headers` is on); those samples
+        range that holds [first, stop) (checked here when not given); those samples
         come back with an `__error__` and no members."""
         idx = self.index(source, shard)
         base = int(idx.bounds[first if data_first is None else data_first])
         if bad is None:
-            bad = self.mismatches(data, source, shard, first, stop, data_first) if self.check_headers else {}
+            bad = self.mismatches(data, source, shard, first, stop, data_first)
         url = self.sets[source].shard_url(shard)
         view = isinstance(data, memoryview)
         out = []
